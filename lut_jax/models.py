@@ -1,0 +1,445 @@
+"""Flax Linen modules of LUT: ViT encoder, MAE decoder, projector/predictor heads.
+
+Layout conventions: images are NHWC float arrays; tokens are ``(batch, length, width)``.
+Submodule and parameter names follow the reference PyTorch code (``patch_embed``,
+``blocks_N``, ``norm``, ``decoder_embed``, ``mask_token``, ``decoder_blocks_N``,
+``decoder_pred``, ``head``, ``predictor``) so the two can be compared by eye and
+converted by :mod:`lut_jax.convert`.
+
+All modules are pure: masking indices come in as arguments (see :mod:`lut_jax.masking`),
+so a forward pass is a deterministic function of parameters, images and indices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# The reference initialises every Linear (and the patch projection, viewed as a Linear)
+# with Xavier-uniform and zero bias; cls and mask tokens with N(0, 0.02).
+dense_init = nn.initializers.xavier_uniform()
+# Xavier over the flattened (p*p*C -> D) view of the patch-embedding convolution kernel.
+patch_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+token_init = nn.initializers.normal(stddev=0.02)
+
+
+def sincos_pos_embed_2d(width: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding, shape ``(grid_size**2 [+1], width)``.
+
+  Half of the channels encode the column, half the row (each as sin then cos over
+  ``width // 4`` frequencies ``1 / 10000**(i / (width/4))``), the MAE convention. The cls
+  position (first row, when requested) is all zeros. It is a constant, never trained.
+  """
+  if width % 4:
+    raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
+  quarter = width // 4
+  omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64),
+                           np.arange(grid_size, dtype=np.float64), indexing="ij")
+
+  def encode(positions: np.ndarray) -> np.ndarray:
+    angles = positions.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  emb = np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, width), np.float32), emb], axis=0)
+  return emb
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over axis 0 with PyTorch's semantics.
+
+  Differences from ``flax.linen.BatchNorm`` that matter for exactness with the reference:
+  the running variance is updated with the *unbiased* batch variance, and ``momentum`` is
+  PyTorch's (weight of the new batch, 0.1). Under ``jax.jit`` with a batch-sharded input
+  the mean and variance are over the global batch, which is what SyncBatchNorm computes.
+  """
+
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  use_affine: bool = True
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
+    features = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+    x32 = x.astype(jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean = jnp.mean(x32, axis=0)
+      var = jnp.mean(jnp.square(x32 - mean), axis=0)
+      if not self.is_initializing():
+        n = x.shape[0]
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_affine:
+      y = y * self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+      y = y + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    return y.astype(self.dtype or x.dtype)
+
+
+class Mlp(nn.Module):
+  """Transformer MLP: fc1 -> GELU (exact erf form, as torch.nn.GELU) -> fc2."""
+
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_dim = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused ``qkv`` projection (timm layout).
+
+  The product runs through ``jax.nn.dot_product_attention`` so a fused kernel (cuDNN flash
+  attention) is used where ``implementation='cudnn'`` is available. When the caller makes
+  the ``intermediates`` collection mutable, the attention probabilities are computed
+  explicitly and sown as ``attention`` (shape ``(batch, heads, queries, keys)``) for the
+  analysis tools; training never pays for that.
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, length, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
+    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H) each
+    if self.is_mutable_collection("intermediates"):
+      logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / np.sqrt(head_dim)
+      probs = jax.nn.softmax(logits, axis=-1)
+      self.sow("intermediates", "attention", probs)
+      out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = out.reshape(batch, length, width)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example (fine-tuning only)."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
+    drop = DropPath(self.drop_path)
+    y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
+                  name="attn")(norm(name="norm1")(x))
+    x = x + drop(y, deterministic=deterministic)
+    y = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
+    return x + drop(y, deterministic=deterministic)
+
+
+def block_stack(num_blocks: int, prefix: str, *, remat: bool,
+                drop_path: Optional[Sequence[float]] = None, **block_kwargs) -> list[nn.Module]:
+  """``num_blocks`` blocks named ``{prefix}_{i}``; rematerialised (activations recomputed
+  in the backward pass, trading compute for memory) when ``remat``."""
+  block_cls = nn.remat(Block, static_argnums=(2,)) if remat else Block
+  rates = list(drop_path) if drop_path is not None else [0.0] * num_blocks
+  return [block_cls(drop_path=rates[i], name=f"{prefix}_{i}", **block_kwargs)
+          for i in range(num_blocks)]
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches -> tokens: a strided convolution named ``proj``."""
+
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                kernel_init=patch_init, name="proj")(images)
+    return x.reshape(x.shape[0], -1, self.width)
+
+
+class Encoder(nn.Module):
+  """ViT encoder of LUT/MAE: patch embedding + fixed sin-cos positions, cls token,
+  pre-norm blocks, final LayerNorm (eps 1e-6).
+
+  ``keep_ids`` ``(batch, keep)`` selects the visible patches of a masked view; ``None``
+  encodes every patch (the teacher, evaluation). Returns ``(batch, 1 + kept, width)``
+  tokens, cls first.
+  """
+
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, keep_ids: Optional[jax.Array] = None,
+               *, deterministic: bool = True) -> jax.Array:
+    if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"encoder expects NHWC images of {self.image_size}x{self.image_size} "
+                       f"pixels, got shape {images.shape}")
+    pos_embed = jnp.asarray(sincos_pos_embed_2d(self.width, self.image_size // self.patch_size))
+    x = PatchEmbed(self.patch_size, self.width, dtype=self.dtype, name="patch_embed")(images)
+    x = x + pos_embed[1:].astype(x.dtype)
+    if keep_ids is not None:
+      x = jnp.take_along_axis(x, keep_ids[:, :, None], axis=1)
+    cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
+    cls = jnp.broadcast_to(cls_token + pos_embed[:1], (x.shape[0], 1, self.width))
+    x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
+    for block in block_stack(self.depth, "blocks", remat=self.remat, drop_path=rates,
+                             num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                             dtype=self.dtype, attention_impl=self.attention_impl):
+      x = block(x, deterministic)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+
+
+class Decoder(nn.Module):
+  """MAE decoder: embeds the visible tokens, fills the masked positions with
+  ``mask_token`` (unshuffling with ``ids_restore``), adds fixed sin-cos positions, runs the
+  blocks and predicts ``patch_size**2 * channels`` pixels per patch (cls token dropped)."""
+
+  num_patches: int
+  patch_size: int
+  channels: int
+  width: int = 512
+  depth: int = 8
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    grid = int(round(self.num_patches ** 0.5))
+    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name="decoder_embed")(latent)
+    mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
+    num_masked = self.num_patches - (x.shape[1] - 1)
+    fill = jnp.broadcast_to(mask_token.astype(x.dtype), (x.shape[0], num_masked, self.width))
+    patches = jnp.concatenate([x[:, 1:], fill], axis=1)
+    patches = jnp.take_along_axis(patches, ids_restore[:, :, None], axis=1)  # unshuffle
+    x = jnp.concatenate([x[:, :1], patches], axis=1)
+    x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid)).astype(x.dtype)
+    for block in block_stack(self.depth, "decoder_blocks", remat=self.remat,
+                             num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                             dtype=self.dtype, attention_impl=self.attention_impl):
+      x = block(x, True)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="decoder_norm")(x)
+    x = nn.Dense(self.patch_size ** 2 * self.channels, dtype=self.dtype, kernel_init=dense_init,
+                 name="decoder_pred")(x)
+    return x[:, 1:]
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
+HEAD_NORMS = ("batch", "layer", "none")
+
+
+class MLPHead(nn.Module):
+  """Projector / predictor: ``depth`` bias-free linears, each but the last followed by a
+  norm and an activation (``linear_0 -> norm_0 -> act -> linear_1``); ``depth == 0`` is the
+  identity. Batch norm uses its running averages when ``train`` is False (the teacher)."""
+
+  depth: int = 2
+  hidden_dim: int = 4096
+  out_dim: int = 768
+  norm: str = "batch"
+  activation: str = "relu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i in range(self.depth):
+      last = i == self.depth - 1
+      x = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=False, dtype=self.dtype,
+                   kernel_init=dense_init, name=f"linear_{i}")(x)
+      if not last:
+        if self.norm == "batch":
+          x = BatchNorm(dtype=self.dtype, name=f"norm_{i}")(x, use_running_average=not train)
+        elif self.norm == "layer":
+          x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=f"norm_{i}")(x)
+        x = ACTIVATIONS[self.activation](x)
+    return x
+
+
+def mean_patch_token(tokens: jax.Array) -> jax.Array:
+  """Mean over the patch tokens (cls, the first token, excluded), in float32."""
+  return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
+
+
+class LUTModel(nn.Module):
+  """The online network; the EMA target is a second copy of the same variables.
+
+  ``use_bc=False`` builds plain MAE: no projector/predictor parameters at all. Call the
+  methods through ``model.apply(variables, ..., method=...)``:
+
+  * :meth:`student`: two masked views -> pixel prediction of view 1 and predictor vectors
+    of both views; head batch norm in training mode (``batch_stats`` must be mutable).
+  * :meth:`mae`: one masked view -> pixel prediction (the MAE baseline).
+  * :meth:`teacher`: two full views -> projector vectors; batch norm on running averages.
+  * :meth:`encode`: the encoder alone, for evaluation and analysis.
+  """
+
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  channels: int = 3
+  mlp_ratio: float = 4.0
+  decoder_width: int = 512
+  decoder_depth: int = 8
+  decoder_num_heads: int = 16
+  use_bc: bool = True
+  head_depth: int = 2
+  pred_depth: int = 2
+  head_hidden_dim: int = 4096
+  head_norm: str = "batch"
+  head_activation: str = "relu"
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: Optional[str] = None
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  def setup(self):
+    self.encoder = Encoder(self.image_size, self.patch_size, self.width, self.depth,
+                           self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+                           remat=self.remat, attention_impl=self.attention_impl)
+    self.decoder = Decoder(self.num_patches, self.patch_size, self.channels,
+                           width=self.decoder_width, depth=self.decoder_depth,
+                           num_heads=self.decoder_num_heads, mlp_ratio=self.mlp_ratio,
+                           dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl)
+    if self.use_bc:
+      head = functools.partial(MLPHead, hidden_dim=self.head_hidden_dim, out_dim=self.width,
+                               norm=self.head_norm, activation=self.head_activation,
+                               dtype=self.dtype)
+      self.head = head(depth=self.head_depth)
+      self.predictor = head(depth=self.pred_depth)
+
+  def __call__(self, view1, view2, keep1, keep2, ids_restore):
+    """Initialisation entry point: touches every parameter of the chosen method."""
+    if not self.use_bc:
+      return self.mae(view1, keep1, ids_restore)
+    return self.student(view1, view2, keep1, keep2, ids_restore), self.teacher(view1, view2)
+
+  def encode(self, images: jax.Array, keep_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Encoder tokens ``(batch, 1 + kept, width)``, cls first."""
+    return self.encoder(images, keep_ids)
+
+  def mae(self, view1: jax.Array, keep1: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    """Pixel prediction ``(batch, num_patches, p*p*C)`` of the masked view 1."""
+    return self.decoder(self.encoder(view1, keep1), ids_restore)
+
+  def student(self, view1, view2, keep1, keep2, ids_restore) -> dict[str, jax.Array]:
+    """Online network on two masked views -> ``{"pred", "q1", "q2"}``.
+
+    Both views share one encoder call (the same computation as two calls, in one larger
+    batch: the encoder has no batch statistics). The heads run once per view, as in the
+    reference, so each view normalises with its own batch statistics and the running
+    averages are updated twice per step, view 1 first.
+    """
+    batch = view1.shape[0]
+    latent = self.encoder(jnp.concatenate([view1, view2]), jnp.concatenate([keep1, keep2]))
+    latent1, latent2 = latent[:batch], latent[batch:]
+    pred = self.decoder(latent1, ids_restore)
+    q1 = self.predictor(self.head(mean_patch_token(latent1), train=True), train=True)
+    q2 = self.predictor(self.head(mean_patch_token(latent2), train=True), train=True)
+    return {"pred": pred, "q1": q1, "q2": q2}
+
+  def teacher(self, view1: jax.Array, view2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Target network on two full views -> projector vectors ``(z1, z2)``.
+
+    Batch norm uses the running averages (the reference's EMA model is in eval mode):
+    the target then is a fixed function of its weights, not of the current batch.
+    """
+    batch = view1.shape[0]
+    latent = self.encoder(jnp.concatenate([view1, view2]))
+    z = self.head(mean_patch_token(latent), train=False)
+    return z[:batch], z[batch:]
+
+
+def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bool,
+                dtype: Dtype = jnp.float32) -> LUTModel:
+  """Builds :class:`LUTModel` from a ``config.model`` block, validating every choice.
+
+  ``model_config`` needs ``variant`` (e.g. ``"B/16"``) and may set ``decoder_width``,
+  ``decoder_depth``, ``decoder_num_heads``, ``head_depth``, ``pred_depth``,
+  ``head_hidden_dim``, ``head_norm``, ``head_activation``, ``remat``, ``attention_impl``.
+  """
+  from lut_jax import variants  # local: keeps this module's import surface minimal
+
+  get = lambda name, default: model_config.get(name, default)  # noqa: E731
+  spec = variants.parse_variant(model_config.variant)
+  if image_size % spec.patch_size:
+    raise ValueError(f"image size {image_size} is not divisible by patch size {spec.patch_size} "
+                     f"(variant {model_config.variant!r})")
+  head_norm, head_act = get("head_norm", "batch"), get("head_activation", "relu")
+  if head_norm not in HEAD_NORMS:
+    raise ValueError(f"unknown model.head_norm {head_norm!r}; expected one of {HEAD_NORMS}")
+  if head_act not in ACTIVATIONS:
+    raise ValueError(f"unknown model.head_activation {head_act!r}; "
+                     f"expected one of {tuple(ACTIVATIONS)}")
+  impl = get("attention_impl", None) or None
+  if impl not in (None, "xla", "cudnn"):
+    raise ValueError(f"unknown model.attention_impl {impl!r}; expected '', 'xla' or 'cudnn'")
+  return LUTModel(
+      image_size=image_size, patch_size=spec.patch_size, width=spec.width, depth=spec.depth,
+      num_heads=spec.num_heads, channels=channels,
+      decoder_width=get("decoder_width", 512), decoder_depth=get("decoder_depth", 8),
+      decoder_num_heads=get("decoder_num_heads", 16), use_bc=use_bc,
+      head_depth=get("head_depth", 2), pred_depth=get("pred_depth", 2),
+      head_hidden_dim=get("head_hidden_dim", 4096), head_norm=head_norm,
+      head_activation=head_act, dtype=dtype, remat=get("remat", False), attention_impl=impl)
