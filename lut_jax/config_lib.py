@@ -87,3 +87,51 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.image_summary_every_steps = 5000
   c.profile_steps = 0  # > 0: trace this many steps after the first log interval
   return c
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field."""
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a pre-training config; raises :class:`ConfigError` naming the bad field."""
+  from lut_jax import masking, models  # local: avoid importing jax for plain config files
+
+  def fail(msg):
+    raise ConfigError(msg)
+
+  if config.method not in METHODS:
+    fail(f"unknown method {config.method!r}; expected one of {METHODS}")
+  if config.loss.w_bc < 0 or config.loss.w_mae < 0:
+    fail(f"loss weights must be >= 0, got w_mae={config.loss.w_mae}, w_bc={config.loss.w_bc}")
+  if config.method == "mae" and config.loss.w_bc != 0:
+    fail(f"method='mae' is the baseline without the BC loss; got loss.w_bc={config.loss.w_bc}")
+  if config.dtype not in DTYPES:
+    fail(f"unknown dtype {config.dtype!r}; expected one of {DTYPES}")
+  if config.input.batch_size <= 0:
+    fail(f"input.batch_size must be positive, got {config.input.batch_size}")
+  if config.total_steps <= 0 and config.total_epochs <= 0:
+    fail("set total_steps > 0 or total_epochs > 0")
+  for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+               "image_summary_every_steps"):
+    if config[name] <= 0:
+      fail(f"{name} must be positive, got {config[name]}")
+  if config.optim.accum_steps < 1:
+    fail(f"optim.accum_steps must be >= 1, got {config.optim.accum_steps}")
+  try:
+    model = models.build_model(config.model, image_size=config.input.image_size,
+                               channels=config.input.channels, use_bc=uses_bc(config))
+    masking.check_mask_ratio(config.loss.mask_ratio, model.num_patches,
+                             two_views=uses_bc(config))
+  except ValueError as e:
+    fail(str(e))
+  if config.input.channels not in (1, 3):
+    fail(f"input.channels must be 1 or 3, got {config.input.channels}")
+
+
+def uses_bc(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run trains the BC loss (second view, teacher). ``w_bc = 0`` is MAE."""
+  return config.loss.w_bc > 0

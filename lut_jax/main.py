@@ -1,0 +1,58 @@
+r"""Command-line entry point for LUT / MAE pre-training.
+
+  python -m lut_jax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
+  lut-pretrain --config=configs/pretrain.py:variant=B/16 --workdir=gs://bucket/run \
+      --config.input.batch_size=2048
+
+Rerunning the same command resumes from the latest checkpoint in ``--workdir``. Several
+processes (multi-host GPU or TPU): pass ``--distributed`` (cluster auto-detection) or the
+explicit ``--coordinator_address/--num_processes/--process_id``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from lut_jax import config_lib, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with cluster auto-detection.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for explicit multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].device_kind)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, FileNotFoundError) as e:
+    # Bad input is the user's to fix: one clear line, no traceback.
+    sys.exit(f"lut_jax: error: {e}")
+
+
+def run() -> None:
+  """Console-script entry point (``lut-pretrain``)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

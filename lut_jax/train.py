@@ -1,0 +1,274 @@
+"""The pre-training loop: state, sharded step, data, logging, checkpoints, preemption.
+
+``train_and_evaluate(config, workdir)`` runs (or resumes) one pre-training run. Only this
+module and the input pipeline touch TensorFlow (through the CLU writers and tf.data).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from typing import Any, Iterator, Optional
+
+from absl import logging
+from clu import metric_writers, metrics as clu_metrics, periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lut_jax import (checkpointing, config_lib, image_utils, losses, masking, models, optim,
+                     sharding, train_state, train_step)
+
+METRIC_NAMES = ("loss", "rec_loss", "bc_loss", "lr", "momentum", "grad_norm")
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  """Averages of the step metrics over a logging interval (merged on device)."""
+
+  loss: clu_metrics.Average.from_output("loss")
+  rec_loss: clu_metrics.Average.from_output("rec_loss")
+  bc_loss: clu_metrics.Average.from_output("bc_loss")
+  lr: clu_metrics.LastValue.from_output("lr")
+  momentum: clu_metrics.LastValue.from_output("momentum")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the run stops without saving that state."""
+
+
+def run_length(config: ml_collections.ConfigDict,
+               num_examples: Optional[int] = None) -> tuple[int, int]:
+  """``(total_steps, warmup_steps)``: explicit steps win, else epochs over the data set."""
+  steps_per_epoch = None
+  if num_examples is not None:
+    steps_per_epoch = max(num_examples // config.input.batch_size, 1)
+  if config.total_steps > 0:
+    total = int(config.total_steps)
+  elif steps_per_epoch is None:
+    raise config_lib.ConfigError("total_epochs needs the data set size; set total_steps")
+  else:
+    total = int(round(config.total_epochs * steps_per_epoch))
+  if config.optim.warmup_steps >= 0:
+    warmup = int(config.optim.warmup_steps)
+  elif steps_per_epoch is None:
+    raise config_lib.ConfigError("optim.warmup_epochs needs the data set size; "
+                                 "set optim.warmup_steps")
+  else:
+    warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
+  if not 0 <= warmup <= total:
+    raise config_lib.ConfigError(f"warmup ({warmup} steps) must not exceed the run "
+                                 f"({total} steps)")
+  return total, warmup
+
+
+def build_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                   total_steps: int, warmup_steps: int):
+  """Model, optimizer, abstract state with shardings and the jitted step, from a config.
+
+  Returns ``(model, abstract_state, state_shardings, jitted_step, init_fn)``.
+  """
+  use_bc = config_lib.uses_bc(config)
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  model = models.build_model(config.model, image_size=config.input.image_size,
+                             channels=config.input.channels, use_bc=use_bc, dtype=dtype)
+  peak_lr = optim.peak_learning_rate(config.optim.base_lr, config.input.batch_size)
+  lr = optim.learning_rate_schedule(peak_lr=peak_lr, warmup_steps=warmup_steps,
+                                    total_steps=total_steps, min_lr=config.optim.min_lr)
+  momentum = optim.momentum_schedule(base_momentum=config.ema.momentum, total_steps=total_steps)
+  tx = optim.create_optimizer(learning_rate=lr, weight_decay=config.optim.weight_decay,
+                              b1=config.optim.b1, b2=config.optim.b2,
+                              grad_clip_norm=config.optim.grad_clip_norm)
+  init_fn = functools.partial(train_state.create_train_state, model, tx)
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+  state_shardings = sharding.state_shardings(abstract_state, mesh)
+  loss_config = train_step.LossConfig(mask_ratio=config.loss.mask_ratio,
+                                      norm_pix=config.loss.norm_pix, w_mae=config.loss.w_mae,
+                                      w_bc=config.loss.w_bc)
+  step_fn = train_step.make_train_step(model=model, loss_config=loss_config, learning_rate=lr,
+                                       momentum=momentum, accum_steps=config.optim.accum_steps)
+  replicated = sharding.replicated(mesh)
+  jitted_step = jax.jit(step_fn,
+                        in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+                        out_shardings=(state_shardings, replicated),
+                        donate_argnums=(0,))  # the old state's buffers hold the new one
+  jitted_init = jax.jit(init_fn, out_shardings=state_shardings)
+  return model, abstract_state, state_shardings, jitted_step, jitted_init
+
+
+def reconstruction_summary(model: models.LUTModel, params: Any, view1: jax.Array,
+                           key: jax.Array, *, mask_ratio: float, norm_pix: bool,
+                           channels: int, num_images: int = 8) -> dict[str, jax.Array]:
+  """The first ``num_images`` of view 1, masked, and reconstructed (visible patches pasted
+  back), all still normalised NHWC images."""
+  view1 = view1[:num_images]
+  masks = masking.random_masks(key, view1.shape[0], model.num_patches, mask_ratio)
+  pred = model.apply({"params": params}, view1, masks.keep1, masks.ids_restore,
+                     method=models.LUTModel.mae).astype(jnp.float32)
+  p = model.patch_size
+  patches = losses.patchify(view1, p)
+  if norm_pix:  # predictions are in per-patch normalised units: undo with the true stats
+    mean = patches.mean(-1, keepdims=True)
+    std = jnp.sqrt(patches.var(-1, keepdims=True, ddof=1) + 1e-6)
+    pred = pred * std + mean
+  hidden = masks.mask1[:, :, None]
+  masked = losses.unpatchify(patches * (1 - hidden), p, channels)
+  recon = losses.unpatchify(patches * (1 - hidden) + pred * hidden, p, channels)
+  return {"view1": view1, "masked": masked, "reconstruction": recon}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):  # noqa: ARG001
+      logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
+                   batch_sharding: jax.sharding.NamedSharding) -> Iterator[dict[str, Any]]:
+  from lut_jax import input_pipeline  # local: tf.data is only needed here
+
+  it = input_pipeline.create_pretrain_iterator(config.input, seed=config.seed,
+                                               start_step=start_step, sharding=batch_sharding)
+  keys = ("view1", "view2") if config_lib.uses_bc(config) else ("view1",)
+  for batch in it:
+    yield {k: batch[k] for k in keys}
+
+
+def _num_examples(config: ml_collections.ConfigDict) -> Optional[int]:
+  if config.total_steps > 0 and config.optim.warmup_steps >= 0:
+    return None
+  from lut_jax import datasets  # local: tfds is only needed to count examples
+  return datasets.num_examples(config.input)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data: Optional[Iterator[dict[str, Any]]] = None) -> train_state.TrainState:
+  """Pre-trains (or resumes) in ``workdir``; returns the final state.
+
+  ``data`` replaces the tf.data pipeline (tests, benchmarks); it must yield the batches
+  from the run's current step on.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.create_mesh(config.mesh.fsdp)
+  sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.optim.accum_steps,
+                            process_count=jax.process_count())
+  total_steps, warmup_steps = run_length(config, _num_examples(config))
+  model, abstract_state, state_shardings, p_step, p_init = build_training(
+      config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints)
+  base_key = jax.random.key(config.seed)
+  init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
+  if ckpt.latest_step() is not None:
+    logging.info("Resuming from %s step %d", ckpt.directory, ckpt.latest_step())
+    state = ckpt.restore(checkpointing.abstract_like(abstract_state, state_shardings))
+    state = state.replace(tx=abstract_state.tx)
+  else:
+    state = p_init(init_key)
+  start_step = int(jax.device_get(state.step))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    _save_config(config, workdir)
+    writer.write_hparams(_flat_hparams(config))
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  logging.info("model %s (%s), %.2fM params, %d steps (%d warmup), mesh %s, start step %d",
+               config.model.variant, config.method, num_params / 1e6, total_steps, warmup_steps,
+               dict(mesh.shape), start_step)
+
+  if data is None:
+    data = _data_iterator(config, start_step=start_step,
+                          batch_sharding=sharding.batch_sharding(mesh))
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)]
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                          first_profile=start_step + config.log_every_steps))
+  summary_fn = jax.jit(functools.partial(
+      reconstruction_summary, model, mask_ratio=config.loss.mask_ratio,
+      norm_pix=config.loss.norm_pix, channels=config.input.channels,
+      num_images=min(8, config.input.batch_size)), out_shardings=sharding.replicated(mesh))
+
+  acc = None
+  interval_start, interval_step = time.time(), start_step
+  with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
+    for step in range(start_step, total_steps):
+      batch = next(data)
+      state, metrics = p_step(state, batch, train_step.step_key(step_base_key, step))
+      update = TrainMetrics.single_from_model_output(**metrics)
+      acc = update if acc is None else acc.merge(update)
+      done = step + 1
+      for hook in hooks:
+        hook(done)
+      stop = preemption.requested or ckpt.reached_preemption(done)
+      save = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
+      if done % config.log_every_steps == 0 or save:
+        # Reading the metrics is the loop's only host synchronisation; it also guards
+        # every save: a non-finite state is never written over a good checkpoint.
+        scalars = {k: float(v) for k, v in acc.compute().items()}
+        if not np.isfinite(scalars["loss"]):
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f"non-finite loss ({scalars['loss']}) between steps {interval_step + 1} and "
+              f"{done}; last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+        elapsed = max(time.time() - interval_start, 1e-9)
+        scalars["images_per_sec"] = (done - interval_step) * config.input.batch_size / elapsed
+        writer.write_scalars(done, scalars)
+        acc, interval_start, interval_step = None, time.time(), done
+      if done % config.image_summary_every_steps == 0 or done == total_steps:
+        images = summary_fn(state.params, batch["view1"], jax.random.fold_in(summary_key, done))
+        writer.write_images(done, {k: image_utils.denormalize(jax.device_get(v),
+                                                              config.input.channels)
+                                   for k, v in images.items()})
+      if save:
+        ckpt.save(done, state, force=True)
+      if stop:
+        logging.warning("Stopped for preemption at step %d; rerun the command to resume.", done)
+        break
+  ckpt.close()
+  return state
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = {}
+
+  def visit(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(name + ".", value)
+      elif isinstance(value, (int, float, str, bool)):
+        out[name] = value
+  visit("", config)
+  return out
+
