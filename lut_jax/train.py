@@ -4,13 +4,12 @@
 module and the input pipeline touch TensorFlow (through the CLU writers and tf.data).
 """
 
-from __future__ import annotations
 
 import functools
 import os
 import signal
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
@@ -169,12 +168,14 @@ def _num_examples(config: ml_collections.ConfigDict) -> Optional[int]:
   return datasets.num_examples(config.input)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       data: Optional[Iterator[dict[str, Any]]] = None) -> train_state.TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str,
+    data_fn: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None,
+) -> train_state.TrainState:
   """Pre-trains (or resumes) in ``workdir``; returns the final state.
 
-  ``data`` replaces the tf.data pipeline (tests, benchmarks); it must yield the batches
-  from the run's current step on.
+  ``data_fn(start_step)`` replaces the tf.data pipeline (tests, benchmarks): it returns an
+  iterator over the global batches from ``start_step`` on.
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -206,9 +207,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                config.model.variant, config.method, num_params / 1e6, total_steps, warmup_steps,
                dict(mesh.shape), start_step)
 
-  if data is None:
+  if data_fn is None:
     data = _data_iterator(config, start_step=start_step,
                           batch_sharding=sharding.batch_sharding(mesh))
+  else:
+    data = data_fn(start_step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)]
   if config.profile_steps > 0 and jax.process_index() == 0:

@@ -113,7 +113,7 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, *, model: LUTMod
         target_params=ema_update(state.target_params, params, tau),
         target_batch_stats=ema_update(state.target_batch_stats, batch_stats, tau))
   metrics = dict(metrics, lr=jnp.asarray(learning_rate(state.step), jnp.float32),
-                 momentum=tau, grad_norm=optax.global_norm(grads))
+                 momentum=tau, grad_norm=optax.tree.norm(grads))
   return new_state, metrics
 
 

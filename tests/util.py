@@ -1,0 +1,56 @@
+"""Small shared builders for the tests: tiny configs, models and synthetic batches."""
+
+import ml_collections
+import numpy as np
+
+from configs import fashion_mnist
+
+IMAGE_SIZE = 16
+
+
+def tiny_config(method: str = "lut", **overrides) -> ml_collections.ConfigDict:
+  """The Fashion-MNIST config shrunk to a 2-block, 32-wide ViT on 16 px images."""
+  config = fashion_mnist.get_config(f"variant=mu/4,method={method}")
+  config.unlock()
+  config.input.image_size = IMAGE_SIZE
+  config.input.batch_size = 16
+  config.model.decoder_width = 32
+  config.model.decoder_depth = 1
+  config.model.decoder_num_heads = 2
+  config.model.head_hidden_dim = 64
+  config.total_steps = 6
+  config.optim.warmup_steps = 2
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 3
+  config.image_summary_every_steps = 3
+  return override(config, overrides)
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys (``{"model.head_norm": "layer"}``) like ``--config.x=y`` does."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def synthetic_batch(step: int, batch_size: int, image_size: int = IMAGE_SIZE,
+                    channels: int = 3) -> dict[str, np.ndarray]:
+  """A deterministic batch that depends only on ``step`` (so resumed runs see the same)."""
+  rng = np.random.default_rng(1000 + step)
+  shape = (batch_size, image_size, image_size, channels)
+  return {"view1": rng.normal(size=shape).astype(np.float32),
+          "view2": rng.normal(size=shape).astype(np.float32)}
+
+
+def synthetic_data_fn(batch_size: int, image_size: int = IMAGE_SIZE):
+  """``data_fn(start_step)`` for :func:`lut_jax.train.train_and_evaluate`."""
+  def data_fn(start_step):
+    step = start_step
+    while True:
+      yield synthetic_batch(step, batch_size, image_size)
+      step += 1
+  return data_fn
