@@ -1,0 +1,191 @@
+"""Numerical parity of lut_jax against PyTorch: timm's ViT and an independent reference.
+
+Weights are random (biases, norms, tokens and BatchNorm statistics included), converted
+with lut_jax.convert, and both sides get the same images and masking noise. float32 with
+`highest` matmul precision (tests/conftest.py); every output must agree to a relative
+error below 1e-5.
+"""
+
+import copy
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from lut_jax import convert  # noqa: E402
+from lut_jax import losses  # noqa: E402
+from lut_jax import masking  # noqa: E402
+from lut_jax import models  # noqa: E402
+from lut_jax import variants  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
+
+IMAGE, BATCH, MASK_RATIO = 16, 8, 0.75
+W_MAE, W_BC = 1.0, 0.25
+RTOL = 1e-5
+
+
+def rel_err(ours, theirs) -> float:
+  """max |ours - theirs| / max |theirs|."""
+  ours = np.asarray(ours, np.float64)
+  theirs = np.asarray(theirs.detach().numpy() if hasattr(theirs, "detach") else theirs,
+                      np.float64)
+  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+  return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30))
+
+
+def assert_close(ours, theirs, what: str):
+  err = rel_err(ours, theirs)
+  assert err < RTOL, f"{what}: relative error {err:.2e}"
+
+
+def tiny_model(**overrides) -> models.LUTModel:
+  spec = variants.parse_variant("mu/4")
+  kwargs = dict(image_size=IMAGE, patch_size=spec.patch_size, width=spec.width,
+                depth=spec.depth, num_heads=spec.num_heads, decoder_width=32, decoder_depth=1,
+                decoder_num_heads=2, head_hidden_dim=64)
+  kwargs.update(overrides)
+  return models.LUTModel(**kwargs)
+
+
+def reference_for(model: models.LUTModel) -> ref.TorchLUT:
+  return ref.TorchLUT(IMAGE, model.patch_size, model.channels, model.width, model.depth,
+                      model.num_heads, model.decoder_width, model.decoder_depth,
+                      model.decoder_num_heads, use_bc=model.use_bc, head_depth=model.head_depth,
+                      pred_depth=model.pred_depth, head_hidden_dim=model.head_hidden_dim,
+                      head_norm=model.head_norm, head_activation=model.head_activation)
+
+
+def nhwc(images: "torch.Tensor") -> jax.Array:
+  return jnp.asarray(images.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.fixture(name="data")
+def fixture_data():
+  gen = torch.Generator().manual_seed(1)
+  view1 = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen)
+  view2 = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen)
+  num_patches = (IMAGE // 4) ** 2
+  noise = torch.rand(BATCH, num_patches, generator=gen)
+  return view1, view2, noise
+
+
+def timm_vit(width, depth, heads, patch):
+  return VisionTransformer(img_size=IMAGE, patch_size=patch, embed_dim=width, depth=depth,
+                           num_heads=heads, qkv_bias=True, class_token=True, global_pool="",
+                           num_classes=0, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+
+
+def test_encoder_matches_timm(data):
+  view1, _, _ = data
+  model = tiny_model()
+  vit = timm_vit(model.width, model.depth, model.num_heads, model.patch_size).eval()
+  ref.randomize_(vit, torch.Generator().manual_seed(2))
+  with torch.no_grad():  # timm learns pos_embed; ours is the fixed table
+    vit.pos_embed.copy_(torch.from_numpy(ref.sincos_table(model.width, IMAGE // 4))[None])
+    expected = vit.forward_features(view1)
+  encoder_params = convert.encoder_params_from_timm_state_dict(vit.state_dict(), model)
+  encoder = models.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
+  ours = encoder.apply({"params": encoder_params}, nhwc(view1))
+  assert_close(ours, expected, "encoder tokens vs timm")
+
+
+def test_exported_encoder_runs_in_timm(data):
+  view1, _, _ = data
+  model = tiny_model()
+  encoder = models.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
+  # Random values everywhere (Xavier init would leave biases at 0 and norms at 1).
+  shapes = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), nhwc(view1))["params"]
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(
+      lambda s: (rng.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(np.float32), shapes)
+  vit = timm_vit(model.width, model.depth, model.num_heads, model.patch_size).eval()
+  timm_sd = convert.encoder_to_timm_state_dict(params, image_size=IMAGE)
+  vit.load_state_dict(convert.torch_tensors(timm_sd), strict=True)
+  with torch.no_grad():
+    expected = vit.forward_features(view1)
+  assert_close(encoder.apply({"params": params}, nhwc(view1)), expected, "exported encoder")
+
+
+def test_lut_forward_matches_reference(data):
+  view1, view2, noise = data
+  model = tiny_model()
+  student = reference_for(model).train()
+  ref.randomize_(student, torch.Generator().manual_seed(5))
+  teacher = copy.deepcopy(student)
+  ref.randomize_(teacher, torch.Generator().manual_seed(6))  # an EMA copy that has drifted
+  teacher.eval()
+  params, stats = convert.params_from_torch_state_dict(student.state_dict(), model)
+  t_params, t_stats = convert.params_from_torch_state_dict(teacher.state_dict(), model)
+
+  # Reference side: masking from the same noise; student BN in train mode (updates stats).
+  keep1, keep2, ids_restore, mask1, _ = ref.masks_from_noise(noise, MASK_RATIO)
+  with torch.no_grad():
+    out = student.forward_student(view1, view2, keep1, keep2, ids_restore)
+  z1, z2 = teacher.forward_teacher(view1, view2)
+  rec = ref.reconstruction_loss(out["pred"], view1, mask1, model.patch_size)
+  bc = ref.bc_loss(out["q1"], out["q2"], z1, z2)
+  total = W_MAE * rec + W_BC * bc
+
+  # Our side.
+  masks = masking.masks_from_noise(jnp.asarray(noise.numpy()), MASK_RATIO)
+  np.testing.assert_array_equal(np.asarray(masks.keep1), keep1.numpy())
+  np.testing.assert_array_equal(np.asarray(masks.mask1), mask1.numpy())
+  v1, v2 = nhwc(view1), nhwc(view2)
+  ours, updated = model.apply({"params": params, "batch_stats": stats}, v1, v2, masks.keep1,
+                              masks.keep2, masks.ids_restore, method="student",
+                              mutable=["batch_stats"])
+  oz1, oz2 = model.apply({"params": t_params, "batch_stats": t_stats}, v1, v2,
+                         method="teacher")
+  o_rec = losses.reconstruction_loss(ours["pred"], v1, masks.mask1,
+                                     patch_size=model.patch_size)
+  o_bc = losses.bc_loss(ours["q1"], ours["q2"], oz1, oz2)
+  o_total = losses.total_loss(o_rec, o_bc, w_mae=W_MAE, w_bc=W_BC)
+
+  assert_close(ours["pred"], out["pred"], "reconstruction pred")
+  assert_close(ours["q1"], out["q1"], "student q1")
+  assert_close(ours["q2"], out["q2"], "student q2")
+  assert_close(oz1, z1, "teacher z1")
+  assert_close(oz2, z2, "teacher z2")
+  assert_close(o_rec, rec, "reconstruction loss")
+  assert_close(o_bc, bc, "BC loss")
+  assert_close(o_total, total, "total loss")
+  # Running statistics after two train-mode passes (view 1 then view 2) per BatchNorm.
+  _, new_stats = convert.params_from_torch_state_dict(student.state_dict(), model)
+  for head in ("head", "predictor"):
+    for stat in ("mean", "var"):
+      assert_close(updated["batch_stats"][head]["norm_0"][stat],
+                   new_stats[head]["norm_0"][stat], f"{head} running {stat}")
+    assert not np.allclose(new_stats[head]["norm_0"]["mean"], stats[head]["norm_0"]["mean"])
+  assert int(student.head[1].num_batches_tracked) == 7 + 2
+
+
+def test_mae_forward_matches_reference(data):
+  view1, _, noise = data
+  model = tiny_model(use_bc=False)
+  mae = reference_for(model).train()
+  ref.randomize_(mae, torch.Generator().manual_seed(7))
+  assert not any(k.startswith(("head", "predictor")) for k in mae.state_dict())
+  params, stats = convert.params_from_torch_state_dict(mae.state_dict(), model)
+  assert stats == {}
+  keep1, _, ids_restore, mask1, _ = ref.masks_from_noise(noise, MASK_RATIO)
+  with torch.no_grad():
+    pred = mae.forward_mae(view1, keep1, ids_restore)
+  rec = ref.reconstruction_loss(pred, view1, mask1, model.patch_size)
+  masks = masking.masks_from_noise(jnp.asarray(noise.numpy()), MASK_RATIO)
+  ours = model.apply({"params": params}, nhwc(view1), masks.keep1, masks.ids_restore,
+                     method="mae")
+  o_rec = losses.reconstruction_loss(ours, nhwc(view1), masks.mask1, patch_size=model.patch_size)
+  assert_close(ours, pred, "MAE pred")
+  assert_close(o_rec, rec, "MAE reconstruction loss")
+  # Without norm-pix too (the MAE default).
+  assert_close(losses.reconstruction_loss(ours, nhwc(view1), masks.mask1,
+                                          patch_size=model.patch_size, norm_pix=False),
+               ref.reconstruction_loss(pred, view1, mask1, model.patch_size, norm_pix=False),
+               "MAE loss without norm-pix")
