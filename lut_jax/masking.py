@@ -45,26 +45,31 @@ def check_mask_ratio(mask_ratio: float, num_patches: int, *, two_views: bool = T
     raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
 
 
-def masks_from_noise(noise: jax.Array, mask_ratio: float) -> Masks:
-  """Masks from explicit noise ``(batch, L)``: lower noise = kept first (as the reference)."""
+def masks_from_noise(noise: jax.Array, mask_ratio: float, *, two_views: bool = True) -> Masks:
+  """Masks from explicit noise ``(batch, L)``: lower noise = kept first (as the reference).
+
+  With ``two_views=False`` (the MAE baseline) any ratio in [0, 1) is allowed; ``keep2`` is
+  then empty and ``mask2`` all ones.
+  """
   batch, num_patches = noise.shape
-  check_mask_ratio(mask_ratio, num_patches)
+  check_mask_ratio(mask_ratio, num_patches, two_views=two_views)
   keep = num_kept(num_patches, mask_ratio)
   ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
   ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
   rank = jnp.arange(num_patches)
   # Binary masks in shuffled order, then unshuffled: hidden = 1, visible = 0.
   shuffled1 = (rank >= keep).astype(jnp.float32)
-  shuffled2 = ((rank < keep) | (rank >= 2 * keep)).astype(jnp.float32)
+  keep2 = keep if two_views else 0
+  shuffled2 = ((rank < keep) | (rank >= keep + keep2)).astype(jnp.float32)
   unshuffle = lambda m: jnp.take_along_axis(jnp.broadcast_to(m, (batch, num_patches)),  # noqa
                                             ids_restore, axis=1)
-  return Masks(keep1=ids_shuffle[:, :keep], keep2=ids_shuffle[:, keep:2 * keep],
+  return Masks(keep1=ids_shuffle[:, :keep], keep2=ids_shuffle[:, keep:keep + keep2],
                ids_restore=ids_restore, mask1=unshuffle(shuffled1), mask2=unshuffle(shuffled2))
 
 
-def random_masks(key: jax.Array, batch: int, num_patches: int, mask_ratio: float,
-                 noise: Optional[jax.Array] = None) -> Masks:
+def random_masks(key: jax.Array, batch: int, num_patches: int, mask_ratio: float, *,
+                 two_views: bool = True, noise: Optional[jax.Array] = None) -> Masks:
   """Draws ``noise ~ U(0, 1)^(batch, L)`` from ``key`` (unless given) and builds the masks."""
   if noise is None:
     noise = jax.random.uniform(key, (batch, num_patches))
-  return masks_from_noise(noise, mask_ratio)
+  return masks_from_noise(noise, mask_ratio, two_views=two_views)

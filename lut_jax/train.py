@@ -106,7 +106,8 @@ def reconstruction_summary(model: models.LUTModel, params: Any, view1: jax.Array
   """The first ``num_images`` of view 1, masked, and reconstructed (visible patches pasted
   back), all still normalised NHWC images."""
   view1 = view1[:num_images]
-  masks = masking.random_masks(key, view1.shape[0], model.num_patches, mask_ratio)
+  masks = masking.random_masks(key, view1.shape[0], model.num_patches, mask_ratio,
+                               two_views=False)
   pred = model.apply({"params": params}, view1, masks.keep1, masks.ids_restore,
                      method=models.LUTModel.mae).astype(jnp.float32)
   p = model.patch_size

@@ -38,8 +38,8 @@ class TrainState(flax.struct.PyTreeNode):
 def init_variables(model: LUTModel, key: jax.Array) -> dict[str, Any]:
   """Initial ``{"params", "batch_stats"}`` of ``model`` (shapes from a 2-example batch)."""
   images = jnp.zeros((2, model.image_size, model.image_size, model.channels), jnp.float32)
-  masks = masking.random_masks(jax.random.key(0), 2, model.num_patches,
-                               0.75 if model.use_bc else 0.5)
+  masks = masking.random_masks(jax.random.key(0), 2, model.num_patches, 0.75,
+                               two_views=model.use_bc)
   variables = model.init(key, images, images, masks.keep1, masks.keep2, masks.ids_restore)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 

@@ -75,7 +75,8 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, *, model: LUTMod
   per micro-batch (as they would be per device without SyncBN). The EMA ticks once.
   """
   view1 = batch["view1"]
-  masks = masking.random_masks(key, view1.shape[0], model.num_patches, loss_config.mask_ratio)
+  masks = masking.random_masks(key, view1.shape[0], model.num_patches, loss_config.mask_ratio,
+                               two_views=model.use_bc)
   inputs = {"view1": view1, "masks": masks}
   if model.use_bc:
     # The teacher sees both full views with the target weights of *before* this step's
