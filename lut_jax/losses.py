@@ -47,9 +47,13 @@ def reconstruction_loss(pred: jax.Array, images: jax.Array, mask: jax.Array, *,
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``x / max(||x||, eps)`` along the last axis (``torch.nn.functional.normalize``)."""
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, eps)
+  """``x / max(||x||, eps)`` along the last axis (``torch.nn.functional.normalize``).
+
+  Written as ``rsqrt(max(sum(x^2), eps^2))`` so the gradient stays finite at ``x = 0``
+  (the gradient of ``jnp.linalg.norm`` there is NaN).
+  """
+  sum_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
 
 
 def cosine_distance(q: jax.Array, z: jax.Array) -> jax.Array:
