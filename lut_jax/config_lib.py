@@ -1,0 +1,137 @@
+"""Shared pieces of the config files: argument parsing and the base pre-training config."""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("lut", "mae")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses ``"variant=B/16,method=mae"`` (the text after the config file's colon).
+
+  Unknown keys raise ``ValueError`` naming the accepted ones.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"bad config argument {item!r}; accepted: "
+                       + ", ".join(f"{k}=..." for k in defaults))
+    out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def base_config(method: str = "lut") -> ml_collections.ConfigDict:
+  """Defaults common to every pre-training config: the documented LUT recipe."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.seed = 0
+  # Length of the run: total_steps wins when > 0, else total_epochs over the train split.
+  c.total_steps = -1
+  c.total_epochs = 1600.0
+
+  c.input = ml_collections.ConfigDict()
+  c.input.dataset = "imagenet2012"  # any tfds image dataset, or "folder:/path/to/images"
+  c.input.split = "train"
+  c.input.data_dir = ml_collections.config_dict.placeholder(str)
+  c.input.image_size = 224
+  c.input.channels = 3
+  c.input.batch_size = 4096  # global batch, over all devices and processes
+  c.input.shuffle_buffer = 10_000
+  c.input.prefetch = 2
+  c.input.num_parallel_calls = -1  # tf.data.AUTOTUNE
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "B/16"
+  c.model.decoder_width = 512
+  c.model.decoder_depth = 8
+  c.model.decoder_num_heads = 16
+  c.model.head_depth = 2
+  c.model.pred_depth = 2
+  c.model.head_hidden_dim = 4096
+  c.model.head_norm = "batch"
+  c.model.head_activation = "relu"
+  c.model.remat = False
+  c.model.attention_impl = ""  # "", "xla" or "cudnn" (fused attention on NVIDIA GPUs)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.mask_ratio = 0.75
+  c.loss.norm_pix = True
+  c.loss.w_mae = 1.0
+  c.loss.w_bc = 0.25 if method == "lut" else 0.0
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.momentum = 0.996  # tau0; cosine schedule to 1 over the run
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 1.5e-4  # peak lr = base_lr * batch_size / 256
+  c.optim.min_lr = 0.0
+  c.optim.warmup_steps = -1  # wins when >= 0, else warmup_epochs
+  c.optim.warmup_epochs = 40.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.05
+  c.optim.grad_clip_norm = 0.0  # 0 disables clipping
+  c.optim.accum_steps = 1  # micro-batches per optimizer step
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1  # devices sharding params/optimizer state; -1 = all; rest is data
+
+  c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.image_summary_every_steps = 5000
+  c.profile_steps = 0  # > 0: trace this many steps after the first log interval
+  return c
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field."""
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a pre-training config; raises :class:`ConfigError` naming the bad field."""
+  from lut_jax import masking, models  # local: avoid importing jax for plain config files
+
+  def fail(msg):
+    raise ConfigError(msg)
+
+  if config.method not in METHODS:
+    fail(f"unknown method {config.method!r}; expected one of {METHODS}")
+  if config.loss.w_bc < 0 or config.loss.w_mae < 0:
+    fail(f"loss weights must be >= 0, got w_mae={config.loss.w_mae}, w_bc={config.loss.w_bc}")
+  if config.method == "mae" and config.loss.w_bc != 0:
+    fail(f"method='mae' is the baseline without the BC loss; got loss.w_bc={config.loss.w_bc}")
+  if config.dtype not in DTYPES:
+    fail(f"unknown dtype {config.dtype!r}; expected one of {DTYPES}")
+  if config.input.batch_size <= 0:
+    fail(f"input.batch_size must be positive, got {config.input.batch_size}")
+  if config.total_steps <= 0 and config.total_epochs <= 0:
+    fail("set total_steps > 0 or total_epochs > 0")
+  for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+               "image_summary_every_steps"):
+    if config[name] <= 0:
+      fail(f"{name} must be positive, got {config[name]}")
+  if config.optim.accum_steps < 1:
+    fail(f"optim.accum_steps must be >= 1, got {config.optim.accum_steps}")
+  try:
+    model = models.build_model(config.model, image_size=config.input.image_size,
+                               channels=config.input.channels, use_bc=uses_bc(config))
+    masking.check_mask_ratio(config.loss.mask_ratio, model.num_patches,
+                             two_views=uses_bc(config))
+  except ValueError as e:
+    fail(str(e))
+  if config.input.channels not in (1, 3):
+    fail(f"input.channels must be 1 or 3, got {config.input.channels}")
+
+
+def uses_bc(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run trains the BC loss (second view, teacher). ``w_bc = 0`` is MAE."""
+  return config.loss.w_bc > 0
