@@ -225,41 +225,45 @@ def train_and_evaluate(
 
   acc = None
   interval_start, interval_step = time.time(), start_step
-  with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
-    for step in range(start_step, total_steps):
-      batch = next(data)
-      state, metrics = p_step(state, batch, train_step.step_key(step_base_key, step))
-      update = TrainMetrics.single_from_model_output(**metrics)
-      acc = update if acc is None else acc.merge(update)
-      done = step + 1
-      for hook in hooks:
-        hook(done)
-      stop = preemption.requested or ckpt.reached_preemption(done)
-      save = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
-      if done % config.log_every_steps == 0 or save:
-        # Reading the metrics is the loop's only host synchronisation; it also guards
-        # every save: a non-finite state is never written over a good checkpoint.
-        scalars = {k: float(v) for k, v in acc.compute().items()}
-        if not np.isfinite(scalars["loss"]):
-          ckpt.wait()
-          raise NonFiniteLossError(
-              f"non-finite loss ({scalars['loss']}) between steps {interval_step + 1} and "
-              f"{done}; last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
-        elapsed = max(time.time() - interval_start, 1e-9)
-        scalars["images_per_sec"] = (done - interval_step) * config.input.batch_size / elapsed
-        writer.write_scalars(done, scalars)
-        acc, interval_start, interval_step = None, time.time(), done
-      if done % config.image_summary_every_steps == 0 or done == total_steps:
-        images = summary_fn(state.params, batch["view1"], jax.random.fold_in(summary_key, done))
-        writer.write_images(done, {k: image_utils.denormalize(jax.device_get(v),
-                                                              config.input.channels)
-                                   for k, v in images.items()})
-      if save:
-        ckpt.save(done, state, force=True)
-      if stop:
-        logging.warning("Stopped for preemption at step %d; rerun the command to resume.", done)
-        break
-  ckpt.close()
+  # Whatever stops the loop (end, preemption, an exception), a save in flight finishes:
+  # a crash never leaves the newest checkpoint half-written or lost.
+  try:
+    with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
+      for step in range(start_step, total_steps):
+        batch = next(data)
+        state, metrics = p_step(state, batch, train_step.step_key(step_base_key, step))
+        update = TrainMetrics.single_from_model_output(**metrics)
+        acc = update if acc is None else acc.merge(update)
+        done = step + 1
+        for hook in hooks:
+          hook(done)
+        stop = preemption.requested or ckpt.reached_preemption(done)
+        save = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
+        if done % config.log_every_steps == 0 or save:
+          # Reading the metrics is the loop's only host synchronisation; it also guards
+          # every save: a non-finite state is never written over a good checkpoint.
+          scalars = {k: float(v) for k, v in acc.compute().items()}
+          if not np.isfinite(scalars["loss"]):
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f"non-finite loss ({scalars['loss']}) between steps {interval_step + 1} and "
+                f"{done}; last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+          elapsed = max(time.time() - interval_start, 1e-9)
+          scalars["images_per_sec"] = (done - interval_step) * config.input.batch_size / elapsed
+          writer.write_scalars(done, scalars)
+          acc, interval_start, interval_step = None, time.time(), done
+        if done % config.image_summary_every_steps == 0 or done == total_steps:
+          images = summary_fn(state.params, batch["view1"], jax.random.fold_in(summary_key, done))
+          writer.write_images(done, {k: image_utils.denormalize(jax.device_get(v),
+                                                                config.input.channels)
+                                     for k, v in images.items()})
+        if save:
+          ckpt.save(done, state, force=True)
+        if stop:
+          logging.warning("Stopped for preemption at step %d; rerun the command to resume.", done)
+          break
+  finally:
+    ckpt.close()
   return state
 
 
