@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lut_jax.config_lib import ConfigError
+
 DATA_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated: splitting them saves nothing and costs latency.
 MIN_FSDP_SIZE = 2 ** 14
@@ -27,7 +29,7 @@ def create_mesh(fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -
   n = len(devices)
   fsdp = n if fsdp == -1 else fsdp
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must be -1 or a divisor of the device count {n}")
+    raise ConfigError(f"mesh.fsdp={fsdp} must be -1 or a divisor of the device count {n}")
   # Auto axis types: ordinary Linen code needs no sharding annotations inside the model.
   auto = (jax.sharding.AxisType.Auto,) * 2
   return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=auto, devices=devices)
@@ -61,12 +63,12 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
 
 def check_batch_size(global_batch: int, mesh: Mesh, *, accum_steps: int = 1,
                      process_count: int = 1) -> None:
-  """Raises ``ValueError`` unless the global batch splits evenly over micro-batches,
+  """Raises :class:`ConfigError` unless the global batch splits evenly over micro-batches,
   processes and devices."""
   devices = mesh.devices.size
   if global_batch % process_count:
-    raise ValueError(f"input.batch_size={global_batch} is not divisible by the number of "
+    raise ConfigError(f"input.batch_size={global_batch} is not divisible by the number of "
                      f"processes ({process_count})")
   if accum_steps < 1 or global_batch % (accum_steps * devices):
-    raise ValueError(f"input.batch_size={global_batch} is not divisible by optim.accum_steps "
+    raise ConfigError(f"input.batch_size={global_batch} is not divisible by optim.accum_steps "
                      f"({accum_steps}) x number of devices ({devices})")
