@@ -230,14 +230,18 @@ def _not_prepared_message(name: str, builder) -> str:
 
 
 def _fashion_mnist_source(split: str, data_dir: str | None) -> DataSource:
-  builder = tfds.builder("fashion_mnist", data_dir=data_dir)
-  if builder.is_prepared():
-    return _tfds_source("fashion_mnist", split, data_dir)
+  tfds_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+  builder = None
+  # Only ask tfds when it may have a copy: its builder warns about missing folders.
+  if tf.io.gfile.exists(os.path.join(os.path.expanduser(tfds_dir), "fashion_mnist")):
+    builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+    if builder.is_prepared():
+      return _tfds_source("fashion_mnist", split, data_dir)
   idx_dir = _find_fashion_mnist_idx(data_dir)
   if idx_dir is None:
     raise FileNotFoundError(
         "Fashion-MNIST not found: no prepared tfds copy under "
-        f"{builder.data_dir} and no idx files (train-images-idx3-ubyte.gz, ...) in "
+        f"{builder.data_dir if builder else tfds_dir} and no idx files (train-images-idx3-ubyte.gz, ...) in "
         f"{FASHION_MNIST_IDX_DIR}. Install Debian's package (`apt-get install "
         "dataset-fashion-mnist`), set FASHION_MNIST_DIR to a folder with the idx .gz files, "
         "or download it with tfds (`tfds build fashion_mnist`).")

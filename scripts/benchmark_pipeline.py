@@ -1,0 +1,201 @@
+r"""Throughput of the two-view pre-training input pipeline on this host's CPUs.
+
+  python scripts/benchmark_pipeline.py                 # all rows, all cores and one core
+  python scripts/benchmark_pipeline.py --seconds=20 --num_files=400
+
+Rows:
+* ``jpeg224``: real JPEGs (scikit-image photos, randomly cropped and rescaled to ImageNet-
+  like sizes, shorter side ~250-500 px, re-encoded at quality 90 into a temporary folder)
+  through the folder source -> decode -> resize -> two views at 224 px -> batches.
+* ``jpeg224_decode_resize``: the same files, decode + resize only (what the views cost on
+  top of it is the difference).
+* ``fmnist28``: Fashion-MNIST idx arrays -> two views at 28 px.
+
+Each row runs in a child process pinned to N cores (``os.sched_setaffinity`` before
+TensorFlow starts, so tf.data sizes its thread pool to them): N = all cores and N = 1.
+Files are in the page cache after the first pass, so this measures CPU cost, not disk.
+Images/s counts examples (each yields both views). The ViT-B/16 LUT step on one H100 eats
+about 3500 images/s (docs/benchmarks.md), so the script also prints how many such cores
+feed one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GPU_IMAGES_PER_S = 3500.0  # ViT-B/16 LUT target step rate on one H100 (images/s)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
+          "hubble_deep_field", "retina", "cat", "colorwheel", "camera")
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def make_jpeg_folder(root: str, num_files: int, seed: int = 0) -> float:
+  """Writes ``num_files`` JPEGs in 10 class folders; returns the mean file size in KB."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  import skimage.transform  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  photos = []
+  for name in PHOTOS:
+    image = getattr(skimage.data, name)()
+    photos.append(np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3])
+  sizes = []
+  for i in range(num_files):
+    image = photos[i % len(photos)]
+    h, w = image.shape[:2]
+    ch, cw = int(h * rng.uniform(0.5, 1.0)), int(w * rng.uniform(0.5, 1.0))
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    crop = Image.fromarray(image[y:y + ch, x:x + cw])
+    # ImageNet train images: shorter side mostly 300-500 px (mean image ~400 x 350).
+    short = rng.uniform(250, 500)
+    scale = short / min(ch, cw)
+    crop = crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))),
+                       Image.BICUBIC)
+    folder = os.path.join(root, f"class_{i % 10}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{i:05d}.jpg")
+    crop.save(path, quality=90)
+    sizes.append(os.path.getsize(path))
+  return sum(sizes) / len(sizes) / 1024
+
+
+def _time_batches(iterator, batch: int, seconds: float, warmup: int = 3) -> float:
+  for _ in range(warmup):
+    next(iterator)
+  n, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    next(iterator)
+    n += batch
+  return n / (time.perf_counter() - t0)
+
+
+def run_row(row: str, folder: str, batch: int, seconds: float) -> dict:
+  """Runs one row in this process (the child); returns its measurement."""
+  sys.path.insert(0, str(ROOT))
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from lut_jax import augment  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from lut_jax import datasets  # pylint: disable=g-import-not-at-top
+  from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  # The fields of config.input (lut_jax/config_lib.py) that the pipeline reads.
+  config = ml_collections.ConfigDict(dict(
+      dataset="", split="train", data_dir=ml_collections.config_dict.placeholder(str),
+      image_size=224, channels=3, batch_size=batch, shuffle_buffer=10_000, prefetch=2,
+      num_parallel_calls=-1))
+  out = {"row": row, "batch": batch}
+  if row.startswith("jpeg224"):
+    config.dataset, config.split, config.image_size = f"folder:{folder}", "train", 224
+    t0 = time.perf_counter()
+    source = datasets.source_for(config)  # includes the one-off decode check of every file
+    out["validate_images_per_s"] = source.num_examples / (time.perf_counter() - t0)
+  else:
+    config.dataset, config.split, config.image_size = "fashion_mnist", "train", 28
+
+  if row == "jpeg224_decode_resize":
+    share = datasets.source_for(config).share(0, 1)
+    ds = tf.data.Dataset.range(share.num_examples).repeat().map(
+        lambda i: augment.resize_shorter_side(
+            augment.decode(share.read(i)["image"], 3), 224)[:224, :224],
+        num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1
+    ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(options)
+    iterator = iter(ds)
+    out["images_per_s"] = _time_batches(iterator, batch, seconds)
+  else:
+    iterator = input_pipeline.create_pretrain_iterator(config, seed=0)
+    out["images_per_s"] = _time_batches(iterator, batch, seconds)
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rows", default="jpeg224,jpeg224_decode_resize,fmnist28")
+  parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per run")
+  parser.add_argument("--num_files", type=int, default=400)
+  parser.add_argument("--batch_224", type=int, default=64)
+  parser.add_argument("--batch_28", type=int, default=256)
+  parser.add_argument("--json", default="", help="also write the results here")
+  # Internal: run one row in this (child) process.
+  parser.add_argument("--child_row", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--folder", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.child_row:
+    batch = args.batch_28 if args.child_row == "fmnist28" else args.batch_224
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print("RESULT " + json.dumps(run_row(args.child_row, args.folder, batch, args.seconds)))
+    return
+
+  cores = sorted(os.sched_getaffinity(0))
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  header = {
+      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "cpu": cpu_model(), "cores": len(cores), "os_cpu_count": os.cpu_count(),
+      "tensorflow": tf.__version__, "python": platform.python_version(),
+      # Other work on the machine slows every row: report the load next to the numbers.
+      "loadavg_1m_start": os.getloadavg()[0],
+  }
+  print(json.dumps(header))
+  results = {"machine": header, "rows": []}
+  with tempfile.TemporaryDirectory() as folder:
+    t0 = time.time()
+    kb = make_jpeg_folder(folder, args.num_files)
+    print(f"wrote {args.num_files} JPEGs ({kb:.0f} KB mean) in {time.time() - t0:.1f} s")
+    for row in args.rows.split(","):
+      for n in sorted({len(cores), 1}, reverse=True):
+        cmd = [sys.executable, __file__, f"--child_row={row}", f"--folder={folder}",
+               f"--seconds={args.seconds}", f"--batch_224={args.batch_224}",
+               f"--batch_28={args.batch_28}"]
+        # Pin the child before TensorFlow starts so that its thread pools match n cores.
+        pin = lambda n=n: os.sched_setaffinity(0, cores[:n])  # noqa: E731
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pin,
+                              check=False)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]  # noqa
+        if proc.returncode or not lines:
+          print(f"{row} on {n} cores failed:\n{proc.stderr[-3000:]}")
+          continue
+        result = json.loads(lines[-1][len("RESULT "):])
+        result["cores"] = n
+        result["per_core"] = result["images_per_s"] / n
+        result["cores_per_gpu"] = GPU_IMAGES_PER_S / result["per_core"]
+        results["rows"].append(result)
+        print(f"{row:24s} cores={n:3d} batch={result['batch']:4d} "
+              f"{result['images_per_s']:9.1f} img/s  {result['per_core']:8.1f} img/s/core  "
+              f"-> {result['cores_per_gpu']:6.1f} cores per H100 at {GPU_IMAGES_PER_S:.0f}"
+              " img/s"
+              + (f"  (file check {result['validate_images_per_s']:.0f} img/s)"
+                 if "validate_images_per_s" in result else ""))
+  results["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
+  print(f"load average (1 min): {header['loadavg_1m_start']:.2f} at start, "
+        f"{results['machine']['loadavg_1m_end']:.2f} at end")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
