@@ -161,7 +161,9 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
 
   Args:
     input_config: ``config.input`` (dataset, split, data_dir, image_size, channels,
-      batch_size, shuffle_buffer, prefetch, num_parallel_calls).
+      batch_size, shuffle_buffer, num_parallel_calls, and prefetch: the number of global
+      batches kept on the devices ahead of the one being returned; tf.data's own prefetch
+      is autotuned).
     seed: base seed of the shuffles and augmentations.
     start_step: first step to produce; the batches are exactly those an uninterrupted run
       produces from that step on.

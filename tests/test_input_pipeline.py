@@ -337,6 +337,8 @@ def test_tfds_source_pipeline_resume_and_shares(tfds_dir):
   assert full[0]["view1"].shape == (4, 32, 32, 3)
   epoch0 = np.concatenate([b["id"] for b in full[:6]])
   assert set(epoch0) == share_ids[0] | share_ids[1]  # 6 steps of 4: the whole split
+  epoch1 = np.concatenate([b["id"] for b in full[6:9]])
+  assert not np.array_equal(epoch1, epoch0[:12])  # each epoch has its own shuffle
   resumed = input_pipeline.create_pretrain_iterator(config, seed=5, start_step=4,
                                                     with_ids=True)
   for expected in full[4:9]:
