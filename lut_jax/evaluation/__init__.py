@@ -1,0 +1,15 @@
+"""Downstream evaluation of a pre-trained LUT / MAE encoder.
+
+* :mod:`~lut_jax.evaluation.features`: load the *online* encoder (from a pre-training run or
+  an exported encoder) and extract frozen features (cls token or mean of the patch tokens).
+* :mod:`~lut_jax.evaluation.knn`: DINO-style weighted k-nearest-neighbour classifier.
+* :mod:`~lut_jax.evaluation.linear_probe`: MAE's linear probe (BatchNorm without affine +
+  linear head, LARS) trained on cached frozen features.
+* :mod:`~lut_jax.evaluation.finetune`: end-to-end fine-tuning with a global-average-pool
+  head, layer-wise learning-rate decay, drop path, mixup/cutmix and label smoothing.
+* :mod:`~lut_jax.evaluation.export`: pre-training checkpoint -> encoder export (Orbax +
+  JSON config) and a timm ``VisionTransformer`` state dict.
+
+The numerical parts (features, knn, the heads, optimizers, mixup) import neither TensorFlow
+nor torch; the ``run_*`` entry points import the tf.data input pipeline lazily.
+"""

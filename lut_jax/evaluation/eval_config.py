@@ -1,0 +1,157 @@
+"""Shared fields and checks of the evaluation configs (``configs/knn.py``,
+``configs/linear_probe.py``, ``configs/finetune.py``).
+
+Every evaluation reads the pre-trained encoder from ``config.pretrained`` (a pre-training
+work directory or an exported encoder) and a labelled dataset from ``config.input``. Image
+size and channels default to the encoder's (``-1``), so a Fashion-MNIST run needs nothing
+but the path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import ml_collections
+
+MODES = ("knn", "linear_probe", "finetune")
+DATASETS = ("fashion_mnist", "imagenet")
+
+
+class EvalConfigError(ValueError):
+  """An evaluation config value is invalid; the message names the field."""
+
+
+def base_config(mode: str, dataset: str = "fashion_mnist") -> ml_collections.ConfigDict:
+  """Fields common to every evaluation mode, with ``dataset``'s defaults."""
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+  c = ml_collections.ConfigDict()
+  c.mode = mode
+  # Pre-training workdir (its online encoder) or an exported encoder directory.
+  c.pretrained = ""
+  c.pretrained_step = -1  # pre-training checkpoint step; -1: the latest
+  c.seed = 0
+  c.num_classes = -1  # -1: from the dataset (or the largest label + 1)
+  c.cache_features = True  # kNN / linear probe: keep extracted features in workdir/features
+
+  c.input = ml_collections.ConfigDict()
+  c.input.dataset = "fashion_mnist" if dataset == "fashion_mnist" else "imagenet2012"
+  c.input.data_dir = ml_collections.config_dict.placeholder(str)
+  c.input.train_split = "train"
+  c.input.eval_split = "test" if dataset == "fashion_mnist" else "validation"
+  c.input.image_size = -1  # -1: the pre-trained encoder's image size
+  c.input.channels = -1  # -1: the pre-trained encoder's input channels
+  # Eval resize: shorter side to int(S / crop_pct), then centre crop S. Fashion-MNIST's
+  # pre-training views are not rescaled, so its eval images are neither (1.0); ImageNet
+  # uses the reference's 224/256.
+  c.input.crop_pct = 1.0 if dataset == "fashion_mnist" else 224 / 256
+  c.input.eval_batch_size = 256  # feature extraction / evaluation batch (global)
+  c.input.num_parallel_calls = -1
+  c.input.prefetch = 2
+  c.input.shuffle_buffer = 10_000
+  return c
+
+
+def input_config(config: ml_collections.ConfigDict, pretrained: Any,
+                 *, image_size: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The ``config.input`` block the input pipeline reads, with ``-1`` fields resolved
+  from the pre-trained encoder (``features.PretrainedEncoder``)."""
+  size = image_size or config.input.image_size
+  if size is None or size <= 0:
+    size = pretrained.config["image_size"]
+  channels = config.input.channels if config.input.channels > 0 else pretrained.channels
+  c = ml_collections.ConfigDict()
+  c.dataset = config.input.dataset
+  c.data_dir = config.input.data_dir
+  c.split = config.input.train_split
+  c.image_size = int(size)
+  c.channels = int(channels)
+  c.batch_size = config.input.eval_batch_size
+  c.num_parallel_calls = config.input.num_parallel_calls
+  c.prefetch = config.input.prefetch
+  c.shuffle_buffer = config.input.shuffle_buffer
+  return c
+
+
+def num_classes(config: ml_collections.ConfigDict, labels=None) -> int:
+  """``config.num_classes``, else the dataset's, else the largest label + 1."""
+  if config.num_classes > 0:
+    return int(config.num_classes)
+  from lut_jax import datasets  # local: tfds
+  try:
+    n = datasets.get_source(config.input.dataset, config.input.train_split,
+                            config.input.data_dir).num_classes
+  except (ValueError, FileNotFoundError):
+    n = None
+  if n:
+    return int(n)
+  if labels is None:
+    raise EvalConfigError("set num_classes: the dataset does not say how many classes it has")
+  return int(max(labels)) + 1
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks an evaluation config; raises :class:`EvalConfigError` naming the bad field."""
+  def fail(msg):
+    raise EvalConfigError(msg)
+
+  if config.mode not in MODES:
+    fail(f"unknown mode {config.mode!r}; expected one of {MODES}")
+  if not config.pretrained:
+    fail("set --config.pretrained to a pre-training workdir or an exported encoder directory")
+  if not os.path.isdir(config.pretrained):
+    fail(f"config.pretrained={config.pretrained!r} is not a directory")
+  if config.input.eval_batch_size <= 0:
+    fail(f"input.eval_batch_size must be positive, got {config.input.eval_batch_size}")
+  if config.mode == "knn":
+    if config.knn.k <= 0 or config.knn.temperature <= 0:
+      fail(f"knn.k and knn.temperature must be positive, got {config.knn.k}, "
+           f"{config.knn.temperature}")
+    _check_pools(config.knn.pools, "knn.pools", fail)
+  if config.mode == "linear_probe":
+    lp = config.linear_probe
+    _check_pools(lp.pool, "linear_probe.pool", fail)
+    if lp.pool.count(",") > 0:
+      fail(f"linear_probe.pool is one pool, got {lp.pool!r}")
+    if lp.optimizer not in ("lars", "sgd"):
+      fail(f"linear_probe.optimizer must be 'lars' or 'sgd', got {lp.optimizer!r}")
+    if lp.epochs <= 0 or lp.batch_size <= 0 or not 0 <= lp.warmup_epochs <= lp.epochs:
+      fail("linear_probe needs epochs > 0, batch_size > 0 and 0 <= warmup_epochs <= epochs")
+  if config.mode == "finetune":
+    ft = config.finetune
+    if ft.epochs <= 0 or ft.batch_size <= 0 or not 0 <= ft.warmup_epochs <= ft.epochs:
+      fail("finetune needs epochs > 0, batch_size > 0 and 0 <= warmup_epochs <= epochs")
+    if not 0 < ft.layer_decay <= 1:
+      fail(f"finetune.layer_decay must be in (0, 1], got {ft.layer_decay}")
+    if ft.batch_size % 2 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0):
+      fail("mixup/cutmix pair each example with the reversed batch: "
+           f"finetune.batch_size must be even, got {ft.batch_size}")
+    if not 0 <= ft.label_smoothing < 1:
+      fail(f"finetune.label_smoothing must be in [0, 1), got {ft.label_smoothing}")
+
+
+def _check_pools(pools: str, name: str, fail) -> None:
+  from lut_jax.evaluation.features import POOLS  # local: keeps config files jax-free
+  items = [p for p in pools.split(",") if p]
+  if not items or any(p not in POOLS for p in items):
+    fail(f"{name}={pools!r}: expected a comma-separated subset of {POOLS}")
+
+
+def pools(value: str) -> tuple[str, ...]:
+  """``"cls,mean"`` -> ``("cls", "mean")``."""
+  return tuple(p for p in value.split(",") if p)
+
+
+def write_results(workdir: str, name: str, results: dict[str, Any]) -> str:
+  """Writes ``workdir/<name>_results.json`` (process 0); returns the path."""
+  path = os.path.join(workdir, f"{name}_results.json")
+  import jax  # local: keep config files free of jax at import
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return path

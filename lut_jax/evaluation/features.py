@@ -1,0 +1,236 @@
+"""The pre-trained online encoder and its frozen features.
+
+Every downstream evaluation starts from the *online* (student) encoder, ``params["encoder"]``
+of the pre-training ``TrainState`` — not the EMA teacher — as the reference does. It comes
+either from a pre-training work directory (``config.json`` + ``checkpoints/<step>``) or from
+an exported encoder directory (:func:`lut_jax.checkpointing.export_encoder`).
+
+Features are float32 vectors per image: ``"cls"`` is the cls token after the encoder's final
+LayerNorm (MAE's linear-probe feature), ``"mean"`` the mean of the normalised patch tokens
+(cls excluded; the vector LUT's BC loss trains). Both come from one forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lut_jax import checkpointing, models, variants
+
+POOLS = ("cls", "mean")
+PRETRAIN_CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedEncoder:
+  """A loaded encoder: the module, its parameters and the kwargs that rebuild it.
+
+  Attributes:
+    encoder: a :class:`lut_jax.models.Encoder`.
+    params: its parameter tree (``patch_embed``, ``cls_token``, ``blocks_i``, ``norm``).
+    config: JSON-able ``Encoder`` kwargs (image_size, patch_size, width, depth, num_heads,
+      mlp_ratio) — what :func:`lut_jax.checkpointing.export_encoder` stores.
+    channels: input channels of the patch embedding.
+    source: where it was loaded from, for logs.
+  """
+
+  encoder: models.Encoder
+  params: Any
+  config: dict[str, Any]
+  channels: int
+  source: str
+
+
+def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
+  """``Encoder`` kwargs of a pre-training config (``model.variant``, ``input.image_size``)."""
+  spec = variants.parse_variant(pretrain_config["model"]["variant"])
+  return {"image_size": int(pretrain_config["input"]["image_size"]),
+          "patch_size": spec.patch_size, "width": spec.width, "depth": spec.depth,
+          "num_heads": spec.num_heads, "mlp_ratio": 4.0}
+
+
+def load_pretrain_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ``config.json`` that pre-training wrote into ``workdir``."""
+  path = os.path.join(workdir, PRETRAIN_CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no pre-training config {path}: is {workdir!r} a pre-training "
+                            "work directory (python -m lut_jax.main --workdir=...)?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _replicated_sharding() -> jax.sharding.Sharding:
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def restore_online_encoder(checkpoint_dir: str, step: Optional[int] = None) -> tuple[Any, int]:
+  """``(params["encoder"], step)`` of a pre-training checkpoint, replicated on all devices.
+
+  Only the online encoder's arrays are read (an Orbax partial restore): not the decoder,
+  heads, teacher or optimizer state, and no model or optimizer needs to be rebuilt.
+  """
+  checkpoint_dir = os.path.abspath(checkpoint_dir)
+  with ocp.CheckpointManager(checkpoint_dir,
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    step = manager.latest_step() if step is None or step < 0 else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoint_dir}; it has "
+                              f"{sorted(manager.all_steps())}")
+  path = os.path.join(checkpoint_dir, str(step), "default")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata.tree
+    if "params" not in tree or "encoder" not in tree["params"]:
+      raise ValueError(f"{path} holds no params/encoder: not a LUT pre-training checkpoint")
+    sharding = _replicated_sharding()
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        tree["params"]["encoder"])
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract)
+    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": {"encoder": abstract}},
+        restore_args={"params": {"encoder": restore_args}}, partial_restore=True))
+  return out["params"]["encoder"], step
+
+
+def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
+  """The online encoder from a pre-training work directory or an exported encoder.
+
+  Args:
+    path: a pre-training ``workdir`` (holding ``config.json`` and ``checkpoints/``) or a
+      directory written by :func:`lut_jax.checkpointing.export_encoder`.
+    step: pre-training checkpoint step (None or negative: the latest); ignored for exports.
+  """
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)):
+    encoder, params = checkpointing.load_encoder(path)
+    with open(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)) as f:
+      config = json.load(f)
+    source = f"exported encoder {path}"
+  else:
+    pretrain_config = load_pretrain_config(path)
+    config = encoder_config(pretrain_config)
+    params, step = restore_online_encoder(os.path.join(path, "checkpoints"), step)
+    encoder = models.Encoder(**config)
+    source = f"pre-training run {path}, step {step} (online encoder)"
+  channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])
+  return PretrainedEncoder(encoder=encoder, params=params, config=config, channels=channels,
+                           source=source)
+
+
+def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
+  """``(batch, 1 + patches, width)`` encoder tokens -> ``(batch, width)`` float32 feature."""
+  if pool == "cls":
+    return tokens[:, 0].astype(jnp.float32)
+  if pool == "mean":
+    return models.mean_patch_token(tokens)
+  raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
+
+
+def make_feature_fn(encoder: models.Encoder, pools: Sequence[str] = POOLS):
+  """A jitted ``(params, images) -> {pool: (batch, width)}``: one encoder pass, every pool."""
+  for pool in pools:
+    if pool not in POOLS:
+      raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
+
+  @jax.jit
+  def feature_fn(params, images):
+    tokens = encoder.apply({"params": params}, images)
+    return {pool: pool_tokens(tokens, pool) for pool in pools}
+
+  return feature_fn
+
+
+def extract_features(encoder: models.Encoder, params: Any,
+                     batches: Iterable[Mapping[str, Any]], *,
+                     pools: Sequence[str] = POOLS) -> dict[str, np.ndarray]:
+  """Frozen features of every (unpadded) example of ``batches``.
+
+  Args:
+    encoder: the encoder module.
+    params: its parameters.
+    batches: dicts with ``image`` (``(B, S, S, C)`` normalised), ``label`` and optionally
+      ``mask`` (False on padding), numpy or (global) jax arrays, e.g. an
+      ``input_pipeline.EvalDataset``.
+    pools: which features to compute (``"cls"``, ``"mean"``).
+
+  Returns:
+    ``{pool: float32 (N, width), "label": int32 (N,)}`` on the host, padding removed, in
+    the order of ``batches`` (on several processes: process 0's examples first).
+  """
+  feature_fn = make_feature_fn(encoder, pools)
+  out: dict[str, list[np.ndarray]] = {name: [] for name in (*pools, "label", "mask")}
+  pending = None
+  for batch in batches:
+    feats = feature_fn(params, batch["image"])  # dispatched asynchronously
+    mask = batch.get("mask")
+    if mask is None:
+      mask = np.ones(batch["label"].shape[0], bool)
+    if pending is not None:  # fetch the previous batch while this one computes
+      _append(out, pending)
+    pending = {**feats, "label": batch["label"], "mask": mask}
+  if pending is not None:
+    _append(out, pending)
+  if not out["label"]:
+    raise ValueError("no batches to extract features from")
+  arrays = {k: np.concatenate(v) for k, v in out.items()}
+  keep = arrays.pop("mask").astype(bool)
+  result = {k: v[keep] for k, v in arrays.items()}
+  result["label"] = result["label"].astype(np.int32)
+  return result
+
+
+def _append(out: dict[str, list[np.ndarray]], batch: Mapping[str, Any]) -> None:
+  from lut_jax.evaluation import common  # local: avoid a cycle at import time
+  host = common.to_host(dict(batch))
+  for k, v in host.items():
+    out[k].append(np.asarray(v))
+
+
+def cached_features(path: Optional[str], compute) -> dict[str, np.ndarray]:
+  """Features from the ``.npz`` at ``path`` if it exists, else ``compute()`` (saved there
+  by process 0, atomically). Extraction is the expensive part of kNN and linear probing;
+  caching makes reruns and resumed runs cheap."""
+  if path and os.path.exists(path):
+    with np.load(path) as data:
+      return {k: data[k] for k in data.files}
+  features = compute()
+  if path and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **features)
+    os.replace(tmp, path)
+  return features
+
+
+def dataset_features(pretrained: PretrainedEncoder, input_config: ml_collections.ConfigDict,
+                     split: str, *, batch_size: int, pools: Sequence[str] = POOLS,
+                     cache_dir: Optional[str] = None, crop_pct: Optional[float] = None,
+                     ) -> dict[str, np.ndarray]:
+  """Features of a whole split through ``input_pipeline.create_eval_dataset`` (centre
+  crops), cached as ``cache_dir/<split>.npz`` when ``cache_dir`` is given."""
+  from lut_jax import input_pipeline  # local: tf.data only where data is read
+
+  def compute():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    if batch_size % jax.device_count():
+      raise ValueError(f"feature batch size {batch_size} is not divisible by the "
+                       f"{jax.device_count()} devices")
+    dataset = input_pipeline.create_eval_dataset(input_config, split, batch_size=batch_size,
+                                                 crop_pct=crop_pct, sharding=sharding)
+    return extract_features(pretrained.encoder, pretrained.params, dataset, pools=pools)
+
+  name = split.replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
+  path = os.path.join(cache_dir, f"{name}.npz") if cache_dir else None
+  return cached_features(path, compute)

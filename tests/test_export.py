@@ -1,0 +1,125 @@
+"""Encoder export: the online encoder reloads bit-exactly; the timm export matches timm."""
+
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from lut_jax import checkpointing, models, train_state
+from lut_jax.evaluation import export, features
+from tests import util
+
+STEP = 5
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_pretraining_workdir(path: str, method: str = "lut") -> train_state.TrainState:
+  """A pre-training work directory (``config.json`` + one Orbax checkpoint) of the tiny
+  test model, without running a step. The teacher is shifted away from the online network
+  so that exporting the wrong one cannot pass."""
+  config = util.tiny_config(method)
+  model = models.build_model(config.model, image_size=config.input.image_size,
+                             channels=config.input.channels, use_bc=method == "lut")
+  init = functools.partial(train_state.create_train_state, model, optax.sgd(0.1))
+  state = jax.jit(init)(jax.random.key(0))  # compiled (and cached): faster than eager
+  if state.has_target:
+    state = state.replace(target_params=jax.tree.map(lambda x: x + 1.0, state.target_params))
+  ckpt = checkpointing.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+  ckpt.save(STEP, state, force=True)
+  ckpt.close()
+  with open(os.path.join(path, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  return state
+
+
+def _assert_bit_exact(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+
+
+def test_export_reloads_the_online_encoder_bit_exactly(tmp_path):
+  workdir = str(tmp_path / "run")
+  state = make_pretraining_workdir(workdir)
+  online = jax.device_get(state.params["encoder"])
+
+  loaded = features.load_pretrained(workdir)  # partial restore of params/encoder only
+  _assert_bit_exact(online, loaded.params)
+  assert str(STEP) in loaded.source
+
+  written = export.export(workdir, str(tmp_path / "enc"), timm_format="npz")
+  encoder, params = checkpointing.load_encoder(written["encoder"])
+  _assert_bit_exact(online, params)
+  teacher = jax.device_get(state.target_params["encoder"])
+  assert not np.array_equal(params["blocks_0"]["attn"]["qkv"]["kernel"],
+                            teacher["blocks_0"]["attn"]["qkv"]["kernel"])
+  assert encoder == models.Encoder(**json.load(
+      open(os.path.join(written["encoder"], checkpointing.ENCODER_CONFIG_FILE))))
+  assert (encoder.image_size, encoder.width, encoder.depth) == (util.IMAGE_SIZE, 32, 2)
+  # An exported directory is itself a valid `pretrained` source.
+  _assert_bit_exact(online, features.load_pretrained(written["encoder"]).params)
+  with np.load(written["timm"]) as timm_sd:
+    np.testing.assert_array_equal(timm_sd["cls_token"], np.asarray(online["cls_token"]))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="pre-training config"):
+    features.load_pretrained(str(tmp_path))
+  workdir = str(tmp_path / "run")
+  make_pretraining_workdir(workdir, method="mae")
+  with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+    features.load_pretrained(workdir, step=7)
+
+
+# Runs in a fresh interpreter: importing torchvision (which timm does) after TensorFlow
+# segfaults with the wheels on these machines, and other tests load TensorFlow.
+_TIMM_FORWARD = """
+import functools, json, os, sys
+import numpy as np, torch
+from timm.models import vision_transformer
+out = sys.argv[1]
+kwargs = json.load(open(os.path.join(out, "timm_kwargs.json")))
+vit = vision_transformer.VisionTransformer(
+    **kwargs, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+vit.load_state_dict(torch.load(os.path.join(out, "timm_vit.pth")), strict=True)
+images = np.load(os.path.join(out, "images.npy"))
+with torch.no_grad():
+  tokens = vit.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
+np.save(os.path.join(out, "timm_tokens.npy"), tokens.numpy())
+"""
+
+
+def test_timm_export_from_cli_matches_timm_vision_transformer(tmp_path):
+  pytest.importorskip("torch")
+  if importlib.util.find_spec("timm") is None:
+    pytest.skip("timm is not installed")
+  workdir = str(tmp_path / "run")
+  state = make_pretraining_workdir(workdir)
+  out = str(tmp_path / "enc")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  result = subprocess.run(
+      [sys.executable, "-m", "lut_jax.evaluation.export", f"--workdir={workdir}",
+       f"--out={out}", "--timm=pth"], capture_output=True, text=True, env=env, cwd=REPO,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  images = np.random.default_rng(0).normal(
+      size=(2, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)).astype(np.float32)
+  np.save(os.path.join(out, "images.npy"), images)
+  result = subprocess.run([sys.executable, "-c", _TIMM_FORWARD, out], capture_output=True,
+                          text=True, env=env, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]  # includes load_state_dict(strict)
+
+  encoder, params = checkpointing.load_encoder(out)
+  ours = np.asarray(jax.jit(encoder.apply)({"params": params}, images))
+  theirs = np.load(os.path.join(out, "timm_tokens.npy"))
+  np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-5)
+  _assert_bit_exact(jax.device_get(state.params["encoder"]), params)
