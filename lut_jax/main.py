@@ -11,6 +11,7 @@ explicit ``--coordinator_address/--num_processes/--process_id``.
 
 from __future__ import annotations
 
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -31,9 +32,18 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietCheckpointLogs(py_logging.Filter):
+  """Drops Orbax's INFO chatter (dozens of lines per save) so progress stays readable;
+  its warnings and errors still show."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
