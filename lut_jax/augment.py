@@ -379,6 +379,32 @@ def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *,
   return view1, view2
 
 
+def strong_view_draws(seed: tf.Tensor) -> tuple[tf.Tensor, ColorJitter, StrongOp]:
+  """``strong_view``'s three draws, not applied: (crop/flip seed, jitter, strong op).
+
+  Splits ``seed`` exactly as ``strong_view`` does, so the parameters are the ones the host
+  path would apply to the same example.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  return seeds[0], sample_color_jitter(seeds[1]), sample_strong_op(seeds[2])
+
+
+def two_views_geometric(image: tf.Tensor, seed: tf.Tensor, size: int
+                        ) -> tuple[tf.Tensor, tf.Tensor, ColorJitter, StrongOp]:
+  """``two_views`` split for device augmentation (``input.device_augment``).
+
+  Returns the resized image's two crop/flip views (float32 ``(S, S, C)`` in [0, 1], not
+  normalised) and view 2's colour parameters; applying ``color_jitter`` then
+  ``apply_strong_op`` with them to view 2 (as RGB) gives ``two_views(..., normalized=False)``
+  exactly. lut_jax/device_augment.py applies them in JAX instead.
+  """
+  seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  resized = resize_shorter_side(image, size)
+  view1 = weak_view(resized, seed1, size)
+  geometry_seed, jitter, strong = strong_view_draws(seed2)
+  return view1, weak_view(resized, geometry_seed, size), jitter, strong
+
+
 def eval_view(image: tf.Tensor, size: int, crop_pct: float, *,
               normalized: bool = True) -> tf.Tensor:
   """Deterministic evaluation view: resize shorter side to ``int(size / crop_pct)``, centre

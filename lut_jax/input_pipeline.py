@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from lut_jax import augment
 from lut_jax import datasets
+from lut_jax import device_augment as device_augment_lib
 
 try:
   # tf.data runs on the host; keep TensorFlow off any GPU so it takes no memory from JAX.
@@ -45,6 +46,22 @@ except RuntimeError:  # TF already initialised its devices (set by someone else)
 # Keeps this pipeline's random streams apart from anything else keyed on the same seed.
 _SEED_SALT = 0x4C5554_44415441  # "LUTDATA"
 _MAX_EPOCHS = 2**62
+
+
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """[0, 1] float -> uint8 (rounded): a quarter of the bytes to move to the device, and the
+  quantisation PIL applies after the reference's resize anyway."""
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def _pack_colour_params(jitter: augment.ColorJitter, strong: augment.StrongOp) -> tf.Tensor:
+  """View 2's colour draws as float32 ``[NUM_PARAMS]`` in device_augment's layout."""
+  values = {"apply": jitter.apply, "brightness": jitter.brightness,
+            "contrast": jitter.contrast, "saturation": jitter.saturation, "hue": jitter.hue,
+            "op": strong.op, "sigma": strong.sigma}
+  values.update({f"order{i}": jitter.order[i] for i in range(4)})
+  return tf.stack([tf.cast(values[name], tf.float32)
+                   for name in device_augment_lib.PARAM_FIELDS])
 
 
 def _check_input(input_config) -> None:
@@ -175,9 +192,16 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
       several processes with them).
     with_ids: also yield ``"id"`` (int64 example ids; numpy output only), for debugging.
 
+  ``input_config.device_augment`` (optional, default False): leave view 2's colour ops and
+  the normalisation of both views to the accelerator (lut_jax/device_augment.py). The host
+  then only decodes, resizes and crops, and yields ``view1_crop``/``view2_crop`` (uint8
+  ``(B, S, S, C)``) and ``view2_params`` (float32 ``(B, device_augment.NUM_PARAMS)``, the
+  same draws the host path applies); ``device_augment.finish_batch`` (jitted) turns them
+  into ``{"view1", "view2"}``.
+
   Returns:
     A ``PretrainIterator`` yielding ``{"view1", "view2"}``: float32 ``(B, S, S, C)``
-    normalised images, forever.
+    normalised images, forever (with ``device_augment``: the crops and parameters above).
 
   Raises:
     ValueError: batch size not divisible by the process count, unknown dataset, bad
@@ -204,6 +228,7 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
   parallel = input_config.get("num_parallel_calls", -1)
   parallel = tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
   shuffle_buffer = max(1, min(input_config.get("shuffle_buffer", 10_000), share.num_examples))
+  on_device = bool(input_config.get("device_augment", False))
 
   def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
     key = epoch_key(seed, epoch)
@@ -221,8 +246,15 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
   def make_views(epoch: tf.Tensor, x) -> dict[str, tf.Tensor]:
     element = share.read(x) if share.random_access else x
     image = augment.decode(element["image"], channels)
-    view1, view2 = augment.two_views(image, example_key(seed, epoch, element["id"]), size)
-    out = {"view1": view1, "view2": view2}
+    key = example_key(seed, epoch, element["id"])
+    if on_device:
+      view1, view2, jitter, strong = augment.two_views_geometric(image, key, size)
+      out = {device_augment_lib.VIEW1_CROP: _to_uint8(view1),
+             device_augment_lib.VIEW2_CROP: _to_uint8(view2),
+             device_augment_lib.VIEW2_PARAMS: _pack_colour_params(jitter, strong)}
+    else:
+      view1, view2 = augment.two_views(image, key, size)
+      out = {"view1": view1, "view2": view2}
     if with_ids:
       out["id"] = element["id"]
     return out
@@ -242,10 +274,19 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
                "example %d of its share).", source.description, source.split,
                source.num_examples, source.num_skipped, index, count, local_batch, steps,
                start_step, start_epoch, skip)
+  if on_device:
+    logging.info("Pre-training input: view 2's colour ops and normalisation run on the "
+                 "accelerator (input.device_augment); the host yields uint8 crops.")
   shape = (input_config.batch_size, size, size, channels)
+  if on_device:
+    global_shape = {device_augment_lib.VIEW1_CROP: shape, device_augment_lib.VIEW2_CROP: shape,
+                    device_augment_lib.VIEW2_PARAMS: (input_config.batch_size,
+                                                      device_augment_lib.NUM_PARAMS)}
+  else:
+    global_shape = {"view1": shape, "view2": shape}
   return PretrainIterator(
       ds, source=source, steps_per_epoch=steps, local_batch_size=local_batch,
-      global_shape={"view1": shape, "view2": shape}, sharding=sharding,
+      global_shape=global_shape, sharding=sharding,
       device_prefetch=input_config.get("prefetch", 2), start_step=start_step)
 
 
