@@ -158,7 +158,16 @@ def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
   it = input_pipeline.create_pretrain_iterator(config.input, seed=config.seed,
                                                start_step=start_step, sharding=batch_sharding)
   keys = ("view1", "view2") if config_lib.uses_bc(config) else ("view1",)
+  finish = None
+  if config.input.device_augment:
+    from lut_jax import device_augment  # local: only this mode needs it
+    # Per-example ops on batch-sharded inputs keep the batch sharding. Returning only `keys`
+    # lets XLA drop view 2's colour ops for MAE.
+    finish = jax.jit(lambda b: {k: v for k, v in device_augment.finish_batch(b).items()
+                                if k in keys})
   for batch in it:
+    if finish is not None:
+      batch = finish(batch)
     yield {k: batch[k] for k in keys}
 
 
