@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu>=2.16",
     "tensorboard>=2.16",
     "tensorflow-datasets>=4.9",
+    # tfds' dataset builders (download_and_prepare) need it on Python 3.11 via etils.epath.
+    "importlib_resources>=6",
     "pillow>=10",
     "matplotlib>=3.8",
 ]
