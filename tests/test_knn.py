@@ -65,7 +65,8 @@ def test_eval_main_knn_and_linear_probe_on_a_fashion_mnist_subset(tmp_path):
   pytest.importorskip("tensorflow")
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  from configs import knn as knn_config, linear_probe as lp_config  # pylint: disable=g-import-not-at-top
+  from configs import knn as knn_config  # pylint: disable=g-import-not-at-top
+  from configs import linear_probe as lp_config  # pylint: disable=g-import-not-at-top
   from lut_jax import datasets, eval_main  # pylint: disable=g-import-not-at-top
   from tests import test_export  # pylint: disable=g-import-not-at-top
   try:

@@ -71,10 +71,12 @@ def warmup_cosine(peak_lr: float, *, warmup_steps: int, total_steps: int,
                   end_lr: float = 0.0) -> optax.Schedule:
   """Linear warmup 0 -> ``peak_lr`` then cosine to ``end_lr`` at ``total_steps`` (per step,
   as MAE's per-iteration ``adjust_learning_rate``)."""
-  warmup_steps = min(warmup_steps, total_steps)
+  total_steps = max(total_steps, 1)
+  # optax needs at least one cosine step after the warmup.
+  warmup_steps = max(0, min(warmup_steps, total_steps - 1))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, 1), end_value=end_lr)
+      decay_steps=total_steps, end_value=end_lr)
 
 
 def checkpoint_manager(directory: str, *, keep_best: bool = False,

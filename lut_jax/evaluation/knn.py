@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
 import jax
