@@ -17,6 +17,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# torchvision (imported by timm in the parity tests) crashes the interpreter when it is
+# first imported after TensorFlow with these wheels; importing it first avoids that.
+try:
+  import torch  # noqa: F401,E402
+  import torchvision  # noqa: F401,E402
+except ImportError:  # the PyTorch references are optional: those tests skip
+  pass
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
