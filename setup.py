@@ -47,5 +47,6 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["lut_jax", "lut_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
-    entry_points={"console_scripts": ["lut-pretrain=lut_jax.main:run"]},
+    entry_points={"console_scripts": ["lut-pretrain=lut_jax.main:run",
+                                      "lut-eval=lut_jax.eval_main:run"]},
 )

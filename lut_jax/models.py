@@ -205,7 +205,8 @@ class Encoder(nn.Module):
 
   ``keep_ids`` ``(batch, keep)`` selects the visible patches of a masked view; ``None``
   encodes every patch (the teacher, evaluation). Returns ``(batch, 1 + kept, width)``
-  tokens, cls first.
+  tokens, cls first. ``final_norm=False`` skips the last LayerNorm (MAE's global-pool
+  fine-tuning normalises the pooled token instead); ``drop_path_rate`` is for fine-tuning.
   """
 
   image_size: int
@@ -215,6 +216,7 @@ class Encoder(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
+  final_norm: bool = True
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
@@ -238,6 +240,8 @@ class Encoder(nn.Module):
                              num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                              dtype=self.dtype, attention_impl=self.attention_impl):
       x = block(x, deterministic)
+    if not self.final_norm:
+      return x
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,13 +34,16 @@ def tiny_params():
       jax.random.key(0))["params"]
 
 
-def test_encoder_matches_models_encoder_and_head_layout():
+def test_head_layout_and_final_norm():
   encoder = models.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2)
   images = np.random.default_rng(0).normal(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
   params = jax.jit(encoder.init)(jax.random.key(1), images)["params"]
-  ours = finetune.FinetuneEncoder(IMAGE, PATCH, WIDTH, DEPTH, 2, final_norm=True)
-  np.testing.assert_array_equal(jax.jit(ours.apply)({"params": params}, images),
-                                jax.jit(encoder.apply)({"params": params}, images))
+  # Without the final norm, the tokens are the pre-norm tokens of the same encoder.
+  no_norm = models.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2, final_norm=False)
+  raw = no_norm.apply({"params": {k: v for k, v in params.items() if k != "norm"}}, images)
+  normed = encoder.apply({"params": params}, images)
+  ln = flax.linen.LayerNorm(epsilon=1e-6).apply({"params": params["norm"]}, raw)
+  np.testing.assert_allclose(ln, normed, rtol=1e-6, atol=1e-6)
   # Global pool (MAE): no final norm in the encoder; fc_norm + head after the pooling.
   params = tiny_params()
   assert "norm" not in params["encoder"] and set(params) == {"encoder", "fc_norm", "head"}

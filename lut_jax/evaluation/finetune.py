@@ -46,47 +46,6 @@ from lut_jax.evaluation import common
 # ------------------------------------------------------------------------------ model
 
 
-class FinetuneEncoder(nn.Module):
-  """:class:`lut_jax.models.Encoder` with drop path and an optional final LayerNorm.
-
-  Same submodules and parameter names (``patch_embed``, ``cls_token``, ``blocks_i``,
-  ``norm``) and the same computation when ``final_norm`` is True (a test checks it against
-  ``models.Encoder``); MAE's global-pool fine-tuning drops the final norm, which
-  ``models.Encoder`` cannot do, hence this near-copy of its ``__call__``.
-  """
-
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_ratio: float = 4.0
-  drop_path_rate: float = 0.0
-  final_norm: bool = True
-  dtype: Any = jnp.float32
-  remat: bool = False
-  attention_impl: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    grid = self.image_size // self.patch_size
-    pos_embed = jnp.asarray(models.sincos_pos_embed_2d(self.width, grid))
-    x = models.PatchEmbed(self.patch_size, self.width, dtype=self.dtype,
-                          name="patch_embed")(images)
-    x = x + pos_embed[1:].astype(x.dtype)
-    cls_token = self.param("cls_token", models.token_init, (1, 1, self.width), jnp.float32)
-    cls = jnp.broadcast_to(cls_token + pos_embed[:1], (x.shape[0], 1, self.width))
-    x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
-    rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
-    for block in models.block_stack(self.depth, "blocks", remat=self.remat, drop_path=rates,
-                                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                                    dtype=self.dtype, attention_impl=self.attention_impl):
-      x = block(x, deterministic)
-    if self.final_norm:
-      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-    return x
-
-
 class FinetuneViT(nn.Module):
   """Pre-trained encoder + classification head (``pool``: ``"mean"`` = MAE's global pool
   with ``fc_norm``; ``"cls"`` = the cls token after the final norm)."""
@@ -108,11 +67,12 @@ class FinetuneViT(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     if self.pool not in ("mean", "cls"):
       raise ValueError(f"unknown fine-tuning pool {self.pool!r}; expected 'mean' or 'cls'")
-    x = FinetuneEncoder(self.image_size, self.patch_size, self.width, self.depth,
-                        self.num_heads, mlp_ratio=self.mlp_ratio,
-                        drop_path_rate=self.drop_path_rate, final_norm=self.pool == "cls",
-                        dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
-                        name="encoder")(images, deterministic=not train)
+    # MAE's global pool normalises the pooled token (fc_norm), not the tokens.
+    x = models.Encoder(self.image_size, self.patch_size, self.width, self.depth,
+                       self.num_heads, mlp_ratio=self.mlp_ratio,
+                       drop_path_rate=self.drop_path_rate, final_norm=self.pool == "cls",
+                       dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
+                       name="encoder")(images, deterministic=not train)
     if self.pool == "mean":
       x = jnp.mean(x[:, 1:], axis=1)
       x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(x)
