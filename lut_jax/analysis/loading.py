@@ -1,0 +1,366 @@
+"""Loads encoders (and MAE decoders, when there are any) for analysis.
+
+Three sources, told apart by :func:`load`:
+
+* a pre-training workdir (``config.json`` + ``checkpoints/``; or one step directory
+  ``WORKDIR/checkpoints/<step>``): the latest (or given) Orbax TrainState checkpoint. Only
+  the parameter tree is read, with Orbax's partial restore into host numpy arrays, so
+  neither the optimizer nor the mesh/sharding of the run has to be rebuilt;
+* an exported encoder directory (:func:`lut_jax.checkpointing.export_encoder`);
+* a PyTorch ``.pth``/``.pt`` reference (naver-ai/lut, MAE) or timm checkpoint, converted
+  with :mod:`lut_jax.convert`. The architecture is read from the tensor shapes; the number
+  of heads is not in the shapes and comes from the standard ViT size of that width unless
+  given.
+
+Probes for Grad-CAM (:func:`load_probe`) are linear-probe work directories or ``.npz``
+files: ``kernel (D, classes)``, ``bias (classes,)``, optionally ``bn_mean``/``bn_var`` (the
+MAE linear-probe recipe's affine-free BatchNorm, eps 1e-6) and ``pool`` (``"mean"`` of the
+patch tokens, the default, or ``"cls"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Optional, Sequence
+
+from absl import logging as absl_logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lut_jax import checkpointing, models, variants
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """An encoder (always) and the full LUT/MAE model with its decoder (when available).
+
+  Attributes:
+    label: name used in plots and metrics.
+    source: where it came from (path).
+    kind: ``"workdir"``, ``"encoder"`` or ``"torch"``.
+    encoder: an :class:`~lut_jax.models.Encoder` (float32, no remat).
+    encoder_params: its parameters.
+    channels: input channels.
+    model: a :class:`~lut_jax.models.LUTModel` for reconstructions, or ``None``.
+    params: ``model``'s parameters, or ``None``.
+    mask_ratio, norm_pix: the pre-training settings (for reconstructions).
+    step: the checkpoint step, when known.
+  """
+
+  label: str
+  source: str
+  kind: str
+  encoder: models.Encoder
+  encoder_params: Any
+  channels: int
+  model: Optional[models.LUTModel] = None
+  params: Optional[Any] = None
+  mask_ratio: float = 0.75
+  norm_pix: bool = True
+  step: Optional[int] = None
+
+  @property
+  def image_size(self) -> int:
+    return self.encoder.image_size
+
+  @property
+  def patch_size(self) -> int:
+    return self.encoder.patch_size
+
+  @property
+  def grid_size(self) -> int:
+    return self.encoder.image_size // self.encoder.patch_size
+
+  @property
+  def has_decoder(self) -> bool:
+    return self.model is not None and self.params is not None and "decoder" in self.params
+
+  def describe(self) -> dict[str, Any]:
+    """JSON-ready description (for metrics.json)."""
+    e = self.encoder
+    return {"source": self.source, "kind": self.kind, "step": self.step,
+            "image_size": e.image_size, "patch_size": e.patch_size, "width": e.width,
+            "depth": e.depth, "num_heads": e.num_heads, "channels": self.channels,
+            "has_decoder": self.has_decoder}
+
+
+def encoder_of(model: models.LUTModel) -> models.Encoder:
+  """A standalone Encoder with ``model``'s encoder architecture (its parameters are
+  ``params["encoder"]``), in float32 and without remat: analysis wants exact numbers and
+  has no backward pass to save memory for."""
+  return models.Encoder(model.image_size, model.patch_size, model.width, model.depth,
+                        model.num_heads, mlp_ratio=model.mlp_ratio)
+
+
+# ----------------------------------------------------------------------------- workdirs
+
+
+def is_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, CHECKPOINT_DIR))
+
+
+def checkpoint_steps(checkpoint_dir: str) -> list[int]:
+  """Finished checkpoint steps in ``checkpoint_dir`` (Orbax's in-progress saves carry a
+  temporary suffix and are not all-digit names, so they are skipped)."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(checkpoint_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config, as saved by the training loop in ``WORKDIR/config.json``."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: the model configuration of a workdir is read "
+                            "from the config.json that training writes there")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_subtrees(step_dir: str, names: Sequence[str]) -> dict[str, Any]:
+  """``{name: state[name]}`` of a checkpoint step directory, as host numpy arrays.
+
+  Reads the tree structure from the checkpoint's own metadata and restores only the named
+  subtrees (e.g. ``"params"``, or ``"target_params"`` for the EMA teacher) onto the host:
+  the optimizer state is never materialised, and the saved device layout (mesh, shardings)
+  does not need to exist here.
+  """
+  step_dir = os.path.abspath(step_dir)  # Orbax's OCDBT reader needs absolute paths
+  item_dir = os.path.join(step_dir, "default")
+  if not os.path.isdir(item_dir):
+    item_dir = step_dir
+  ckptr = ocp.PyTreeCheckpointer()
+  with _quiet_absl():
+    metadata = ckptr.metadata(item_dir)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  missing = [n for n in names if n not in tree or tree[n] is None]
+  if missing:
+    raise KeyError(f"{item_dir} has no {', '.join(map(repr, missing))} (an MAE run has no "
+                   f"target_params); it has {sorted(k for k in tree if tree[k] is not None)}")
+  item = {n: tree[n] for n in names}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  with _quiet_absl():
+    return ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax warns that a step's item directory has no step-level metadata file when the
+  item is opened directly, which is what a partial restore does: hide that one warning."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
+
+
+def load_workdir(path: str, *, step: Optional[int] = None, which: str = "params",
+                 label: Optional[str] = None) -> LoadedModel:
+  """A pre-training workdir (or one of its ``checkpoints/<step>`` directories)."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  if os.path.basename(path).isdigit() and os.path.basename(parent) == CHECKPOINT_DIR:
+    workdir, step = os.path.dirname(parent), int(os.path.basename(path))
+  else:
+    workdir = path
+  checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  steps = checkpoint_steps(checkpoint_dir)
+  if not steps:
+    raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir}")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir}; have {steps}")
+  config = read_config(workdir)
+  use_bc = float(config.loss.w_bc) > 0  # config_lib.uses_bc, without importing configs
+  model = models.build_model(config.model, image_size=int(config.input.image_size),
+                             channels=int(config.input.channels), use_bc=use_bc)
+  params = restore_subtrees(os.path.join(checkpoint_dir, str(step)), [which])[which]
+  return LoadedModel(
+      label=label or os.path.basename(workdir), source=workdir, kind="workdir",
+      encoder=encoder_of(model), encoder_params=params["encoder"], channels=model.channels,
+      model=model, params=params, mask_ratio=float(config.loss.mask_ratio),
+      norm_pix=bool(config.loss.norm_pix), step=step)
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def load_exported_encoder(path: str, *, label: Optional[str] = None) -> LoadedModel:
+  """An encoder written by :func:`lut_jax.checkpointing.export_encoder`."""
+  encoder, params = checkpointing.load_encoder(path)
+  params = jax.tree.map(np.asarray, params)
+  channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])
+  encoder = encoder.clone(dtype=jnp.float32, remat=False, attention_impl=None)
+  return LoadedModel(label=label or os.path.basename(os.path.abspath(path)),
+                     source=os.path.abspath(path), kind="encoder", encoder=encoder,
+                     encoder_params=params, channels=channels)
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def read_torch_checkpoint(path: str) -> dict[str, Any]:
+  """``torch.load`` on the CPU, weights only. Reference training checkpoints also pickle
+  their ``argparse.Namespace``; that one class is allowed, nothing else."""
+  import argparse
+  import torch  # local: an optional dependency, only for .pth inputs
+
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception:  # pylint: disable=broad-except  (UnpicklingError: a pickled Namespace)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
+  pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+  ids = {int(m.group(1)) for name in state_dict if (m := pattern.match(name))}
+  return max(ids) + 1 if ids else 0
+
+
+def _default_heads(width: int) -> int:
+  for w, _, heads in variants.ENCODER_SIZES.values():
+    if w == width:
+      return heads
+  raise ValueError(f"no standard ViT size has width {width}: pass num_heads explicitly")
+
+
+def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int] = None,
+               decoder_num_heads: int = 16, image_size: Optional[int] = None,
+               label: Optional[str] = None) -> LoadedModel:
+  """A PyTorch checkpoint: encoder + decoder when it has ``decoder_*`` tensors (a reference
+  pre-training checkpoint), else the encoder alone (e.g. timm). ``key`` picks an entry
+  such as ``"model_ema"`` (the reference's teacher)."""
+  from lut_jax import convert  # local: only this source needs the converter
+
+  checkpoint = read_torch_checkpoint(path)
+  state_dict = convert.unwrap_state_dict(checkpoint, key)
+  shape = lambda name: tuple(np.shape(convert._to_numpy(state_dict[name])))  # noqa: E731
+  if "patch_embed.proj.weight" not in state_dict:
+    raise ValueError(f"{path}: no patch_embed.proj.weight: not a ViT checkpoint")
+  width, channels, patch, _ = shape("patch_embed.proj.weight")
+  depth = _count_blocks(state_dict, "blocks")
+  mlp_ratio = shape("blocks.0.mlp.fc1.weight")[0] / width
+  if image_size is None:
+    if "pos_embed" not in state_dict:
+      raise ValueError(f"{path}: no pos_embed to read the image size from; pass image_size")
+    grid = int(round((shape("pos_embed")[1] - 1) ** 0.5))
+    image_size = grid * patch
+  num_heads = num_heads or _default_heads(width)
+  args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+  norm_pix = bool(getattr(args, "norm_pix_loss", True))
+  mask_ratio = float(getattr(args, "mask_ratio", 0.75))
+  common = dict(label=label or os.path.splitext(os.path.basename(path))[0],
+                source=os.path.abspath(path), kind="torch", channels=channels,
+                norm_pix=norm_pix, mask_ratio=mask_ratio)
+  if "decoder_embed.weight" in state_dict:
+    model = models.LUTModel(
+        image_size=image_size, patch_size=patch, width=width, depth=depth,
+        num_heads=num_heads, channels=channels, mlp_ratio=mlp_ratio,
+        decoder_width=shape("decoder_embed.weight")[0],
+        decoder_depth=_count_blocks(state_dict, "decoder_blocks"),
+        decoder_num_heads=decoder_num_heads, use_bc=False)
+    # The projector/predictor (if any) are not needed for the analyses: skip them.
+    params, _ = convert.params_from_torch_state_dict(state_dict, model, ignore_unexpected=True)
+    return LoadedModel(encoder=encoder_of(model), encoder_params=params["encoder"],
+                       model=model, params=params, **common)
+  encoder = models.Encoder(image_size, patch, width, depth, num_heads, mlp_ratio=mlp_ratio)
+  params = convert.encoder_params_from_torch_state_dict(state_dict, encoder,
+                                                        ignore_unexpected=True)
+  return LoadedModel(encoder=encoder, encoder_params=params, **common)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def load(path: str, *, label: Optional[str] = None, which: str = "params",
+         **torch_kwargs) -> LoadedModel:
+  """Loads ``path`` as a workdir, an exported encoder or a PyTorch checkpoint.
+
+  Args:
+    path: see the module docstring.
+    label: display name (default: the directory or file name).
+    which: for workdirs, ``"params"`` (the online network) or ``"target_params"``.
+    **torch_kwargs: :func:`load_torch`'s options (``key``, ``num_heads``, ...).
+  """
+  if os.path.isfile(path):
+    if not path.endswith(TORCH_EXTENSIONS):
+      raise ValueError(f"{path}: a file checkpoint must be PyTorch ({', '.join(TORCH_EXTENSIONS)})")
+    return load_torch(path, label=label, **torch_kwargs)
+  if os.path.exists(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)):
+    return load_exported_encoder(path, label=label)
+  if is_workdir(path) or os.path.basename(os.path.dirname(os.path.abspath(path))) == CHECKPOINT_DIR:
+    return load_workdir(path, which=which, label=label)
+  raise FileNotFoundError(f"{path}: not a pre-training workdir (no {CHECKPOINT_DIR}/), an "
+                          f"exported encoder (no {checkpointing.ENCODER_CONFIG_FILE}) or a "
+                          "PyTorch checkpoint file")
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
+  """A linear classifier on the encoder's features: an ``.npz`` file (see the module
+  docstring) or a linear-probe work directory of :mod:`lut_jax.evaluation.linear_probe`
+  (latest ``checkpoints/<step>``: ``params["head"]`` and the ``batch_stats["bn"]`` of its
+  affine-free BatchNorm; the pooling from ``config.json``'s ``linear_probe.pool``, else
+  ``"cls"``, that recipe's default). ``pool`` overrides the stored pooling.
+  """
+  if os.path.isdir(path):
+    steps = checkpoint_steps(os.path.join(path, CHECKPOINT_DIR))
+    if not steps:
+      raise FileNotFoundError(f"no finished checkpoint in {os.path.join(path, CHECKPOINT_DIR)}")
+    state = restore_subtrees(os.path.join(path, CHECKPOINT_DIR, str(steps[-1])),
+                             ["params", "batch_stats"])
+    probe = {"kernel": state["params"]["head"]["kernel"],
+             "bias": state["params"]["head"]["bias"]}
+    if state["batch_stats"].get("bn"):
+      probe["bn_mean"] = state["batch_stats"]["bn"]["mean"]
+      probe["bn_var"] = state["batch_stats"]["bn"]["var"]
+    stored = "cls"
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+      stored = read_config(path).get("linear_probe", {}).get("pool", "cls")
+  else:
+    with np.load(path, allow_pickle=False) as data:
+      probe = {k: np.asarray(data[k]) for k in data.files}
+    for name in ("kernel", "bias"):
+      if name not in probe:
+        raise ValueError(f"{path}: a probe needs {name!r}; it has {sorted(probe)}")
+    stored = str(probe.get("pool", "mean"))
+  probe["pool"] = pool or stored
+  if probe["pool"] not in ("mean", "cls"):
+    raise ValueError(f"{path}: pool must be 'mean' or 'cls', got {probe['pool']!r}")
+  return probe
+
+
+def probe_logits_fn(encoder: models.Encoder,
+                    probe: dict[str, Any]) -> Callable[[Any, jax.Array], jax.Array]:
+  """``logits_fn(encoder_params, images)`` of ``encoder`` followed by the probe."""
+  kernel, bias = jnp.asarray(probe["kernel"]), jnp.asarray(probe["bias"])
+  bn = ((jnp.asarray(probe["bn_mean"]), jnp.asarray(probe["bn_var"]))
+        if "bn_mean" in probe else None)
+  pool = probe["pool"]
+
+  def logits_fn(encoder_params: Any, images: jax.Array) -> jax.Array:
+    tokens = encoder.apply({"params": encoder_params}, images)
+    feats = tokens[:, 0] if pool == "cls" else models.mean_patch_token(tokens)
+    if bn is not None:
+      feats = (feats - bn[0]) * jax.lax.rsqrt(bn[1] + 1e-6)
+    return feats @ kernel + bias
+
+  return logits_fn
