@@ -48,5 +48,6 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["lut-pretrain=lut_jax.main:run",
-                                      "lut-eval=lut_jax.eval_main:run"]},
+                                      "lut-eval=lut_jax.eval_main:run",
+                                      "lut-analyze=lut_jax.analyze:main"]},
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 METHODS = ("lut", "mae")
@@ -133,6 +135,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(str(e))
   if config.input.channels not in (1, 3):
     fail(f"input.channels must be 1 or 3, got {config.input.channels}")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``config`` as ``WORKDIR/config.json`` (process 0 only): every run keeps the
+  exact configuration it ran with, and later tools read the model from it."""
+  import jax  # local: config files import this module and need no jax
+
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def uses_bc(config: ml_collections.ConfigDict) -> bool:

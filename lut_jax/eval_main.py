@@ -32,8 +32,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def evaluate(config, workdir: str) -> dict[str, float]:
   """Runs ``config.mode`` on ``config.pretrained``; returns its result metrics."""
+  from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
   from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
   eval_config.validate(config)
+  config_lib.save_config(config, workdir)  # the analysis tools read the probe's pooling here
   if config.mode == "knn":
     from lut_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
     return knn.run_knn(config, workdir)

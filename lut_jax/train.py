@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lut_jax import (checkpointing, config_lib, image_utils, losses, masking, models, optim,
+from lut_jax import (checkpointing, config_lib, image_utils, models, optim, reconstruction,
                      sharding, train_state, train_step)
 
 METRIC_NAMES = ("loss", "rec_loss", "bc_loss", "lr", "momentum", "grad_norm")
@@ -100,28 +100,6 @@ def build_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
   return model, abstract_state, state_shardings, jitted_step, jitted_init
 
 
-def reconstruction_summary(model: models.LUTModel, params: Any, view1: jax.Array,
-                           key: jax.Array, *, mask_ratio: float, norm_pix: bool,
-                           channels: int, num_images: int = 8) -> dict[str, jax.Array]:
-  """The first ``num_images`` of view 1, masked, and reconstructed (visible patches pasted
-  back), all still normalised NHWC images."""
-  view1 = view1[:num_images]
-  masks = masking.random_masks(key, view1.shape[0], model.num_patches, mask_ratio,
-                               two_views=False)
-  pred = model.apply({"params": params}, view1, masks.keep1, masks.ids_restore,
-                     method=models.LUTModel.mae).astype(jnp.float32)
-  p = model.patch_size
-  patches = losses.patchify(view1, p)
-  if norm_pix:  # predictions are in per-patch normalised units: undo with the true stats
-    mean = patches.mean(-1, keepdims=True)
-    std = jnp.sqrt(patches.var(-1, keepdims=True, ddof=1) + 1e-6)
-    pred = pred * std + mean
-  hidden = masks.mask1[:, :, None]
-  masked = losses.unpatchify(patches * (1 - hidden), p, channels)
-  recon = losses.unpatchify(patches * (1 - hidden) + pred * hidden, p, channels)
-  return {"view1": view1, "masked": masked, "reconstruction": recon}
-
-
 class _Preemption:
   """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
 
@@ -142,13 +120,6 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() != 0:
-    return
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
@@ -210,7 +181,7 @@ def train_and_evaluate(
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    _save_config(config, workdir)
+    config_lib.save_config(config, workdir)
     writer.write_hparams(_flat_hparams(config))
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info("model %s (%s), %.2fM params, %d steps (%d warmup), mesh %s, start step %d",
@@ -227,10 +198,12 @@ def train_and_evaluate(
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
                                           first_profile=start_step + config.log_every_steps))
-  summary_fn = jax.jit(functools.partial(
-      reconstruction_summary, model, mask_ratio=config.loss.mask_ratio,
-      norm_pix=config.loss.norm_pix, channels=config.input.channels,
-      num_images=min(8, config.input.batch_size)), out_shardings=sharding.replicated(mesh))
+  num_images = min(8, config.input.batch_size)
+  summary_fn = jax.jit(
+      lambda params, view1, key: reconstruction.reconstruct(
+          model, params, view1[:num_images], key, mask_ratio=config.loss.mask_ratio,
+          norm_pix=config.loss.norm_pix),
+      out_shardings=sharding.replicated(mesh))
 
   acc = None
   interval_start, interval_step = time.time(), start_step
@@ -263,9 +236,9 @@ def train_and_evaluate(
           acc, interval_start, interval_step = None, time.time(), done
         if done % config.image_summary_every_steps == 0 or done == total_steps:
           images = summary_fn(state.params, batch["view1"], jax.random.fold_in(summary_key, done))
-          writer.write_images(done, {k: image_utils.denormalize(jax.device_get(v),
-                                                                config.input.channels)
-                                     for k, v in images.items()})
+          writer.write_images(done, {
+              k: image_utils.denormalize(jax.device_get(images[k]), config.input.channels)
+              for k in ("input", "masked", "reconstruction_visible")})
         if save:
           ckpt.save(done, state, force=True)
         if stop:

@@ -1,6 +1,5 @@
 """The train step: sharding invariance, EMA, gradients, optimizer pieces, accumulation."""
 
-import functools
 
 import chex
 import jax

@@ -386,9 +386,6 @@ def train_and_evaluate(
         crop_pct=config.input.crop_pct, sharding=batch_sharding)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if start_step == 0 and jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   logging.info("fine-tuning %s: %d classes, %d steps (%d warmup, %d per epoch), start %d",
                pretrained.source, num_classes, total_steps, warmup_steps, steps_per_epoch,
                start_step)
