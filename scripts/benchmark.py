@@ -6,9 +6,8 @@ r"""Throughput of the compiled LUT / MAE train step on synthetic, device-residen
       --framework=both          # ours and the PyTorch reference step, and their ratio
 
 What is timed is the real step: the state, shardings and ``jax.jit`` (donated state) are
-built exactly as ``lut_jax.train.build_training`` builds them (see :func:`build_step`; it
-is repeated here because ``lut_jax.train`` imports CLU and TensorFlow, which the GPU
-machine lacks, and ``tests/test_flops.py`` checks that the two agree). One synthetic batch
+built by :func:`lut_jax.build.build_training`, the function the training loop uses (it is
+TensorFlow-free, so this runs on the GPU machine, which lacks TensorFlow). One synthetic batch
 is created on the device once; the loop only dispatches steps and blocks once at the end
 of each timed window, so no host synchronisation sits inside it. Compilation is timed
 separately (lower + compile), then ``--warmup`` steps run untimed.
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -138,44 +136,6 @@ def make_config(args: argparse.Namespace, method: str, batch: int):
   return config.lock()
 
 
-def build_step(config, mesh, *, total_steps: int, warmup_steps: int):
-  """``lut_jax.train.build_training`` without its module's CLU/TensorFlow imports.
-
-  Returns ``(model, abstract_state, state_shardings, jitted_step, jitted_init)``.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top
-  from lut_jax import config_lib, models, optim, sharding, train_state, train_step
-
-  use_bc = config_lib.uses_bc(config)
-  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-  model = models.build_model(config.model, image_size=config.input.image_size,
-                             channels=config.input.channels, use_bc=use_bc, dtype=dtype)
-  peak_lr = optim.peak_learning_rate(config.optim.base_lr, config.input.batch_size)
-  lr = optim.learning_rate_schedule(peak_lr=peak_lr, warmup_steps=warmup_steps,
-                                    total_steps=total_steps, min_lr=config.optim.min_lr)
-  momentum = optim.momentum_schedule(base_momentum=config.ema.momentum, total_steps=total_steps)
-  tx = optim.create_optimizer(learning_rate=lr, weight_decay=config.optim.weight_decay,
-                              b1=config.optim.b1, b2=config.optim.b2,
-                              grad_clip_norm=config.optim.grad_clip_norm)
-  init_fn = functools.partial(train_state.create_train_state, model, tx)
-  abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
-  state_shardings = sharding.state_shardings(abstract_state, mesh)
-  loss_config = train_step.LossConfig(mask_ratio=config.loss.mask_ratio,
-                                      norm_pix=config.loss.norm_pix, w_mae=config.loss.w_mae,
-                                      w_bc=config.loss.w_bc)
-  step_fn = train_step.make_train_step(model=model, loss_config=loss_config, learning_rate=lr,
-                                       momentum=momentum, accum_steps=config.optim.accum_steps)
-  replicated = sharding.replicated(mesh)
-  jitted_step = jax.jit(step_fn,
-                        in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-                        out_shardings=(state_shardings, replicated),
-                        donate_argnums=(0,))
-  jitted_init = jax.jit(init_fn, out_shardings=state_shardings)
-  return model, abstract_state, state_shardings, jitted_step, jitted_init
-
-
 def synthetic_batch(config, mesh, key) -> dict[str, Any]:
   """Normalised-image-like N(0, 1) views, generated on the devices, already sharded."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -237,12 +197,12 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
             repeats: int) -> dict[str, Any]:
   """Builds, compiles and times one configuration; returns its result record."""
   import jax  # pylint: disable=g-import-not-at-top
-  from lut_jax import config_lib, flops, sharding, train_step  # pylint: disable=g-import-not-at-top
+  from lut_jax import build, config_lib, flops, sharding, train_step  # pylint: disable=g-import-not-at-top
 
   config = make_config(args, method, batch)
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(batch, mesh, accum_steps=config.optim.accum_steps)
-  model, abstract_state, _, jitted_step, jitted_init = build_step(
+  model, abstract_state, _, jitted_step, jitted_init = build.build_training(
       config, mesh, total_steps=config.total_steps, warmup_steps=config.optim.warmup_steps)
   rec: dict[str, Any] = {
       "framework": "jax", "method": method, "config": args.config,

@@ -22,12 +22,12 @@ def main(process_id: int, num_processes: int, port: int, out: str, steps: int) -
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes,
                                process_id=process_id)
   import numpy as np  # noqa: PLC0415
-  from lut_jax import sharding, train, train_step  # noqa: PLC0415
+  from lut_jax import build, sharding, train_step  # noqa: PLC0415
   from tests import util  # noqa: PLC0415
 
   config = util.tiny_config()
   mesh = sharding.create_mesh(1)
-  _, _, _, p_step, p_init = train.build_training(config, mesh, total_steps=10, warmup_steps=2)
+  _, _, _, p_step, p_init = build.build_training(config, mesh, total_steps=10, warmup_steps=2)
   state = p_init(jax.random.key(0))
   batch_sharding = sharding.batch_sharding(mesh)
   per_process = config.input.batch_size // jax.process_count()

@@ -9,8 +9,6 @@ Three levels of checking:
 """
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,6 @@ import pytest
 
 from lut_jax import flops, models, optim, train_state, train_step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The tiny shape of the hand computation: 16 px images, patch 4 -> L = 16 patches, keep = 4
 # per view at mask ratio 0.75; encoder width 32, 2 blocks; decoder width 32, 1 block;
@@ -139,25 +136,3 @@ def test_xla_cost_analysis_within_tolerance():
   analytic = 8 * flops.step_flops(flops.shape_from_model(model, 0.75), "lut")["model_total"]
   ratio = cost["flops"] / analytic
   assert 1.0 <= ratio <= 1.25, ratio
-
-
-def test_benchmark_builds_the_training_step():
-  """scripts/benchmark.py repeats lut_jax.train.build_training (which imports CLU and
-  TensorFlow); both must lower to the same program."""
-  pytest.importorskip("clu")
-  from lut_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  from tests import util  # pylint: disable=g-import-not-at-top
-
-  spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-  benchmark = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(benchmark)
-
-  config = util.tiny_config("lut")
-  mesh = sharding.create_mesh(1, devices=jax.devices()[:1])
-  texts = []
-  for build in (train.build_training, benchmark.build_step):
-    _, abstract, _, step, _ = build(config, mesh, total_steps=6, warmup_steps=2)
-    view = jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.float32)
-    texts.append(step.lower(abstract, {"view1": view, "view2": view},
-                            jax.random.key(0)).as_text())
-  assert texts[0] == texts[1]

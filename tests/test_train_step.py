@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import config_lib, losses, optim, sharding, train, train_state, train_step
+from lut_jax import build, config_lib, losses, models, optim, sharding, train_state, train_step
 from tests import util
 
 
 def _build(config, mesh, total_steps=10, warmup_steps=2):
-  return train.build_training(config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
+  return build.build_training(config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
 
 
 def _one_step(config, mesh, batch, step_seed=7):
@@ -98,7 +98,7 @@ def test_target_changes_only_by_ema():
 
 def test_weight_decay_mask_covers_exactly_weights_and_tokens():
   config = util.tiny_config()
-  model = train.models.build_model(config.model, image_size=16, channels=3, use_bc=True)
+  model = models.build_model(config.model, image_size=16, channels=3, use_bc=True)
   params = train_state.init_variables(model, jax.random.key(0))["params"]
   mask = optim.weight_decay_mask(params)
   flat = {jax.tree_util.keystr(path): value
