@@ -137,6 +137,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(f"input.channels must be 1 or 3, got {config.input.channels}")
 
 
+CONFIG_FILE = "config.json"
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in ``WORKDIR/config.json`` (see :func:`save_config`)."""
+  import json  # local: only this function needs it
+
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} the work directory of a "
+                            "lut_jax run? Every run writes its config.json there.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes ``config`` as ``WORKDIR/config.json`` (process 0 only): every run keeps the
   exact configuration it ran with, and later tools read the model from it."""
@@ -145,7 +160,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 

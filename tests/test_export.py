@@ -71,7 +71,7 @@ def test_export_reloads_the_online_encoder_bit_exactly(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="pre-training config"):
+  with pytest.raises(FileNotFoundError, match="work directory of a lut_jax run"):
     features.load_pretrained(str(tmp_path))
   workdir = str(tmp_path / "run")
   make_pretraining_workdir(workdir, method="mae")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable, Optional, Sequence
@@ -30,13 +29,11 @@ from typing import Any, Callable, Optional, Sequence
 from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lut_jax import checkpointing, models, variants
+from lut_jax import checkpointing, config_lib, models, variants
 
-CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
 
@@ -119,16 +116,6 @@ def checkpoint_steps(checkpoint_dir: str) -> list[int]:
                 if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config, as saved by the training loop in ``WORKDIR/config.json``."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: the model configuration of a workdir is read "
-                            "from the config.json that training writes there")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def restore_subtrees(step_dir: str, names: Sequence[str]) -> dict[str, Any]:
   """``{name: state[name]}`` of a checkpoint step directory, as host numpy arrays.
 
@@ -185,7 +172,7 @@ def load_workdir(path: str, *, step: Optional[int] = None, which: str = "params"
   step = steps[-1] if step is None else step
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir}; have {steps}")
-  config = read_config(workdir)
+  config = config_lib.load_config(workdir)
   use_bc = float(config.loss.w_bc) > 0  # config_lib.uses_bc, without importing configs
   model = models.build_model(config.model, image_size=int(config.input.image_size),
                              channels=int(config.input.channels), use_bc=use_bc)
@@ -333,8 +320,8 @@ def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
       probe["bn_mean"] = state["batch_stats"]["bn"]["mean"]
       probe["bn_var"] = state["batch_stats"]["bn"]["var"]
     stored = "cls"
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
-      stored = read_config(path).get("linear_probe", {}).get("pool", "cls")
+    if os.path.exists(os.path.join(path, config_lib.CONFIG_FILE)):
+      stored = config_lib.load_config(path).get("linear_probe", {}).get("pool", "cls")
   else:
     with np.load(path, allow_pickle=False) as data:
       probe = {k: np.asarray(data[k]) for k in data.files}

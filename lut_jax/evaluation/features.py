@@ -23,10 +23,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lut_jax import checkpointing, models, variants
+from lut_jax import checkpointing, config_lib, models, variants
 
 POOLS = ("cls", "mean")
-PRETRAIN_CONFIG_FILE = "config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +54,6 @@ def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
   return {"image_size": int(pretrain_config["input"]["image_size"]),
           "patch_size": spec.patch_size, "width": spec.width, "depth": spec.depth,
           "num_heads": spec.num_heads, "mlp_ratio": 4.0}
-
-
-def load_pretrain_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ``config.json`` that pre-training wrote into ``workdir``."""
-  path = os.path.join(workdir, PRETRAIN_CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no pre-training config {path}: is {workdir!r} a pre-training "
-                            "work directory (python -m lut_jax.main --workdir=...)?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def _replicated_sharding() -> jax.sharding.Sharding:
@@ -118,7 +107,7 @@ def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
       config = json.load(f)
     source = f"exported encoder {path}"
   else:
-    pretrain_config = load_pretrain_config(path)
+    pretrain_config = config_lib.load_config(path)
     config = encoder_config(pretrain_config)
     params, step = restore_online_encoder(os.path.join(path, "checkpoints"), step)
     encoder = models.Encoder(**config)
