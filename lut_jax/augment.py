@@ -379,6 +379,15 @@ def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *,
   return view1, view2
 
 
+def first_view(image: tf.Tensor, seed: tf.Tensor, size: int, *,
+               normalized: bool = True) -> tf.Tensor:
+  """View 1 of :func:`two_views` alone (the MAE baseline needs no view 2): the same crop
+  and flip for the same ``seed``."""
+  seed1, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  view1 = weak_view(resize_shorter_side(image, size), seed1, size)
+  return normalize(view1) if normalized else view1
+
+
 def strong_view_draws(seed: tf.Tensor) -> tuple[tf.Tensor, ColorJitter, StrongOp]:
   """``strong_view``'s three draws, not applied: (crop/flip seed, jitter, strong op).
 

@@ -18,7 +18,8 @@ class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` for one train-state pytree."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # Local paths made absolute (Orbax needs that); URLs (gs://...) kept as they are.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,

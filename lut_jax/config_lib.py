@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
 METHODS = ("lut", "mae")
@@ -128,7 +126,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(f"optim.accum_steps must be >= 1, got {config.optim.accum_steps}")
   try:
     model = models.build_model(config.model, image_size=config.input.image_size,
-                               channels=config.input.channels, use_bc=uses_bc(config))
+                               channels=config.input.channels, use_bc=uses_bc(config),
+                               dtype=config.dtype)
     masking.check_mask_ratio(config.loss.mask_ratio, model.num_patches,
                              two_views=uses_bc(config))
   except ValueError as e:
@@ -143,13 +142,13 @@ CONFIG_FILE = "config.json"
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in ``WORKDIR/config.json`` (see :func:`save_config`)."""
   import json  # local: only this function needs it
+  from etils import epath  # local: file systems beyond local disk (gs://, ...)
 
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} the work directory of a "
                             "lut_jax run? Every run writes its config.json there.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -157,11 +156,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   exact configuration it ran with, and later tools read the model from it."""
   import jax  # local: config files import this module and need no jax
 
+  from etils import epath  # local: file systems beyond local disk (gs://, ...)
+
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def uses_bc(config: ml_collections.ConfigDict) -> bool:

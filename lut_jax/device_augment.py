@@ -300,6 +300,9 @@ def finish_batch(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
   ``[B, NUM_PARAMS]``), as input_pipeline yields with ``input.device_augment = True``.
   Jit it; with batch-sharded inputs every op is per example, so it runs where the data is.
   """
-  view2 = colour_augment(batch[VIEW2_CROP], unpack_params(batch[VIEW2_PARAMS]))
-  return {"view1": normalize(batch[VIEW1_CROP]), "view2": normalize(view2)}
+  out = {"view1": normalize(batch[VIEW1_CROP])}
+  if VIEW2_CROP in batch:  # absent for the MAE baseline (one view)
+    view2 = colour_augment(batch[VIEW2_CROP], unpack_params(batch[VIEW2_PARAMS]))
+    out["view2"] = normalize(view2)
+  return out
 

@@ -173,8 +173,12 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
                              sharding: jax.sharding.NamedSharding | None = None,
                              process_index: int | None = None,
                              process_count: int | None = None,
-                             with_ids: bool = False) -> PretrainIterator:
+                             with_ids: bool = False,
+                             two_views: bool = True) -> PretrainIterator:
   """The two-view pre-training stream, starting at ``start_step``.
+
+  With ``two_views=False`` (the MAE baseline) only view 1 is made and transferred; it is
+  the same view 1 a two-view stream with the same seed yields.
 
   Args:
     input_config: ``config.input`` (dataset, split, data_dir, image_size, channels,
@@ -247,7 +251,10 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
     element = share.read(x) if share.random_access else x
     image = augment.decode(element["image"], channels)
     key = example_key(seed, epoch, element["id"])
-    if on_device:
+    if not two_views:
+      view1 = augment.first_view(image, key, size, normalized=not on_device)
+      out = {device_augment_lib.VIEW1_CROP: _to_uint8(view1)} if on_device else {"view1": view1}
+    elif on_device:
       view1, view2, jitter, strong = augment.two_views_geometric(image, key, size)
       out = {device_augment_lib.VIEW1_CROP: _to_uint8(view1),
              device_augment_lib.VIEW2_CROP: _to_uint8(view2),

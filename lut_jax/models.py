@@ -229,12 +229,14 @@ class Encoder(nn.Module):
                        f"pixels, got shape {images.shape}")
     pos_embed = jnp.asarray(sincos_pos_embed_2d(self.width, self.image_size // self.patch_size))
     x = PatchEmbed(self.patch_size, self.width, dtype=self.dtype, name="patch_embed")(images)
-    x = x + pos_embed[1:].astype(x.dtype)
+    # The residual stream stays float32 whatever the compute dtype: only the matmuls and
+    # attention run in bf16 (their outputs are added to float32 x), as with torch autocast.
+    x = x.astype(jnp.float32) + pos_embed[1:]
     if keep_ids is not None:
       x = jnp.take_along_axis(x, keep_ids[:, :, None], axis=1)
     cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
     cls = jnp.broadcast_to(cls_token + pos_embed[:1], (x.shape[0], 1, self.width))
-    x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
+    x = jnp.concatenate([cls, x], axis=1)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
     for block in block_stack(self.depth, "blocks", remat=self.remat, drop_path=rates,
                              num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
@@ -265,13 +267,14 @@ class Decoder(nn.Module):
   def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
     grid = int(round(self.num_patches ** 0.5))
     x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name="decoder_embed")(latent)
+    x = x.astype(jnp.float32)  # float32 residual stream, as in the encoder
     mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
     num_masked = self.num_patches - (x.shape[1] - 1)
-    fill = jnp.broadcast_to(mask_token.astype(x.dtype), (x.shape[0], num_masked, self.width))
+    fill = jnp.broadcast_to(mask_token, (x.shape[0], num_masked, self.width))
     patches = jnp.concatenate([x[:, 1:], fill], axis=1)
     patches = jnp.take_along_axis(patches, ids_restore[:, :, None], axis=1)  # unshuffle
     x = jnp.concatenate([x[:, :1], patches], axis=1)
-    x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid)).astype(x.dtype)
+    x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid))
     for block in block_stack(self.depth, "decoder_blocks", remat=self.remat,
                              num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                              dtype=self.dtype, attention_impl=self.attention_impl):
@@ -311,7 +314,7 @@ class MLPHead(nn.Module):
         if self.norm == "batch":
           x = BatchNorm(dtype=self.dtype, name=f"norm_{i}")(x, use_running_average=not train)
         elif self.norm == "layer":
-          x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=f"norm_{i}")(x)
+          x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"norm_{i}")(x)
         x = ACTIVATIONS[self.activation](x)
     return x
 
@@ -439,6 +442,9 @@ def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bo
   impl = get("attention_impl", None) or None
   if impl not in (None, "xla", "cudnn"):
     raise ValueError(f"unknown model.attention_impl {impl!r}; expected '', 'xla' or 'cudnn'")
+  if impl == "cudnn" and jnp.dtype(dtype) == jnp.float32:
+    raise ValueError("model.attention_impl='cudnn' needs dtype bfloat16 (cuDNN's fused "
+                     "attention has no float32 kernel)")
   return LUTModel(
       image_size=image_size, patch_size=spec.patch_size, width=spec.width, depth=spec.depth,
       num_heads=spec.num_heads, channels=channels,

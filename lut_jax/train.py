@@ -5,6 +5,7 @@ module and the input pipeline touch TensorFlow (through the CLU writers and tf.d
 """
 
 
+import json
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
+from etils import epath
 import flax
 import jax
 import ml_collections
@@ -40,13 +42,21 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly.
+
+  Single-process runs only: with several processes every host must stop at the same step
+  (a save is a collective), so there the loop relies on Orbax's ``reached_preemption``,
+  which JAX's preemption service answers identically on all hosts; a local handler would
+  also replace that service's own.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = None  # the handler to put back on exit
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     def handler(signum, frame):  # noqa: ARG001
       logging.warning("SIGTERM received: saving a checkpoint and stopping.")
       self.requested = True
@@ -65,20 +75,48 @@ def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
                    batch_sharding: jax.sharding.NamedSharding) -> Iterator[dict[str, Any]]:
   from lut_jax import input_pipeline  # local: tf.data is only needed here
 
+  two_views = config_lib.uses_bc(config)  # MAE makes and transfers view 1 only
   it = input_pipeline.create_pretrain_iterator(config.input, seed=config.seed,
-                                               start_step=start_step, sharding=batch_sharding)
-  keys = ("view1", "view2") if config_lib.uses_bc(config) else ("view1",)
-  finish = None
-  if config.input.device_augment:
-    from lut_jax import device_augment  # local: only this mode needs it
-    # Per-example ops on batch-sharded inputs keep the batch sharding. Returning only `keys`
-    # lets XLA drop view 2's colour ops for MAE.
-    finish = jax.jit(lambda b: {k: v for k, v in device_augment.finish_batch(b).items()
-                                if k in keys})
+                                               start_step=start_step, sharding=batch_sharding,
+                                               two_views=two_views)
+  if not config.input.device_augment:
+    yield from it
+    return
+  from lut_jax import device_augment  # local: only this mode needs it
+  # Per-example ops on batch-sharded inputs keep the batch sharding.
+  finish = jax.jit(device_augment.finish_batch)
   for batch in it:
-    if finish is not None:
-      batch = finish(batch)
-    yield {k: batch[k] for k in keys}
+    yield finish(batch)
+
+
+# Fields that shape the schedules, the data stream or the model: changing any of them
+# mid-run would silently turn the resumed run into a different one.
+RESUME_FIXED_FIELDS = ("method", "seed", "total_steps", "total_epochs", "input.dataset",
+                       "input.split", "input.image_size", "input.channels", "input.batch_size",
+                       "model", "loss", "ema.momentum", "optim.base_lr", "optim.min_lr",
+                       "optim.warmup_steps", "optim.warmup_epochs", "optim.accum_steps")
+
+
+def _check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ``ConfigError`` when a resumed run's config differs from the saved one in a
+  field of ``RESUME_FIXED_FIELDS``. Logging and checkpoint intervals may change."""
+  try:
+    saved = config_lib.load_config(workdir)
+  except FileNotFoundError:
+    return  # a checkpoint without config.json (copied by hand): nothing to compare
+  now = json.loads(config.to_json_best_effort())
+  before = json.loads(saved.to_json_best_effort())
+  changed = []
+  for field in RESUME_FIXED_FIELDS:
+    a, b = now, before
+    for part in field.split("."):
+      a, b = (a or {}).get(part), (b or {}).get(part)
+    if a != b:
+      changed.append(f"{field}: {b!r} -> {a!r}")
+  if changed:
+    raise config_lib.ConfigError(
+        f"{workdir} holds a run with a different config ({'; '.join(changed)}); resuming "
+        "would not continue that run. Use a new --workdir, or restore the saved values.")
 
 
 def _num_examples(config: ml_collections.ConfigDict) -> Optional[int]:
@@ -98,7 +136,7 @@ def train_and_evaluate(
   iterator over the global batches from ``start_step`` on.
   """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local disk or gs://...
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.optim.accum_steps,
                             process_count=jax.process_count())
@@ -111,6 +149,7 @@ def train_and_evaluate(
   base_key = jax.random.key(config.seed)
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:
+    _check_resume_config(config, workdir)
     logging.info("Resuming from %s step %d", ckpt.directory, ckpt.latest_step())
     state = ckpt.restore(checkpointing.abstract_like(abstract_state, state_shardings))
     state = state.replace(tx=abstract_state.tx)
@@ -122,6 +161,12 @@ def train_and_evaluate(
   if start_step == 0:
     config_lib.save_config(config, workdir)
     writer.write_hparams(_flat_hparams(config))
+  if config.optim.accum_steps > 1 and config_lib.uses_bc(config) and \
+      config.model.head_norm == "batch":
+    logging.warning("optim.accum_steps=%d with batch norm in the heads: batch statistics are "
+                    "per micro-batch (not over the global batch as SyncBatchNorm would give) "
+                    "and running averages update twice per micro-batch.",
+                    config.optim.accum_steps)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info("model %s (%s), %.2fM params, %d steps (%d warmup), mesh %s, start step %d",
                config.model.variant, config.method, num_params / 1e6, total_steps, warmup_steps,

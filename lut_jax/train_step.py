@@ -79,21 +79,29 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, *, model: LUTMod
                                two_views=model.use_bc)
   inputs = {"view1": view1, "masks": masks}
   if model.use_bc:
-    # The teacher sees both full views with the target weights of *before* this step's
-    # update and its batch norm on running averages; nothing flows back into it.
-    z1, z2 = model.apply({"params": state.target_params, "batch_stats": state.target_batch_stats},
-                         view1, batch["view2"], method=LUTModel.teacher)
-    inputs.update(view2=batch["view2"], z1=jax.lax.stop_gradient(z1),
-                  z2=jax.lax.stop_gradient(z2))
-
+    inputs["view2"] = batch["view2"]
+  target_variables = {"params": state.target_params, "batch_stats": state.target_batch_stats}
   grad_fn = jax.value_and_grad(
       lambda p, bs, m: _loss_fn(p, bs, m, model=model, loss_config=loss_config), has_aux=True)
+
+  def micro_step(batch_stats, micro):
+    if model.use_bc:
+      # The teacher sees both full views with the target weights of *before* this step's
+      # update and its batch norm on running averages; nothing flows back into it. Run per
+      # micro-batch, so accumulation bounds its activation memory too (eval-mode batch
+      # norm makes the result independent of the split).
+      z1, z2 = model.apply(target_variables, micro["view1"], micro["view2"],
+                           method=LUTModel.teacher)
+      micro = dict(micro, z1=jax.lax.stop_gradient(z1), z2=jax.lax.stop_gradient(z2))
+    (_, (batch_stats, metrics)), grads = grad_fn(state.params, batch_stats, micro)
+    return batch_stats, metrics, grads
+
   if accum_steps == 1:
-    (_, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, inputs)
+    batch_stats, metrics, grads = micro_step(state.batch_stats, inputs)
   else:
     def accumulate(carry, micro):
       grads_sum, batch_stats = carry
-      (_, (batch_stats, metrics)), grads = grad_fn(state.params, batch_stats, micro)
+      batch_stats, metrics, grads = micro_step(batch_stats, micro)
       return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)

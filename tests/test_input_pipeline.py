@@ -147,6 +147,17 @@ def test_views_are_reproducible_for_a_seed():
 
 
 @needs_fmnist
+@pytest.mark.parametrize("device_augment", [False, True])
+def test_one_view_stream_is_view1_of_the_two_view_stream(device_augment):
+  config = _input_config(device_augment=device_augment)
+  one = _take(input_pipeline.create_pretrain_iterator(config, seed=3, two_views=False), 2)
+  two = _take(input_pipeline.create_pretrain_iterator(config, seed=3), 2)
+  for a, b in zip(one, two):
+    assert len(a) == 1  # the MAE baseline gets (and transfers) view 1 only
+    key = next(iter(a))
+    np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_epochs_cover_each_example_once_in_new_orders():
   config = _input_config(split="train[:40]")  # 5 steps of 8 per epoch
   it = input_pipeline.create_pretrain_iterator(config, seed=0, with_ids=True)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lut_jax import checkpointing, train
+from lut_jax import checkpointing, config_lib, train
 from tests import util
 
 
@@ -83,3 +83,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   restored = ckpt.manager.restore(4)  # raw pytree: the last good state is intact
   ckpt.close()
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
+
+
+def test_resume_refuses_a_changed_run_config(tmp_path):
+  config = util.tiny_config()
+  config_lib.save_config(config, str(tmp_path))
+  config.log_every_steps = 5  # logging and checkpoint intervals may change on resume
+  config.checkpoint_every_steps = 7
+  train._check_resume_config(config, str(tmp_path))
+  config.input.batch_size = 32
+  config.seed = 1
+  with pytest.raises(config_lib.ConfigError, match="seed: 0 -> 1; input.batch_size: 16 -> 32"):
+    train._check_resume_config(config, str(tmp_path))
