@@ -41,7 +41,7 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the run stops without saving that state."""
 
 
-class _Preemption:
+class PreemptionGuard:
   """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly.
 
   Single-process runs only: with several processes every host must stop at the same step
@@ -194,7 +194,7 @@ def train_and_evaluate(
   # Whatever stops the loop (end, preemption, an exception), a save in flight finishes:
   # a crash never leaves the newest checkpoint half-written or lost.
   try:
-    with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
+    with PreemptionGuard() as preemption, metric_writers.ensure_flushes(writer):
       for step in range(start_step, total_steps):
         batch = next(data)
         state, metrics = p_step(state, batch, train_step.step_key(step_base_key, step))

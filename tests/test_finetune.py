@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import signal
 import re
 
 import flax
@@ -225,6 +226,24 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
   # Rerunning after the end restores the last state and reports the same numbers.
   again = run()
   assert again["top1"] == results["top1"] and again["best_step"] == results["best_step"]
+
+  # Preemption: SIGTERM while step 2 is fed -> evaluate, save step 2, stop; a rerun
+  # finishes the remaining steps.
+  def preempted_data_fn(start_step):
+    for step, b in enumerate(train_data_fn(start_step), start=start_step):
+      if step == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield b
+  workdir2 = str(tmp_path / "ft_preempted")
+  stopped = finetune.train_and_evaluate(config, workdir2, pretrained=pretrained,
+                                        train_data_fn=preempted_data_fn,
+                                        eval_data=eval_batches, num_train_examples=32)
+  assert stopped["steps"] == 2
+  assert "2" in os.listdir(os.path.join(workdir2, "checkpoints"))
+  finished = finetune.train_and_evaluate(config, workdir2, pretrained=pretrained,
+                                         train_data_fn=train_data_fn, eval_data=eval_batches,
+                                         num_train_examples=32)
+  assert finished["steps"] == 6
 
 
 def test_train_view_ops_are_deterministic_and_shaped():

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lut_jax import models, sharding as sharding_lib
+from lut_jax import models, sharding as sharding_lib, train
 from lut_jax.evaluation import common
 
 # ------------------------------------------------------------------------------ model
@@ -391,34 +391,42 @@ def train_and_evaluate(
                start_step)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
-  acc, t0, last = [], time.time(), {}
-  for step in range(start_step, total_steps):
-    batch = next(train_iter)
-    state, metrics = p_train(state, {"image": batch["image"], "label": batch["label"]},
-                             jax.random.fold_in(step_key, step))
-    acc.append(metrics)
-    done = step + 1
-    report(done)
-    if done % config.log_every_steps == 0 or done == total_steps:
-      scalars = {k: float(np.mean([m[k] for m in jax.device_get(acc)])) for k in acc[0]}
-      if not np.isfinite(scalars["loss"]):
-        raise FloatingPointError(f"non-finite fine-tuning loss at step {done}")
-      scalars["images_per_sec"] = len(acc) * ft.batch_size / max(time.time() - t0, 1e-9)
-      writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
-      acc, t0 = [], time.time()
-    if done % eval_every == 0 or done == total_steps:
-      last = evaluate(p_eval, state.params, eval_data)
-      writer.write_scalars(done, {f"eval/{k}": v for k, v in last.items()})
-      logging.info("fine-tuning step %d/%d (epoch %.2f): %s", done, total_steps,
-                   done / steps_per_epoch, last)
-      manager.save(done, args=_save_args(state), metrics={"top1": last["top1"]})
+  acc, t0, last, done = [], time.time(), {}, start_step
+  # SIGTERM (preemption): evaluate and save at the current step, then stop; rerunning
+  # the command resumes from there.
+  with train.PreemptionGuard() as preemption:
+    for step in range(start_step, total_steps):
+      batch = next(train_iter)
+      state, metrics = p_train(state, {"image": batch["image"], "label": batch["label"]},
+                               jax.random.fold_in(step_key, step))
+      acc.append(metrics)
+      done = step + 1
+      report(done)
+      if done % config.log_every_steps == 0 or done == total_steps:
+        scalars = {k: float(np.mean([m[k] for m in jax.device_get(acc)])) for k in acc[0]}
+        if not np.isfinite(scalars["loss"]):
+          raise FloatingPointError(f"non-finite fine-tuning loss at step {done}")
+        scalars["images_per_sec"] = len(acc) * ft.batch_size / max(time.time() - t0, 1e-9)
+        writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
+        acc, t0 = [], time.time()
+      if done % eval_every == 0 or done == total_steps or preemption.requested:
+        last = evaluate(p_eval, state.params, eval_data)
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in last.items()})
+        logging.info("fine-tuning step %d/%d (epoch %.2f): %s", done, total_steps,
+                     done / steps_per_epoch, last)
+        manager.save(done, args=_save_args(state), metrics={"top1": last["top1"]},
+                     force=True)
+      if preemption.requested:
+        logging.warning("fine-tuning stopped for preemption at step %d; rerun to resume", done)
+        break
   manager.wait_until_finished()
   if not last:  # resumed after the end: evaluate the restored state
     last = evaluate(p_eval, state.params, eval_data)
   best_step = manager.best_step()
   best = manager.metrics(best_step) if best_step is not None else None
   manager.close()
-  results = {"top1": last["top1"], "top5": last["top5"], "steps": total_steps,
+  results = {"top1": last["top1"], "top5": last["top5"],
+             "steps": done if preemption.requested else total_steps,
              "best_top1": (best or {}).get("top1", last["top1"]),
              "best_step": best_step if best_step is not None else total_steps}
   writer.flush()
