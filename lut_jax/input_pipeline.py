@@ -26,7 +26,7 @@ This module imports TensorFlow (tf.data); the model/training core must not impor
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
@@ -169,6 +169,56 @@ class PretrainIterator:
     return batch
 
 
+def epoch_steps(source: datasets.DataSource, process_count: int, local_batch: int) -> int:
+  """Batches per epoch, the same on every process (from the smallest share)."""
+  steps = (source.num_examples // process_count) // local_batch
+  if steps == 0:
+    raise ValueError(f"{source.name} split {source.split!r} has {source.num_examples} "
+                     f"examples, fewer than one batch of {local_batch * process_count}")
+  return steps
+
+
+def epoch_batches(share: datasets.Share, make_example: Callable[..., dict[str, tf.Tensor]],
+                  input_config, *, seed: int, steps_per_epoch: int, local_batch: int,
+                  start_step: int) -> tf.data.Dataset:
+  """``make_example(epoch, element)`` over this process's share, batched, forever, from
+  ``start_step`` on: each epoch's order is a function of ``(seed, epoch)`` and holds
+  exactly ``steps_per_epoch`` batches, so the batch at a step never depends on where the run
+  started. Shared by pre-training and fine-tuning."""
+  per_epoch = steps_per_epoch * local_batch
+  start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+  skip = step_in_epoch * local_batch
+  parallel = input_config.get("num_parallel_calls", -1)
+  parallel = tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
+  shuffle_buffer = max(1, min(input_config.get("shuffle_buffer", 10_000), share.num_examples))
+
+  def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
+    key = epoch_key(seed, epoch)
+    first = tf.where(epoch == start_epoch, tf.constant(skip, tf.int64),
+                     tf.constant(0, tf.int64))
+    if share.random_access:
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(share.num_examples, dtype=tf.int64), key)
+      ds = tf.data.Dataset.from_tensor_slices(order[first:per_epoch])
+    else:
+      ds = share.read().shuffle(shuffle_buffer, seed=key[0], reshuffle_each_iteration=False)
+      ds = ds.take(per_epoch).skip(first)
+    return ds.map(lambda x: (epoch, x))
+
+  def read_and_make(epoch: tf.Tensor, x) -> dict[str, tf.Tensor]:
+    return make_example(epoch, share.read(x) if share.random_access else x)
+
+  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_stream)
+  ds = ds.map(read_and_make, num_parallel_calls=parallel, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True  # the resume guarantee needs the order fixed
+  # One thread per op: parallelism comes from the map's many elements (big_vision does this).
+  options.threading.max_intra_op_parallelism = 1
+  return ds.with_options(options)
+
+
 def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
                              sharding: jax.sharding.NamedSharding | None = None,
                              process_index: int | None = None,
@@ -222,33 +272,10 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
   size, channels = input_config.image_size, input_config.channels
   source = datasets.source_for(input_config)
   share = source.share(index, count)
-  steps = (source.num_examples // count) // local_batch
-  if steps == 0:
-    raise ValueError(f"{source.name} split {source.split!r} has {source.num_examples} "
-                     f"examples, fewer than one batch of {input_config.batch_size}")
-  per_epoch = steps * local_batch
-  start_epoch, step_in_epoch = divmod(start_step, steps)
-  skip = step_in_epoch * local_batch
-  parallel = input_config.get("num_parallel_calls", -1)
-  parallel = tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
-  shuffle_buffer = max(1, min(input_config.get("shuffle_buffer", 10_000), share.num_examples))
+  steps = epoch_steps(source, count, local_batch)
   on_device = bool(input_config.get("device_augment", False))
 
-  def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
-    key = epoch_key(seed, epoch)
-    first = tf.where(epoch == start_epoch, tf.constant(skip, tf.int64),
-                     tf.constant(0, tf.int64))
-    if share.random_access:
-      order = tf.random.experimental.stateless_shuffle(
-          tf.range(share.num_examples, dtype=tf.int64), key)
-      ds = tf.data.Dataset.from_tensor_slices(order[first:per_epoch])
-    else:
-      ds = share.read().shuffle(shuffle_buffer, seed=key[0], reshuffle_each_iteration=False)
-      ds = ds.take(per_epoch).skip(first)
-    return ds.map(lambda x: (epoch, x))
-
-  def make_views(epoch: tf.Tensor, x) -> dict[str, tf.Tensor]:
-    element = share.read(x) if share.random_access else x
+  def make_views(epoch: tf.Tensor, element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = augment.decode(element["image"], channels)
     key = example_key(seed, epoch, element["id"])
     if not two_views:
@@ -266,15 +293,10 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
       out["id"] = element["id"]
     return out
 
-  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_stream)
-  ds = ds.map(make_views, num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True  # the resume guarantee needs the order fixed
-  # One thread per op: parallelism comes from the map's many elements (big_vision does this).
-  options.threading.max_intra_op_parallelism = 1
-  ds = ds.with_options(options)
+  ds = epoch_batches(share, make_views, input_config, seed=seed, steps_per_epoch=steps,
+                     local_batch=local_batch, start_step=start_step)
+  start_epoch, step_in_epoch = divmod(start_step, steps)
+  skip = step_in_epoch * local_batch
 
   logging.info("Pre-training input: %s, split %r: %d examples (%d skipped), process %d/%d "
                "loads %d per step, %d steps per epoch; starting at step %d (epoch %d, "
@@ -291,6 +313,7 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
                                                       device_augment_lib.NUM_PARAMS)}
   else:
     global_shape = {"view1": shape, "view2": shape}
+  global_shape = {k: v for k, v in global_shape.items() if k in ds.element_spec}
   return PretrainIterator(
       ds, source=source, steps_per_epoch=steps, local_batch_size=local_batch,
       global_shape=global_shape, sharding=sharding,

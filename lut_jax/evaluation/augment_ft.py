@@ -311,45 +311,18 @@ def create_finetune_iterator(input_config, augment_config, *, split: str, batch_
   size, channels = input_config.image_size, input_config.channels
   source = datasets.get_source(input_config.dataset, split, input_config.get("data_dir", None))
   share = source.share(index, count)
-  steps = (source.num_examples // count) // local_batch
-  if steps == 0:
-    raise ValueError(f"{source.name} split {split!r} has {source.num_examples} examples, "
-                     f"fewer than one batch of {batch_size}")
-  per_epoch = steps * local_batch
-  start_epoch, step_in_epoch = divmod(start_step, steps)
-  skip = step_in_epoch * local_batch
-  parallel = input_config.get("num_parallel_calls", -1)
-  parallel = tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
-  shuffle_buffer = max(1, min(input_config.get("shuffle_buffer", 10_000), share.num_examples))
+  steps = input_pipeline.epoch_steps(source, count, local_batch)
   ft_seed = seed ^ _SEED_SALT
 
-  def epoch_stream(epoch):
-    key = input_pipeline.epoch_key(ft_seed, epoch)
-    first = tf.where(epoch == start_epoch, tf.constant(skip, tf.int64),
-                     tf.constant(0, tf.int64))
-    if share.random_access:
-      order = tf.random.experimental.stateless_shuffle(
-          tf.range(share.num_examples, dtype=tf.int64), key)
-      ds = tf.data.Dataset.from_tensor_slices(order[first:per_epoch])
-    else:
-      ds = share.read().shuffle(shuffle_buffer, seed=key[0], reshuffle_each_iteration=False)
-      ds = ds.take(per_epoch).skip(first)
-    return ds.map(lambda x: (epoch, x))
-
-  def make_view(epoch, x):
-    element = share.read(x) if share.random_access else x
+  def make_view(epoch, element):
     image = augment.decode(element["image"], channels)
     key = input_pipeline.example_key(ft_seed, epoch, element["id"])
     return {"image": train_view(image, key, size, augment_config),
             "label": tf.cast(element["label"], tf.int32)}
 
-  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_stream)
-  ds = ds.map(make_view, num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  ds = ds.with_options(options)
+  ds = input_pipeline.epoch_batches(share, make_view, input_config, seed=ft_seed,
+                                    steps_per_epoch=steps, local_batch=local_batch,
+                                    start_step=start_step)
   return input_pipeline.PretrainIterator(
       ds, source=source, steps_per_epoch=steps, local_batch_size=local_batch,
       global_shape={"image": (batch_size, size, size, channels), "label": (batch_size,)},
