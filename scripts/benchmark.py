@@ -42,6 +42,8 @@ from typing import Any, Optional
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_common
+import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Dense peak FLOP/s per chip, from the vendors' data sheets: (device-kind substring, dtype).
 # float32 on NVIDIA means TF32 tensor cores (JAX's default matmul precision on GPU).
@@ -54,17 +56,6 @@ PEAK_FLOPS: list[tuple[str, str, float]] = [
     ("A100", "bfloat16", 312e12), ("A100", "float32", 156e12),
 ]
 ATTENTION = {"xla": "xla", "cudnn": "cudnn", "auto": ""}  # "" = jax picks
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def versions() -> dict[str, str]:
@@ -94,16 +85,6 @@ def load_config_module(path: str):
   return module
 
 
-def parse_value(text: str) -> Any:
-  """``--override`` values: int, float, bool, or the string itself."""
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def make_config(args: argparse.Namespace, method: str, batch: int):
   """The pre-training config of ``args.config`` with the benchmark's overrides applied."""
   from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
@@ -125,13 +106,7 @@ def make_config(args: argparse.Namespace, method: str, batch: int):
   # without the data set's size.
   config.total_steps = 100_000
   config.optim.warmup_steps = 1_000
-  for item in args.override:
-    key, _, value = item.partition("=")
-    node = config
-    *parents, leaf = key.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = parse_value(value)
+  bench_common.apply_overrides(config, args.override)
   config_lib.validate(config)
   return config.lock()
 
@@ -340,7 +315,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
   env = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "platform": dev.platform, "device_kind": dev.device_kind,
-      "num_devices": jax.device_count(), "cpu_model": cpu_model(),
+      "num_devices": jax.device_count(), "cpu_model": bench_common.cpu_model(),
       "cpu_cores": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
       "hostname": platform.node(), "versions": versions(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -435,7 +410,7 @@ def main(argv=None) -> dict[str, Any]:
   # needs more, so each method's reported peak is then its own.
   methods = ("mae", "lut") if args.method == "both" else (args.method,)
   env = environment(args) if args.framework != "torch" else {
-      "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu_model": cpu_model(),
+      "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu_model": bench_common.cpu_model(),
       "cpu_cores": os.cpu_count()}
   print(json.dumps({k: v for k, v in env.items() if k != "versions"}, default=str), flush=True)
   print(json.dumps(env.get("versions", {})), flush=True)

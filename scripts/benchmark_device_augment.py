@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import benchmark_pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
+import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 GPU_IMAGES_PER_S = benchmark_pipeline.GPU_IMAGES_PER_S
 HBM_TB_S = 3.35  # H100 SXM HBM3 bandwidth, for the memory-bound estimate of finish_batch
@@ -123,7 +124,7 @@ def main() -> None:
   cores = sorted(os.sched_getaffinity(0))
   header = {
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      "cpu": benchmark_pipeline.cpu_model(), "cores": len(cores),
+      "cpu": bench_common.cpu_model(), "cores": len(cores),
       "python": platform.python_version(), "loadavg_1m_start": os.getloadavg()[0]}
   print(json.dumps(header))
   results = {"machine": header, "rows": []}
@@ -165,12 +166,7 @@ def main() -> None:
                 f"{result['images_per_cpu_s']:7.1f} img per CPU-s -> "
                 f"{result['cores_per_gpu']:5.1f} cores per H100 at {GPU_IMAGES_PER_S:.0f} "
                 f"img/s; {result['bytes_per_image'] / 1024:.0f} KiB per image to the device")
-  results["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
-  print(f"load average (1 min): {header['loadavg_1m_start']:.2f} at start, "
-        f"{results['machine']['loadavg_1m_end']:.2f} at end")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  bench_common.finish(results, header["loadavg_1m_start"], args.json)
 
 
 if __name__ == "__main__":

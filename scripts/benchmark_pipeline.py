@@ -34,20 +34,11 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_common
+import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top
 GPU_IMAGES_PER_S = 3500.0  # ViT-B/16 LUT target step rate on one H100 (images/s)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
           "hubble_deep_field", "retina", "cat", "colorwheel", "camera")
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def make_jpeg_folder(root: str, num_files: int, seed: int = 0) -> float:
@@ -165,7 +156,7 @@ def main() -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   header = {
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      "cpu": cpu_model(), "cores": len(cores), "os_cpu_count": os.cpu_count(),
+      "cpu": bench_common.cpu_model(), "cores": len(cores), "os_cpu_count": os.cpu_count(),
       "tensorflow": tf.__version__, "python": platform.python_version(),
       # Other work on the machine slows every row: report the load next to the numbers.
       "loadavg_1m_start": os.getloadavg()[0],
@@ -201,12 +192,7 @@ def main() -> None:
               f"{result['cores_per_gpu']:5.1f} cores per H100 at {GPU_IMAGES_PER_S:.0f} img/s"
               + (f"; file check {result['validate_images_per_s']:.0f} img/s"
                  if "validate_images_per_s" in result else ""))
-  results["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
-  print(f"load average (1 min): {header['loadavg_1m_start']:.2f} at start, "
-        f"{results['machine']['loadavg_1m_end']:.2f} at end")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  bench_common.finish(results, header["loadavg_1m_start"], args.json)
 
 
 if __name__ == "__main__":

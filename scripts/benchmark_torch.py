@@ -40,6 +40,8 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_common
+import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import torch  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -61,23 +63,7 @@ def load_config(args: argparse.Namespace, method: str):
   if args.image_size:
     config.input.image_size = args.image_size
   config.input.batch_size = args.batch
-  for item in args.override:
-    key, _, value = item.partition("=")
-    node = config
-    *parents, leaf = key.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = _parse_value(value)
-  return config
-
-
-def _parse_value(text: str) -> Any:
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
+  return bench_common.apply_overrides(config, args.override)
 
 
 def make_masks(noise: torch.Tensor, mask_ratio: float, two_views: bool):

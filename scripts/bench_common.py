@@ -1,0 +1,52 @@
+"""Helpers shared by the benchmark scripts: machine description and config overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any, Iterable, Optional
+
+
+def cpu_model() -> str:
+  """The CPU's model name (from /proc/cpuinfo where there is one)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def parse_value(text: str) -> Any:
+  """``--override`` values: int, float, bool, or the string itself."""
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def apply_overrides(config, items: Iterable[str]):
+  """Applies ``key.sub=value`` strings to an (unlocked) ConfigDict, like ``--config.x=y``."""
+  for item in items:
+    key, _, value = item.partition("=")
+    node = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = parse_value(value)
+  return config
+
+
+def finish(results: dict[str, Any], loadavg_start: float, json_path: Optional[str]) -> None:
+  """Records the end load average, prints both, and writes ``results`` as JSON if asked."""
+  results["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
+  print(f"load average (1 min): {loadavg_start:.2f} at start, "
+        f"{results['machine']['loadavg_1m_end']:.2f} at end")
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(results, f, indent=1)
