@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lut_jax import models
+from lut_jax import models, train_state
 
 StateDict = Mapping[str, Any]
 Path = tuple[str, ...]
@@ -101,15 +101,6 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], key: Optional[str] = None) 
   return out
 
 
-def _dummy_inputs(model: models.LUTModel) -> tuple[jax.Array, ...]:
-  """Smallest inputs that touch every variable of ``model`` (shapes only matter)."""
-  images = jnp.zeros((2, model.image_size, model.image_size, model.channels), jnp.float32)
-  keep = jnp.zeros((2, 1), jnp.int32)
-  ids_restore = jnp.broadcast_to(jnp.arange(model.num_patches, dtype=jnp.int32),
-                                 (2, model.num_patches))
-  return images, images, keep, keep, ids_restore
-
-
 @functools.lru_cache(maxsize=32)
 def _variable_shapes(module: nn.Module,
                      channels: int = 3) -> dict[str, dict[Path, jax.ShapeDtypeStruct]]:
@@ -118,7 +109,7 @@ def _variable_shapes(module: nn.Module,
   structure instead of a hand-written copy of it."""
   rng = jax.random.PRNGKey(0)
   if isinstance(module, models.LUTModel):
-    variables = jax.eval_shape(functools.partial(module.init, rng), *_dummy_inputs(module))
+    variables = jax.eval_shape(functools.partial(train_state.init_variables, module), rng)
   elif isinstance(module, models.Encoder):
     images = jnp.zeros((1, module.image_size, module.image_size, channels), jnp.float32)
     variables = jax.eval_shape(functools.partial(module.init, rng), images)

@@ -11,19 +11,9 @@ import pytest
 
 from lut_jax import convert
 from lut_jax import models
-from lut_jax import variants
+from tests import util
 
-IMAGE, BATCH = 16, 2
-
-
-def tiny_model(**overrides) -> models.LUTModel:
-  """"mu/4" encoder at 16 px, a one-block width-32 decoder, 64-wide heads."""
-  spec = variants.parse_variant("mu/4")
-  kwargs = dict(image_size=IMAGE, patch_size=spec.patch_size, width=spec.width,
-                depth=spec.depth, num_heads=spec.num_heads, decoder_width=32, decoder_depth=1,
-                decoder_num_heads=2, head_hidden_dim=64)
-  kwargs.update(overrides)
-  return models.LUTModel(**kwargs)
+IMAGE, BATCH = util.IMAGE_SIZE, 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +47,7 @@ MODELS = {
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_torch_names_round_trip_is_exact(name):
-  model = tiny_model(**MODELS[name])
+  model = util.tiny_model(**MODELS[name])
   params, stats = _init(model)
   state_dict = convert.params_to_torch_state_dict(params, stats, model)
   params2, stats2 = convert.params_from_torch_state_dict(state_dict, model)
@@ -66,7 +56,7 @@ def test_torch_names_round_trip_is_exact(name):
 
 
 def test_reference_names_and_layouts():
-  model = tiny_model()
+  model = util.tiny_model()
   params, stats = _init(model)
   sd = convert.params_to_torch_state_dict(params, stats, model)
   # Sequential indices: Linear(0), BatchNorm(1), ReLU(2), Linear(3).
@@ -79,7 +69,7 @@ def test_reference_names_and_layouts():
   kernel = params["encoder"]["patch_embed"]["proj"]["kernel"]  # (p, p, C, D)
   np.testing.assert_array_equal(sd["patch_embed.proj.weight"][5, 2, 1, 3], kernel[1, 3, 2, 5])
   assert sd["pos_embed"].shape == (1, 17, 32) and sd["decoder_pos_embed"].shape == (1, 17, 32)
-  no_norm = tiny_model(head_norm="none", head_depth=3)
+  no_norm = util.tiny_model(head_norm="none", head_depth=3)
   sd = convert.params_to_torch_state_dict(*_init(no_norm), no_norm)
   # Linear(0), ReLU(1), Linear(2), ReLU(3), Linear(4).
   assert {k for k in sd if k.startswith("head.")} == {"head.0.weight", "head.2.weight",
@@ -87,7 +77,7 @@ def test_reference_names_and_layouts():
 
 
 def test_module_prefix_and_checkpoint_wrappers():
-  model = tiny_model()
+  model = util.tiny_model()
   params, stats = _init(model)
   sd = convert.params_to_torch_state_dict(params, stats, model)
   wrapped = {"model": {"module." + k: v for k, v in sd.items()}, "epoch": 3}
@@ -99,15 +89,15 @@ def test_module_prefix_and_checkpoint_wrappers():
 
 
 def test_mae_checkpoint_needs_a_use_bc_false_model():
-  mae = tiny_model(use_bc=False)
+  mae = util.tiny_model(use_bc=False)
   params, stats = _init(mae)
   assert stats == {}
   sd = convert.params_to_torch_state_dict(params, None, mae)
   assert not any(k.startswith(("head.", "predictor.")) for k in sd)
   with pytest.raises(ValueError, match=r"missing tensors \(12\).*head\.0\.weight"):
-    convert.params_from_torch_state_dict(sd, tiny_model())
+    convert.params_from_torch_state_dict(sd, util.tiny_model())
   # The other way round, the heads are unexpected unless ignored.
-  lut_sd = convert.params_to_torch_state_dict(*_init(tiny_model()), tiny_model())
+  lut_sd = convert.params_to_torch_state_dict(*_init(util.tiny_model()), util.tiny_model())
   with pytest.raises(ValueError, match=r"unexpected tensors.*predictor\.3\.weight"):
     convert.params_from_torch_state_dict(lut_sd, mae)
   params2, _ = convert.params_from_torch_state_dict(lut_sd, mae, ignore_unexpected=True)
@@ -115,7 +105,7 @@ def test_mae_checkpoint_needs_a_use_bc_false_model():
 
 
 def test_errors_list_every_problem_by_torch_name():
-  model = tiny_model()
+  model = util.tiny_model()
   sd = dict(convert.params_to_torch_state_dict(*_init(model), model))
   del sd["blocks.1.attn.qkv.weight"]
   del sd["head.1.running_var"]
@@ -136,7 +126,7 @@ def test_errors_list_every_problem_by_torch_name():
 
 
 def test_pos_embed_is_checked_not_loaded():
-  model = tiny_model()
+  model = util.tiny_model()
   params, stats = _init(model)
   sd = dict(convert.params_to_torch_state_dict(params, stats, model))
   sd["decoder_pos_embed"] = sd["decoder_pos_embed"] + 0.01  # e.g. a learned embedding
@@ -152,7 +142,7 @@ def test_pos_embed_is_checked_not_loaded():
 
 
 def test_encoder_only_loading():
-  model = tiny_model()
+  model = util.tiny_model()
   params, stats = _init(model)
   sd = convert.params_to_torch_state_dict(params, stats, model)
   # From a full LUT checkpoint into the LUT model's encoder, or into a bare Encoder.
@@ -166,7 +156,7 @@ def test_encoder_only_loading():
 
 
 def test_timm_export_round_trip_is_exact():
-  model = tiny_model()
+  model = util.tiny_model()
   params, _ = _init(model)
   timm_sd = convert.encoder_to_timm_state_dict(params["encoder"], image_size=IMAGE)
   assert "pos_embed" in timm_sd and not any(k.startswith("decoder") for k in timm_sd)
@@ -180,7 +170,7 @@ def test_export_loads_strictly_into_torch_reference():
   pytest.importorskip("timm")
   from tests import torch_reference  # pylint: disable=g-import-not-at-top
   for name, overrides in MODELS.items():
-    model = tiny_model(**overrides)
+    model = util.tiny_model(**overrides)
     reference = torch_reference.TorchLUT(
         IMAGE, model.patch_size, 3, model.width, model.depth, model.num_heads,
         model.decoder_width, model.decoder_depth, model.decoder_num_heads,

@@ -23,10 +23,10 @@ from lut_jax import convert  # noqa: E402
 from lut_jax import losses  # noqa: E402
 from lut_jax import masking  # noqa: E402
 from lut_jax import models  # noqa: E402
-from lut_jax import variants  # noqa: E402
+from tests import util  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
-IMAGE, BATCH, MASK_RATIO = 16, 8, 0.75
+IMAGE, BATCH, MASK_RATIO = util.IMAGE_SIZE, 8, 0.75
 W_MAE, W_BC = 1.0, 0.25
 RTOL = 1e-5
 
@@ -43,15 +43,6 @@ def rel_err(ours, theirs) -> float:
 def assert_close(ours, theirs, what: str):
   err = rel_err(ours, theirs)
   assert err < RTOL, f"{what}: relative error {err:.2e}"
-
-
-def tiny_model(**overrides) -> models.LUTModel:
-  spec = variants.parse_variant("mu/4")
-  kwargs = dict(image_size=IMAGE, patch_size=spec.patch_size, width=spec.width,
-                depth=spec.depth, num_heads=spec.num_heads, decoder_width=32, decoder_depth=1,
-                decoder_num_heads=2, head_hidden_dim=64)
-  kwargs.update(overrides)
-  return models.LUTModel(**kwargs)
 
 
 def reference_for(model: models.LUTModel) -> ref.TorchLUT:
@@ -84,7 +75,7 @@ def timm_vit(width, depth, heads, patch):
 
 def test_encoder_matches_timm(data):
   view1, _, _ = data
-  model = tiny_model()
+  model = util.tiny_model()
   vit = timm_vit(model.width, model.depth, model.num_heads, model.patch_size).eval()
   ref.randomize_(vit, torch.Generator().manual_seed(2))
   with torch.no_grad():  # timm learns pos_embed; ours is the fixed table
@@ -98,7 +89,7 @@ def test_encoder_matches_timm(data):
 
 def test_exported_encoder_runs_in_timm(data):
   view1, _, _ = data
-  model = tiny_model()
+  model = util.tiny_model()
   encoder = models.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
   # Random values everywhere (Xavier init would leave biases at 0 and norms at 1).
   shapes = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), nhwc(view1))["params"]
@@ -115,7 +106,7 @@ def test_exported_encoder_runs_in_timm(data):
 
 def test_lut_forward_matches_reference(data):
   view1, view2, noise = data
-  model = tiny_model()
+  model = util.tiny_model()
   student = reference_for(model).train()
   ref.randomize_(student, torch.Generator().manual_seed(5))
   teacher = copy.deepcopy(student)
@@ -168,7 +159,7 @@ def test_lut_forward_matches_reference(data):
 
 def test_mae_forward_matches_reference(data):
   view1, _, noise = data
-  model = tiny_model(use_bc=False)
+  model = util.tiny_model(use_bc=False)
   mae = reference_for(model).train()
   ref.randomize_(mae, torch.Generator().manual_seed(7))
   assert not any(k.startswith(("head", "predictor")) for k in mae.state_dict())

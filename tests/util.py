@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 
 from configs import fashion_mnist
+from lut_jax import models, variants
 
 IMAGE_SIZE = 16
 
@@ -54,3 +55,14 @@ def synthetic_data_fn(batch_size: int, image_size: int = IMAGE_SIZE):
       yield synthetic_batch(step, batch_size, image_size)
       step += 1
   return data_fn
+
+
+def tiny_model(**overrides) -> models.LUTModel:
+  """The ``mu/4`` encoder at 16 px with a one-block, 32-wide decoder and 64-wide heads
+  (the model the parity and conversion tests share)."""
+  spec = variants.parse_variant("mu/4")
+  kwargs = dict(image_size=IMAGE_SIZE, patch_size=spec.patch_size, width=spec.width,
+                depth=spec.depth, num_heads=spec.num_heads, decoder_width=32, decoder_depth=1,
+                decoder_num_heads=2, head_hidden_dim=64)
+  kwargs.update(overrides)
+  return models.LUTModel(**kwargs)
