@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check for one H100/H200 (about 8 minutes): float32 parity tests on the
-# GPU (if torch and timm are there), then the train-step benchmark of ViT-S/16 and ViT-B/16
-# at 224 px, LUT and MAE, bf16, with cuDNN and with XLA attention, then the PyTorch
-# reference step (bf16 autocast) for the ours / PyTorch ratio. Everything goes to
+# GPU (if torch and timm are there), the train-step benchmark of ViT-B/16 and ViT-S/16 at
+# 224 px, LUT and MAE, bf16, with cuDNN attention, the PyTorch reference step (bf16
+# autocast) for the ours / PyTorch ratio, a ViT-L/16 LUT batch-256 fit check with remat,
+# and finally the same benchmarks with XLA attention. Everything goes to
 # $OUT/gpu_results.json and $OUT/gpu_check.log (or /tmp/gpu_check_out/ without $OUT).
 #
 # The GPU machine has jax (CUDA), flax, optax, orbax-checkpoint and chex but no
@@ -21,9 +22,10 @@
 # Knobs (environment): GPU_CHECK_BUDGET_S (default 450: stages that would start later are
 # skipped and say so), BATCH_B16 / BATCH_S16 (global batch, default 256 / 512), STEPS
 # (timed steps per window, default 10), SKIP_PARITY=1, SKIP_TORCH=1. For a dry run of the
-# script's plumbing on a CPU: VARIANT_B16=mu/4 VARIANT_S16=mu/4 IMAGE_SIZE=16 BATCH_B16=8
-# BATCH_S16=8 PARITY_PLATFORM=cpu BENCH_EXTRA="--override=model.decoder_depth=1" (the cuDNN
-# stages then fail, which exercises the error path).
+# script's plumbing on a CPU: VARIANT_B16=mu/4 VARIANT_S16=mu/4 VARIANT_L16=mu/4
+# IMAGE_SIZE=16 BATCH_B16=8 BATCH_S16=8 BATCH_L16=8 PARITY_PLATFORM=cpu
+# BENCH_EXTRA="--override=model.decoder_depth=1" (the cuDNN stages then fail, which
+# exercises the error path).
 # Stages run in priority order (B/16 cuDNN first), each under its own timeout, and every
 # stage's JSON is merged at the end even if later ones failed or were skipped.
 set -uo pipefail
@@ -39,11 +41,15 @@ BATCH_S16=${BATCH_S16:-512}
 STEPS=${STEPS:-10}
 VARIANT_B16=${VARIANT_B16:-B/16}
 VARIANT_S16=${VARIANT_S16:-S/16}
+VARIANT_L16=${VARIANT_L16:-L/16}
+BATCH_L16=${BATCH_L16:-256}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 PARITY_PLATFORM=${PARITY_PLATFORM:-cuda}
 BENCH_EXTRA=${BENCH_EXTRA:-}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
+# JAX preallocates 75% of the GPU by default; the L/16 fit check should see (almost) all.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -116,7 +122,6 @@ bench() {  # bench NAME VARIANT BATCH ATTENTION
 }
 bench b16_cudnn "$VARIANT_B16" "$BATCH_B16" cudnn
 bench s16_cudnn "$VARIANT_S16" "$BATCH_S16" cudnn
-bench b16_xla "$VARIANT_B16" "$BATCH_B16" xla
 
 # 3. The PyTorch reference step (eager, bf16 autocast) at the B/16 shapes.
 if [[ "${SKIP_TORCH:-0}" != 1 ]] && python3 -c "import torch, timm" 2>/dev/null; then
@@ -128,9 +133,17 @@ else
   log "SKIP torch_b16: torch/timm not importable (or SKIP_TORCH=1)"
 fi
 
+# 4. Does ViT-L/16 LUT at global batch 256 fit on the one GPU (with remat)? Two timed steps.
+# shellcheck disable=SC2086
+stage l16_remat 90 150 python3 scripts/benchmark.py --variant="$VARIANT_L16" \
+    --batch="$BATCH_L16" --method=lut --image_size="$IMAGE_SIZE" --dtype=bfloat16 \
+    --attention=auto --remat --steps=2 --warmup=1 --repeats=1 \
+    --json_out="$WORK/bench_l16_remat.json" $BENCH_EXTRA
+
+bench b16_xla "$VARIANT_B16" "$BATCH_B16" xla
 bench s16_xla "$VARIANT_S16" "$BATCH_S16" xla
 
-# 4. Merge everything into one JSON (with the ours / PyTorch ratios where both ran).
+# 5. Merge everything into one JSON (with the ours / PyTorch ratios where both ran).
 python3 - "$WORK" "$OUTDIR/gpu_results.json" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys, xml.etree.ElementTree as ET
 work, out = sys.argv[1], sys.argv[2]
