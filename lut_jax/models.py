@@ -105,6 +105,36 @@ class Mlp(nn.Module):
     return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          implementation: Optional[str] = None) -> jax.Array:
+  """``jax.nn.dot_product_attention`` on ``(B, T, N, H)`` inputs, any length with cuDNN.
+
+  jax's cuDNN path trains only on even sequence lengths (its backward pass rejects odd
+  ones), and ViT sequences are odd: 196 patches + cls = 197 in the MAE decoder and the
+  teacher. With ``implementation='cudnn'`` an odd sequence is therefore padded by one
+  token that padding masks (``query_seq_lengths`` / ``key_value_seq_lengths``) keep out of
+  every softmax; the padded row is dropped again. Other implementations get the inputs
+  unchanged.
+  """
+  length = q.shape[1]
+  if implementation != "cudnn" or length % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  return padded_attention(q, k, v, pad=1, implementation=implementation)
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, pad: int,
+                     implementation: Optional[str]) -> jax.Array:
+  """Attention over ``pad`` extra (zero) tokens that the sequence-length masks hide."""
+  batch, length = q.shape[:2]
+  widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+  lengths = jnp.full((batch,), length, dtype=jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :length]
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one fused ``qkv`` projection (timm layout).
 
@@ -134,7 +164,7 @@ class Attention(nn.Module):
       self.sow("intermediates", "attention", probs)
       out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+      out = dot_product_attention(q, k, v, implementation=self.implementation)
     out = out.reshape(batch, length, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
 

@@ -264,6 +264,16 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
   rec["model_tflops"] = analytic["model_total"] * batch / median / 1e12
   rec["memory"] = device_memory()
   rec["loadavg_end"] = os.getloadavg()[0]
+  if args.profile_dir:  # after the timed windows, so tracing never slows those
+    profile_dir = os.path.join(args.profile_dir, f"{method}_b{batch}")
+    with jax.profiler.trace(profile_dir):
+      for step in range(args.profile_steps):
+        state, metrics = compiled(state, batch_arrays, keys[step % total])
+      jax.block_until_ready((state, metrics))
+    # The optimised HLO names the fusions that the trace's kernels come from.
+    with open(os.path.join(profile_dir, "optimized_hlo.txt"), "w") as f:
+      f.write(compiled.as_text())
+    rec["profile_dir"] = profile_dir
   del state, batch_arrays, metrics, compiled
   gc.collect()
   return rec
@@ -400,6 +410,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--framework", choices=("jax", "torch", "both"), default="jax")
   p.add_argument("--torch_threads", type=int, default=None,
                  help="torch.set_num_threads for the PyTorch run (default: usable cores)")
+  p.add_argument("--profile_dir", default=None,
+                 help="after timing, trace --profile_steps steps with jax.profiler into "
+                      "DIR/<method>_b<batch> (summarise with scripts/trace_summary.py)")
+  p.add_argument("--profile_steps", type=int, default=3)
   p.add_argument("--json_out", default=None, help="write all results here as JSON")
   return p.parse_args(argv)
 
