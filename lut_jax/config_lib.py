@@ -58,7 +58,8 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.model.head_norm = "batch"
   c.model.head_activation = "relu"
   c.model.remat = False
-  c.model.attention_impl = ""  # "", "xla" or "cudnn" (fused attention on NVIDIA GPUs)
+  # "" = cuDNN flash attention on NVIDIA GPUs in bf16, else XLA's; or "xla" / "cudnn".
+  c.model.attention_impl = ""
 
   c.loss = ml_collections.ConfigDict()
   c.loss.mask_ratio = 0.75

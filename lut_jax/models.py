@@ -91,6 +91,19 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, ``x * Phi(x)`` with the erf (as ``torch.nn.GELU()``), in float32.
+
+  Written with ``erf`` rather than ``jax.nn.gelu(approximate=False)``, whose ``erfc``
+  XLA expands into exponentials and branches (``erf`` is one native op with a cheap
+  polynomial): on an H100 that erfc form made the teacher's MLP activation alone ~11% of a
+  ViT-B/16 LUT step. float32 inside, as torch evaluates GELU under autocast; the result
+  comes back in ``x``'s dtype.
+  """
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2))))).astype(x.dtype)
+
+
 class Mlp(nn.Module):
   """Transformer MLP: fc1 -> GELU (exact erf form, as torch.nn.GELU) -> fc2."""
 
@@ -101,38 +114,42 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dim = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
+def attention_padding(length: int, implementation: Optional[str]) -> int:
+  """How many tokens to append so ``implementation`` can train on ``length`` tokens.
+
+  jax's cuDNN path trains only on even sequence lengths (its backward rejects odd ones),
+  and ViT sequences are odd: 196 patches + cls = 197 in the MAE decoder and the teacher.
+  """
+  return 1 if implementation == "cudnn" and length % 2 else 0
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          valid_length: Optional[int] = None,
                           implementation: Optional[str] = None) -> jax.Array:
   """``jax.nn.dot_product_attention`` on ``(B, T, N, H)`` inputs, any length with cuDNN.
 
-  jax's cuDNN path trains only on even sequence lengths (its backward pass rejects odd
-  ones), and ViT sequences are odd: 196 patches + cls = 197 in the MAE decoder and the
-  teacher. With ``implementation='cudnn'`` an odd sequence is therefore padded by one
-  token that padding masks (``query_seq_lengths`` / ``key_value_seq_lengths``) keep out of
-  every softmax; the padded row is dropped again. Other implementations get the inputs
-  unchanged.
+  ``valid_length < T`` marks the last tokens as padding: sequence-length masks keep them
+  out of every softmax (their own outputs are meaningless). Without it, an odd sequence
+  under cuDNN is padded here, for this call only; the block stacks pad once instead
+  (``apply_blocks``), which saves a pad and a slice of q, k, v per layer.
   """
-  length = q.shape[1]
-  if implementation != "cudnn" or length % 2 == 0:
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-  return padded_attention(q, k, v, pad=1, implementation=implementation)
-
-
-def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, pad: int,
-                     implementation: Optional[str]) -> jax.Array:
-  """Attention over ``pad`` extra (zero) tokens that the sequence-length masks hide."""
   batch, length = q.shape[:2]
-  widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-  q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
-  lengths = jnp.full((batch,), length, dtype=jnp.int32)
-  out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
-                                     key_value_seq_lengths=lengths,
-                                     implementation=implementation)
-  return out[:, :length]
+  if valid_length is None:
+    pad = attention_padding(length, implementation)
+    if not pad:
+      return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    return dot_product_attention(q, k, v, valid_length=length,
+                                 implementation=implementation)[:, :length]
+  lengths = jnp.full((batch,), valid_length, dtype=jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                      key_value_seq_lengths=lengths,
+                                      implementation=implementation)
 
 
 class Attention(nn.Module):
@@ -150,7 +167,8 @@ class Attention(nn.Module):
   implementation: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid_length: Optional[int] = None) -> jax.Array:
+    """``valid_length``: the tokens after it are padding (see ``dot_product_attention``)."""
     batch, length, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -160,11 +178,14 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H) each
     if self.is_mutable_collection("intermediates"):
       logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / np.sqrt(head_dim)
+      if valid_length is not None:
+        logits = jnp.where(jnp.arange(length) < valid_length, logits, -jnp.inf)
       probs = jax.nn.softmax(logits, axis=-1)
       self.sow("intermediates", "attention", probs)
       out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
     else:
-      out = dot_product_attention(q, k, v, implementation=self.implementation)
+      out = dot_product_attention(q, k, v, valid_length=valid_length,
+                                  implementation=self.implementation)
     out = out.reshape(batch, length, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
 
@@ -194,11 +215,12 @@ class Block(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               valid_length: Optional[int] = None) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
     drop = DropPath(self.drop_path)
     y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
-                  name="attn")(norm(name="norm1")(x))
+                  name="attn")(norm(name="norm1")(x), valid_length)
     x = x + drop(y, deterministic=deterministic)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
     return x + drop(y, deterministic=deterministic)
@@ -208,10 +230,25 @@ def block_stack(num_blocks: int, prefix: str, *, remat: bool,
                 drop_path: Optional[Sequence[float]] = None, **block_kwargs) -> list[nn.Module]:
   """``num_blocks`` blocks named ``{prefix}_{i}``; rematerialised (activations recomputed
   in the backward pass, trading compute for memory) when ``remat``."""
-  block_cls = nn.remat(Block, static_argnums=(2,)) if remat else Block
+  block_cls = nn.remat(Block, static_argnums=(2, 3)) if remat else Block
   rates = list(drop_path) if drop_path is not None else [0.0] * num_blocks
   return [block_cls(drop_path=rates[i], name=f"{prefix}_{i}", **block_kwargs)
           for i in range(num_blocks)]
+
+
+def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool, *,
+                 attention_impl: Optional[str]) -> jax.Array:
+  """Runs ``blocks`` on ``(batch, tokens, width)``. Where the attention kernel needs an
+  even length (cuDNN), the sequence is padded once for the whole stack and the padding
+  token is masked out of every attention, instead of padding q, k and v in every layer
+  (on an H100 those per-layer pads and slices took ~4% of a ViT-B/16 LUT step)."""
+  length = x.shape[1]
+  pad = attention_padding(length, attention_impl)
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+  for block in blocks:
+    x = block(x, deterministic, length if pad else None)
+  return x[:, :length] if pad else x
 
 
 class PatchEmbed(nn.Module):
@@ -268,10 +305,10 @@ class Encoder(nn.Module):
     cls = jnp.broadcast_to(cls_token + pos_embed[:1], (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
-    for block in block_stack(self.depth, "blocks", remat=self.remat, drop_path=rates,
-                             num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                             dtype=self.dtype, attention_impl=self.attention_impl):
-      x = block(x, deterministic)
+    blocks = block_stack(self.depth, "blocks", remat=self.remat, drop_path=rates,
+                         num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                         dtype=self.dtype, attention_impl=self.attention_impl)
+    x = apply_blocks(blocks, x, deterministic, attention_impl=self.attention_impl)
     if not self.final_norm:
       return x
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
@@ -305,10 +342,10 @@ class Decoder(nn.Module):
     patches = jnp.take_along_axis(patches, ids_restore[:, :, None], axis=1)  # unshuffle
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid))
-    for block in block_stack(self.depth, "decoder_blocks", remat=self.remat,
-                             num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                             dtype=self.dtype, attention_impl=self.attention_impl):
-      x = block(x, True)
+    blocks = block_stack(self.depth, "decoder_blocks", remat=self.remat,
+                         num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                         dtype=self.dtype, attention_impl=self.attention_impl)
+    x = apply_blocks(blocks, x, True, attention_impl=self.attention_impl)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="decoder_norm")(x)
     x = nn.Dense(self.patch_size ** 2 * self.channels, dtype=self.dtype, kernel_init=dense_init,
                  name="decoder_pred")(x)
@@ -317,7 +354,7 @@ class Decoder(nn.Module):
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
-    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu": gelu,
 }
 HEAD_NORMS = ("batch", "layer", "none")
 
@@ -448,6 +485,20 @@ class LUTModel(nn.Module):
     return z[:batch], z[batch:]
 
 
+def default_attention_impl(dtype: Dtype) -> Optional[str]:
+  """The attention kernel when the config leaves ``model.attention_impl`` empty.
+
+  cuDNN's flash attention on NVIDIA GPUs in bf16 (on an H100 it made the ViT-B/16 LUT step
+  1.34x and the MAE step 1.48x faster than XLA's attention; docs/benchmarks.md); XLA's
+  everywhere else (CPU, TPU, ROCm, float32, where cuDNN has no kernel).
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return None
+  device = jax.devices()[0]
+  cuda = device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+  return "cudnn" if cuda else None
+
+
 def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bool,
                 dtype: Dtype = jnp.float32) -> LUTModel:
   """Builds :class:`LUTModel` from a ``config.model`` block, validating every choice.
@@ -469,7 +520,7 @@ def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bo
   if head_act not in ACTIVATIONS:
     raise ValueError(f"unknown model.head_activation {head_act!r}; "
                      f"expected one of {tuple(ACTIVATIONS)}")
-  impl = get("attention_impl", None) or None
+  impl = get("attention_impl", None) or default_attention_impl(dtype)
   if impl not in (None, "xla", "cudnn"):
     raise ValueError(f"unknown model.attention_impl {impl!r}; expected '', 'xla' or 'cudnn'")
   if impl == "cudnn" and jnp.dtype(dtype) == jnp.float32:

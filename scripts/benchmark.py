@@ -55,7 +55,7 @@ PEAK_FLOPS: list[tuple[str, str, float]] = [
     ("GH200", "bfloat16", 989e12), ("GH200", "float32", 494.5e12),
     ("A100", "bfloat16", 312e12), ("A100", "float32", 156e12),
 ]
-ATTENTION = {"xla": "xla", "cudnn": "cudnn", "auto": ""}  # "" = jax picks
+ATTENTION = {"xla": "xla", "cudnn": "cudnn", "auto": ""}  # "" = models.default_attention_impl
 
 
 def versions() -> dict[str, str]:
@@ -183,7 +183,7 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
       "framework": "jax", "method": method, "config": args.config,
       "variant": config.model.variant, "image_size": config.input.image_size,
       "batch": batch, "dtype": config.dtype,
-      "attention": config.model.attention_impl or "auto", "remat": bool(config.model.remat),
+      "attention": model.attention_impl or "xla", "remat": bool(config.model.remat),
       "fsdp": int(config.mesh.fsdp), "mesh": dict(mesh.shape),
       "num_params": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
       "loadavg_start": os.getloadavg()[0],

@@ -1,10 +1,15 @@
 """The attention wrapper: padding odd sequences for cuDNN must not change the result."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from lut_jax import models
+from lut_jax import models, train_state
+from tests import util
 
 
 def numpy_attention(q, k, v):
@@ -22,32 +27,36 @@ def random_qkv(length, seed=0):
   return tuple(jax.random.normal(key, (2, length, 3, 8)) for key in keys)
 
 
-def test_padded_attention_matches_numpy_for_odd_lengths():
+def test_valid_length_masks_the_padding():
+  """Tokens past ``valid_length`` change nothing in the valid rows (numpy reference)."""
   q, k, v = random_qkv(7)
-  for pad in (1, 3):
-    out = models.padded_attention(q, k, v, pad=pad, implementation="xla")
-    assert out.shape == q.shape
-    np.testing.assert_allclose(out, numpy_attention(q, k, v), rtol=1e-5, atol=1e-6)
+  noise = random_qkv(3, seed=5)
+  padded = [jnp.concatenate([t, n], axis=1) for t, n in zip((q, k, v), noise)]
+  out = models.dot_product_attention(*padded, valid_length=7, implementation="xla")
+  assert out.shape == padded[0].shape
+  np.testing.assert_allclose(out[:, :7], numpy_attention(q, k, v), rtol=1e-5, atol=1e-6)
 
 
-def test_padded_attention_gradients_match_unpadded():
-  """The padded token gets no gradient and changes none of the real tokens' gradients."""
+def test_per_call_padding_matches_numpy_and_unpadded_gradients(monkeypatch):
+  """The per-call pad (forced here for XLA on an odd length) keeps values and gradients."""
+  monkeypatch.setattr(models, "attention_padding", lambda length, impl: length % 2)
   q, k, v = random_qkv(5, seed=1)
   weights = jax.random.normal(jax.random.key(9), q.shape)
+  padded_attention = functools.partial(models.dot_product_attention, implementation="xla")
+  np.testing.assert_allclose(padded_attention(q, k, v), numpy_attention(q, k, v),
+                             rtol=1e-5, atol=1e-6)
 
   def loss(attention, q, k, v):
     return jnp.sum(attention(q, k, v) * weights)
 
-  plain = jax.grad(lambda *a: loss(jax.nn.dot_product_attention, *a), argnums=(0, 1, 2))
-  padded = jax.grad(
-      lambda *a: loss(lambda q, k, v: models.padded_attention(
-          q, k, v, pad=1, implementation="xla"), *a), argnums=(0, 1, 2))
-  for got, want in zip(padded(q, k, v), plain(q, k, v)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  want = jax.grad(functools.partial(loss, jax.nn.dot_product_attention), argnums=(0, 1, 2))
+  got = jax.grad(functools.partial(loss, padded_attention), argnums=(0, 1, 2))
+  for g, w in zip(got(q, k, v), want(q, k, v)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_wrapper_pads_only_odd_cudnn_sequences(monkeypatch):
-  """cuDNN requests with odd lengths go through the padded path; the rest go straight."""
+  """cuDNN requests with odd lengths get one padding token; the rest go straight."""
   calls = []
 
   def fake_attention(q, k, v, *, implementation=None, **kwargs):
@@ -62,3 +71,66 @@ def test_wrapper_pads_only_odd_cudnn_sequences(monkeypatch):
   assert calls == [
       (8, "cudnn", ["key_value_seq_lengths", "query_seq_lengths"]),
       (8, "cudnn", []), (7, "xla", []), (7, None, [])]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_stack_padding_keeps_encoder_and_decoder_outputs_and_gradients(monkeypatch, remat):
+  """Padding once per block stack (as cuDNN needs, forced here for XLA) changes neither
+  the student/teacher encoders and decoder nor their parameter gradients."""
+  model = util.tiny_model(remat=remat)
+  images = jax.random.normal(jax.random.key(0), (2, util.IMAGE_SIZE, util.IMAGE_SIZE, 3))
+  keep = jnp.array([[0, 5, 9, 14], [3, 4, 8, 15]])  # 1 + 4 tokens: odd, as is 1 + 16
+  restore = jnp.tile(jnp.arange(16), (2, 1))
+  variables = train_state.init_variables(model, jax.random.key(1))
+
+  def outputs(params):
+    v = {**variables, "params": params}
+    full = model.apply(v, images, None, method=lambda m, *a: m.encoder(*a))
+    latent = model.apply(v, images, keep, method=lambda m, *a: m.encoder(*a))
+    pred = model.apply(v, latent, restore, method=lambda m, *a: m.decoder(*a))
+    return full, latent, pred
+
+  def loss(params):
+    return sum(jnp.sum(jnp.sin(o)) for o in outputs(params))
+
+  want, want_grad = outputs(variables["params"]), jax.grad(loss)(variables["params"])
+  monkeypatch.setattr(models, "attention_padding", lambda length, impl: length % 2)
+  got, got_grad = outputs(variables["params"]), jax.grad(loss)(variables["params"])
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  # Float32 sums in another order (one more token per reduction): ~1e-6 apart.
+  chex.assert_trees_all_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+class _FakeClient:
+  def __init__(self, platform_version):
+    self.platform_version = platform_version
+
+
+class _FakeDevice:
+  def __init__(self, platform, platform_version):
+    self.platform, self.client = platform, _FakeClient(platform_version)
+
+
+@pytest.mark.parametrize("platform, version, dtype, expected", [
+    ("gpu", "cuda 12080", jnp.bfloat16, "cudnn"),
+    ("gpu", "cuda 12080", jnp.float32, None),   # cuDNN has no float32 kernel
+    ("gpu", "rocm 6.2", jnp.bfloat16, None),    # AMD GPU: no cuDNN
+    ("tpu", "PJRT C API", jnp.bfloat16, None),
+    ("cpu", "cpu", jnp.bfloat16, None),
+])
+def test_default_attention_impl(monkeypatch, platform, version, dtype, expected):
+  monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(platform, version)])
+  assert models.default_attention_impl(dtype) == expected
+
+
+def test_build_model_resolves_the_empty_attention_impl_on_this_machine():
+  from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.model.variant = "mu/4"
+  model = models.build_model(config.model, image_size=16, channels=3, use_bc=True,
+                             dtype=jnp.bfloat16)
+  assert model.attention_impl is None  # the test machines are CPUs: XLA's attention
+  config.model.attention_impl = "xla"
+  assert models.build_model(config.model, image_size=16, channels=3, use_bc=True,
+                            dtype=jnp.bfloat16).attention_impl == "xla"
