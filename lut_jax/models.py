@@ -202,7 +202,8 @@ class Attention(nn.Module):
       if valid_length is not None:
         logits = jnp.where(jnp.arange(length) < valid_length, logits, -jnp.inf)
       probs = jax.nn.softmax(logits, axis=-1)
-      self.sow("intermediates", "attention", probs)
+      valid = length if valid_length is None else valid_length
+      self.sow("intermediates", "attention", probs[:, :, :valid, :valid])  # no padding rows
       out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
     else:
       out = dot_product_attention(q, k, v, valid_length=valid_length,

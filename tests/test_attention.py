@@ -134,3 +134,24 @@ def test_build_model_resolves_the_empty_attention_impl_on_this_machine():
   config.model.attention_impl = "xla"
   assert models.build_model(config.model, image_size=16, channels=3, use_bc=True,
                             dtype=jnp.bfloat16).attention_impl == "xla"
+
+
+def test_sown_attention_maps_leave_the_stack_padding_out(monkeypatch):
+  """The analysis path (``intermediates`` mutable) reports maps over the real tokens only,
+  equal to the unpadded ones, when the stack pads for cuDNN (forced here for XLA)."""
+  model = util.tiny_model()
+  variables = train_state.init_variables(model, jax.random.key(1))
+  images = jax.random.normal(jax.random.key(0), (2, util.IMAGE_SIZE, util.IMAGE_SIZE, 3))
+
+  def maps():
+    _, state = model.apply(variables, images, mutable=["intermediates"],
+                           method=lambda m, x: m.encoder(x))
+    return jax.tree.leaves(state["intermediates"])
+
+  want = maps()
+  monkeypatch.setattr(models, "attention_padding", lambda length, impl: length % 2)
+  got = maps()
+  assert len(got) == len(want) == model.depth
+  for g, w in zip(got, want):
+    assert g.shape == w.shape == (2, model.num_heads, 17, 17)
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
