@@ -1,11 +1,13 @@
-"""Helpers shared by the benchmark scripts: machine description and config overrides."""
+"""Helpers shared by the benchmark scripts: machine description, config overrides and
+pinned child processes."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-from typing import Any, Iterable, Optional
+import subprocess
+from typing import Any, Iterable, Optional, Sequence
 
 
 def cpu_model() -> str:
@@ -50,3 +52,21 @@ def finish(results: dict[str, Any], loadavg_start: float, json_path: Optional[st
   if json_path:
     with open(json_path, "w") as f:
       json.dump(results, f, indent=1)
+
+
+def run_pinned_child(cmd: Sequence[str], cores: Sequence[int], n: int,
+                     label: str) -> Optional[dict[str, Any]]:
+  """Runs ``cmd`` pinned to the first ``n`` of ``cores`` and returns the JSON of its last
+  ``RESULT {...}`` line, with ``"cores": n`` added; ``None`` (after printing the child's
+  stderr) when it failed. Pinning happens before the child starts, so TensorFlow's and
+  XLA's thread pools size themselves to ``n`` cores."""
+  pin = lambda: os.sched_setaffinity(0, cores[:n])  # noqa: E731
+  proc = subprocess.run(list(cmd), capture_output=True, text=True, preexec_fn=pin,
+                        check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]  # noqa: E741
+  if proc.returncode or not lines:
+    print(f"{label} on {n} cores failed:\n{proc.stderr[-3000:]}")
+    return None
+  result = json.loads(lines[-1][len("RESULT "):])
+  result["cores"] = n
+  return result

@@ -27,7 +27,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -140,15 +139,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, f"--child_row={row}", f"--folder={folder}",
                f"--seconds={args.seconds}", f"--batch={args.batch}",
                f"--device_batch={args.device_batch}", f"--device_iters={args.device_iters}"]
-        pin = lambda n=n: os.sched_setaffinity(0, cores[:n])  # noqa: E731
-        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pin,
-                              check=False)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]  # noqa
-        if proc.returncode or not lines:
-          print(f"{row} on {n} cores failed:\n{proc.stderr[-3000:]}")
+        result = bench_common.run_pinned_child(cmd, cores, n, row)
+        if result is None:
           continue
-        result = json.loads(lines[-1][len("RESULT "):])
-        result["cores"] = n
         results["rows"].append(result)
         if row == "finish_batch":
           print(f"finish_batch           {result['backend']} ({result['device']}), "

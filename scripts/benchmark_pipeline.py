@@ -28,7 +28,6 @@ import os
 import pathlib
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -172,16 +171,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, f"--child_row={row}", f"--folder={folder}",
                f"--seconds={args.seconds}", f"--batch_224={args.batch_224}",
                f"--batch_28={args.batch_28}"]
-        # Pin the child before TensorFlow starts so that its thread pools match n cores.
-        pin = lambda n=n: os.sched_setaffinity(0, cores[:n])  # noqa: E731
-        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pin,
-                              check=False)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]  # noqa
-        if proc.returncode or not lines:
-          print(f"{row} on {n} cores failed:\n{proc.stderr[-3000:]}")
+        result = bench_common.run_pinned_child(cmd, cores, n, row)
+        if result is None:
           continue
-        result = json.loads(lines[-1][len("RESULT "):])
-        result["cores"] = n
         result["per_core"] = result["images_per_s"] / n
         result["cores_per_gpu"] = GPU_IMAGES_PER_S / result["images_per_cpu_s"]
         results["rows"].append(result)
