@@ -1,0 +1,143 @@
+"""The errors a user can fix, and how every command-line tool reports them.
+
+A :class:`UserError` is bad input (a config value, a data set, a work directory, a
+checkpoint): the tools print it as one line, ``lut_jax: error: <what>``, plus a hint line
+when there is one, and exit with status 2. Anything else is a bug and keeps its traceback.
+``--debug`` (or ``LUT_JAX_DEBUG=1``) shows the traceback of user errors too.
+
+This module imports only the standard library, so config files, the data modules (which
+never import JAX) and the core can all raise these.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn, Optional, TypeVar
+
+EXIT_USER_ERROR = 2
+DEBUG_ENV = "LUT_JAX_DEBUG"
+
+
+class UserError(Exception):
+  """Input the user must fix. ``hint`` (optional) says how."""
+
+  def __init__(self, message: str, hint: str = ""):
+    super().__init__(message)
+    self.hint = hint
+
+
+class ConfigError(UserError, ValueError):
+  """A configuration value is invalid; the message names the field."""
+
+
+class DataError(UserError, ValueError):
+  """A data set cannot be read as configured (missing, empty, a file gone bad)."""
+
+
+class WorkdirError(UserError):
+  """The work directory cannot be used (locked by another run, not writable, full, a
+  checkpoint that does not match the config)."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Training produced a NaN or infinite value; the state that holds it is never saved."""
+
+
+def describe_os_error(e: OSError, action: str = "") -> str:
+  """One line for an OS error: what failed, on which path, and why in plain words."""
+  where = f" {e.filename}" if e.filename else ""
+  doing = f"{action}: " if action else ""
+  if e.errno == errno.ENOSPC:
+    return f"{doing}no space left on device{where}"
+  if e.errno == errno.EDQUOT:
+    return f"{doing}disk quota exceeded{where}"
+  if e.errno in (errno.EACCES, errno.EPERM):
+    return f"{doing}permission denied:{where}"
+  if e.errno == errno.EROFS:
+    return f"{doing}read-only file system:{where}"
+  if isinstance(e, NotADirectoryError) or e.errno == errno.ENOTDIR:
+    return f"{doing}not a directory (a file is in the way):{where}"
+  if isinstance(e, FileNotFoundError):
+    return f"{doing}{e.strerror or 'not found'}:{where}" if e.strerror else f"{doing}{e}"
+  return f"{doing}{e.strerror or e}{where}"
+
+
+def as_user_error(e: BaseException) -> Optional[UserError]:
+  """``e`` as a :class:`UserError` when it is one the user can fix, else None (a bug)."""
+  if isinstance(e, UserError):
+    return e
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
+                                            errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                                            errno.EISDIR, errno.ENOENT, errno.EEXIST):
+    return UserError(describe_os_error(e))
+  if isinstance(e, FileNotFoundError):  # raised with a message only (no errno)
+    return UserError(str(e))
+  return None
+
+
+def debug_requested(argv: Optional[list[str]] = None) -> bool:
+  argv = sys.argv if argv is None else argv
+  return (os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+          or "--debug=true" in argv or "--verbose" in argv)
+
+
+def exit_with(e: BaseException, prog: str = "lut_jax", *, debug: bool = False) -> NoReturn:
+  """Prints ``e`` as ``prog: error: ...`` (+ hint) on stderr and exits with status 2."""
+  user = as_user_error(e)
+  if user is None or debug:
+    traceback.print_exception(e)
+  message = " ".join(str(user if user is not None else e).split()) or type(e).__name__
+  print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+  hint = getattr(user, "hint", "")
+  if hint:
+    print(f"{prog}: hint: {hint}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR if user is not None else 1)
+
+
+T = TypeVar("T")
+
+
+def reporting_user_errors(fn: Callable[[], T], prog: str = "lut_jax",
+                          argv: Optional[list[str]] = None) -> T:
+  """Runs ``fn()``; a user error becomes one line and exit status 2 (see module doc)."""
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001 - classified in exit_with
+    if as_user_error(e) is None:
+      raise
+    exit_with(e, prog, debug=debug_requested(argv))
+
+
+def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax") -> None:
+  """``absl.app.run(main)`` where bad flags, bad config files and user errors raised by
+  ``main`` all end as one line and exit status 2. Adds a ``--debug`` flag."""
+  from absl import app, flags  # local: the rest of this module needs only the stdlib
+
+  if "debug" not in flags.FLAGS:
+    flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
+
+  def parse_flags(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - flags, config files: all the user's to fix
+      # config_flags raises the config file's own errors (ValueError, KeyError, ...) and
+      # its override errors (a misspelt key is an AttributeError) while parsing.
+      cause = e.__cause__ if isinstance(e, flags.Error) and e.__cause__ else e
+      if isinstance(cause, (flags.Error, ValueError, KeyError, AttributeError, TypeError,
+                            OSError, SyntaxError, ImportError)):
+        exit_with(as_user_error(cause) or ConfigError(_flag_message(cause)), prog,
+                  debug=debug_requested(argv))
+      raise
+
+  app.run(lambda argv: reporting_user_errors(lambda: main(argv), prog, argv),
+          flags_parser=parse_flags)
+
+
+def _flag_message(e: BaseException) -> str:
+  text = str(e).strip().strip('"').strip("'")
+  if isinstance(e, KeyError) or not text:
+    text = f"{type(e).__name__}: {text}"
+  return text
