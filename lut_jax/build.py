@@ -31,9 +31,11 @@ def run_length(config: ml_collections.ConfigDict,
                                  "set optim.warmup_steps")
   else:
     warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
-  if not 0 <= warmup <= total:
-    raise config_lib.ConfigError(f"warmup ({warmup} steps) must not exceed the run "
-                                 f"({total} steps)")
+  if not 0 <= warmup < total:
+    # The cosine needs at least one step after the warmup.
+    raise config_lib.ConfigError(
+        f"the warmup ({warmup} steps) must be shorter than the run ({total} steps)",
+        hint="lower optim.warmup_steps (or optim.warmup_epochs), or raise total_steps")
   return total, warmup
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from lut_jax import errors
+
 METHODS = ("lut", "mae")
 
 
@@ -93,8 +95,7 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the field."""
+ConfigError = errors.ConfigError  # raised by validate(); re-exported for config users
 
 
 DTYPES = ("float32", "bfloat16")
@@ -125,6 +126,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(f"{name} must be positive, got {config[name]}")
   if config.optim.accum_steps < 1:
     fail(f"optim.accum_steps must be >= 1, got {config.optim.accum_steps}")
+  o = config.optim
+  if not o.base_lr > 0:
+    fail(f"optim.base_lr must be > 0, got {o.base_lr}")
+  peak_lr = o.base_lr * config.input.batch_size / 256
+  if not 0 <= o.min_lr <= peak_lr:
+    fail(f"optim.min_lr must be in [0, peak lr {peak_lr:g}], got {o.min_lr}")
+  if not o.weight_decay >= 0:
+    fail(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+  for name in ("b1", "b2"):
+    if not 0 <= o[name] < 1:
+      fail(f"optim.{name} must be in [0, 1), got {o[name]}")
+  if not o.grad_clip_norm >= 0:
+    fail(f"optim.grad_clip_norm must be >= 0 (0 disables clipping), got {o.grad_clip_norm}")
+  if not 0 <= config.ema.momentum <= 1:
+    fail(f"ema.momentum must be in [0, 1], got {config.ema.momentum}")
   try:
     model = models.build_model(config.model, image_size=config.input.image_size,
                                channels=config.input.channels, use_bc=uses_bc(config),

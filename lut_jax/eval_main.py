@@ -16,11 +16,11 @@ probe and fine-tuning restore their latest Orbax checkpoint. Results go to CLU w
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
+
+from lut_jax import errors, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)
@@ -35,7 +35,12 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
   from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
   eval_config.validate(config)
-  config_lib.save_config(config, workdir)  # the analysis tools read the probe's pooling here
+  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    config_lib.save_config(config, workdir)  # the analysis tools read the probe's pooling
+    return _run_mode(config, workdir)
+
+
+def _run_mode(config, workdir: str) -> dict[str, float]:
   if config.mode == "knn":
     from lut_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
     return knn.run_knn(config, workdir)
@@ -51,20 +56,16 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  try:
-    results = evaluate(_CONFIG.value, _WORKDIR.value)
-  except (eval_config.EvalConfigError, FileNotFoundError) as e:
-    sys.exit(f"lut_jax.eval_main: error: {e}")
+  results = evaluate(_CONFIG.value, _WORKDIR.value)
   print({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()})
 
 
 def run() -> None:
   """Console-script entry point (``lut-eval``)."""
-  app.run(main)
+  errors.run_app(main, prog="lut-eval")
 
 
 if __name__ == "__main__":

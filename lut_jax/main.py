@@ -4,7 +4,9 @@ r"""Command-line entry point for LUT / MAE pre-training.
   lut-pretrain --config=configs/pretrain.py:variant=B/16 --workdir=gs://bucket/run \
       --config.input.batch_size=2048
 
-Rerunning the same command resumes from the latest checkpoint in ``--workdir``. Several
+Rerunning the same command resumes from the latest checkpoint in ``--workdir``. Errors the
+user can fix (config, data, workdir) print one line and exit with status 2; ``--debug``
+adds the traceback. Several
 processes (multi-host GPU or TPU): pass ``--distributed`` (cluster auto-detection) or the
 explicit ``--coordinator_address/--num_processes/--process_id``.
 """
@@ -12,13 +14,12 @@ explicit ``--coordinator_address/--num_processes/--process_id``.
 from __future__ import annotations
 
 import logging as py_logging
-import sys
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from lut_jax import config_lib, train
+from lut_jax import errors, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)
@@ -29,6 +30,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for explicit multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+_ADOPT = flags.DEFINE_bool("adopt_checkpoint", False,
+                           "Resume checkpoints that have no config.json beside them (copied "
+                           "by hand) with this config, and save it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,16 +56,12 @@ def main(argv: list[str]) -> None:
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
-    # Bad input is the user's to fix: one clear line, no traceback.
-    sys.exit(f"lut_jax: error: {e}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, adopt_checkpoint=_ADOPT.value)
 
 
 def run() -> None:
   """Console-script entry point (``lut-pretrain``)."""
-  app.run(main)
+  errors.run_app(main)
 
 
 if __name__ == "__main__":

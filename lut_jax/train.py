@@ -13,16 +13,33 @@ from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
-from etils import epath
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from lut_jax import (build, checkpointing, config_lib, image_utils, reconstruction, sharding,
-                     train_state, train_step)
+from lut_jax import (build, checkpointing, config_lib, errors, image_utils, reconstruction,
+                     sharding, train_state, train_step, workdir_lock)
 
 METRIC_NAMES = ("loss", "rec_loss", "bc_loss", "lr", "momentum", "grad_norm")
+
+
+@flax.struct.dataclass
+class FirstNonFiniteStep(clu_metrics.Metric):
+  """The first step of an interval whose new state holds a NaN or an infinity (merged by
+  minimum; ``train_step.ALL_FINITE`` when there is none)."""
+
+  step: jax.Array
+
+  @classmethod
+  def from_model_output(cls, first_nonfinite_step: jax.Array, **_) -> "FirstNonFiniteStep":
+    return cls(step=first_nonfinite_step)
+
+  def merge(self, other: "FirstNonFiniteStep") -> "FirstNonFiniteStep":
+    return type(self)(step=jnp.minimum(self.step, other.step))
+
+  def compute(self) -> jax.Array:
+    return self.step
 
 
 @flax.struct.dataclass
@@ -35,10 +52,7 @@ class TrainMetrics(clu_metrics.Collection):
   lr: clu_metrics.LastValue.from_output("lr")
   momentum: clu_metrics.LastValue.from_output("momentum")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the run stops without saving that state."""
+  first_nonfinite_step: FirstNonFiniteStep
 
 
 class PreemptionGuard:
@@ -89,38 +103,58 @@ def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
     yield finish(batch)
 
 
-# Fields that shape the schedules, the data stream or the model: changing any of them
-# mid-run would silently turn the resumed run into a different one.
-RESUME_FIXED_FIELDS = ("method", "seed", "total_steps", "total_epochs", "input.dataset",
-                       "input.split", "input.image_size", "input.channels", "input.batch_size",
-                       "model", "loss", "ema.momentum", "optim.base_lr", "optim.min_lr",
-                       "optim.warmup_steps", "optim.warmup_epochs", "optim.accum_steps")
+# Fields a resumed run may change: how it logs, saves and lays out the computation, never
+# what it computes. Every other field must equal the saved config.json, else the resumed
+# run would silently be a different run.
+RESUME_MAY_CHANGE = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                     "image_summary_every_steps", "profile_steps", "input.data_dir",
+                     "input.prefetch", "input.num_parallel_calls", "mesh", "model.remat",
+                     "model.attention_impl")
 
 
-def _check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ``ConfigError`` when a resumed run's config differs from the saved one in a
-  field of ``RESUME_FIXED_FIELDS``. Logging and checkpoint intervals may change."""
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"a.b": leaf}`` of a nested dict, in insertion order."""
+  out = {}
+  for key, value in (tree or {}).items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
+                         adopt: bool = False) -> None:
+  """Raises ``ConfigError`` when a resumed run's config differs from the saved one outside
+  ``RESUME_MAY_CHANGE``, or when there is no saved config (unless ``adopt``)."""
   try:
     saved = config_lib.load_config(workdir)
   except FileNotFoundError:
-    return  # a checkpoint without config.json (copied by hand): nothing to compare
-  now = json.loads(config.to_json_best_effort())
-  before = json.loads(saved.to_json_best_effort())
-  changed = []
-  for field in RESUME_FIXED_FIELDS:
-    a, b = now, before
-    for part in field.split("."):
-      a, b = (a or {}).get(part), (b or {}).get(part)
-    if a != b:
-      changed.append(f"{field}: {b!r} -> {a!r}")
+    if adopt:
+      logging.warning("%s has checkpoints but no config.json: adopting them with this "
+                      "config (--adopt_checkpoint).", workdir)
+      return
+    raise errors.WorkdirError(
+        f"{workdir} holds checkpoints but no {config_lib.CONFIG_FILE}, so this config cannot "
+        "be checked against the one they were trained with",
+        hint="pass --adopt_checkpoint if this config is the checkpoints' own (it is then "
+             "saved), or use a new --workdir") from None
+  now = _flat(json.loads(config.to_json_best_effort()))
+  before = _flat(json.loads(saved.to_json_best_effort()))
+  may_change = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)  # noqa: E731
+  changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in {**now, **before}
+             if not may_change(k) and now.get(k) != before.get(k)]
   if changed:
     raise config_lib.ConfigError(
         f"{workdir} holds a run with a different config ({'; '.join(changed)}); resuming "
-        "would not continue that run. Use a new --workdir, or restore the saved values.")
+        "would not continue that run",
+        hint="use a new --workdir, or restore the saved values (see its config.json)")
 
 
-def _num_examples(config: ml_collections.ConfigDict) -> Optional[int]:
-  if config.total_steps > 0 and config.optim.warmup_steps >= 0:
+def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Optional[int]:
+  """Examples in the training split. With real data the source is always built here, so
+  an unknown data set or split is reported before anything is written to the workdir."""
+  if not real_data and config.total_steps > 0 and config.optim.warmup_steps >= 0:
     return None
   from lut_jax import datasets  # local: tfds is only needed to count examples
   return datasets.num_examples(config.input)
@@ -128,19 +162,28 @@ def _num_examples(config: ml_collections.ConfigDict) -> Optional[int]:
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str,
-    data_fn: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None,
+    data_fn: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None, *,
+    adopt_checkpoint: bool = False,
 ) -> train_state.TrainState:
   """Pre-trains (or resumes) in ``workdir``; returns the final state.
 
   ``data_fn(start_step)`` replaces the tf.data pipeline (tests, benchmarks): it returns an
-  iterator over the global batches from ``start_step`` on.
+  iterator over the global batches from ``start_step`` on. ``adopt_checkpoint`` resumes
+  checkpoints that have no ``config.json`` beside them (copied by hand) with ``config``.
   """
+  # Everything that can be checked is checked before the workdir is touched.
   config_lib.validate(config)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local disk or gs://...
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.optim.accum_steps,
                             process_count=jax.process_count())
-  total_steps, warmup_steps = build.run_length(config, _num_examples(config))
+  total_steps, warmup_steps = build.run_length(
+      config, _num_examples(config, real_data=data_fn is None))
+  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir, data_fn, mesh=mesh, total_steps=total_steps,
+                  warmup_steps=warmup_steps, adopt_checkpoint=adopt_checkpoint)
+
+
+def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_checkpoint):
   model, abstract_state, state_shardings, p_step, p_init = build.build_training(
       config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
 
@@ -149,17 +192,22 @@ def train_and_evaluate(
   base_key = jax.random.key(config.seed)
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:
-    _check_resume_config(config, workdir)
-    logging.info("Resuming from %s step %d", ckpt.directory, ckpt.latest_step())
-    state = ckpt.restore(checkpointing.abstract_like(abstract_state, state_shardings))
+    _check_resume_config(config, workdir, adopt=adopt_checkpoint)
+    check_finite = jax.jit(train_step.all_finite)
+    state, step = ckpt.restore_newest_intact(
+        checkpointing.abstract_like(abstract_state, state_shardings),
+        is_valid=lambda s: bool(check_finite(s)))
+    logging.info("Resumed from %s step %d", ckpt.directory, step)
     state = state.replace(tx=abstract_state.tx)
   else:
     state = p_init(init_key)
   start_step = int(jax.device_get(state.step))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  # Written at every start: the checks above allow only RESUME_MAY_CHANGE fields to differ,
+  # and the file must say what the run does now.
+  config_lib.save_config(config, workdir)
   if start_step == 0:
-    config_lib.save_config(config, workdir)
     writer.write_hparams(_flat_hparams(config))
   if config.optim.accum_steps > 1 and config_lib.uses_bc(config) and \
       config.model.head_norm == "batch":
@@ -209,11 +257,17 @@ def train_and_evaluate(
           # Reading the metrics is the loop's only host synchronisation; it also guards
           # every save: a non-finite state is never written over a good checkpoint.
           scalars = {k: float(v) for k, v in acc.compute().items()}
-          if not np.isfinite(scalars["loss"]):
+          first_bad = int(scalars.pop("first_nonfinite_step"))
+          if first_bad != train_step.ALL_FINITE:
             ckpt.wait()
-            raise NonFiniteLossError(
-                f"non-finite loss ({scalars['loss']}) between steps {interval_step + 1} and "
-                f"{done}; last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+            raise errors.NonFiniteError(
+                f"training produced NaN or infinite values at step {first_bad} (loss "
+                f"{scalars['loss']}, grad_norm {scalars['grad_norm']} between steps "
+                f"{interval_step + 1} and {done}); that state was not saved. Last good "
+                f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}",
+                hint="lower optim.base_lr, set optim.grad_clip_norm, or check the data; a "
+                     "rerun resumes from the last good checkpoint")
+          ckpt.check_for_errors()  # a background save that failed stops the run here
           elapsed = max(time.time() - interval_start, 1e-9)
           scalars["images_per_sec"] = (done - interval_step) * config.input.batch_size / elapsed
           writer.write_scalars(done, scalars)

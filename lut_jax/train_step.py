@@ -121,9 +121,26 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, *, model: LUTMod
     new_state = new_state.replace(
         target_params=ema_update(state.target_params, params, tau),
         target_batch_stats=ema_update(state.target_batch_stats, batch_stats, tau))
+  grad_norm = optax.tree.norm(grads)
+  # The loop reads this before every save, so a state holding a NaN or an infinity is
+  # never written. The loss alone is not enough: it is computed before the update, and an
+  # overflow in the optimizer's moments can leave the loss and the gradient finite.
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite(new_state)
   metrics = dict(metrics, lr=jnp.asarray(learning_rate(state.step), jnp.float32),
-                 momentum=tau, grad_norm=optax.tree.norm(grads))
+                 momentum=tau, grad_norm=grad_norm,
+                 first_nonfinite_step=jnp.where(finite, ALL_FINITE, state.step + 1))
   return new_state, metrics
+
+
+# ``first_nonfinite_step`` of a step whose new state is finite (merged by minimum).
+ALL_FINITE = jnp.iinfo(jnp.int32).max
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point leaf of ``tree`` is free of NaN and infinity."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def step_key(base_key: jax.Array, step: jax.Array | int) -> jax.Array:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lut_jax import checkpointing, config_lib, train
+from lut_jax import checkpointing, config_lib, errors, train
 from tests import util
 
 
@@ -76,7 +76,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
       if step == 4:  # the 5th step sees a corrupted batch
         batch = {k: np.full_like(v, np.nan) for k, v in batch.items()}
       yield batch
-  with pytest.raises(train.NonFiniteLossError, match="between steps 5 and 6"):
+  with pytest.raises(errors.NonFiniteError, match="between steps 5 and 6"):
     _run(config, tmp_path, data_fn)
   ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
   assert ckpt.latest_step() == 4

@@ -1,0 +1,206 @@
+"""Bad luck during pre-training: a diverging run, damaged checkpoints, a shared workdir, a
+changed config on resume, a full disk. Each test failed before its fix."""
+
+import errno
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lut_jax import checkpointing, config_lib, errors, train, train_step, workdir_lock
+from tests import util
+
+
+def _run(config, workdir, **kwargs):
+  return train.train_and_evaluate(config, str(workdir),
+                                  data_fn=util.synthetic_data_fn(config.input.batch_size),
+                                  **kwargs)
+
+
+def _raw_steps(workdir):
+  """``{step: raw restored pytree}`` of every checkpoint in ``workdir``."""
+  ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+  try:
+    return {step: ckpt.manager.restore(step) for step in ckpt.all_steps()}
+  finally:
+    ckpt.close()
+
+
+def _finite(tree):
+  return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+# ---------------------------------------------------------------- 1: no poisoned checkpoint
+
+
+def test_all_finite_sees_every_leaf():
+  tree = {"a": jnp.ones(3), "b": {"c": jnp.zeros((2, 2)), "step": jnp.int32(4)}}
+  assert bool(train_step.all_finite(tree))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    poisoned = {**tree, "b": {**tree["b"], "c": tree["b"]["c"].at[1, 0].set(bad)}}
+    assert not bool(train_step.all_finite(poisoned))
+
+
+def test_diverging_run_never_saves_a_non_finite_state(tmp_path):
+  # The user's reproduction: a huge learning rate, a checkpoint every step. The loss is
+  # computed before the update, so it is still finite at the step that poisons the state.
+  config = util.tiny_config(total_steps=12, checkpoint_every_steps=1, log_every_steps=1,
+                            **{"optim.base_lr": 1e6, "optim.warmup_steps": 1})
+  with pytest.raises(errors.NonFiniteError, match=r"at step (\d+)") as info:
+    _run(config, tmp_path)
+  steps = _raw_steps(tmp_path)
+  assert steps, "the steps before the divergence were saved"
+  assert all(_finite(tree) for tree in steps.values())
+  last_good = max(steps)
+  assert f"Last good checkpoint: step {last_good}" in str(info.value)
+  # A rerun resumes from that good step (and, deterministic, diverges at the same step).
+  with pytest.raises(errors.NonFiniteError, match=str(info.value).split(" (")[0]):
+    _run(config, tmp_path)
+  assert all(_finite(tree) for tree in _raw_steps(tmp_path).values())
+
+
+# ------------------------------------------------------------------ 5: the resume check
+
+
+@pytest.mark.parametrize("field,value", [("optim.weight_decay", 0.1), ("optim.b1", 0.8),
+                                         ("optim.b2", 0.999), ("dtype", "bfloat16"),
+                                         ("input.shuffle_buffer", 7),
+                                         ("optim.grad_clip_norm", 1.0)])
+def test_resume_refuses_any_change_outside_the_allow_list(tmp_path, field, value):
+  config = util.tiny_config(total_steps=3)
+  config_lib.save_config(config, str(tmp_path))
+  util.override(config, {field: value})
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.") + ": "):
+    train._check_resume_config(config, str(tmp_path))
+
+
+def test_restart_rewrites_config_json_with_allowed_changes(tmp_path):
+  config = util.tiny_config(total_steps=3)
+  _run(config, tmp_path)
+  config.total_steps = 3
+  config.log_every_steps = 3  # allowed to change
+  _run(config, tmp_path)  # nothing left to train; the start still records the config
+  assert json.loads((tmp_path / "config.json").read_text())["log_every_steps"] == 3
+
+
+def test_checkpoints_without_config_json_need_adoption(tmp_path):
+  config = util.tiny_config(total_steps=3)
+  _run(config, tmp_path)
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(errors.WorkdirError, match="no config.json"):
+    _run(config, tmp_path)
+  state = _run(config, tmp_path, adopt_checkpoint=True)
+  assert int(state.step) == 3
+  assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 3
+
+
+# ------------------------------------------------------- 6: damaged newest checkpoint
+
+
+def _largest_file(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs
+           if f != checkpointing.MANIFEST]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(step_dir):
+  path = _largest_file(step_dir)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_bit(step_dir):
+  path = _largest_file(step_dir)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x10
+  open(path, "wb").write(bytes(data))
+
+
+def _empty_metadata(step_dir):
+  for d, _, fs in os.walk(step_dir):
+    for f in fs:
+      if f == "_METADATA":
+        open(os.path.join(d, f), "w").close()
+
+
+def _remove_item(step_dir):
+  import shutil
+  shutil.rmtree(os.path.join(step_dir, "default"))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bit, _empty_metadata, _remove_item])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+  config = util.tiny_config(total_steps=6, checkpoint_every_steps=3)
+  reference = jax.device_get(_run(config, tmp_path / "ref"))
+  _run(config, tmp_path / "run")
+  step_dir = tmp_path / "run" / "checkpoints" / "6"
+  assert (step_dir / checkpointing.MANIFEST).exists()
+  damage(str(step_dir))
+  resumed = jax.device_get(_run(config, tmp_path / "run"))  # resumes at 3, retrains 4..6
+  np.testing.assert_array_equal(jax.tree.leaves(resumed.params)[0],
+                                jax.tree.leaves(reference.params)[0])
+  names = os.listdir(tmp_path / "run" / "checkpoints")
+  assert any(n.startswith("damaged_6") for n in names), names  # moved aside, not deleted
+  assert "6" in names  # and step 6 saved again
+
+
+def test_no_intact_checkpoint_is_one_error(tmp_path):
+  config = util.tiny_config(total_steps=3, checkpoint_every_steps=3)
+  _run(config, tmp_path)
+  _remove_item(str(tmp_path / "checkpoints" / "3"))
+  with pytest.raises(errors.WorkdirError, match="no checkpoint .* restores: step 3"):
+    _run(config, tmp_path)
+
+
+# ------------------------------------------------------------------ 4: the workdir lock
+
+
+def test_a_live_run_locks_its_workdir(tmp_path):
+  config = util.tiny_config(total_steps=3)
+  with workdir_lock.WorkdirLock(str(tmp_path), "the other run"):
+    with pytest.raises(errors.WorkdirError, match="in use by another run.*the other run"):
+      _run(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+  _run(config, tmp_path)  # released: now it runs
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+
+
+def test_a_dead_runs_lock_is_taken_over(tmp_path):
+  import socket
+  import subprocess
+  pid = subprocess.Popen(["true"]).pid  # a pid that has exited
+  os.waitpid(pid, 0)
+  (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": pid, "command": "old", "started": "then"}))
+  _run(util.tiny_config(total_steps=3), tmp_path)
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+
+
+def test_a_lock_from_another_host_is_respected(tmp_path):
+  (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(
+      {"host": "elsewhere", "pid": 1, "command": "remote run", "started": "then"}))
+  with pytest.raises(errors.WorkdirError, match="pid 1 on elsewhere"):
+    _run(util.tiny_config(total_steps=3), tmp_path)
+
+
+# -------------------------------------------------------------------- 7: a full disk
+
+
+def test_a_failed_save_is_one_error_naming_the_step_and_leaves_no_temp_dir(tmp_path,
+                                                                           monkeypatch):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  tmp_dir = tmp_path / "5.orbax-checkpoint-tmp-123"
+
+  def full_disk(step, args, force):  # noqa: ARG001
+    tmp_dir.mkdir()
+    raise RuntimeError("save failed") from OSError(errno.ENOSPC, "No space left on device",
+                                                   str(tmp_dir / "x"))
+  monkeypatch.setattr(ckpt.manager, "save", full_disk)
+  with pytest.raises(errors.WorkdirError, match="saving checkpoint step 5 .* no space left"):
+    ckpt.save(5, {"a": np.ones(2)})
+  assert not tmp_dir.exists()
+  ckpt.close()
