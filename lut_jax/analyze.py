@@ -1,7 +1,7 @@
 r"""Analyses of pre-trained encoders, as in the LUT paper: attention distance, token
 spectrum, attention / Grad-CAM maps and MAE reconstructions.
 
-  python -m lut_jax.analyze --checkpoint runs/fmnist_lut --checkpoint runs/fmnist_mae \
+  lut-analyze --checkpoint runs/fmnist_lut --checkpoint runs/fmnist_mae \
       --labels LUT,MAE --images fashion_mnist --num_images 64 --out runs/analysis
 
 ``--checkpoint`` takes a pre-training workdir (latest checkpoint; or a
@@ -19,6 +19,9 @@ spectrum, attention / Grad-CAM maps and MAE reconstructions.
   ``lut_jax.evaluation`` or a ``.npz``, one per checkpoint in order; see
   :mod:`lut_jax.analysis.loading`);
 * ``metrics.json``: attention distances per layer/head, spectra and effective ranks.
+
+Bad input (a checkpoint that cannot be read, a wrong option) ends as one line,
+``lut-analyze: error: ...``, with exit status 2; ``--debug`` shows its traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -35,8 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lut_jax import errors
 from lut_jax.analysis import (attention_distance, images as images_lib, loading, maps, plots,
                               reconstruction, spectrum)
+
+
+PROG = "lut-analyze"
+IMAGE_SOURCES = ("fashion_mnist", "skimage")
 
 
 def _say(message: str) -> None:
@@ -48,7 +55,7 @@ def _file_label(label: str) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m lut_jax.analyze",
+  p = argparse.ArgumentParser(prog=PROG,
                               description=__doc__.split("\n\n")[0].strip(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", action="append", required=True,
@@ -85,9 +92,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--num_heads", type=int, default=None,
                  help=".pth: encoder heads (default: the standard ViT of that width)")
   p.add_argument("--decoder_num_heads", type=int, default=16, help=".pth: decoder heads")
+  p.add_argument("--image_size", type=int, default=None,
+                 help=".pth: input image size (default: from the size of pos_embed)")
+  p.add_argument("--debug", action="store_true",
+                 help="show the traceback of input errors too (also LUT_JAX_DEBUG=1)")
   args = p.parse_args(argv)
-  if args.num_images < 1 or args.num_show < 1:
-    p.error("--num_images and --num_show must be positive")
+  if args.num_images < 1 or args.num_show < 1 or args.batch_size < 1:
+    p.error("--num_images, --num_show and --batch_size must be positive")
+  for name in ("num_heads", "decoder_num_heads", "image_size"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      p.error(f"--{name} must be positive")
+  if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:
+    p.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio:g}")
+  if args.images not in IMAGE_SOURCES and not os.path.isdir(args.images):
+    p.error(f"--images {args.images!r}: expected {' or '.join(IMAGE_SOURCES)} or a "
+            "directory of images")
   labels = [s.strip() for s in args.labels.split(",")] if args.labels else []
   if labels and len(labels) != len(args.checkpoint):
     p.error(f"--labels has {len(labels)} names for {len(args.checkpoint)} checkpoints")
@@ -116,8 +135,11 @@ def _batched(fn, params: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
 def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
                   true_labels: Optional[np.ndarray], args: argparse.Namespace,
                   class_names: Optional[Sequence[str]],
-                  probe_path: Optional[str]) -> dict[str, Any]:
-  """Every analysis of one model; writes its per-model figures, returns its metrics."""
+                  probe: Optional[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+  """Every analysis of one model; writes its per-model figures, returns its metrics.
+
+  ``probe`` is ``(path, loading.load_probe(path))`` for Grad-CAM, or None.
+  """
   name = _file_label(m.label)
   x, display = images_lib.prepare(raw, m.image_size, m.channels)
   num_show = min(args.num_show, len(x))
@@ -136,7 +158,7 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
   layer = args.attention_layer % m.encoder.depth
   probs = attn_fn(m.encoder_params, jnp.asarray(x[:num_show]))[layer]
   figures = []
-  for query in maps.parse_queries(args.queries, m.grid_size):
+  for query in _queries(args, m):
     amap = maps.attention_maps(probs, query)
     figures.append(plots.attention_maps(
         display[:num_show], amap,
@@ -156,8 +178,8 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
   else:
     _say(f"{m.label}: no decoder in this checkpoint; skipping reconstructions")
 
-  if probe_path:
-    probe = loading.load_probe(probe_path, pool=args.probe_pool)
+  if probe:
+    probe_path, probe = probe
     block = args.gradcam_block
     if block is None:
       # After the last block, patch tokens no longer reach the cls token: a cls-pooled
@@ -183,29 +205,74 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
   return out
 
 
+def _queries(args: argparse.Namespace, m: loading.LoadedModel) -> list[maps.Query]:
+  try:
+    return maps.parse_queries(args.queries, m.grid_size)
+  except ValueError as e:  # parse_queries raises it for the text alone
+    raise errors.ConfigError(f"--queries: {e} (in {m.label})") from e
+
+
+def _check_options(args: argparse.Namespace, m: loading.LoadedModel) -> None:
+  """Options that depend on the model, checked before any analysis runs (a mistake in
+  them would otherwise surface after minutes, or as a shape error deep in JAX)."""
+  _queries(args, m)
+  depth = m.encoder.depth
+  for flag in ("attention_layer", "gradcam_block"):
+    block = getattr(args, flag)
+    if block is not None and not -depth <= block < depth:
+      raise errors.ConfigError(f"--{flag} {block}: {m.label} has {depth} blocks "
+                               f"(0..{depth - 1}, or -{depth}..-1 from the end)")
+
+
+def _load_probe(path: str, args: argparse.Namespace,
+                m: loading.LoadedModel) -> tuple[str, dict[str, Any]]:
+  probe = loading.load_probe(path, pool=args.probe_pool)
+  kernel, bias = np.shape(probe["kernel"]), np.shape(probe["bias"])
+  if len(kernel) != 2 or kernel[0] != m.encoder.width or bias != kernel[1:]:
+    raise errors.DataError(
+        f"{path}: a probe for {m.label} needs kernel ({m.encoder.width}, classes) and bias "
+        f"(classes,); it has kernel {kernel} and bias {bias}")
+  return path, probe
+
+
+def _make_output_dir(out: str) -> None:
+  try:
+    os.makedirs(out, exist_ok=True)
+  except FileExistsError as e:  # exist_ok covers directories only
+    raise errors.UserError(f"--out {out}: not a directory (a file is in the way)") from e
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  """Loads every checkpoint, analyses it and writes the figures and ``metrics.json``."""
+  """Loads every checkpoint, analyses it and writes the figures and ``metrics.json``.
+
+  Everything the user gave (output directory, checkpoints, probes, model-dependent
+  options) is checked before the first analysis, so bad input fails at once.
+  """
   start = time.time()
-  os.makedirs(args.out, exist_ok=True)
-  raw, true_labels = images_lib.load(args.images, args.num_images)
-  class_names = images_lib.FASHION_MNIST_CLASSES if args.images == "fashion_mnist" else None
+  _make_output_dir(args.out)
   labels = args.labels or [None] * len(args.checkpoint)
   loaded = [loading.load(path, label=label, which=args.which, key=args.torch_key,
-                         num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads)
+                         num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads,
+                         image_size=args.image_size)
             for path, label in zip(args.checkpoint, labels)]
   for m, label in zip(loaded, _unique([m.label for m in loaded])):
     m.label = label
+  for m in loaded:
+    _check_options(args, m)
+  probes = [_load_probe(path, args, m) for path, m in zip(args.probe, loaded)]
   if len({(m.image_size, m.patch_size) for m in loaded}) > 1:
     _say("warning: the checkpoints differ in image or patch size; distances are in pixels "
          "of each model's own input")
   if not args.probe:
     _say("no --probe given; skipping Grad-CAM")
+  raw, true_labels = images_lib.load(args.images, args.num_images)
+  class_names = images_lib.FASHION_MNIST_CLASSES if args.images == "fashion_mnist" else None
 
   results: dict[str, Any] = {}
   for i, m in enumerate(loaded):
     _say(f"{m.label}: {m.kind} {m.source} ({m.encoder.depth} blocks, "
          f"{m.encoder.num_heads} heads, {m.image_size}px/{m.patch_size})")
-    probe = args.probe[i] if i < len(args.probe) else None
+    probe = probes[i] if i < len(probes) else None
     results[m.label] = analyze_model(m, raw, true_labels, args, class_names, probe)
 
   plots.attention_distance(
@@ -233,12 +300,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+  """Console-script entry point (``lut-analyze``)."""
   args = parse_args(argv)
-  try:
-    run(args)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    # Bad input is the user's to fix: one clear line, no traceback.
-    sys.exit(f"lut_jax.analyze: error: {e}")
+  # Only user errors (lut_jax.errors, and OS errors such as a missing file) become one line
+  # with status 2; anything else is a bug and keeps its traceback.
+  errors.reporting_user_errors(lambda: run(args), prog=PROG,
+                               argv=["--debug"] if args.debug else [])
 
 
 if __name__ == "__main__":

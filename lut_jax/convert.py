@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lut_jax import models, train_state
+from lut_jax import errors, models, train_state
 
 StateDict = Mapping[str, Any]
 Path = tuple[str, ...]
@@ -191,9 +191,12 @@ class _Problems:
       lines.append(f"  unexpected tensors ({len(unexpected)}; pass ignore_unexpected=True to "
                    "skip them): " + ", ".join(unexpected))
     if self.values:
-      lines.append("  value mismatches (pass check_pos_embed=False to skip):")
+      lines.append("  value mismatches (a learned position embedding, which our fixed sin-cos "
+                   "one cannot hold; the Python argument check_pos_embed=False drops it):")
       lines += [f"    {s}" for s in self.values]
-    raise ValueError("\n".join(lines))
+    # A DataError (a ValueError): the state_dict does not fit the model, which the user
+    # fixes by choosing another checkpoint or model, and command lines report it as such.
+    raise errors.DataError("\n".join(lines))
 
 
 def _check_pos_embed(name: str, value: np.ndarray, width: int, grid: int,

@@ -11,6 +11,21 @@
   ``/path/<split>/<class>/...`` when a sub-folder named like the split exists. Files that
   cannot be decoded are skipped and counted once, when the source is built.
 
+Symbolic links in a folder (local folders; gs:// has none) never make an example appear
+twice or under another class's label:
+
+* a directory link is followed when it brings in files from outside the data folder (class
+  folders linked in from elsewhere are a common layout), and skipped, with a warning, when
+  it points back into the data folder, contains it, loops (points to a folder it is in), or
+  leads to a folder already listed through another link;
+* a file is read once however many links lead to it: the entry that is not a link wins
+  (it keeps its own folder's label), else the first in listing order; the others are
+  skipped and counted as listed twice.
+
+Building a source logs one summary line (name, split, examples, classes, files skipped);
+everything that stops a source from being built raises ``errors.DataError`` (a
+``ValueError``; ``errors.DataNotFoundError`` is also a ``FileNotFoundError``).
+
 A source hands each process its *share* of the split (disjoint, covering; sizes differ by at
 most one) as elements ``{"image", "label", "id"}``: ``image`` is encoded bytes or a uint8
 HWC array (``augment.decode`` takes both), ``label`` int64 (-1 if the dataset has none), and
@@ -30,11 +45,14 @@ import os
 import time
 import types
 from typing import Callable
+import zlib
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from lut_jax import errors
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -73,10 +91,12 @@ class DataSource:
   Attributes:
     name: the ``config.input.dataset`` string.
     split: the split (tfds syntax; slices like ``train[:90%]`` are accepted everywhere).
-    num_examples: examples in the whole split (after skipping undecodable files).
+    num_examples: examples in the whole split (after leaving out skipped files).
     num_classes: label classes, or None when the dataset has no labels.
-    num_skipped: files left out because they could not be decoded (folder sources).
+    num_skipped: files left out: undecodable, or listed twice (folder sources).
     description: where the data comes from, for logs.
+    skipped_by_reason: ``(reason, count)`` pairs of what was left out, for the summary
+      line; directory links that were not followed count as links, not files.
   """
 
   name: str
@@ -86,12 +106,25 @@ class DataSource:
   num_skipped: int
   description: str
   _share: Callable[[int, int], Share] = dataclasses.field(repr=False)
+  skipped_by_reason: tuple[tuple[str, int], ...] = ()
+  _explain: Callable[[tf.errors.OpError], errors.DataError | None] | None = (
+      dataclasses.field(default=None, repr=False))
 
   def share(self, process_index: int, process_count: int) -> Share:
     """This process's disjoint part of the split (all parts together cover it)."""
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     return self._share(process_index, process_count)
+
+  def read_error(self, error: tf.errors.OpError) -> errors.DataError | None:
+    """The ``DataError`` behind a TensorFlow error raised while reading this source.
+
+    For a folder source: a ``DataError`` naming the file(s) that went bad after the source
+    was built, found in the error's text or else by checking every file again (slow, but
+    only on this path). None when the error is not explained by the data (then it is a
+    bug, and the caller re-raises the original).
+    """
+    return self._explain(error) if self._explain is not None else None
 
 
 def num_examples(input_config) -> int:
@@ -105,22 +138,59 @@ def source_for(input_config) -> DataSource:
                     input_config.get("data_dir", None))
 
 
-@functools.lru_cache(maxsize=16)
 def get_source(dataset: str, split: str, data_dir: str | None = None) -> DataSource:
-  """Builds (and caches, so folder validation runs once) the source of ``dataset/split``.
+  """Builds (and caches, so folder validation runs once) the source of ``dataset/split``
+  and logs one summary line about it.
 
   Raises:
-    ValueError: unknown dataset or split.
-    FileNotFoundError: a known dataset that is not on this machine; the message says how
-      to get it.
+    errors.ConfigError: ``dataset`` is not a non-empty string.
+    errors.DataError: unknown dataset or split, a split that selects no examples, a folder
+      without decodable images, unreadable idx files.
+    errors.DataNotFoundError: (also a FileNotFoundError) a known dataset or a folder that
+      is not on this machine; the message says how to get it.
   """
   if not isinstance(dataset, str) or not dataset:
-    raise ValueError(f"input.dataset must be a non-empty string, got {dataset!r}")
+    raise errors.ConfigError(f"input.dataset must be a non-empty string, got {dataset!r}")
+  # One cache key however the arguments are passed (lru_cache keys on the call's form).
+  return _cached_source(dataset, split, data_dir)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_source(dataset: str, split: str, data_dir: str | None) -> DataSource:
   if dataset.startswith(FOLDER_PREFIX):
-    return _folder_source(dataset, dataset[len(FOLDER_PREFIX):], split)
-  if dataset == "fashion_mnist":
-    return _fashion_mnist_source(split, data_dir)
-  return _tfds_source(dataset, split, data_dir)
+    source = _folder_source(dataset, dataset[len(FOLDER_PREFIX):], split)
+  elif dataset == "fashion_mnist":
+    source = _fashion_mnist_source(split, data_dir)
+  else:
+    source = _tfds_source(dataset, split, data_dir)
+  if source.num_examples == 0:
+    raise _empty_split_error(dataset, split)
+  skipped = ", ".join(_plural(n, *_SKIP_NOUNS[reason])
+                      for reason, n in source.skipped_by_reason if n)
+  logging.info("Data set %s, split %r: %d examples, %s; skipped: %s. Read from %s.",
+               source.name, source.split, source.num_examples,
+               "unlabelled" if source.num_classes is None
+               else _plural(source.num_classes, "class", "classes"), skipped or "nothing",
+               source.description)
+  return source
+
+
+# The reasons of DataSource.skipped_by_reason, as (singular, plural) for the summary line.
+_SKIP_NOUNS = {
+    "undecodable": ("undecodable file", "undecodable files"),
+    "duplicate": ("file listed twice", "files listed twice"),
+    "link": ("directory link not followed", "directory links not followed"),
+    "unreadable": ("folder that cannot be listed", "folders that cannot be listed"),
+}
+
+
+def _plural(n: int, singular: str, plural: str) -> str:
+  return f"{n} {singular if n == 1 else plural}"
+
+
+def _empty_split_error(name: str, split: str) -> errors.DataError:
+  return errors.DataError(f"{name!r} split {split!r} selects no examples",
+                          hint="check the split's slice (tfds syntax, e.g. 'train[:90%]')")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -140,10 +210,10 @@ def _slice_split(split: str, sizes: dict[str, int]) -> tuple[str, int, int]:
     instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
         {k: types.SimpleNamespace(num_examples=v) for k, v in sizes.items()})
   except (ValueError, KeyError, AssertionError, AttributeError) as e:
-    raise ValueError(f"bad split {split!r}; available: {sorted(sizes)} (tfds slice syntax, "
-                     f"e.g. 'train[:90%]')") from e
+    raise errors.DataError(f"bad split {split!r}; available: {sorted(sizes)}",
+                           hint="tfds slice syntax, e.g. 'train[:90%]'") from e
   if len(instructions) != 1:
-    raise ValueError(f"split {split!r}: only one (sliced) split is supported here")
+    raise errors.DataError(f"split {split!r}: only one (sliced) split is supported here")
   inst = instructions[0]
   n = sizes[inst.splitname]
   start = 0 if inst.from_ is None else inst.from_
@@ -171,20 +241,21 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> DataSource:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     # tfds's own message lists every dataset it knows (thousands of lines).
-    raise ValueError(
+    raise errors.DataError(
         f"unknown dataset {name!r}: input.dataset must be a tfds image dataset name "
         "(e.g. 'imagenet2012', 'fashion_mnist', 'cifar10'; see `tfds.list_builders()`) or "
         "'folder:/path/to/images' (one sub-folder per class)") from None
   if not builder.is_prepared():
-    raise FileNotFoundError(_not_prepared_message(name, builder))
+    raise errors.DataNotFoundError(_not_prepared_message(name, builder))
   if "image" not in builder.info.features:
-    raise ValueError(f"tfds dataset {name!r} has no 'image' feature "
-                     f"(features: {list(builder.info.features)})")
+    raise errors.DataError(f"tfds dataset {name!r} has no 'image' feature "
+                           f"(features: {list(builder.info.features)})")
   try:
     total = builder.info.splits[split].num_examples
   except (KeyError, ValueError) as e:
-    raise ValueError(f"dataset {name!r} has no split {split!r}; available: "
-                     f"{sorted(builder.info.splits)}") from e
+    raise errors.DataError(f"dataset {name!r} has no split {split!r}; available: "
+                           f"{sorted(builder.info.splits)}",
+                           hint="tfds slice syntax, e.g. 'train[:90%]'") from e
   has_label = "label" in builder.info.features
   num_classes = builder.info.features["label"].num_classes if has_label else None
 
@@ -239,12 +310,14 @@ def _fashion_mnist_source(split: str, data_dir: str | None) -> DataSource:
       return _tfds_source("fashion_mnist", split, data_dir)
   idx_dir = _find_fashion_mnist_idx(data_dir)
   if idx_dir is None:
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         "Fashion-MNIST not found: no prepared tfds copy under "
         f"{builder.data_dir if builder else tfds_dir} and no idx files (train-images-idx3-ubyte.gz, ...) in "
         f"{FASHION_MNIST_IDX_DIR}. Install Debian's package (`apt-get install "
         "dataset-fashion-mnist`), set FASHION_MNIST_DIR to a folder with the idx .gz files, "
-        "or download it with tfds (`tfds build fashion_mnist`).")
+        "or download it with tfds (`tfds build fashion_mnist`).",
+        hint="input.data_dir is searched for the idx files too (directly and in its "
+        "fashion-mnist/ sub-folder)")
   sizes = {"train": 60_000, "test": 10_000}
   base, start, stop = _slice_split(split, sizes)
   images, labels = load_fashion_mnist_idx(idx_dir, base)
@@ -279,23 +352,35 @@ def load_fashion_mnist_idx(idx_dir: str, split: str) -> tuple[np.ndarray, np.nda
   images = _read_idx(os.path.join(idx_dir, image_file), expected_magic=2051)
   labels = _read_idx(os.path.join(idx_dir, label_file), expected_magic=2049)
   if images.shape[0] != labels.shape[0]:
-    raise ValueError(f"{idx_dir}: {images.shape[0]} images but {labels.shape[0]} labels")
+    raise errors.DataError(f"{idx_dir}: {images.shape[0]} images but {labels.shape[0]} "
+                           "labels", hint=_IDX_HINT)
   return images, labels
+
+
+_IDX_HINT = ("the Fashion-MNIST idx files are damaged or mixed up: reinstall "
+             "dataset-fashion-mnist or point FASHION_MNIST_DIR at good copies")
 
 
 def _read_idx(path: str, expected_magic: int) -> np.ndarray:
   # idx format: big-endian int32 magic (0x08 = uint8 data, low byte = number of dims),
   # then one big-endian int32 per dimension, then the raw data.
-  with gzip.open(path, "rb") as f:
-    data = f.read()
+  try:
+    with gzip.open(path, "rb") as f:
+      data = f.read()
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, or cut short
+    raise errors.DataError(f"{path}: not a valid gzip file ({e})", hint=_IDX_HINT) from e
+  except OSError as e:
+    raise errors.DataError(errors.describe_os_error(e, "reading Fashion-MNIST")) from e
   magic = int.from_bytes(data[:4], "big")
   if magic != expected_magic:
-    raise ValueError(f"{path}: bad idx magic {magic:#x}, expected {expected_magic:#x}")
+    raise errors.DataError(f"{path}: bad idx magic {magic:#x}, expected "
+                           f"{expected_magic:#x}", hint=_IDX_HINT)
   ndim = magic & 0xFF
   dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-  array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+  array = np.frombuffer(data, dtype=np.uint8, offset=min(len(data), 4 + 4 * ndim))
   if array.size != int(np.prod(dims)):
-    raise ValueError(f"{path}: {array.size} bytes of data for shape {dims}")
+    raise errors.DataError(f"{path}: {array.size} bytes of data for shape {dims}",
+                           hint=_IDX_HINT)
   return array.reshape(dims)
 
 
@@ -304,7 +389,10 @@ def _read_idx(path: str, expected_magic: int) -> np.ndarray:
 
 def _folder_source(name: str, path: str, split: str) -> DataSource:
   if not path or not tf.io.gfile.isdir(path):
-    raise FileNotFoundError(f"{name!r}: {path!r} is not a directory")
+    raise errors.DataNotFoundError(
+        f"{name!r}: {path!r} is not a directory",
+        hint="expected folder:<folder> with <folder>/<class>/<image> (or "
+        "<folder>/<split>/<class>/<image>)")
   base = split.split("[")[0]
   root = path
   if base and tf.io.gfile.isdir(os.path.join(path, base)):
@@ -314,21 +402,17 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
     # an evaluation on it would reuse the training images, so say so.
     logging.warning("%s: no sub-folder %r; using the whole folder as split %r", name, base,
                     split)
-  classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
-                   if tf.io.gfile.isdir(os.path.join(root, d)))
-  files, labels = [], []
-  for label, cls in enumerate(classes):
-    for dirpath, _, filenames in sorted(tf.io.gfile.walk(os.path.join(root, cls))):
-      for f in sorted(filenames):
-        if f.lower().endswith(IMAGE_EXTENSIONS):
-          files.append(os.path.join(dirpath, f))
-          labels.append(label)
+  listing = _list_local_folder(root) if _is_local(root) else _list_folder(root)
+  listing.warn(name)
+  files, labels = listing.files, listing.labels
   if not files:
-    raise FileNotFoundError(
-        f"{name!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders of {root}; "
-        "expected <folder>/<class>/<image> (or <folder>/<split>/<class>/<image>)")
+    raise errors.DataNotFoundError(
+        f"{name!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders of {root}",
+        hint="expected <folder>/<class>/<image> (or <folder>/<split>/<class>/<image>)")
   _, start, stop = _slice_split(split, {base: len(files)})
   files, labels = files[start:stop], labels[start:stop]
+  if not files:
+    raise _empty_split_error(name, split)
 
   ok = _decodable(files)
   skipped = [f for f, good in zip(files, ok) if not good]
@@ -338,7 +422,9 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
   files = [f for f, good in zip(files, ok) if good]
   labels = [l for l, good in zip(labels, ok) if good]  # noqa: E741
   if not files:
-    raise ValueError(f"{name!r}: none of the images in {root} could be decoded")
+    raise errors.DataError(f"{name!r}: none of the images in {root} could be decoded",
+                           hint="the files have image names but are not JPEG, PNG, GIF, "
+                           "BMP or WebP images (or are empty)")
   files_t = tf.constant(files)
   labels_t = tf.constant(np.asarray(labels, np.int64))
 
@@ -346,9 +432,230 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
     return {"image": tf.io.read_file(tf.gather(files_t, index)),
             "label": tf.gather(labels_t, index), "id": index}
 
+  def explain(error: tf.errors.OpError) -> errors.DataError | None:
+    # The file names come back from the tensor only here, on the error path: no second
+    # copy of a large folder's listing is kept for it.
+    return _gone_bad_error(name, split, [f.decode() for f in files_t.numpy()], error)
+
   share = lambda p, n: _random_access_share(len(files), 0, load, p, n)  # noqa
-  return DataSource(name, split, len(files), len(classes), len(skipped),
-                    f"image folder {root} ({len(classes)} classes)", share)
+  return DataSource(
+      name, split, len(files), len(listing.classes), len(skipped) + len(listing.duplicates),
+      f"image folder {root} ({len(listing.classes)} classes)", share,
+      skipped_by_reason=(("undecodable", len(skipped)),
+                         ("duplicate", len(listing.duplicates)),
+                         ("link", len(listing.links)),
+                         ("unreadable", len(listing.unreadable))),
+      _explain=explain)
+
+
+def _is_local(path: str) -> bool:
+  return "://" not in path
+
+
+@dataclasses.dataclass
+class _Listing:
+  """The image files of a folder in reading order, and what was left out of it.
+
+  Attributes:
+    classes: class folder names; a file's label is its class's index here.
+    files, labels: the image files (paths as listed, under their class folder) and labels.
+    duplicates: files left out because another entry already lists the same file.
+    links: ``"link -> target (why)"`` of the directory links that were not followed.
+    unreadable: ``"folder (why)"`` of the folders that could not be listed.
+  """
+
+  classes: list[str]
+  files: list[str] = dataclasses.field(default_factory=list)
+  labels: list[int] = dataclasses.field(default_factory=list)
+  duplicates: list[str] = dataclasses.field(default_factory=list)
+  links: list[str] = dataclasses.field(default_factory=list)
+  unreadable: list[str] = dataclasses.field(default_factory=list)
+
+  def warn(self, name: str) -> None:
+    """One warning line per kind of entry left out: how many, and examples."""
+    if self.links:
+      logging.warning(
+          "%s: skipped %s, so that no file is read twice or under another class's label, "
+          "e.g. %s", name, _plural(len(self.links), "directory link", "directory links"),
+          self.links[:3])
+    if self.duplicates:
+      logging.warning(
+          "%s: skipped %s (symbolic links to a file listed elsewhere); each file is read "
+          "once, under its own folder's label, e.g. %s", name,
+          _plural(len(self.duplicates), "file listed twice", "files listed twice"),
+          self.duplicates[:3])
+    if self.unreadable:
+      logging.warning("%s: skipped %s, e.g. %s", name,
+                      _plural(len(self.unreadable), "folder that cannot be listed",
+                              "folders that cannot be listed"), self.unreadable[:3])
+
+
+def _list_folder(root: str) -> _Listing:
+  """Lists a folder through tf.io.gfile (gs:// and other file systems without links)."""
+  classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
+                   if tf.io.gfile.isdir(os.path.join(root, d)))
+  listing = _Listing(classes)
+  for label, cls in enumerate(classes):
+    for dirpath, _, filenames in sorted(tf.io.gfile.walk(os.path.join(root, cls))):
+      for f in sorted(filenames):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+          listing.files.append(os.path.join(dirpath, f))
+          listing.labels.append(label)
+  return listing
+
+
+def _inside(path: str, folder: str) -> bool:
+  """Whether real path ``path`` is ``folder`` or lies below it."""
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(target: str, parent: str, root: str, visited: set[str]) -> str:
+  """Why the directory link in real folder ``parent`` to real path ``target`` must not be
+  followed ("" when it may): see the module docstring for the policy."""
+  if _inside(target, root):
+    return "points into the data folder"
+  if _inside(parent, target):
+    return "a loop: points to a folder it is in"
+  if _inside(root, target):
+    return "contains the data folder"
+  if target in visited:
+    return "already listed"
+  return ""
+
+
+def _scan(path: str) -> list[os.DirEntry]:
+  with os.scandir(path) as entries:
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _list_local_folder(root: str) -> _Listing:
+  """Lists a local folder without following a link twice or into a loop (see the module
+  docstring); the reading order and labels of a folder without links are those of
+  ``_list_folder``."""
+  real_root = os.path.realpath(root)
+  # Real paths of the folders listed (or about to be): each is walked once at most. The
+  # class folders are claimed first, so that a deeper link cannot take a class's files.
+  visited = {real_root}
+  listing = _Listing([])
+  tops = []
+  try:
+    top_entries = _scan(root)
+  except OSError as e:
+    raise errors.DataError(errors.describe_os_error(e, "listing the image folder")) from e
+  for entry in top_entries:
+    if not entry.is_dir():  # follows a link: a link to a folder is a class folder
+      continue
+    if entry.is_symlink():
+      target = os.path.realpath(entry.path)
+      problem = _link_problem(target, real_root, real_root, visited)
+      if problem:
+        listing.links.append(f"{entry.path} -> {target} ({problem})")
+        continue
+    else:
+      target = os.path.join(real_root, entry.name)
+    visited.add(target)
+    listing.classes.append(entry.name)
+    tops.append((entry.path, target))
+
+  # (path as listed, label, real path, is a link) of every image file, in reading order.
+  found: list[tuple[str, int, str, bool]] = []
+  for label, (top, real_top) in enumerate(tops):
+    folders = []  # (path, [(name, real path, is a link)]) of each folder of this class
+    stack = [(top, real_top)]
+    while stack:
+      path, real = stack.pop()
+      try:
+        entries = _scan(path)
+      except OSError as e:
+        listing.unreadable.append(f"{path} ({e.strerror or e})")
+        continue
+      images = []
+      for entry in entries:
+        is_link = entry.is_symlink()
+        try:
+          is_dir = entry.is_dir()
+        except OSError:  # e.g. a link loop of its own: not a folder to walk
+          is_dir = False
+        if is_dir:
+          if is_link:
+            target = os.path.realpath(entry.path)
+            problem = _link_problem(target, real, real_root, visited)
+          else:
+            target = os.path.join(real, entry.name)
+            problem = "already listed" if target in visited else ""
+          if problem:
+            listing.links.append(f"{entry.path} -> {target} ({problem})")
+          else:
+            visited.add(target)
+            stack.append((entry.path, target))
+        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+          real_file = (os.path.realpath(entry.path) if is_link
+                       else os.path.join(real, entry.name))
+          images.append((entry.name, real_file, is_link))
+      folders.append((path, images))
+    # Folder by folder in path order, as sorted(tf.io.gfile.walk(...)) lists them.
+    for path, images in sorted(folders, key=lambda f: f[0]):
+      found.extend((os.path.join(path, n), label, r, l) for n, r, l in images)
+
+  # Each real file once: an entry that is not a link beats links to the same file (it keeps
+  # its own folder's label); among links the first listed wins.
+  owner: dict[str, int] = {}
+  for i, (_, _, real, is_link) in enumerate(found):
+    j = owner.get(real)
+    if j is None or (found[j][3] and not is_link):
+      owner[real] = i
+  for i, (path, label, real, _) in enumerate(found):
+    if owner[real] == i:
+      listing.files.append(path)
+      listing.labels.append(label)
+    else:
+      listing.duplicates.append(f"{path} (also {found[owner[real]][0]})")
+  return listing
+
+
+def _gone_bad_error(name: str, split: str, files: list[str],
+                    error: tf.errors.OpError) -> errors.DataError | None:
+  """A ``DataError`` naming the files of ``files`` behind ``error``, raised while reading
+  them after the source was built; None when no file is to blame."""
+  if not isinstance(error, (tf.errors.NotFoundError, tf.errors.InvalidArgumentError,
+                            tf.errors.DataLossError, tf.errors.PermissionDeniedError,
+                            tf.errors.FailedPreconditionError, tf.errors.UnknownError)):
+    return None
+  # ReadFile names its file; the decoders do not. Of names that contain one another, the
+  # longest is the one in the message.
+  named = [f for f in files if f in error.message]
+  named = [f for f in named if not any(f != g and f in g for g in named)]
+  if named:
+    bad, ok = named, _decodable(named)
+  else:
+    logging.warning("%s: a file failed to decode after the data set was checked (%s); "
+                    "checking all %d files to find it.", name, type(error).__name__,
+                    len(files))
+    ok = _decodable(files)
+    bad = [f for f, good in zip(files, ok) if not good]
+    ok = np.zeros(len(bad), bool)
+  if not bad:
+    return None
+  what = [f"{f} ({_file_problem(f, good)})" for f, good in zip(bad[:3], ok)]
+  more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+  return errors.DataError(
+      f"{name!r} split {split!r}: {_plural(len(bad), 'file', 'files')} that passed the "
+      f"start-up check could not be read: {', '.join(what)}{more}",
+      hint="restore the file(s) and resume. Removing them changes the examples of every "
+      "epoch (the folder is listed and checked once, when the run starts), so a resumed "
+      "run would not see the batches an uninterrupted one would")
+
+
+def _file_problem(path: str, decodes_now: bool) -> str:
+  if decodes_now:  # it failed during the run, yet reads fine now
+    return "failed to read, but reads again now: a flaky file system?"
+  if not tf.io.gfile.exists(path):
+    return "missing"
+  try:
+    size = tf.io.gfile.stat(path).length
+  except tf.errors.OpError:
+    return "cannot be read"
+  return "empty" if size == 0 else "not a decodable image"
 
 
 def _decodable(files: list[str]) -> np.ndarray:

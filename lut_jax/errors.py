@@ -37,6 +37,11 @@ class DataError(UserError, ValueError):
   """A data set cannot be read as configured (missing, empty, a file gone bad)."""
 
 
+class DataNotFoundError(DataError, FileNotFoundError):
+  """A data set is not on this machine; also a FileNotFoundError for callers that catch
+  missing files."""
+
+
 class WorkdirError(UserError):
   """The work directory cannot be used (locked by another run, not writable, full, a
   checkpoint that does not match the config)."""

@@ -20,6 +20,11 @@ shuffled through a ``config.input.shuffle_buffer`` window (tfds shuffles records
 prepares a dataset); resuming reads and drops the skipped records of the current epoch,
 still encoded.
 
+Errors: a split smaller than one global batch raises ``errors.DataError``; a file of a folder
+source that goes bad after the source was checked (deleted, corrupted) stops the iterator
+with a ``DataError`` naming it. Only the host side of the iterator handles that, and only
+once TensorFlow has raised: the tf.data graph is the same either way.
+
 This module imports TensorFlow (tf.data); the model/training core must not import it.
 """
 
@@ -36,6 +41,7 @@ import tensorflow as tf
 from lut_jax import augment
 from lut_jax import datasets
 from lut_jax import device_augment as device_augment_lib
+from lut_jax import errors
 
 try:
   # tf.data runs on the host; keep TensorFlow off any GPU so it takes no memory from JAX.
@@ -80,6 +86,14 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
                      f"processes ({process_count}): each process loads batch_size / "
                      "process_count examples")
   return batch_size // process_count
+
+
+def _raise_data_error(source: datasets.DataSource, error: tf.errors.OpError) -> None:
+  """Raises the ``DataError`` behind ``error`` (a file gone bad, named), if there is one;
+  call it in an ``except`` block and re-raise ``error`` when it returns."""
+  data_error = source.read_error(error)
+  if data_error is not None:
+    raise data_error from error
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -149,7 +163,12 @@ class PretrainIterator:
     return self
 
   def _next_local(self) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in next(self._iterator).items()}
+    try:
+      batch = next(self._iterator)
+    except tf.errors.OpError as e:
+      _raise_data_error(self.source, e)
+      raise
+    return {k: v.numpy() for k, v in batch.items()}
 
   def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     # Transfers are asynchronous: queueing the next batches overlaps their host->device
@@ -173,8 +192,11 @@ def epoch_steps(source: datasets.DataSource, process_count: int, local_batch: in
   """Batches per epoch, the same on every process (from the smallest share)."""
   steps = (source.num_examples // process_count) // local_batch
   if steps == 0:
-    raise ValueError(f"{source.name} split {source.split!r} has {source.num_examples} "
-                     f"examples, fewer than one batch of {local_batch * process_count}")
+    # A share holds at least N // process_count examples, so this is N < the global batch.
+    raise errors.DataError(
+        f"{source.name} split {source.split!r} has {source.num_examples} examples, fewer "
+        f"than one batch of {local_batch * process_count}",
+        hint="use a smaller batch size (a multiple of the process count) or more data")
   return steps
 
 
@@ -258,9 +280,12 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
     normalised images, forever (with ``device_augment``: the crops and parameters above).
 
   Raises:
-    ValueError: batch size not divisible by the process count, unknown dataset, bad
-      image size or channels, a dataset smaller than one batch, negative start_step.
-    FileNotFoundError: the dataset is not on this machine (the message says how to get it).
+    ValueError: batch size not divisible by the process count, bad image size or channels,
+      negative start_step.
+    errors.DataError: (a ValueError) unknown dataset or split, a split smaller than one
+      batch; while iterating, a file of a folder source that went bad (named).
+    errors.DataNotFoundError: (also a FileNotFoundError) the dataset is not on this
+      machine (the message says how to get it).
   """
   index, count = _process(process_index, process_count)
   _check_input(input_config)
@@ -344,7 +369,15 @@ class EvalDataset:
     return self.num_batches
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
-    for batch in self._dataset:
+    iterator = iter(self._dataset)
+    while True:
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        return
+      except tf.errors.OpError as e:
+        _raise_data_error(self.source, e)
+        raise
       local = {k: v.numpy() for k, v in batch.items()}
       if self._sharding is None:
         yield local
@@ -375,6 +408,12 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
   Returns:
     An ``EvalDataset``; the last batches are padded (``mask`` False) so that every process
     yields the same number of full batches.
+
+  Raises:
+    errors.DataError: unknown dataset or split, a split that selects no examples (a split
+      smaller than one batch is fine: it is padded); while iterating, a file of a folder
+      source that went bad (named).
+    errors.DataNotFoundError: the dataset is not on this machine.
   """
   index, count = _process(process_index, process_count)
   _check_input(input_config)

@@ -197,7 +197,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
     state, step = ckpt.restore_newest_intact(
         checkpointing.abstract_like(abstract_state, state_shardings),
         is_valid=lambda s: bool(check_finite(s)))
-    logging.info("Resumed from %s step %d", ckpt.directory, step)
+    logging.info("Resuming from %s step %d", ckpt.directory, step)
     state = state.replace(tx=abstract_state.tx)
   else:
     state = p_init(init_key)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lut_jax import analyze, checkpointing, models, optim, train_state
+from lut_jax import analyze, checkpointing, errors, models, optim, train_state
 from lut_jax.analysis import attention_distance, loading, maps, spectrum
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -152,7 +152,7 @@ def test_loading_and_cli(tmp_path, monkeypatch):
   jax.tree.map(np.testing.assert_array_equal, loaded.params, jax.device_get(state.params))
   teacher = loading.load(str(lut_dir / "checkpoints" / "3"), which="target_params")
   assert teacher.step == 3
-  with pytest.raises(KeyError, match="target_params"):
+  with pytest.raises(errors.WorkdirError, match="target_params"):  # user error: one line
     loading.load(str(mae_dir), which="target_params")
 
   # An exported encoder (no decoder: reconstructions are skipped) and a probe for Grad-CAM.

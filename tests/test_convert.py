@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lut_jax import convert
+from lut_jax import errors
 from lut_jax import models
 from tests import util
 
@@ -114,6 +115,8 @@ def test_errors_list_every_problem_by_torch_name():
   sd["fc_norm.weight"] = np.zeros((32,), np.float32)
   with pytest.raises(ValueError) as error:
     convert.params_from_torch_state_dict(sd, model)
+  # A user error (bad input), reported by the command lines as one line.
+  assert isinstance(error.value, errors.DataError)
   message = str(error.value)
   for expected in ("missing tensors (2)", "blocks.1.attn.qkv.weight", "head.1.running_var",
                    "shape mismatches (2)", "decoder_pred.bias: expected (48,), got (47,)",

@@ -1,5 +1,6 @@
 """Fine-tuning: model, layer-wise lr decay, weight-decay mask, mixup/cutmix, the loop."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from configs import finetune as finetune_config
-from lut_jax import models
+from lut_jax import errors, models
 from lut_jax.evaluation import features, finetune
 
 DEPTH, WIDTH, IMAGE, PATCH = 2, 32, 16, 4
@@ -226,6 +227,13 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
   # Rerunning after the end restores the last state and reports the same numbers.
   again = run()
   assert again["top1"] == results["top1"] and again["best_step"] == results["best_step"]
+  assert saved["source"]["params_sha256"] == pretrained.fingerprint
+  # Another encoder never resumes this state, which stays.
+  other = dataclasses.replace(pretrained, params=jax.tree.map(lambda x: x + 1.0, params))
+  with pytest.raises(errors.WorkdirError, match="--workdir"):
+    finetune.train_and_evaluate(config, workdir, pretrained=other, train_data_fn=train_data_fn,
+                                eval_data=eval_batches, num_train_examples=32)
+  assert 6 in [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
 
   # Preemption: SIGTERM while step 2 is fed -> evaluate, save step 2, stop; a rerun
   # finishes the remaining steps.

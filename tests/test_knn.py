@@ -92,4 +92,6 @@ def test_eval_main_knn_and_linear_probe_on_a_fashion_mnist_subset(tmp_path):
     assert all(0.0 <= v <= 100.0 for v in results.values())
     with np.load(os.path.join(workdir, "features", "test_-96.npz")) as cached:
       assert cached["label"].shape == (96,) and cached["cls"].shape == (96, 32)
-    assert json.load(open(os.path.join(workdir, f"{config.mode}_results.json"))) == results
+    saved = json.load(open(os.path.join(workdir, f"{config.mode}_results.json")))
+    assert saved.pop("source")["pretrained"] == os.path.abspath(pretrain)
+    assert saved == results

@@ -24,7 +24,8 @@ import contextlib
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Optional, Sequence
+import zipfile
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging as absl_logging
 import jax
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lut_jax import checkpointing, config_lib, models, variants
+from lut_jax import checkpointing, config_lib, errors, models, variants
 
 CHECKPOINT_DIR = "checkpoints"
 TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
@@ -135,8 +136,9 @@ def restore_subtrees(step_dir: str, names: Sequence[str]) -> dict[str, Any]:
   tree = getattr(tree, "tree", tree)
   missing = [n for n in names if n not in tree or tree[n] is None]
   if missing:
-    raise KeyError(f"{item_dir} has no {', '.join(map(repr, missing))} (an MAE run has no "
-                   f"target_params); it has {sorted(k for k in tree if tree[k] is not None)}")
+    raise errors.WorkdirError(
+        f"{item_dir} has no {', '.join(map(repr, missing))} (an MAE run has no "
+        f"target_params); it has {sorted(k for k in tree if tree[k] is not None)}")
   item = {n: tree[n] for n in names}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   with _quiet_absl():
@@ -201,17 +203,89 @@ def load_exported_encoder(path: str, *, label: Optional[str] = None) -> LoadedMo
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def read_torch_checkpoint(path: str) -> dict[str, Any]:
+def read_torch_checkpoint(path: str) -> Any:
   """``torch.load`` on the CPU, weights only. Reference training checkpoints also pickle
-  their ``argparse.Namespace``; that one class is allowed, nothing else."""
+  their ``argparse.Namespace``; that one class is allowed, nothing else.
+
+  Raises:
+    DataError: naming ``path``, when it is not a PyTorch checkpoint (truncated, corrupt or
+      another kind of file) or holds Python objects the weights-only reader refuses.
+  """
   import argparse
+  import pickle
   import torch  # local: an optional dependency, only for .pth inputs
 
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception:  # pylint: disable=broad-except  (UnpicklingError: a pickled Namespace)
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
       return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a pickled Namespace (or a file that is no pickle)
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    reason = _weights_only_reason(e)
+    if reason.startswith("Unsupported global"):
+      raise errors.DataError(
+          f"{path}: torch.load(weights_only=True) refuses to unpickle it ({reason}): it "
+          "holds Python objects besides tensors, containers and argparse.Namespace",
+          hint="save the weights alone, e.g. torch.save(model.state_dict(), path)") from e
+    raise _not_a_checkpoint(path, reason) from e
+  except OSError as e:
+    if errors.as_user_error(e) is not None:  # missing, unreadable: the OS says which
+      raise
+    # torch's zip reader fails with a bare EINVAL on an archive cut short.
+    raise _not_a_checkpoint(path, f"unreadable zip archive: {e.strerror or e}") from e
+  except EOFError as e:
+    raise _not_a_checkpoint(path, "unexpected end of file") from e
+  except (KeyError, IndexError) as e:
+    # The legacy (pre-zip) reader unpickles arbitrary bytes and fails on the first
+    # unknown opcode with a bare KeyError/IndexError such as KeyError(101).
+    raise _not_a_checkpoint(path, f"invalid pickle data: {type(e).__name__} {e}") from e
+  except (RuntimeError, ValueError) as e:  # "failed finding central directory", ...
+    raise _not_a_checkpoint(path, _first_line(e)) from e
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def _weights_only_reason(e: BaseException) -> str:
+  """The one line of torch's long weights-only failure message that says what failed."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  for i, line in enumerate(lines):
+    if "WeightsUnpickler error:" in line:
+      rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+      return rest or (lines[i + 1] if i + 1 < len(lines) else _first_line(e))
+  return _first_line(e)
+
+
+def _not_a_checkpoint(path: str, reason: str) -> errors.DataError:
+  return errors.DataError(f"{path}: not a PyTorch checkpoint (truncated or corrupt: "
+                          f"{reason})")
+
+
+def _state_dict_of(path: str, checkpoint: Any, key: Optional[str]) -> dict[str, Any]:
+  """The ``{name: tensor}`` mapping inside what ``torch.load`` returned, or a DataError
+  saying what the file holds instead."""
+  from lut_jax import convert  # local: only PyTorch inputs need the converter
+
+  if not isinstance(checkpoint, Mapping):
+    raise errors.DataError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict "
+                           "(a mapping of tensor names to tensors)")
+  if key is not None:
+    if key not in checkpoint:
+      raise errors.DataError(f"{path} has no entry {key!r}; it has "
+                             f"{_names(checkpoint)}")
+    if not isinstance(checkpoint[key], Mapping):
+      raise errors.DataError(f"{path}: entry {key!r} holds a "
+                             f"{type(checkpoint[key]).__name__}, not a state_dict")
+  return convert.unwrap_state_dict(checkpoint, key)
+
+
+def _names(mapping: Mapping[str, Any], limit: int = 8) -> str:
+  names = sorted(map(repr, map(str, mapping)))
+  more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more if names else "nothing"
 
 
 def _count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
@@ -220,11 +294,51 @@ def _count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
   return max(ids) + 1 if ids else 0
 
 
-def _default_heads(width: int) -> int:
+def _default_heads(path: str, width: int) -> int:
   for w, _, heads in variants.ENCODER_SIZES.values():
     if w == width:
       return heads
-  raise ValueError(f"no standard ViT size has width {width}: pass num_heads explicitly")
+  raise errors.DataError(
+      f"{path}: no standard ViT size has width {width}, so its number of heads (which the "
+      "tensor shapes do not show) is unknown",
+      hint="pass --num_heads (num_heads= in Python)")
+
+
+def _check_fixed_pos_embed(path: str, state_dict: dict[str, Any], name: str, width: int,
+                           grid: int) -> None:
+  """A DataError unless ``state_dict[name]`` (when present) is our fixed sin-cos table.
+
+  Our encoder has no position-embedding parameter, so a learned one (a standard timm or a
+  fine-tuned ViT) would be dropped and the analyses would describe a different model.
+  """
+  from lut_jax import convert  # local: only PyTorch inputs need the converter
+
+  if name not in state_dict:
+    return
+  value = convert._to_numpy(state_dict[name])  # pylint: disable=protected-access
+  expected = models.sincos_pos_embed_2d(width, grid)[None]
+  if value.shape != expected.shape:
+    # Only the number of positions can come from a wrong image size; a wrong width cannot.
+    grid_only = value.ndim == 3 and value.shape[-1] == width
+    raise errors.DataError(
+        f"{path}: {name} has shape {value.shape}; a {grid}x{grid} patch grid with a cls "
+        f"token needs {expected.shape}",
+        hint="pass the checkpoint's image size with --image_size (image_size= in Python), "
+             "or leave it out to read it from pos_embed" if grid_only else "")
+  diff = float(np.max(np.abs(value.astype(np.float64) - expected)))
+  if diff > convert._POS_EMBED_ATOL:  # pylint: disable=protected-access
+    raise errors.DataError(
+        f"{path}: {name} is a learned position embedding (it differs from the fixed 2-D "
+        f"sin-cos one by up to {diff:.3g}); lut_jax's encoder has only the fixed one, so "
+        "analysing these weights with it would describe a different model",
+        hint="analyse a checkpoint pre-trained with the fixed sin-cos embedding (MAE or LUT "
+             "pre-training, or a timm_vit.pth written by lut-export)")
+
+
+def _shape(state_dict: dict[str, Any], name: str) -> tuple[int, ...]:
+  from lut_jax import convert  # local: only PyTorch inputs need the converter
+
+  return tuple(np.shape(convert._to_numpy(state_dict[name])))  # pylint: disable=protected-access
 
 
 def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int] = None,
@@ -232,43 +346,78 @@ def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int]
                label: Optional[str] = None) -> LoadedModel:
   """A PyTorch checkpoint: encoder + decoder when it has ``decoder_*`` tensors (a reference
   pre-training checkpoint), else the encoder alone (e.g. timm). ``key`` picks an entry
-  such as ``"model_ema"`` (the reference's teacher)."""
+  such as ``"model_ema"`` (the reference's teacher).
+
+  Raises:
+    DataError: naming ``path``, when the file is not a PyTorch checkpoint, does not hold a
+      ViT state_dict, or holds a ViT that our encoder cannot represent (a learned position
+      embedding, tensors of the wrong shape).
+  """
   from lut_jax import convert  # local: only this source needs the converter
 
   checkpoint = read_torch_checkpoint(path)
-  state_dict = convert.unwrap_state_dict(checkpoint, key)
-  shape = lambda name: tuple(np.shape(convert._to_numpy(state_dict[name])))  # noqa: E731
-  if "patch_embed.proj.weight" not in state_dict:
-    raise ValueError(f"{path}: no patch_embed.proj.weight: not a ViT checkpoint")
-  width, channels, patch, _ = shape("patch_embed.proj.weight")
+  state_dict = _state_dict_of(path, checkpoint, key)
+  for name, ndim in (("patch_embed.proj.weight", 4), ("blocks.0.mlp.fc1.weight", 2)):
+    if name not in state_dict or len(_shape(state_dict, name)) != ndim:
+      nested = [k for k, v in state_dict.items() if isinstance(v, Mapping)]
+      raise errors.DataError(
+          f"{path}: no {ndim}-D {name}: not a ViT checkpoint (it has {_names(state_dict)})",
+          hint=(f"pick the entry that holds the weights among {', '.join(map(repr, nested))} "
+                "with --torch_key (key= in Python)") if nested and key is None else "")
+  width, channels, patch, _ = _shape(state_dict, "patch_embed.proj.weight")
   depth = _count_blocks(state_dict, "blocks")
-  mlp_ratio = shape("blocks.0.mlp.fc1.weight")[0] / width
+  mlp_ratio = _shape(state_dict, "blocks.0.mlp.fc1.weight")[0] / width
   if image_size is None:
     if "pos_embed" not in state_dict:
-      raise ValueError(f"{path}: no pos_embed to read the image size from; pass image_size")
-    grid = int(round((shape("pos_embed")[1] - 1) ** 0.5))
+      raise errors.DataError(f"{path}: no pos_embed to read the image size from",
+                             hint="pass --image_size (image_size= in Python)")
+    positions = _shape(state_dict, "pos_embed")[-2] - 1
+    grid = int(round(max(positions, 0) ** 0.5))
+    if len(_shape(state_dict, "pos_embed")) != 3 or grid * grid != positions or grid < 1:
+      raise errors.DataError(
+          f"{path}: pos_embed of shape {_shape(state_dict, 'pos_embed')} is not a cls token "
+          "plus a square grid of patches")
     image_size = grid * patch
-  num_heads = num_heads or _default_heads(width)
-  args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+  num_heads = num_heads or _default_heads(path, width)
+  if width % num_heads:
+    raise errors.UserError(f"{path}: width {width} is not divisible by num_heads={num_heads}")
+  grid = image_size // patch
+  _check_fixed_pos_embed(path, state_dict, "pos_embed", width, grid)
+  args = checkpoint.get("args")
   norm_pix = bool(getattr(args, "norm_pix_loss", True))
   mask_ratio = float(getattr(args, "mask_ratio", 0.75))
   common = dict(label=label or os.path.splitext(os.path.basename(path))[0],
                 source=os.path.abspath(path), kind="torch", channels=channels,
                 norm_pix=norm_pix, mask_ratio=mask_ratio)
+  # The converter's own problems (missing or mis-shaped tensors) are DataErrors too; they
+  # name tensors, not the file, so the file is put in front.
   if "decoder_embed.weight" in state_dict:
+    decoder_width = _shape(state_dict, "decoder_embed.weight")[0]
+    if decoder_width % decoder_num_heads:
+      raise errors.UserError(f"{path}: decoder width {decoder_width} is not divisible by "
+                             f"decoder_num_heads={decoder_num_heads}")
+    _check_fixed_pos_embed(path, state_dict, "decoder_pos_embed", decoder_width, grid)
     model = models.LUTModel(
         image_size=image_size, patch_size=patch, width=width, depth=depth,
         num_heads=num_heads, channels=channels, mlp_ratio=mlp_ratio,
-        decoder_width=shape("decoder_embed.weight")[0],
+        decoder_width=decoder_width,
         decoder_depth=_count_blocks(state_dict, "decoder_blocks"),
         decoder_num_heads=decoder_num_heads, use_bc=False)
-    # The projector/predictor (if any) are not needed for the analyses: skip them.
-    params, _ = convert.params_from_torch_state_dict(state_dict, model, ignore_unexpected=True)
+    # The projector/predictor (if any) are not needed for the analyses: skip them. The
+    # position embeddings were checked above, against the file's name.
+    try:
+      params, _ = convert.params_from_torch_state_dict(
+          state_dict, model, ignore_unexpected=True, check_pos_embed=False)
+    except errors.DataError as e:
+      raise errors.DataError(f"{path}: {e}", e.hint) from e
     return LoadedModel(encoder=encoder_of(model), encoder_params=params["encoder"],
                        model=model, params=params, **common)
   encoder = models.Encoder(image_size, patch, width, depth, num_heads, mlp_ratio=mlp_ratio)
-  params = convert.encoder_params_from_torch_state_dict(state_dict, encoder,
-                                                        ignore_unexpected=True)
+  try:
+    params = convert.encoder_params_from_torch_state_dict(
+        state_dict, encoder, ignore_unexpected=True, check_pos_embed=False)
+  except errors.DataError as e:
+    raise errors.DataError(f"{path}: {e}", e.hint) from e
   return LoadedModel(encoder=encoder, encoder_params=params, **common)
 
 
@@ -287,12 +436,17 @@ def load(path: str, *, label: Optional[str] = None, which: str = "params",
   """
   if os.path.isfile(path):
     if not path.endswith(TORCH_EXTENSIONS):
-      raise ValueError(f"{path}: a file checkpoint must be PyTorch ({', '.join(TORCH_EXTENSIONS)})")
+      raise errors.DataError(f"{path}: a file checkpoint must be PyTorch "
+                             f"({', '.join(TORCH_EXTENSIONS)})")
     return load_torch(path, label=label, **torch_kwargs)
   if os.path.exists(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)):
     return load_exported_encoder(path, label=label)
   if is_workdir(path) or os.path.basename(os.path.dirname(os.path.abspath(path))) == CHECKPOINT_DIR:
     return load_workdir(path, which=which, label=label)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file or directory (expected a pre-training "
+                            "workdir, an exported encoder directory or a PyTorch checkpoint "
+                            "file)")
   raise FileNotFoundError(f"{path}: not a pre-training workdir (no {CHECKPOINT_DIR}/), an "
                           f"exported encoder (no {checkpointing.ENCODER_CONFIG_FILE}) or a "
                           "PyTorch checkpoint file")
@@ -314,8 +468,12 @@ def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
       raise FileNotFoundError(f"no finished checkpoint in {os.path.join(path, CHECKPOINT_DIR)}")
     state = restore_subtrees(os.path.join(path, CHECKPOINT_DIR, str(steps[-1])),
                              ["params", "batch_stats"])
-    probe = {"kernel": state["params"]["head"]["kernel"],
-             "bias": state["params"]["head"]["bias"]}
+    head = state["params"].get("head", {})
+    if not isinstance(head, Mapping) or not {"kernel", "bias"} <= set(head):
+      # e.g. a LUT pre-training run, whose "head" is the multi-layer BC head.
+      raise errors.WorkdirError(f"{path}: not a linear-probe run (its params have no "
+                                "linear head/kernel and head/bias)")
+    probe = {"kernel": head["kernel"], "bias": head["bias"]}
     if state["batch_stats"].get("bn"):
       probe["bn_mean"] = state["batch_stats"]["bn"]["mean"]
       probe["bn_var"] = state["batch_stats"]["bn"]["var"]
@@ -323,15 +481,26 @@ def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
     if os.path.exists(os.path.join(path, config_lib.CONFIG_FILE)):
       stored = config_lib.load_config(path).get("linear_probe", {}).get("pool", "cls")
   else:
-    with np.load(path, allow_pickle=False) as data:
-      probe = {k: np.asarray(data[k]) for k in data.files}
+    with open(path, "rb") as f:
+      head = f.read(6)
+    # np.load takes anything that is neither .npy nor .npz for a pickle and says so, which
+    # would mislead about a file that is simply something else.
+    if head.startswith(b"\x93NUMPY"):
+      raise errors.DataError(f"{path}: a probe .npz holds named arrays; this .npy holds one")
+    if not head.startswith(b"PK"):
+      raise errors.DataError(f"{path}: not a probe .npz (not a NumPy .npz archive)")
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        probe = {k: np.asarray(data[k]) for k in data.files}
+    except (EOFError, ValueError, zipfile.BadZipFile) as e:  # cut short, object arrays
+      raise errors.DataError(f"{path}: not a probe .npz ({_first_line(e)})") from e
     for name in ("kernel", "bias"):
       if name not in probe:
-        raise ValueError(f"{path}: a probe needs {name!r}; it has {sorted(probe)}")
+        raise errors.DataError(f"{path}: a probe needs {name!r}; it has {sorted(probe)}")
     stored = str(probe.get("pool", "mean"))
   probe["pool"] = pool or stored
   if probe["pool"] not in ("mean", "cls"):
-    raise ValueError(f"{path}: pool must be 'mean' or 'cls', got {probe['pool']!r}")
+    raise errors.DataError(f"{path}: pool must be 'mean' or 'cls', got {probe['pool']!r}")
   return probe
 
 

@@ -15,11 +15,13 @@ from typing import Any, Optional
 
 import ml_collections
 
+from lut_jax import errors
+
 MODES = ("knn", "linear_probe", "finetune")
 DATASETS = ("fashion_mnist", "imagenet")
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(errors.ConfigError):
   """An evaluation config value is invalid; the message names the field."""
 
 
@@ -146,12 +148,19 @@ def pools(value: str) -> tuple[str, ...]:
   return tuple(p for p in value.split(",") if p)
 
 
-def write_results(workdir: str, name: str, results: dict[str, Any]) -> str:
-  """Writes ``workdir/<name>_results.json`` (process 0); returns the path."""
+def write_results(workdir: str, name: str, results: dict[str, Any],
+                  source: Optional[dict[str, Any]] = None) -> str:
+  """Writes ``workdir/<name>_results.json`` (process 0); returns the path.
+
+  ``source`` (``features.describe_source``: the encoder's path, step, weights hash and
+  input keys) is stored under ``"source"`` beside the metrics, so that a reader can tell
+  which encoder produced them.
+  """
   path = os.path.join(workdir, f"{name}_results.json")
   import jax  # local: keep config files free of jax at import
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+      json.dump({**results, "source": source} if source else results, f, indent=2,
+                sort_keys=True)
   return path

@@ -1,7 +1,9 @@
 r"""Exports the online encoder of a pre-training run for downstream use.
 
-  python -m lut_jax.evaluation.export --workdir=runs/fashion_mnist \
+  lut-export --workdir=runs/fashion_mnist \
       [--step=600] [--out=runs/fashion_mnist/encoder] [--timm=auto|pth|npz|none]
+
+(or ``python -m lut_jax.evaluation.export``).
 
 Writes, into ``--out`` (default ``<workdir>/encoder``):
 
@@ -12,6 +14,10 @@ Writes, into ``--out`` (default ``<workdir>/encoder``):
 * ``timm_vit.pth`` (torch available) or ``timm_vit.npz``: a state dict that loads with
   ``strict=True`` into timm's ``VisionTransformer`` (the kwargs are in
   ``timm_kwargs.json``) and computes the same ``forward_features``.
+
+Bad input (a missing or foreign work directory, an output path that is a file or cannot be
+written) ends as one line, ``lut-export: error: ...``, with exit status 2; ``--debug``
+shows its traceback.
 """
 
 from __future__ import annotations
@@ -21,14 +27,15 @@ import json
 import os
 from typing import Any, Optional
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 
-from lut_jax import checkpointing, convert
+from lut_jax import checkpointing, config_lib, convert, errors
 from lut_jax.evaluation import features
 
 TIMM_FORMATS = ("auto", "pth", "npz", "none")
+PROG = "lut-export"
 
 
 def timm_kwargs(encoder_config: dict[str, Any], channels: int = 3) -> dict[str, Any]:
@@ -46,9 +53,13 @@ def export(path: str, out_dir: Optional[str] = None, *, step: Optional[int] = No
   """Exports the online encoder of ``path`` (a pre-training workdir, or an exported encoder
   to re-export / convert) to ``out_dir``. Returns ``{"encoder": dir, "timm": file}``."""
   if timm_format not in TIMM_FORMATS:
-    raise ValueError(f"unknown timm format {timm_format!r}; expected one of {TIMM_FORMATS}")
-  pretrained = features.load_pretrained(path, step)
+    raise errors.ConfigError(f"unknown timm format {timm_format!r}; expected one of "
+                             f"{TIMM_FORMATS}")
+  check_source(path)
   out_dir = os.path.abspath(out_dir or os.path.join(path, "encoder"))
+  # Before the checkpoint is read: restoring it is the slow part.
+  check_output_dir(out_dir)
+  pretrained = features.load_pretrained(path, step)
   params = jax.device_get(pretrained.params)
   checkpointing.export_encoder(out_dir, params, pretrained.config)
   written = {"encoder": out_dir}
@@ -71,9 +82,62 @@ def export(path: str, out_dir: Optional[str] = None, *, step: Optional[int] = No
   return written
 
 
+def check_source(path: str) -> None:
+  """A WorkdirError unless ``path`` is a directory that looks like a pre-training run or an
+  exported encoder (it has the file each of them starts with)."""
+  if not os.path.isdir(path):
+    what = "not a directory" if os.path.exists(path) else "no such directory"
+    raise errors.WorkdirError(f"{path}: {what}; expected a pre-training work directory or "
+                              "an exported encoder")
+  markers = (config_lib.CONFIG_FILE, checkpointing.ENCODER_CONFIG_FILE)
+  if not any(os.path.isfile(os.path.join(path, name)) for name in markers):
+    raise errors.WorkdirError(
+        f"{path}: neither a pre-training work directory (no {config_lib.CONFIG_FILE}) nor "
+        f"an exported encoder (no {checkpointing.ENCODER_CONFIG_FILE})")
+  if os.path.isfile(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)):
+    return
+  # The encoder is rebuilt from these entries (features.encoder_config); a config.json
+  # without them is another program's file, not a corrupt run.
+  config_file = os.path.join(path, config_lib.CONFIG_FILE)
+  try:
+    with open(config_file) as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.WorkdirError(f"{config_file}: not valid JSON ({e})") from e
+  missing = [f"{section}.{key}" for section, key in (("model", "variant"),
+                                                     ("input", "image_size"))
+             if not isinstance(config, dict) or not isinstance(config.get(section), dict)
+             or key not in config[section]]
+  if missing:
+    raise errors.WorkdirError(f"{config_file}: not the config of a lut_jax pre-training run "
+                              f"(no {', '.join(missing)})")
+
+
+def check_output_dir(out_dir: str) -> None:
+  """A UserError unless ``out_dir`` is, or can be created as, a writable directory.
+
+  Creates nothing: a failed export must not leave an empty directory behind.
+  """
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise errors.UserError(f"{out_dir}: not a directory (a file is in the way)")
+    existing = out_dir
+  else:
+    existing = os.path.dirname(out_dir)
+    while existing and not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    existing = existing or os.curdir
+    if not os.path.isdir(existing):
+      raise errors.UserError(f"cannot create {out_dir}: {existing} is not a directory (a "
+                             "file is in the way)")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.UserError(f"cannot write to {out_dir}: {existing} is not writable")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}",
+                           hint="every option is a --flag=value; see --help")
   flag_values = flags.FLAGS
   step = flag_values.step if flag_values.step >= 0 else None
   written = export(flag_values.workdir, flag_values.out, step=step,
@@ -94,6 +158,11 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (``lut-export``)."""
   _define_flags()
-  app.run(main)
+  errors.run_app(main, prog=PROG)
+
+
+if __name__ == "__main__":
+  run()

@@ -8,24 +8,34 @@ an exported encoder directory (:func:`lut_jax.checkpointing.export_encoder`).
 Features are float32 vectors per image: ``"cls"`` is the cls token after the encoder's final
 LayerNorm (MAE's linear-probe feature), ``"mean"`` the mean of the normalised patch tokens
 (cls excluded; the vector LUT's BC loss trains). Both come from one forward pass.
+
+Cached features and resumable evaluation checkpoints are keyed by :func:`features_key`
+(the encoder's source, step and weights, and every input field that changes the features),
+so a work directory reused for another encoder or input never reports stale numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
+import zipfile
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lut_jax import checkpointing, config_lib, models, variants
+from lut_jax import checkpointing, config_lib, errors, models, variants
 
 POOLS = ("cls", "mean")
+CACHE_KEY = "cache_key"  # the .npz entry holding the features' key (a JSON string)
+RESUME_KEY_FILE = "eval_key.json"  # beside the checkpoints of a probe / fine-tuning run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +49,8 @@ class PretrainedEncoder:
       mlp_ratio) — what :func:`lut_jax.checkpointing.export_encoder` stores.
     channels: input channels of the patch embedding.
     source: where it was loaded from, for logs.
+    path: the absolute directory it was loaded from ("" when built in memory).
+    step: the pre-training checkpoint step loaded (None for an exported encoder).
   """
 
   encoder: models.Encoder
@@ -46,6 +58,24 @@ class PretrainedEncoder:
   config: dict[str, Any]
   channels: int
   source: str
+  path: str = ""
+  step: Optional[int] = None
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """SHA-256 of the parameters' names, shapes, dtypes and values.
+
+    It identifies the weights whatever their source: an export overwritten in place, a
+    checkpoint step rewritten by a restarted run, an encoder built in memory.
+    """
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        leaf = leaf.addressable_data(0)  # replicated: each process holds a whole copy
+      value = np.ascontiguousarray(leaf)
+      digest.update(f"{jax.tree_util.keystr(path)} {value.dtype} {value.shape};".encode())
+      digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,7 +135,7 @@ def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
     encoder, params = checkpointing.load_encoder(path)
     with open(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)) as f:
       config = json.load(f)
-    source = f"exported encoder {path}"
+    source, step = f"exported encoder {path}", None
   else:
     pretrain_config = config_lib.load_config(path)
     config = encoder_config(pretrain_config)
@@ -114,7 +144,7 @@ def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
     source = f"pre-training run {path}, step {step} (online encoder)"
   channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])
   return PretrainedEncoder(encoder=encoder, params=params, config=config, channels=channels,
-                           source=source)
+                           source=source, path=path, step=step)
 
 
 def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
@@ -186,20 +216,140 @@ def _append(out: dict[str, list[np.ndarray]], batch: Mapping[str, Any]) -> None:
     out[k].append(np.asarray(v))
 
 
-def cached_features(path: Optional[str], compute) -> dict[str, np.ndarray]:
-  """Features from the ``.npz`` at ``path`` if it exists, else ``compute()`` (saved there
-  by process 0, atomically). Extraction is the expensive part of kNN and linear probing;
-  caching makes reruns and resumed runs cheap."""
-  if path and os.path.exists(path):
+def features_key(pretrained: PretrainedEncoder, input_config: ml_collections.ConfigDict,
+                 split: str, *, pools: Sequence[str] = (),
+                 crop_pct: Optional[float] = None) -> dict[str, Any]:
+  """Everything that determines what ``pretrained`` computes on ``split``.
+
+  The key of the cached features of ``split`` and of the checkpoints trained on them (see
+  :func:`check_resume_key`): any difference means other features.
+
+  Args:
+    pretrained: the encoder (its source, step, weights and config).
+    input_config: the resolved eval input (``eval_config.input_config``): dataset,
+      data_dir, image_size, channels.
+    split: the split read.
+    pools: the features computed from the tokens.
+    crop_pct: the centre crop of the eval view (None: the pipeline's default for the size).
+
+  Returns:
+    A JSON-able dict.
+  """
+  data_dir = input_config.get("data_dir")
+  if data_dir and "://" not in data_dir:  # a local path names the same data from any cwd
+    data_dir = os.path.abspath(data_dir)
+  return {"pretrained": pretrained.path, "step": pretrained.step,
+          "params_sha256": pretrained.fingerprint, "encoder": dict(pretrained.config),
+          "encoder_channels": pretrained.channels, "dataset": input_config.dataset,
+          "data_dir": data_dir, "split": split, "image_size": int(input_config.image_size),
+          "channels": int(input_config.channels), "crop_pct": crop_pct, "pools": list(pools)}
+
+
+def key_hash(key: Mapping[str, Any]) -> str:
+  """A short stable hash of a key, for results files and logs."""
+  return hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
+
+
+def describe_source(pretrained: PretrainedEncoder,
+                    keys: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """What a results file records of the encoder and input that produced its numbers:
+  path, step, weights hash and the hash of each split's key."""
+  return {"pretrained": pretrained.path or pretrained.source, "step": pretrained.step,
+          "params_sha256": pretrained.fingerprint,
+          "keys": {key["split"]: key_hash(key) for key in keys}}
+
+
+def _canonical(key: Any) -> str:
+  return json.dumps(key, sort_keys=True)
+
+
+def _differences(stored: Any, key: Mapping[str, Any]) -> str:
+  """The fields where ``stored`` (a decoded key) differs from ``key``, for messages."""
+  if not isinstance(stored, dict):
+    return "an unreadable key"
+  expected = json.loads(_canonical(key))
+  fields = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+  return "a different " + ", ".join(fields)
+
+
+def _load_cache(path: str, key: Mapping[str, Any]) -> tuple[Optional[dict[str, np.ndarray]],
+                                                             str]:
+  """``(features, "")`` of the cache at ``path`` when saved under ``key``, else
+  ``(None, why not)``."""
+  try:
     with np.load(path) as data:
-      return {k: data[k] for k in data.files}
+      if CACHE_KEY not in data.files:
+        return None, "it has no key (an older format)"
+      stored = str(data[CACHE_KEY])
+      if stored != _canonical(key):
+        return None, f"it was computed with {_differences(json.loads(stored), key)}"
+      return {k: data[k] for k in data.files if k != CACHE_KEY}, ""
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    return None, f"it cannot be read ({type(e).__name__}: {e})"
+
+
+def cached_features(path: Optional[str], key: Mapping[str, Any],
+                    compute) -> dict[str, np.ndarray]:
+  """Features from the ``.npz`` at ``path`` when it was saved under ``key``, else
+  ``compute()`` (saved there with ``key`` by process 0, atomically).
+
+  Extraction is the expensive part of kNN and linear probing; caching makes reruns and
+  resumed runs cheap. A cache of another key, without one or unreadable is recomputed
+  (and replaced), never trusted: it may hold another encoder's features.
+  """
+  if path and os.path.exists(path):
+    cached, why = _load_cache(path, key)
+    if cached is not None:
+      return cached
+    logging.info("Recomputing the features of %s: %s.", path, why)
   features = compute()
   if path and jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **features)
+    np.savez(tmp, **features, **{CACHE_KEY: np.asarray(_canonical(key))})
     os.replace(tmp, path)
   return features
+
+
+def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
+  """Lets a probe or fine-tuning run resume from ``directory`` only with the same key.
+
+  The first run records ``mode`` and ``key`` beside its checkpoints; a later run that
+  finds checkpoints under another record, or under none, stops rather than resuming them
+  (which would report a state trained on other features) or starting over in their place
+  (which would lose them).
+
+  Raises:
+    errors.WorkdirError: ``directory`` holds checkpoints of another mode, encoder or input.
+  """
+  record = {"mode": mode, "key": key}
+  path = os.path.join(directory, RESUME_KEY_FILE)
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    stored = None
+  except (OSError, ValueError):
+    stored = "unreadable"
+  if stored == json.loads(_canonical(record)):
+    return
+  if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
+    if stored is None:
+      why = "have no record of the encoder and input they were trained on"
+    elif not isinstance(stored, dict):
+      why = f"have an unreadable record ({path})"
+    elif stored.get("mode") != mode:
+      why = f"belong to a {stored.get('mode')} run"
+    else:
+      why = f"were trained with {_differences(stored.get('key'), key)}"
+    raise errors.WorkdirError(
+        f"the checkpoints in {directory} {why}; use a new --workdir for this {mode} run",
+        hint=f"or delete {directory} to start this {mode} run over in the same work directory")
+  if jax.process_index() == 0:  # no checkpoints yet: this run's record
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def dataset_features(pretrained: PretrainedEncoder, input_config: ml_collections.ConfigDict,
@@ -207,7 +357,8 @@ def dataset_features(pretrained: PretrainedEncoder, input_config: ml_collections
                      cache_dir: Optional[str] = None, crop_pct: Optional[float] = None,
                      ) -> dict[str, np.ndarray]:
   """Features of a whole split through ``input_pipeline.create_eval_dataset`` (centre
-  crops), cached as ``cache_dir/<split>.npz`` when ``cache_dir`` is given."""
+  crops), cached as ``cache_dir/<split>.npz`` under :func:`features_key` when ``cache_dir``
+  is given."""
   from lut_jax import input_pipeline  # local: tf.data only where data is read
 
   def compute():
@@ -222,4 +373,5 @@ def dataset_features(pretrained: PretrainedEncoder, input_config: ml_collections
 
   name = split.replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
   path = os.path.join(cache_dir, f"{name}.npz") if cache_dir else None
-  return cached_features(path, compute)
+  key = features_key(pretrained, input_config, split, pools=pools, crop_pct=crop_pct)
+  return cached_features(path, key, compute)

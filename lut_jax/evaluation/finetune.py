@@ -350,7 +350,11 @@ def train_and_evaluate(
 
   abstract_state = jax.eval_shape(init_fn, init_key)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  manager = common.checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_best=True)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  # The state depends on the encoder and the training input, not on the eval crop.
+  resume_key = features.features_key(pretrained, input_config, config.input.train_split)
+  features.check_resume_key(checkpoint_dir, "finetune", resume_key)
+  manager = common.checkpoint_manager(checkpoint_dir, keep_best=True)
   restored = common.restore_latest(
       manager, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract_state, state_sharding))
@@ -430,7 +434,8 @@ def train_and_evaluate(
              "best_top1": (best or {}).get("top1", last["top1"]),
              "best_step": best_step if best_step is not None else total_steps}
   writer.flush()
-  eval_config.write_results(workdir, "finetune", results)
+  eval_config.write_results(workdir, "finetune", results,
+                            source=features.describe_source(pretrained, [resume_key]))
   return results
 
 

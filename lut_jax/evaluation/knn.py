@@ -101,13 +101,13 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str,
   input_config = eval_config.input_config(config, pretrained)
   pools = eval_config.pools(config.knn.pools)
   cache = os.path.join(workdir, "features") if config.cache_features else None
+  splits = (config.input.train_split, config.input.eval_split)
   t0 = time.time()
-  train = features.dataset_features(pretrained, input_config, config.input.train_split,
-                                    batch_size=config.input.eval_batch_size, pools=pools,
-                                    cache_dir=cache, crop_pct=config.input.crop_pct)
-  test = features.dataset_features(pretrained, input_config, config.input.eval_split,
-                                   batch_size=config.input.eval_batch_size, pools=pools,
-                                   cache_dir=cache, crop_pct=config.input.crop_pct)
+  train, test = (features.dataset_features(pretrained, input_config, split,
+                                           batch_size=config.input.eval_batch_size,
+                                           pools=pools, cache_dir=cache,
+                                           crop_pct=config.input.crop_pct)
+                 for split in splits)
   extract_s = time.time() - t0
   num_classes = eval_config.num_classes(config, train["label"])
   results = {}
@@ -123,5 +123,8 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str,
   writer.write_scalars(0, {f"knn/{k}": v for k, v in results.items()}
                        | {"knn/feature_seconds": extract_s})
   writer.flush()
-  eval_config.write_results(workdir, "knn", results)
+  keys = [features.features_key(pretrained, input_config, split, pools=pools,
+                                 crop_pct=config.input.crop_pct) for split in splits]
+  eval_config.write_results(workdir, "knn", results,
+                            source=features.describe_source(pretrained, keys))
   return results

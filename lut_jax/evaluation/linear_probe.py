@@ -206,18 +206,31 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str,
                      pretrained=None) -> dict[str, float]:
   """Linear probe of a pre-trained encoder (``config.mode == "linear_probe"``): extracts
   (or loads cached) features of both splits, trains the head, writes CLU scalars and
-  ``workdir/linear_probe_results.json``."""
+  ``workdir/linear_probe_results.json``.
+
+  Raises:
+    errors.WorkdirError: ``workdir`` holds a probe of another encoder or input (checked
+      before any feature is extracted, so that run's cache is kept too).
+  """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top (imports TF)
   from lut_jax.evaluation import eval_config, features  # pylint: disable=g-import-not-at-top
 
   lp = config.linear_probe
   pretrained = pretrained or features.load_pretrained(config.pretrained, config.pretrained_step)
   input_config = eval_config.input_config(config, pretrained)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  # The probe's state depends on the training features of its pool only.
+  features.check_resume_key(checkpoint_dir, "linear_probe", features.features_key(
+      pretrained, input_config, config.input.train_split, pools=(lp.pool,),
+      crop_pct=config.input.crop_pct))
   cache = os.path.join(workdir, "features") if config.cache_features else None
-  kwargs = dict(batch_size=config.input.eval_batch_size, pools=("cls", "mean"),
-                cache_dir=cache, crop_pct=config.input.crop_pct)
-  train = features.dataset_features(pretrained, input_config, config.input.train_split, **kwargs)
-  test = features.dataset_features(pretrained, input_config, config.input.eval_split, **kwargs)
+  splits = (config.input.train_split, config.input.eval_split)
+  pools = ("cls", "mean")
+  train, test = (features.dataset_features(pretrained, input_config, split,
+                                           batch_size=config.input.eval_batch_size,
+                                           pools=pools, cache_dir=cache,
+                                           crop_pct=config.input.crop_pct)
+                 for split in splits)
   num_classes = eval_config.num_classes(config, train["label"])
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
@@ -226,11 +239,14 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str,
       epochs=lp.epochs, batch_size=lp.batch_size, base_lr=lp.base_lr,
       warmup_epochs=lp.warmup_epochs, weight_decay=lp.weight_decay, optimizer=lp.optimizer,
       momentum=lp.momentum, seed=config.seed, eval_every_epochs=lp.eval_every_epochs,
-      checkpoint_dir=os.path.join(workdir, "checkpoints"),
+      checkpoint_dir=checkpoint_dir,
       log_fn=lambda step, s: writer.write_scalars(step, {f"linear_probe/{k}": v
                                                          for k, v in s.items()}))
   writer.flush()
   results = {f"{lp.pool}/{k}": v for k, v in results.items()}
   logging.info("linear probe (%s) of %s: %s", lp.pool, pretrained.source, results)
-  eval_config.write_results(workdir, "linear_probe", results)
+  keys = [features.features_key(pretrained, input_config, split, pools=pools,
+                                 crop_pct=config.input.crop_pct) for split in splits]
+  eval_config.write_results(workdir, "linear_probe", results,
+                            source=features.describe_source(pretrained, keys))
   return results
