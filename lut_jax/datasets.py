@@ -523,6 +523,13 @@ def _link_problem(target: str, parent: str, root: str, visited: set[str]) -> str
   return ""
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+  try:
+    return entry.is_dir()
+  except OSError:  # a link that loops on itself (a -> b -> a): no folder to walk
+    return False
+
+
 def _scan(path: str) -> list[os.DirEntry]:
   with os.scandir(path) as entries:
     return sorted(entries, key=lambda e: e.name)
@@ -543,7 +550,7 @@ def _list_local_folder(root: str) -> _Listing:
   except OSError as e:
     raise errors.DataError(errors.describe_os_error(e, "listing the image folder")) from e
   for entry in top_entries:
-    if not entry.is_dir():  # follows a link: a link to a folder is a class folder
+    if not _is_dir(entry):  # follows a link: a link to a folder is a class folder
       continue
     if entry.is_symlink():
       target = os.path.realpath(entry.path)
@@ -572,11 +579,7 @@ def _list_local_folder(root: str) -> _Listing:
       images = []
       for entry in entries:
         is_link = entry.is_symlink()
-        try:
-          is_dir = entry.is_dir()
-        except OSError:  # e.g. a link loop of its own: not a folder to walk
-          is_dir = False
-        if is_dir:
+        if _is_dir(entry):
           if is_link:
             target = os.path.realpath(entry.path)
             problem = _link_problem(target, real, real_root, visited)
