@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from lut_jax import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601-2 luma (PIL "L"); sums to exactly 1, so a grey image stays the same grey.
@@ -69,11 +71,11 @@ def mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def check_image_size(image_size: int) -> None:
-  """Raises ``ValueError`` unless ``image_size`` is an int the augmentation can produce."""
+  """Raises ``ConfigError`` unless ``image_size`` is an int the augmentation can produce."""
   if isinstance(image_size, bool) or not isinstance(image_size, int):
-    raise ValueError(f"input.image_size must be an int, got {image_size!r}")
+    raise errors.ConfigError(f"input.image_size must be an int, got {image_size!r}")
   if image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f"input.image_size must be >= {MIN_IMAGE_SIZE} (reflect padding and the "
+    raise errors.ConfigError(f"input.image_size must be >= {MIN_IMAGE_SIZE} (reflect padding and the "
                      f"blur kernel need it), got {image_size}")
 
 

@@ -34,8 +34,8 @@ def run_length(config: ml_collections.ConfigDict,
   if not 0 <= warmup < total:
     # The cosine needs at least one step after the warmup.
     raise config_lib.ConfigError(
-        f"the warmup ({warmup} steps) must be shorter than the run ({total} steps)",
-        hint="lower optim.warmup_steps (or optim.warmup_epochs), or raise total_steps")
+        f"optim.warmup_steps/warmup_epochs: the warmup ({warmup} steps) must be shorter "
+        f"than the run ({total} steps)", hint="lower the warmup or raise total_steps")
   return total, warmup
 
 

@@ -11,6 +11,7 @@ never import JAX) and the core can all raise these.
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
 import sys
@@ -125,24 +126,42 @@ def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax") -> None:
     flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
 
   def parse_flags(argv: list[str]) -> list[str]:
+    fail = lambda e: exit_with(e, prog, debug=debug_requested(argv))  # noqa: E731
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - flags, config files: all the user's to fix
       # config_flags raises the config file's own errors (ValueError, KeyError, ...) and
       # its override errors (a misspelt key is an AttributeError) while parsing.
       cause = e.__cause__ if isinstance(e, flags.Error) and e.__cause__ else e
-      if isinstance(cause, (flags.Error, ValueError, KeyError, AttributeError, TypeError,
-                            OSError, SyntaxError, ImportError)):
-        exit_with(as_user_error(cause) or ConfigError(_flag_message(cause)), prog,
-                  debug=debug_requested(argv))
-      raise
+      if not isinstance(cause, (flags.Error, ValueError, KeyError, AttributeError, TypeError,
+                                OSError, SyntaxError, ImportError)):
+        raise
+      fail(as_user_error(cause) or ConfigError(_flag_message(cause)))
+    for name in flags.FLAGS:
+      # A config file that failed to load is only reported when first used; report it now.
+      value = flags.FLAGS[name].value
+      if type(value).__name__ == "_ErrorConfig":
+        fail(ConfigError(f"--{name}: cannot load the config file: "
+                         f"{_flag_message(vars(value)['_error'])}"))
+    return rest
 
-  app.run(lambda argv: reporting_user_errors(lambda: main(argv), prog, argv),
+  app.run(lambda argv: reporting_user_errors(lambda: main(argv), prog, sys.argv),
           flags_parser=parse_flags)
 
 
 def _flag_message(e: BaseException) -> str:
-  text = str(e).strip().strip('"').strip("'")
-  if isinstance(e, KeyError) or not text:
+  """The informative part of a flag error, on one line (config_flags embeds whole
+  tracebacks in its messages, and a misspelt key's message is the repr of a string)."""
+  text = str(e).strip()
+  if "Traceback (most recent call last)" in text:
+    head, tail = text.split("Traceback (most recent call last)", 1)
+    text = head.strip() + " " + tail.strip().splitlines()[-1].split(": ", 1)[-1]
+  if isinstance(e, AttributeError):  # ConfigDict: "'\\'bse_lr\\'\\nDid you mean ...?'"
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      pass
+    text = f"unknown config field {text}"
+  elif isinstance(e, KeyError) or not text:
     text = f"{type(e).__name__}: {text}"
-  return text
+  return " ".join(text.split())

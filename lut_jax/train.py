@@ -156,7 +156,9 @@ def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Opti
   an unknown data set or split is reported before anything is written to the workdir."""
   if not real_data and config.total_steps > 0 and config.optim.warmup_steps >= 0:
     return None
-  from lut_jax import datasets  # local: tfds is only needed to count examples
+  from lut_jax import augment, datasets  # local: TensorFlow only where data is read
+  if real_data:
+    augment.check_image_size(config.input.image_size)
   return datasets.num_examples(config.input)
 
 

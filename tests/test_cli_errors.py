@@ -1,0 +1,163 @@
+"""Adversarial use of the command lines: every mistake a user can make is one line.
+
+Each case runs the real CLI in a subprocess and asserts the promised form: exit status 2,
+the last stderr line ``<prog>: error: ...`` naming the problem (or a ``hint:`` line right
+after it), no traceback, and nothing written where the input was refused early.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config.input.batch_size=16", "--config.total_steps=4", "--config.optim.warmup_steps=1",
+        "--config.log_every_steps=1", "--config.checkpoint_every_steps=1",
+        "--config.image_summary_every_steps=100", "--config.model.decoder_width=32",
+        "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
+        "--config.model.head_hidden_dim=64"]
+
+
+def _run(module, *args, timeout=300):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env.pop("LUT_JAX_DEBUG", None)
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _pretrain(workdir, *extra, **kwargs):
+  return _run("lut_jax.main", "--config=configs/fashion_mnist.py:variant=mu/4",
+              f"--workdir={workdir}", *TINY, *extra, **kwargs)
+
+
+def _error_line(result, prog="lut_jax"):
+  """The ``prog: error:`` line, after checking the one-line form of the failure."""
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [l for l in result.stderr.strip().splitlines() if l.strip()]  # noqa: E741
+  if lines[-1].startswith(f"{prog}: hint:"):
+    lines = lines[:-1]
+  assert lines[-1].startswith(f"{prog}: error: "), lines[-5:]
+  return lines[-1]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.optim.bse_lr=1"], "base_lr"),  # misspelt key: names the right one
+    (["--config.input.image_sise=32"], "image_size"),
+    (["--config.optim.base_lr=-1"], "optim.base_lr must be > 0"),
+    (["--config.optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
+    (["--config.optim.b1=1.0"], "optim.b1 must be in [0, 1)"),
+    (["--config.ema.momentum=1.5"], "ema.momentum must be in [0, 1]"),
+    (["--config.input.image_size=8"], "image_size"),
+    (["--config.loss.mask_ratio=0.3"], "mask_ratio"),
+    (["--config.optim.warmup_steps=10"], "optim.warmup_steps"),
+    (["--config.input.dataset=no_such_dataset_xyz"], "no_such_dataset_xyz"),
+    (["--config.input.split=no_such_split"], "no_such_split"),
+    (["--config.input.dataset=folder:/nonexistent/images"], "/nonexistent/images"),
+])
+def test_bad_config_is_one_line_and_writes_nothing(tmp_path, args, expected):
+  workdir = tmp_path / "run"
+  line = _error_line(_pretrain(workdir, *args))
+  assert expected in line
+  assert not workdir.exists()  # refused before anything was written
+
+
+def test_bad_config_file_argument_is_one_line(tmp_path):
+  result = _run("lut_jax.main", "--config=configs/fashion_mnist.py:varant=mu/4",
+                f"--workdir={tmp_path}")
+  assert "varant=mu/4" in _error_line(result)
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  result = _run("lut_jax.main", "--config=configs/no_such_file.py", f"--workdir={tmp_path}")
+  assert "no_such_file.py" in _error_line(result)
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("not a directory")
+  assert "is a file" in _error_line(_pretrain(path))
+  assert path.read_text() == "not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_workdir(tmp_path):
+  tmp_path.chmod(0o500)
+  try:
+    assert "permission denied" in _error_line(_pretrain(tmp_path / "run"))
+  finally:
+    tmp_path.chmod(0o700)
+
+
+def test_empty_image_folder(tmp_path):
+  (tmp_path / "images" / "cls").mkdir(parents=True)
+  line = _error_line(_pretrain(tmp_path / "run",
+                               f"--config.input.dataset=folder:{tmp_path / 'images'}"))
+  assert "images" in line
+
+
+def test_workdir_in_use_by_a_live_run(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    (workdir / "lut_jax.lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": other.pid, "command": "lut-pretrain other",
+         "started": "now"}))
+    line = _error_line(_pretrain(workdir))
+    assert "in use by another run" in line and str(other.pid) in line
+    assert not (workdir / "checkpoints").exists()
+  finally:
+    other.kill()
+    other.wait()
+
+
+def test_diverging_run_stops_with_one_line_and_keeps_good_checkpoints(tmp_path):
+  workdir = tmp_path / "run"
+  line = _error_line(_pretrain(workdir, "--config.optim.base_lr=1e6", "--config.total_steps=12",
+                               timeout=600))
+  assert "NaN or infinite" in line and "Last good checkpoint: step" in line
+  good = int(line.split("Last good checkpoint: step ")[1].split()[0])
+  steps = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+  assert steps and max(steps) == good
+
+
+def test_checkpoints_without_config_and_damaged_beyond_repair(tmp_path):
+  workdir = tmp_path / "run"
+  assert _pretrain(workdir, "--config.total_steps=2").returncode == 0
+  (workdir / "config.json").rename(workdir / "config.json.bak")
+  assert "--adopt_checkpoint" in _pretrain(workdir, "--config.total_steps=2").stderr
+  (workdir / "config.json.bak").rename(workdir / "config.json")
+  for step in ("1", "2"):
+    for dirpath, _, files in os.walk(workdir / "checkpoints" / step):
+      for name in files:
+        if name not in ("sha256.json", "commit_success.txt", "_CHECKPOINT_METADATA"):
+          open(os.path.join(dirpath, name), "wb").close()  # emptied: unreadable
+  line = _error_line(_pretrain(workdir, "--config.total_steps=2"))
+  assert "no checkpoint" in line and "restores" in line
+
+
+def test_resume_with_a_changed_optimizer_is_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  assert _pretrain(workdir, "--config.total_steps=2").returncode == 0
+  line = _error_line(_pretrain(workdir, "--config.total_steps=2",
+                               "--config.optim.grad_clip_norm=1.0"))
+  assert "optim.grad_clip_norm: 0.0 -> 1.0" in line
+
+
+def test_eval_of_a_missing_pretrained_run(tmp_path):
+  result = _run("lut_jax.eval_main", "--config=configs/knn.py", f"--workdir={tmp_path / 'e'}",
+                f"--config.pretrained={tmp_path / 'nothing_here'}")
+  assert "nothing_here" in _error_line(result, "lut-eval")
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+  result = _pretrain(tmp_path / "run", "--config.optim.base_lr=-1", "--debug")
+  assert result.returncode == 2
+  assert "Traceback" in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("lut_jax: error:")
