@@ -1,8 +1,8 @@
 """The errors a user can fix, and how every command-line tool reports them.
 
 A :class:`UserError` is bad input (a config value, a data set, a work directory, a
-checkpoint): the tools print it as one line, ``lut_jax: error: <what>``, plus a hint line
-when there is one, and exit with status 2. Anything else is a bug and keeps its traceback.
+checkpoint): the tools print it as one line, ``lut_jax: error: <what>; hint: <how to fix>``
+(the hint when there is one), and exit with status 2. Anything else is a bug and keeps its traceback.
 ``--debug`` (or ``LUT_JAX_DEBUG=1``) shows the traceback of user errors too.
 
 This module imports only the standard library, so config files, the data modules (which
@@ -91,15 +91,15 @@ def debug_requested(argv: Optional[list[str]] = None) -> bool:
 
 
 def exit_with(e: BaseException, prog: str = "lut_jax", *, debug: bool = False) -> NoReturn:
-  """Prints ``e`` as ``prog: error: ...`` (+ hint) on stderr and exits with status 2."""
+  """Prints ``e`` as one line ``prog: error: ...[; hint: ...]`` on stderr and exits with
+  status 2 (1 for a bug, after its traceback)."""
   user = as_user_error(e)
   if user is None or debug:
     traceback.print_exception(e)
   message = " ".join(str(user if user is not None else e).split()) or type(e).__name__
-  print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-  hint = getattr(user, "hint", "")
-  if hint:
-    print(f"{prog}: hint: {hint}", file=sys.stderr, flush=True)
+  hint = " ".join(getattr(user, "hint", "").split())
+  print(f"{prog}: error: {message}" + (f"; hint: {hint}" if hint else ""), file=sys.stderr,
+        flush=True)
   sys.exit(EXIT_USER_ERROR if user is not None else 1)
 
 

@@ -29,16 +29,13 @@ def _run(tool, *args, cwd=None):
 
 
 def _error_line(tool, result) -> str:
-  """The ``PROG: error:`` line, after checking the status and that it ends stderr (or is
-  followed only by its hint line) and that no traceback was printed."""
+  """The ``PROG: error:`` line, after checking the status and that it ends stderr  and that no traceback was printed."""
   _, prog = tool
   stderr = result.stderr
   assert result.returncode == 2, f"status {result.returncode}\n{stderr[-3000:]}"
   assert "Traceback" not in stderr, stderr[-3000:]
   lines = [line for line in stderr.splitlines() if line.strip()]
   assert lines, "nothing on stderr"
-  if lines[-1].startswith(f"{prog}: hint:"):
-    lines.pop()
   assert lines[-1].startswith(f"{prog}: error:"), stderr[-3000:]
   return lines[-1]
 

@@ -172,8 +172,9 @@ def test_a_live_run_locks_its_workdir(tmp_path):
 def test_a_dead_runs_lock_is_taken_over(tmp_path):
   import socket
   import subprocess
-  pid = subprocess.Popen(["true"]).pid  # a pid that has exited
-  os.waitpid(pid, 0)
+  exited = subprocess.Popen(["true"])
+  exited.wait()
+  pid = exited.pid  # a pid whose process is gone
   (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(
       {"host": socket.gethostname(), "pid": pid, "command": "old", "started": "then"}))
   _run(util.tiny_config(total_steps=3), tmp_path)

@@ -110,7 +110,8 @@ def restore_online_encoder(checkpoint_dir: str, step: Optional[int] = None) -> t
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.metadata(path).item_metadata.tree
     if "params" not in tree or "encoder" not in tree["params"]:
-      raise ValueError(f"{path} holds no params/encoder: not a LUT pre-training checkpoint")
+      raise errors.WorkdirError(
+          f"{path} holds no params/encoder: not a LUT pre-training checkpoint")
     sharding = _replicated_sharding()
     abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
