@@ -49,6 +49,6 @@ setuptools.setup(
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["lut-pretrain=lut_jax.main:run",
                                       "lut-eval=lut_jax.eval_main:run",
-                                      "lut-analyze=lut_jax.analyze:main",
+                                      "lut-analyze=lut_jax.analyze:run",
                                       "lut-export=lut_jax.evaluation.export:run"]},
 )

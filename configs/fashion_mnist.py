@@ -28,8 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.decoder_num_heads = 4
   config.model.head_hidden_dim = 512
 
-  config.total_steps = 600
-  config.optim.warmup_steps = 60
+  # Counted in steps (the base recipe counts in epochs): --config.total_steps=N overrides
+  # alone; to count in epochs instead, also pass --config.total_steps=None.
+  config.total_steps, config.total_epochs = 600, None
+  config.optim.warmup_steps, config.optim.warmup_epochs = 60, None
   config.optim.base_lr = 1.5e-4 * 10  # small data, short schedule: a larger base lr
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200

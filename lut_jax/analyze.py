@@ -26,20 +26,20 @@ Bad input (a checkpoint that cannot be read, a wrong option) ends as one line,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import time
 from typing import Any, Optional, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lut_jax import errors
+from lut_jax import errors, idx, image_utils, reconstruction
 from lut_jax.analysis import (attention_distance, images as images_lib, loading, maps, plots,
-                              reconstruction, spectrum)
+                              spectrum)
 
 
 PROG = "lut-analyze"
@@ -54,66 +54,63 @@ def _file_label(label: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog=PROG,
-                              description=__doc__.split("\n\n")[0].strip(),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", action="append", required=True,
-                 help="workdir, exported encoder dir or .pth file; repeat to compare")
-  p.add_argument("--labels", default="",
-                 help="comma-separated names, one per --checkpoint (default: file names)")
-  p.add_argument("--images", default="fashion_mnist",
-                 help="'fashion_mnist' (test split), 'skimage' (bundled photos) or a directory")
-  p.add_argument("--num_images", type=int, default=64,
-                 help="images for the attention distance and the spectrum")
-  p.add_argument("--num_show", type=int, default=4,
-                 help="images drawn in the map and reconstruction figures")
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--which", default="params", choices=("params", "target_params"),
-                 help="workdirs: the online network or the EMA teacher")
-  p.add_argument("--queries", default="center;cls",
-                 help="attention-map queries: 'cls', 'center' or 'row,col', ';'-separated")
-  p.add_argument("--attention_layer", type=int, default=-1,
-                 help="block whose attention is drawn (negative: from the end)")
-  p.add_argument("--probe", action="append", default=[],
-                 help="linear probe (workdir or .npz) for Grad-CAM, one per --checkpoint in "
-                      "order")
-  p.add_argument("--probe_pool", default=None, choices=("cls", "mean"),
-                 help="override the probe's feature pooling")
-  p.add_argument("--gradcam_block", type=int, default=None,
-                 help="encoder block whose output Grad-CAM uses (default: the last for "
-                      "mean-pooled probes, the one before for cls-pooled ones)")
-  p.add_argument("--mask_ratio", type=float, default=None,
-                 help="reconstruction mask ratio (default: the checkpoint's)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the reconstruction masks")
-  p.add_argument("--batch_size", type=int, default=16, help="images per forward pass")
-  p.add_argument("--torch_key", default=None,
-                 help=".pth: checkpoint entry to read (e.g. model_ema)")
-  p.add_argument("--num_heads", type=int, default=None,
-                 help=".pth: encoder heads (default: the standard ViT of that width)")
-  p.add_argument("--decoder_num_heads", type=int, default=16, help=".pth: decoder heads")
-  p.add_argument("--image_size", type=int, default=None,
-                 help=".pth: input image size (default: from the size of pos_embed)")
-  p.add_argument("--debug", action="store_true",
-                 help="show the traceback of input errors too (also LUT_JAX_DEBUG=1)")
-  args = p.parse_args(argv)
-  if args.num_images < 1 or args.num_show < 1 or args.batch_size < 1:
-    p.error("--num_images, --num_show and --batch_size must be positive")
-  for name in ("num_heads", "decoder_num_heads", "image_size"):
-    if getattr(args, name) is not None and getattr(args, name) < 1:
-      p.error(f"--{name} must be positive")
+flags.DEFINE_multi_string(
+    "checkpoint", None, "workdir, exported encoder dir or .pth file; repeat to compare")
+flags.DEFINE_list("labels", [], "comma-separated names, one per --checkpoint (default: file "
+                  "names)")
+flags.DEFINE_string("images", "fashion_mnist",
+                    "'fashion_mnist' (test split), 'skimage' (bundled photos) or a directory")
+flags.DEFINE_integer("num_images", 64, "images for the attention distance and the spectrum",
+                     lower_bound=1)
+flags.DEFINE_integer("num_show", 4, "images drawn in the map and reconstruction figures",
+                     lower_bound=1)
+flags.DEFINE_string("out", None, "output directory")
+flags.DEFINE_enum("which", "params", ["params", "target_params"],
+                  "workdirs: the online network or the EMA teacher")
+flags.DEFINE_string("queries", "center;cls",
+                    "attention-map queries: 'cls', 'center' or 'row,col', ';'-separated")
+flags.DEFINE_integer("attention_layer", -1,
+                     "block whose attention is drawn (negative: from the end)")
+flags.DEFINE_multi_string("probe", [], "linear probe (workdir or .npz) for Grad-CAM, one per "
+                          "--checkpoint in order")
+flags.DEFINE_enum("probe_pool", None, ["cls", "mean"], "override the probe's feature pooling")
+flags.DEFINE_integer("gradcam_block", None,
+                     "encoder block whose output Grad-CAM uses (default: the last for "
+                     "mean-pooled probes, the one before for cls-pooled ones)")
+flags.DEFINE_float("mask_ratio", None, "reconstruction mask ratio (default: the checkpoint's)")
+flags.DEFINE_integer("seed", 0, "seed of the reconstruction masks")
+flags.DEFINE_integer("batch_size", 16, "images per forward pass", lower_bound=1)
+flags.DEFINE_string("torch_key", None, ".pth: checkpoint entry to read (e.g. model_ema)")
+flags.DEFINE_integer("num_heads", None,
+                     ".pth: encoder heads (default: the standard ViT of that width)",
+                     lower_bound=1)
+flags.DEFINE_integer("decoder_num_heads", 16, ".pth: decoder heads", lower_bound=1)
+flags.DEFINE_integer("image_size", None,
+                     ".pth: input image size (default: from the size of pos_embed)",
+                     lower_bound=1)
+flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags with ``argv`` (the arguments, without the program name) parsed, for callers
+  in the same process; the command line itself goes through ``errors.run_app``."""
+  flags.FLAGS.unparse_flags()  # parsing again would add to the values of the repeated flags
+  flags.FLAGS([PROG, *argv])
+  return flags.FLAGS
+
+
+def _check_flags(args: flags.FlagValues) -> None:
+  """What absl's per-flag checks cannot say: ranges with an open end, files, counts."""
   if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:
-    p.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio:g}")
+    raise errors.ConfigError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio:g}")
   if args.images not in IMAGE_SOURCES and not os.path.isdir(args.images):
-    p.error(f"--images {args.images!r}: expected {' or '.join(IMAGE_SOURCES)} or a "
-            "directory of images")
-  labels = [s.strip() for s in args.labels.split(",")] if args.labels else []
-  if labels and len(labels) != len(args.checkpoint):
-    p.error(f"--labels has {len(labels)} names for {len(args.checkpoint)} checkpoints")
+    raise errors.ConfigError(f"--images {args.images!r}: expected "
+                             f"{' or '.join(IMAGE_SOURCES)} or a directory of images")
+  if args.labels and len(args.labels) != len(args.checkpoint):
+    raise errors.ConfigError(f"--labels has {len(args.labels)} names for "
+                             f"{len(args.checkpoint)} checkpoints")
   if len(args.probe) > len(args.checkpoint):
-    p.error("more --probe files than --checkpoint")
-  args.labels = labels
-  return args
+    raise errors.ConfigError("more --probe files than --checkpoint")
 
 
 def _unique(labels: list[str]) -> list[str]:
@@ -133,7 +130,7 @@ def _batched(fn, params: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
-                  true_labels: Optional[np.ndarray], args: argparse.Namespace,
+                  true_labels: Optional[np.ndarray], args: flags.FlagValues,
                   class_names: Optional[Sequence[str]],
                   probe: Optional[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
   """Every analysis of one model; writes its per-model figures, returns its metrics.
@@ -172,7 +169,7 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
                                        jax.random.key(args.seed), mask_ratio=ratio,
                                        norm_pix=m.norm_pix)
     figures.append(plots.reconstructions(
-        reconstruction.display_images(recon, m.channels),
+        {k: image_utils.denormalize(v, m.channels) for k, v in recon.items() if k != "mask"},
         os.path.join(args.out, f"reconstructions_{name}.png"),
         title=f"{m.label}: mask ratio {ratio:g}"))
   else:
@@ -205,14 +202,14 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
   return out
 
 
-def _queries(args: argparse.Namespace, m: loading.LoadedModel) -> list[maps.Query]:
+def _queries(args: flags.FlagValues, m: loading.LoadedModel) -> list[maps.Query]:
   try:
     return maps.parse_queries(args.queries, m.grid_size)
   except ValueError as e:  # parse_queries raises it for the text alone
     raise errors.ConfigError(f"--queries: {e} (in {m.label})") from e
 
 
-def _check_options(args: argparse.Namespace, m: loading.LoadedModel) -> None:
+def _check_options(args: flags.FlagValues, m: loading.LoadedModel) -> None:
   """Options that depend on the model, checked before any analysis runs (a mistake in
   them would otherwise surface after minutes, or as a shape error deep in JAX)."""
   _queries(args, m)
@@ -224,7 +221,7 @@ def _check_options(args: argparse.Namespace, m: loading.LoadedModel) -> None:
                                f"(0..{depth - 1}, or -{depth}..-1 from the end)")
 
 
-def _load_probe(path: str, args: argparse.Namespace,
+def _load_probe(path: str, args: flags.FlagValues,
                 m: loading.LoadedModel) -> tuple[str, dict[str, Any]]:
   probe = loading.load_probe(path, pool=args.probe_pool)
   kernel, bias = np.shape(probe["kernel"]), np.shape(probe["bias"])
@@ -242,13 +239,14 @@ def _make_output_dir(out: str) -> None:
     raise errors.UserError(f"--out {out}: not a directory (a file is in the way)") from e
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def analyze(args: flags.FlagValues) -> dict[str, Any]:
   """Loads every checkpoint, analyses it and writes the figures and ``metrics.json``.
 
   Everything the user gave (output directory, checkpoints, probes, model-dependent
   options) is checked before the first analysis, so bad input fails at once.
   """
   start = time.time()
+  _check_flags(args)
   _make_output_dir(args.out)
   labels = args.labels or [None] * len(args.checkpoint)
   loaded = [loading.load(path, label=label, which=args.which, key=args.torch_key,
@@ -266,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if not args.probe:
     _say("no --probe given; skipping Grad-CAM")
   raw, true_labels = images_lib.load(args.images, args.num_images)
-  class_names = images_lib.FASHION_MNIST_CLASSES if args.images == "fashion_mnist" else None
+  class_names = idx.FASHION_MNIST_CLASSES if args.images == "fashion_mnist" else None
 
   results: dict[str, Any] = {}
   for i, m in enumerate(loaded):
@@ -299,14 +297,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return metrics
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}",
+                           hint="every option is a --flag=value; see --help")
+  analyze(flags.FLAGS)
+
+
+def run() -> None:
   """Console-script entry point (``lut-analyze``)."""
-  args = parse_args(argv)
-  # Only user errors (lut_jax.errors, and OS errors such as a missing file) become one line
-  # with status 2; anything else is a bug and keeps its traceback.
-  errors.reporting_user_errors(lambda: run(args), prog=PROG,
-                               argv=["--debug"] if args.debug else [])
+  errors.run_app(main, prog=PROG)
 
 
 if __name__ == "__main__":
-  main()
+  run()

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state: periodic async saves, resume, encoder export.
+"""Orbax checkpoints of the train state: periodic async saves, resume, encoder export,
+and reading pre-trained weights (:func:`locate_pretrained`, :func:`restore_subtrees`).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 crash or preemption mid-save never damages the last finished checkpoint. On top of that:
@@ -21,34 +22,47 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from lut_jax import errors
+from lut_jax import config_lib, errors
 
 MANIFEST = "sha256.json"  # inside each step directory: copying a step copies it
 
 
 class Checkpointer:
-  """A thin wrapper over ``ocp.CheckpointManager`` for one train-state pytree."""
+  """A thin wrapper over ``ocp.CheckpointManager`` for one train-state pytree.
+
+  Keeps the ``max_to_keep`` newest steps and, with ``best_metric``, also the step whose
+  ``metrics[best_metric]`` (passed to :meth:`save`) is highest. ``async_save=False`` saves
+  (and hashes) each step before :meth:`save` returns.
+  """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
-               checksums: bool = True):
+               checksums: bool = True, best_metric: Optional[str] = None):
     # Local paths made absolute (Orbax needs that); URLs (gs://...) kept as they are.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     self.checksums = checksums
+    self.async_save = async_save
     self._pending: Optional[int] = None  # step of the save in flight
     self._hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._hash_jobs: list[concurrent.futures.Future] = []
+    policies = ocp.checkpoint_managers
+    policy, best = policies.LatestN(n=max_to_keep), {}
+    if best_metric is not None:
+      metric = lambda metrics: metrics[best_metric]  # noqa: E731
+      policy = policies.AnyPreservationPolicy([policy, policies.BestN(
+          get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])
+      best = dict(best_fn=metric, best_mode="max")
     try:
       self.manager = ocp.CheckpointManager(
           self.directory,
-          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=async_save))
+          options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                               enable_async_checkpointing=async_save, **best))
     except OSError as e:
       raise errors.WorkdirError(errors.describe_os_error(
           e, f"cannot create the checkpoint directory {self.directory}")) from e
@@ -59,18 +73,23 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-    """Starts saving ``state`` as ``step`` (asynchronously); returns whether it saves.
+  def save(self, step: int, state: Any, *, force: bool = False,
+           metrics: Optional[dict[str, float]] = None) -> bool:
+    """Starts saving ``state`` as ``step``; returns whether it saves. ``metrics`` rank it
+    for ``best_metric``.
 
     The previous save is finished (and its failure, if any, raised) first.
     """
     self.wait()
     try:
-      saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      saved = self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+                                force=force)
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is the disk's fault
       self._raise_save_error(step, e)
     if saved:
       self._pending = step
+      if not self.async_save:
+        self.wait()
     return saved
 
   def wait(self) -> None:
@@ -82,7 +101,10 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       self._raise_save_error(step, e)
     if step is not None and self.checksums and jax.process_index() == 0:
-      self._hash_jobs.append(self._hashing.submit(self._write_checksums, step))
+      job = self._hashing.submit(self._write_checksums, step)
+      self._hash_jobs.append(job)
+      if not self.async_save:  # hashed before a later save can garbage-collect the step
+        concurrent.futures.wait([job])
 
   def check_for_errors(self) -> None:
     """Raises the error of a background save that has already failed (cheap; no wait)."""
@@ -171,6 +193,11 @@ class Checkpointer:
     if bad:
       raise ValueError(f"{len(bad)} file(s) differ from their checksums, e.g. {bad[0]}")
 
+  def best(self) -> Optional[tuple[int, dict[str, float]]]:
+    """``(step, metrics)`` of the kept step with the highest ``best_metric``, or None."""
+    step = self.manager.best_step()
+    return None if step is None else (step, self.manager.metrics(step))
+
   def reached_preemption(self, step: int) -> bool:
     """True on every process once any of them received a preemption notice (multi-host)."""
     return self.manager.reached_preemption(step)
@@ -253,3 +280,112 @@ def load_encoder(directory: str) -> tuple[Any, Any]:
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(directory, "params"))
   return Encoder(**encoder_config), params
+
+
+CHECKPOINT_DIR = "checkpoints"  # a pre-training work directory's Checkpointer directory
+TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
+
+
+def locate_pretrained(path: str, *, torch: bool = False) -> tuple[str, str, Optional[int]]:
+  """What ``path``, given as pre-trained weights, holds: ``(kind, location, step)``.
+
+  ``("workdir", workdir, step)`` for a pre-training work directory (step None: the latest)
+  or one of its ``checkpoints/<step>``; ``("encoder", directory, None)`` for an
+  :func:`export_encoder` directory; ``("torch", file, None)`` for a PyTorch checkpoint file
+  (accepted only with ``torch``). Locations are absolute. Anything else is a user error
+  (``FileNotFoundError`` or ``errors.UserError``) saying what was expected.
+  """
+  expected = (f"the work directory of a lut_jax run (with {config_lib.CONFIG_FILE} and "
+              f"{CHECKPOINT_DIR}/) or an exported encoder (with {ENCODER_CONFIG_FILE})")
+  if torch:
+    expected += f" or a PyTorch checkpoint file ({', '.join(TORCH_EXTENSIONS)})"
+  location = os.path.abspath(path)
+  if os.path.isfile(location):
+    if torch and location.endswith(TORCH_EXTENSIONS):
+      return "torch", location, None
+    raise errors.UserError(f"{path}: a file; expected {expected}")
+  if os.path.isfile(os.path.join(location, ENCODER_CONFIG_FILE)):
+    return "encoder", location, None
+  parent, name = os.path.split(location)
+  if name.isdigit() and os.path.basename(parent) == CHECKPOINT_DIR:
+    return "workdir", os.path.dirname(parent), int(name)
+  if (os.path.isdir(os.path.join(location, CHECKPOINT_DIR))
+      or os.path.isfile(os.path.join(location, config_lib.CONFIG_FILE))):
+    return "workdir", location, None
+  if os.path.exists(location):
+    raise FileNotFoundError(f"{path}: not {expected}")
+  raise FileNotFoundError(f"{path}: no such file or directory; expected {expected}")
+
+
+def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
+                     step: Optional[int] = None, *,
+                     sharding: Optional[jax.sharding.Sharding] = None,
+                     ) -> tuple[dict[str, Any], int]:
+  """Chosen subtrees of a train-state checkpoint step: an Orbax partial restore guided by
+  the checkpoint's own metadata, so nothing else is read (not the optimizer state) and
+  neither the model nor the run's mesh has to be rebuilt.
+
+  Args:
+    checkpoint_dir: a :class:`Checkpointer` directory, e.g. ``WORKDIR/checkpoints``.
+    subtrees: ``/``-separated paths into the saved state: ``"params/encoder"`` (the online
+      encoder), ``"params"``, ``"target_params"`` (the EMA teacher), ``"batch_stats"``...
+    step: the step to read; None or negative: the latest.
+    sharding: of every restored array; by default replicated on all devices.
+
+  Returns:
+    ``({subtree: arrays}, step)``.
+
+  Raises:
+    errors.WorkdirError: no such step, or it holds no such subtree.
+  """
+  checkpoint_dir = os.path.abspath(checkpoint_dir)  # Orbax's reader needs absolute paths
+  # Orbax writes a step under a temporary name and renames it when complete: all-digit
+  # names are the finished steps.
+  steps = sorted(int(n) for n in (os.listdir(checkpoint_dir)
+                                  if os.path.isdir(checkpoint_dir) else ()) if n.isdigit())
+  if not steps:
+    raise errors.WorkdirError(f"no finished checkpoint in {checkpoint_dir}")
+  step = steps[-1] if step is None or step < 0 else step
+  if step not in steps:
+    raise errors.WorkdirError(f"no checkpoint of step {step} in {checkpoint_dir}; it has "
+                              f"{steps}")
+  if sharding is None:
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)),
+                                          jax.sharding.PartitionSpec())
+  item_dir = os.path.join(checkpoint_dir, str(step), "default")
+  # Opening the item directly makes Orbax warn that the step-level metadata file is not
+  # there, which is expected: hide that warning.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.metadata(item_dir).item_metadata.tree
+      item = {}
+      for name in subtrees:
+        node = _subtree(tree, name)
+        if node is None:  # absent, or None (an MAE run's target_params)
+          raise errors.WorkdirError(
+              f"checkpoint step {step} in {checkpoint_dir} has no {name}; it has "
+              f"{sorted(k for k, v in tree.items() if v is not None)}",
+              hint="an MAE run has no EMA teacher (target_params)"
+              if name.startswith("target_params") else "")
+        *parents, leaf = name.split("/")
+        target = item
+        for key in parents:
+          target = target.setdefault(key, {})
+        target[leaf] = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), node)
+      restored = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=jax.tree.map(
+              lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item),
+          partial_restore=True))
+  finally:
+    logging.set_verbosity(verbosity)
+  return {name: _subtree(restored, name) for name in subtrees}, step
+
+
+def _subtree(tree: Any, name: str) -> Any:
+  """``tree["a"]["b"]`` for the name ``"a/b"``; None where a key is missing."""
+  for key in name.split("/"):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from lut_jax import errors
 
@@ -24,16 +25,27 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def _steps_or_epochs(value: float | None = None) -> config_dict.FieldReference:
+  """A field of a steps / epochs pair: a number, or None when the other one is set.
+
+  Untyped, because a typed ``int`` field cannot be set to None on the command line
+  (``--config.total_steps=None``); :func:`validate` checks the value instead.
+  """
+  return config_dict.FieldReference(value, field_type=object)
+
+
 def base_config(method: str = "lut") -> ml_collections.ConfigDict:
-  """Defaults common to every pre-training config: the documented LUT recipe."""
+  """Every pre-training field with its value in the documented LUT recipe; configs and
+  code read these fields without fallbacks."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
   c = ml_collections.ConfigDict()
   c.method = method
   c.seed = 0
-  # Length of the run: total_steps wins when > 0, else total_epochs over the train split.
-  c.total_steps = -1
-  c.total_epochs = 1600.0
+  # Length of the run: exactly one of total_steps / total_epochs (passes over the train
+  # split), the other None; the same for optim.warmup_steps / optim.warmup_epochs.
+  c.total_steps = _steps_or_epochs()
+  c.total_epochs = _steps_or_epochs(1600.0)
 
   c.input = ml_collections.ConfigDict()
   c.input.dataset = "imagenet2012"  # any tfds image dataset, or "folder:/path/to/images"
@@ -67,7 +79,7 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.loss.mask_ratio = 0.75
   c.loss.norm_pix = True
   c.loss.w_mae = 1.0
-  c.loss.w_bc = 0.25 if method == "lut" else 0.0
+  c.loss.w_bc = 0.25 if method == "lut" else 0.0  # `method` decides whether it exists
 
   c.ema = ml_collections.ConfigDict()
   c.ema.momentum = 0.996  # tau0; cosine schedule to 1 over the run
@@ -75,8 +87,8 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4  # peak lr = base_lr * batch_size / 256
   c.optim.min_lr = 0.0
-  c.optim.warmup_steps = -1  # wins when >= 0, else warmup_epochs
-  c.optim.warmup_epochs = 40.0
+  c.optim.warmup_steps = _steps_or_epochs()
+  c.optim.warmup_epochs = _steps_or_epochs(40.0)
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.05
@@ -103,23 +115,43 @@ DTYPES = ("float32", "bfloat16")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a pre-training config; raises :class:`ConfigError` naming the bad field."""
-  from lut_jax import masking, models  # local: avoid importing jax for plain config files
+  from lut_jax import masking, models, optim  # local: avoid importing jax for plain config files
 
-  def fail(msg):
-    raise ConfigError(msg)
+  def fail(msg, hint=""):
+    raise ConfigError(msg, hint)
 
   if config.method not in METHODS:
     fail(f"unknown method {config.method!r}; expected one of {METHODS}")
   if config.loss.w_bc < 0 or config.loss.w_mae < 0:
     fail(f"loss weights must be >= 0, got w_mae={config.loss.w_mae}, w_bc={config.loss.w_bc}")
+  # `method` alone decides whether the BC branch exists (uses_bc): a weight contradicting
+  # it would train one method and record the other.
+  if config.method == "lut" and config.loss.w_bc <= 0:
+    fail(f"method='lut' trains the BC loss: loss.w_bc must be > 0, got {config.loss.w_bc}",
+         hint="use method=mae for the baseline")
   if config.method == "mae" and config.loss.w_bc != 0:
     fail(f"method='mae' is the baseline without the BC loss; got loss.w_bc={config.loss.w_bc}")
   if config.dtype not in DTYPES:
     fail(f"unknown dtype {config.dtype!r}; expected one of {DTYPES}")
   if config.input.batch_size <= 0:
     fail(f"input.batch_size must be positive, got {config.input.batch_size}")
-  if config.total_steps <= 0 and config.total_epochs <= 0:
-    fail("set total_steps > 0 or total_epochs > 0")
+  # Exactly one of each steps / epochs pair, the other None: were both set, one would
+  # silently win while config.json recorded both.
+  for name, steps, epochs in (
+      ("total", config.total_steps, config.total_epochs),
+      ("optim.warmup", config.optim.warmup_steps, config.optim.warmup_epochs)):
+    if steps is not None and epochs is not None:
+      fail(f"{name}_steps={steps} and {name}_epochs={epochs} are both set; set exactly one",
+           hint=f"add --config.{name}_steps=None to count in epochs, or "
+                f"--config.{name}_epochs=None to count in steps")
+    if steps is None and epochs is None:
+      fail(f"set one of {name}_steps and {name}_epochs; both are None")
+    least = 1 if name == "total" else 0  # a run needs a step; a warmup may be empty
+    if steps is not None and not (type(steps) is int and steps >= least):
+      fail(f"{name}_steps must be an integer >= {least}, got {steps!r}")
+    if epochs is not None and not (type(epochs) in (int, float)
+                                   and (epochs > 0 if least else epochs >= 0)):
+      fail(f"{name}_epochs must be a number {'> 0' if least else '>= 0'}, got {epochs!r}")
   for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                "image_summary_every_steps"):
     if config[name] <= 0:
@@ -129,7 +161,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   o = config.optim
   if not o.base_lr > 0:
     fail(f"optim.base_lr must be > 0, got {o.base_lr}")
-  peak_lr = o.base_lr * config.input.batch_size / 256
+  peak_lr = optim.peak_learning_rate(o.base_lr, config.input.batch_size)
   if not 0 <= o.min_lr <= peak_lr:
     fail(f"optim.min_lr must be in [0, peak lr {peak_lr:g}], got {o.min_lr}")
   if not o.weight_decay >= 0:
@@ -142,10 +174,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.ema.momentum <= 1:
     fail(f"ema.momentum must be in [0, 1], got {config.ema.momentum}")
   try:
-    model = models.build_model(config.model, image_size=config.input.image_size,
-                               channels=config.input.channels, use_bc=uses_bc(config),
-                               dtype=config.dtype)
-    masking.check_mask_ratio(config.loss.mask_ratio, model.num_patches,
+    # Checked without building the model: build.build_training builds it, once.
+    spec = models.check_model_config(config.model, image_size=config.input.image_size,
+                                     dtype=config.dtype)
+    masking.check_mask_ratio(config.loss.mask_ratio,
+                             (config.input.image_size // spec.patch_size) ** 2,
                              two_views=uses_bc(config))
   except ValueError as e:
     fail(str(e))
@@ -183,5 +216,6 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def uses_bc(config: ml_collections.ConfigDict) -> bool:
-  """Whether the run trains the BC loss (second view, teacher). ``w_bc = 0`` is MAE."""
-  return config.loss.w_bc > 0
+  """Whether the run has the BC branch (second view, teacher, heads): ``method`` decides;
+  ``loss.w_bc`` only weighs it (:func:`validate` keeps the two consistent)."""
+  return config.method == "lut"

@@ -6,7 +6,7 @@
   ``config.input.data_dir`` (tfds's default when unset). The dataset must already be
   prepared (``tfds build NAME``); ImageNet needs tfds's manual download;
 * ``fashion_mnist``: tfds's prepared copy when there is one, else the idx files of Debian's
-  ``dataset-fashion-mnist`` package (parsed here with numpy; no network);
+  ``dataset-fashion-mnist`` package (:mod:`lut_jax.idx`; no network);
 * ``folder:/path``: one sub-folder per class (``/path/<class>/**/*.jpg``), or
   ``/path/<split>/<class>/...`` when a sub-folder named like the split exists. Files that
   cannot be decoded are skipped and counted once, when the source is built.
@@ -40,30 +40,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import os
 import time
 import types
 from typing import Callable
-import zlib
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from lut_jax import errors
+from lut_jax import errors, idx
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-# Debian's dataset-fashion-mnist package; FASHION_MNIST_DIR overrides it.
-FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
-_FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")
 _HASH_BUCKETS = 2**62  # ids from tfds record names: collisions are vanishingly unlikely
 
 
@@ -308,19 +298,19 @@ def _fashion_mnist_source(split: str, data_dir: str | None) -> DataSource:
     builder = tfds.builder("fashion_mnist", data_dir=data_dir)
     if builder.is_prepared():
       return _tfds_source("fashion_mnist", split, data_dir)
-  idx_dir = _find_fashion_mnist_idx(data_dir)
+  idx_dir = idx.find_fashion_mnist(data_dir)
   if idx_dir is None:
     raise errors.DataNotFoundError(
         "Fashion-MNIST not found: no prepared tfds copy under "
         f"{builder.data_dir if builder else tfds_dir} and no idx files (train-images-idx3-ubyte.gz, ...) in "
-        f"{FASHION_MNIST_IDX_DIR}. Install Debian's package (`apt-get install "
+        f"{idx.FASHION_MNIST_DIR}. Install Debian's package (`apt-get install "
         "dataset-fashion-mnist`), set FASHION_MNIST_DIR to a folder with the idx .gz files, "
         "or download it with tfds (`tfds build fashion_mnist`).",
         hint="input.data_dir is searched for the idx files too (directly and in its "
         "fashion-mnist/ sub-folder)")
   sizes = {"train": 60_000, "test": 10_000}
   base, start, stop = _slice_split(split, sizes)
-  images, labels = load_fashion_mnist_idx(idx_dir, base)
+  images, labels = idx.load_fashion_mnist(idx_dir, base)
   # Captured once in the read function: 47 MB of uint8 for the train split.
   images_t = tf.constant(images[..., np.newaxis])
   labels_t = tf.constant(labels.astype(np.int64))
@@ -332,56 +322,6 @@ def _fashion_mnist_source(split: str, data_dir: str | None) -> DataSource:
   share = lambda p, n: _random_access_share(stop - start, start, load, p, n)  # noqa
   return DataSource("fashion_mnist", split, stop - start, 10, 0,
                     f"Fashion-MNIST idx files in {idx_dir} ({base} split)", share)
-
-
-def _find_fashion_mnist_idx(data_dir: str | None) -> str | None:
-  candidates = [os.environ.get("FASHION_MNIST_DIR")]
-  if data_dir:
-    candidates += [data_dir, os.path.join(data_dir, "fashion-mnist")]
-  candidates.append(FASHION_MNIST_IDX_DIR)
-  for d in filter(None, candidates):
-    if all(os.path.exists(os.path.join(d, f)) for f in _FASHION_MNIST_FILES["train"]):
-      return d
-  return None
-
-
-@functools.lru_cache(maxsize=2)
-def load_fashion_mnist_idx(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads one split of the idx files: ``(images uint8 [N, 28, 28], labels uint8 [N])``."""
-  image_file, label_file = _FASHION_MNIST_FILES[split]
-  images = _read_idx(os.path.join(idx_dir, image_file), expected_magic=2051)
-  labels = _read_idx(os.path.join(idx_dir, label_file), expected_magic=2049)
-  if images.shape[0] != labels.shape[0]:
-    raise errors.DataError(f"{idx_dir}: {images.shape[0]} images but {labels.shape[0]} "
-                           "labels", hint=_IDX_HINT)
-  return images, labels
-
-
-_IDX_HINT = ("the Fashion-MNIST idx files are damaged or mixed up: reinstall "
-             "dataset-fashion-mnist or point FASHION_MNIST_DIR at good copies")
-
-
-def _read_idx(path: str, expected_magic: int) -> np.ndarray:
-  # idx format: big-endian int32 magic (0x08 = uint8 data, low byte = number of dims),
-  # then one big-endian int32 per dimension, then the raw data.
-  try:
-    with gzip.open(path, "rb") as f:
-      data = f.read()
-  except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, or cut short
-    raise errors.DataError(f"{path}: not a valid gzip file ({e})", hint=_IDX_HINT) from e
-  except OSError as e:
-    raise errors.DataError(errors.describe_os_error(e, "reading Fashion-MNIST")) from e
-  magic = int.from_bytes(data[:4], "big")
-  if magic != expected_magic:
-    raise errors.DataError(f"{path}: bad idx magic {magic:#x}, expected "
-                           f"{expected_magic:#x}", hint=_IDX_HINT)
-  ndim = magic & 0xFF
-  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-  array = np.frombuffer(data, dtype=np.uint8, offset=min(len(data), 4 + 4 * ndim))
-  if array.size != int(np.prod(dims)):
-    raise errors.DataError(f"{path}: {array.size} bytes of data for shape {dims}",
-                           hint=_IDX_HINT)
-  return array.reshape(dims)
 
 
 # ----------------------------------------------------------------------------- folders

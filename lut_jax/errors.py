@@ -5,6 +5,10 @@ checkpoint): the tools print it as one line, ``lut_jax: error: <what>; hint: <ho
 (the hint when there is one), and exit with status 2. Anything else is a bug and keeps its traceback.
 ``--debug`` (or ``LUT_JAX_DEBUG=1``) shows the traceback of user errors too.
 
+:func:`run_app` is also where every command-line tool starts: it makes ``--help`` list the
+tool's flags, keeps Orbax's INFO lines out of the log and, for the tools that read data
+with tf.data, keeps TensorFlow off the GPUs.
+
 This module imports only the standard library, so config files, the data modules (which
 never import JAX) and the core can all raise these.
 """
@@ -12,10 +16,14 @@ never import JAX) and the core can all raise these.
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
+import importlib.util
+import logging
 import os
 import sys
 import traceback
+import types
 from typing import Callable, NoReturn, Optional, TypeVar
 
 EXIT_USER_ERROR = 2
@@ -117,13 +125,23 @@ def reporting_user_errors(fn: Callable[[], T], prog: str = "lut_jax",
     exit_with(e, prog, debug=debug_requested(argv))
 
 
-def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax") -> None:
+def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax", *,
+            uses_tensorflow: bool = False) -> None:
   """``absl.app.run(main)`` where bad flags, bad config files and user errors raised by
-  ``main`` all end as one line and exit status 2. Adds a ``--debug`` flag."""
-  from absl import app, flags  # local: the rest of this module needs only the stdlib
+  ``main`` all end as one line and exit status 2. Adds a ``--debug`` flag.
+
+  Args:
+    main: the program; its module's flags are the ones ``--help`` lists.
+    prog: the name errors are reported under.
+    uses_tensorflow: the program reads data with tf.data (pre-training, evaluation): the
+      GPUs are hidden from TensorFlow before ``main`` runs.
+  """
+  from absl import app, flags, logging as absl_logging  # local: the rest needs the stdlib
 
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
+  _show_flags_in_help(sys.modules[main.__module__])
+  absl_logging.get_absl_handler().addFilter(_quiet_orbax)
 
   def parse_flags(argv: list[str]) -> list[str]:
     fail = lambda e: exit_with(e, prog, debug=debug_requested(argv))  # noqa: E731
@@ -145,8 +163,35 @@ def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax") -> None:
                          f"{_flag_message(vars(value)['_error'])}"))
     return rest
 
-  app.run(lambda argv: reporting_user_errors(lambda: main(argv), prog, sys.argv),
-          flags_parser=parse_flags)
+  def run_main(argv: list[str]) -> None:
+    if uses_tensorflow and importlib.util.find_spec("tensorflow") is not None:
+      # tf.data runs on the host, but TensorFlow reserves most of every GPU's memory when it
+      # first runs: hide the GPUs from it (JAX needs them) before anything runs.
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with contextlib.suppress(RuntimeError):  # its devices are already set up: too late
+        tf.config.set_visible_devices([], "GPU")
+    reporting_user_errors(lambda: main(argv), prog, sys.argv)
+
+  app.run(run_main, flags_parser=parse_flags)
+
+
+def _show_flags_in_help(module: types.ModuleType) -> None:
+  """Makes absl's ``--help`` list ``module``'s flags and ``--debug``: it lists those of the
+  module named by ``sys.argv[0]``, which for a console script is the generated wrapper
+  (no flags, no docstring: the tool's docstring is shown instead)."""
+  from absl import flags  # local: the rest of this module needs only the stdlib
+
+  for flag in flags.FLAGS.get_key_flags_for_module(module) + [flags.FLAGS["debug"]]:
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  wrapper = sys.modules["__main__"]
+  if not wrapper.__doc__:
+    wrapper.__doc__ = module.__doc__
+
+
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+  """Drops Orbax's INFO chatter (dozens of lines per checkpoint save or restore) so progress
+  stays readable; its warnings and errors still show."""
+  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
 def _flag_message(e: BaseException) -> str:

@@ -48,7 +48,7 @@ def _run_mode(config, workdir: str) -> dict[str, float]:
     from lut_jax.evaluation import linear_probe  # pylint: disable=g-import-not-at-top
     return linear_probe.run_linear_probe(config, workdir)
   from lut_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
-  return finetune.run_finetune(config, workdir)
+  return finetune.finetune(config, workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``lut-eval``)."""
-  errors.run_app(main, prog="lut-eval")
+  errors.run_app(main, prog="lut-eval", uses_tensorflow=True)
 
 
 if __name__ == "__main__":

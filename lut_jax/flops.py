@@ -1,4 +1,4 @@
-"""Analytic FLOP count of one LUT or MAE pre-training step (DESIGN.md section 2).
+"""Analytic FLOP count of one LUT or MAE pre-training step (docs/method.md, "Cost model").
 
 Counted: the matrix products of the model, as 2 FLOPs per multiply-add: every dense layer,
 the patch embedding (a strided convolution is a ``(p*p*C) -> D`` dense layer per patch)
@@ -41,20 +41,21 @@ from typing import Any, Mapping
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-  """Everything the FLOP count depends on (one image, one step)."""
+  """Everything the FLOP count depends on (one image, one step); no recipe defaults, see
+  :func:`shape_from_config` for a config's."""
 
   image_size: int
   patch_size: int
   width: int
   depth: int
-  channels: int = 3
-  mlp_ratio: float = 4.0
-  decoder_width: int = 512
-  decoder_depth: int = 8
-  mask_ratio: float = 0.75
-  head_depth: int = 2
-  pred_depth: int = 2
-  head_hidden_dim: int = 4096
+  channels: int
+  decoder_width: int
+  decoder_depth: int
+  mask_ratio: float
+  head_depth: int
+  pred_depth: int
+  head_hidden_dim: int
+  mlp_ratio: float = 4.0  # the ViT architecture's, as lut_jax.models.LUTModel
 
   @property
   def num_patches(self) -> int:
@@ -106,7 +107,7 @@ def head_forward_flops(width: int, hidden: int, depth: int) -> int:
           + dense_flops(1, hidden, width))
 
 
-def step_flops(s: StepShape, method: str = "lut", *, remat: bool = False) -> dict[str, int]:
+def step_flops(s: StepShape, method: str, *, remat: bool = False) -> dict[str, int]:
   """Per-image FLOPs of one training step, by part.
 
   Returns a dict with one ``<part>_fwd`` / ``<part>_bwd`` entry per part, the totals

@@ -26,6 +26,8 @@ with a ``DataError`` naming it. Only the host side of the iterator handles that,
 once TensorFlow has raised: the tf.data graph is the same either way.
 
 This module imports TensorFlow (tf.data); the model/training core must not import it.
+Programs that use it hide the GPUs from TensorFlow first (``errors.run_app``), so that
+tf.data takes no GPU memory from JAX.
 """
 
 from __future__ import annotations
@@ -42,12 +44,6 @@ from lut_jax import augment
 from lut_jax import datasets
 from lut_jax import device_augment as device_augment_lib
 from lut_jax import errors
-
-try:
-  # tf.data runs on the host; keep TensorFlow off any GPU so it takes no memory from JAX.
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices (set by someone else): fine
-  pass
 
 # Keeps this pipeline's random streams apart from anything else keyed on the same seed.
 _SEED_SALT = 0x4C5554_44415441  # "LUTDATA"
@@ -130,8 +126,9 @@ def example_key(seed: int, epoch: tf.Tensor, example_id: tf.Tensor) -> tf.Tensor
   return _key(epoch_key(seed, epoch), example_id)
 
 
-class PretrainIterator:
-  """Yields ``{"view1", "view2"}`` global batches forever; also says what it reads.
+class BatchIterator:
+  """Yields the global batches of :func:`epoch_batches` forever (pre-training's views,
+  fine-tuning's labelled images); also says what it reads.
 
   Attributes:
     source: the ``datasets.DataSource``.
@@ -246,7 +243,7 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
                              process_index: int | None = None,
                              process_count: int | None = None,
                              with_ids: bool = False,
-                             two_views: bool = True) -> PretrainIterator:
+                             two_views: bool = True) -> BatchIterator:
   """The two-view pre-training stream, starting at ``start_step``.
 
   With ``two_views=False`` (the MAE baseline) only view 1 is made and transferred; it is
@@ -276,7 +273,7 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
   into ``{"view1", "view2"}``.
 
   Returns:
-    A ``PretrainIterator`` yielding ``{"view1", "view2"}``: float32 ``(B, S, S, C)``
+    A ``BatchIterator`` yielding ``{"view1", "view2"}``: float32 ``(B, S, S, C)``
     normalised images, forever (with ``device_augment``: the crops and parameters above).
 
   Raises:
@@ -339,7 +336,7 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
   else:
     global_shape = {"view1": shape, "view2": shape}
   global_shape = {k: v for k, v in global_shape.items() if k in ds.element_spec}
-  return PretrainIterator(
+  return BatchIterator(
       ds, source=source, steps_per_epoch=steps, local_batch_size=local_batch,
       global_shape=global_shape, sharding=sharding,
       device_prefetch=input_config.get("prefetch", 2), start_step=start_step)

@@ -13,8 +13,6 @@ explicit ``--coordinator_address/--num_processes/--process_id``.
 
 from __future__ import annotations
 
-import logging as py_logging
-
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
@@ -36,18 +34,9 @@ _ADOPT = flags.DEFINE_bool("adopt_checkpoint", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietCheckpointLogs(py_logging.Filter):
-  """Drops Orbax's INFO chatter (dozens of lines per save) so progress stays readable;
-  its warnings and errors still show."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
@@ -56,12 +45,12 @@ def main(argv: list[str]) -> None:
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, adopt_checkpoint=_ADOPT.value)
+  train.pretrain(_CONFIG.value, _WORKDIR.value, adopt_checkpoint=_ADOPT.value)
 
 
 def run() -> None:
   """Console-script entry point (``lut-pretrain``)."""
-  errors.run_app(main)
+  errors.run_app(main, uses_tensorflow=True)
 
 
 if __name__ == "__main__":

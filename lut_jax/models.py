@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lut_jax import variants
+
 Dtype = Any
 
 # The reference initialises every Linear (and the patch projection, viewed as a Linear)
@@ -426,22 +428,24 @@ class LUTModel(nn.Module):
   * :meth:`encode`: the encoder alone, for evaluation and analysis.
   """
 
+  # No recipe defaults: the recipe is the config's (lut_jax.config_lib.base_config), and
+  # build_model passes every field of it.
   image_size: int
   patch_size: int
   width: int
   depth: int
   num_heads: int
-  channels: int = 3
-  mlp_ratio: float = 4.0
-  decoder_width: int = 512
-  decoder_depth: int = 8
-  decoder_num_heads: int = 16
-  use_bc: bool = True
-  head_depth: int = 2
-  pred_depth: int = 2
-  head_hidden_dim: int = 4096
-  head_norm: str = "batch"
-  head_activation: str = "relu"
+  channels: int
+  decoder_width: int
+  decoder_depth: int
+  decoder_num_heads: int
+  use_bc: bool
+  head_depth: int
+  pred_depth: int
+  head_hidden_dim: int
+  head_norm: str
+  head_activation: str
+  mlp_ratio: float = 4.0  # the ViT architecture's, not a config field
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
@@ -521,38 +525,42 @@ def default_attention_impl(dtype: Dtype) -> Optional[str]:
   return "cudnn" if cuda else None
 
 
-def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bool,
-                dtype: Dtype = jnp.float32) -> LUTModel:
-  """Builds :class:`LUTModel` from a ``config.model`` block, validating every choice.
+def check_model_config(model_config: Any, *, image_size: int,
+                       dtype: Dtype) -> variants.EncoderSpec:
+  """Validates a ``config.model`` block for ``image_size``-pixel images and compute
+  ``dtype``, without building anything; returns the variant's encoder spec.
 
-  ``model_config`` needs ``variant`` (e.g. ``"B/16"``) and may set ``decoder_width``,
-  ``decoder_depth``, ``decoder_num_heads``, ``head_depth``, ``pred_depth``,
-  ``head_hidden_dim``, ``head_norm``, ``head_activation``, ``remat``, ``attention_impl``.
+  Raises ``ValueError`` naming the bad field.
   """
-  from lut_jax import variants  # local: keeps this module's import surface minimal
-
-  get = lambda name, default: model_config.get(name, default)  # noqa: E731
   spec = variants.parse_variant(model_config.variant)
   if image_size % spec.patch_size:
     raise ValueError(f"image size {image_size} is not divisible by patch size {spec.patch_size} "
                      f"(variant {model_config.variant!r})")
-  head_norm, head_act = get("head_norm", "batch"), get("head_activation", "relu")
-  if head_norm not in HEAD_NORMS:
-    raise ValueError(f"unknown model.head_norm {head_norm!r}; expected one of {HEAD_NORMS}")
-  if head_act not in ACTIVATIONS:
-    raise ValueError(f"unknown model.head_activation {head_act!r}; "
+  if model_config.head_norm not in HEAD_NORMS:
+    raise ValueError(f"unknown model.head_norm {model_config.head_norm!r}; "
+                     f"expected one of {HEAD_NORMS}")
+  if model_config.head_activation not in ACTIVATIONS:
+    raise ValueError(f"unknown model.head_activation {model_config.head_activation!r}; "
                      f"expected one of {tuple(ACTIVATIONS)}")
-  impl = get("attention_impl", None) or default_attention_impl(dtype)
-  if impl not in (None, "xla", "cudnn"):
+  impl = model_config.attention_impl
+  if impl not in ("", "xla", "cudnn"):
     raise ValueError(f"unknown model.attention_impl {impl!r}; expected '', 'xla' or 'cudnn'")
   if impl == "cudnn" and jnp.dtype(dtype) == jnp.float32:
     raise ValueError("model.attention_impl='cudnn' needs dtype bfloat16 (cuDNN's fused "
                      "attention has no float32 kernel)")
+  return spec
+
+
+def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bool,
+                dtype: Dtype = jnp.float32) -> LUTModel:
+  """Builds :class:`LUTModel` from a complete ``config.model`` block (every field of
+  ``lut_jax.config_lib.base_config``), checked by :func:`check_model_config`."""
+  spec = check_model_config(model_config, image_size=image_size, dtype=dtype)
+  m = model_config
   return LUTModel(
       image_size=image_size, patch_size=spec.patch_size, width=spec.width, depth=spec.depth,
-      num_heads=spec.num_heads, channels=channels,
-      decoder_width=get("decoder_width", 512), decoder_depth=get("decoder_depth", 8),
-      decoder_num_heads=get("decoder_num_heads", 16), use_bc=use_bc,
-      head_depth=get("head_depth", 2), pred_depth=get("pred_depth", 2),
-      head_hidden_dim=get("head_hidden_dim", 4096), head_norm=head_norm,
-      head_activation=head_act, dtype=dtype, remat=get("remat", False), attention_impl=impl)
+      num_heads=spec.num_heads, channels=channels, decoder_width=m.decoder_width,
+      decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_num_heads, use_bc=use_bc,
+      head_depth=m.head_depth, pred_depth=m.pred_depth, head_hidden_dim=m.head_hidden_dim,
+      head_norm=m.head_norm, head_activation=m.head_activation, dtype=dtype, remat=m.remat,
+      attention_impl=m.attention_impl or default_attention_impl(dtype))

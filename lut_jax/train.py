@@ -1,45 +1,22 @@
 """The pre-training loop: state, sharded step, data, logging, checkpoints, preemption.
 
-``train_and_evaluate(config, workdir)`` runs (or resumes) one pre-training run. Only this
+``pretrain(config, workdir)`` runs (or resumes) one pre-training run. Only this
 module and the input pipeline touch TensorFlow (through the CLU writers and tf.data).
 """
 
 
 import json
 import os
-import signal
-import time
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from lut_jax import (build, checkpointing, config_lib, errors, image_utils, reconstruction,
-                     sharding, train_state, train_step, workdir_lock)
-
-METRIC_NAMES = ("loss", "rec_loss", "bc_loss", "lr", "momentum", "grad_norm")
-
-
-@flax.struct.dataclass
-class FirstNonFiniteStep(clu_metrics.Metric):
-  """The first step of an interval whose new state holds a NaN or an infinity (merged by
-  minimum; ``train_step.ALL_FINITE`` when there is none)."""
-
-  step: jax.Array
-
-  @classmethod
-  def from_model_output(cls, first_nonfinite_step: jax.Array, **_) -> "FirstNonFiniteStep":
-    return cls(step=first_nonfinite_step)
-
-  def merge(self, other: "FirstNonFiniteStep") -> "FirstNonFiniteStep":
-    return type(self)(step=jnp.minimum(self.step, other.step))
-
-  def compute(self) -> jax.Array:
-    return self.step
+from lut_jax import (build, checkpointing, config_lib, errors, image_utils, loop,
+                     reconstruction, sharding, train_state, train_step, workdir_lock)
 
 
 @flax.struct.dataclass
@@ -52,37 +29,7 @@ class TrainMetrics(clu_metrics.Collection):
   lr: clu_metrics.LastValue.from_output("lr")
   momentum: clu_metrics.LastValue.from_output("momentum")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
-  first_nonfinite_step: FirstNonFiniteStep
-
-
-class PreemptionGuard:
-  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly.
-
-  Single-process runs only: with several processes every host must stop at the same step
-  (a save is a collective), so there the loop relies on Orbax's ``reached_preemption``,
-  which JAX's preemption service answers identically on all hosts; a local handler would
-  also replace that service's own.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None  # the handler to put back on exit
-
-  def __enter__(self):
-    if jax.process_count() > 1:
-      return self
-    def handler(signum, frame):  # noqa: ARG001
-      logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  first_nonfinite_step: loop.FirstNonFiniteStep
 
 
 def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
@@ -154,7 +101,7 @@ def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
 def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Optional[int]:
   """Examples in the training split. With real data the source is always built here, so
   an unknown data set or split is reported before anything is written to the workdir."""
-  if not real_data and config.total_steps > 0 and config.optim.warmup_steps >= 0:
+  if not real_data and config.total_epochs is None and config.optim.warmup_epochs is None:
     return None
   from lut_jax import augment, datasets  # local: TensorFlow only where data is read
   if real_data:
@@ -162,7 +109,7 @@ def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Opti
   return datasets.num_examples(config.input)
 
 
-def train_and_evaluate(
+def pretrain(
     config: ml_collections.ConfigDict, workdir: str,
     data_fn: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None, *,
     adopt_checkpoint: bool = False,
@@ -195,7 +142,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:
     _check_resume_config(config, workdir, adopt=adopt_checkpoint)
-    check_finite = jax.jit(train_step.all_finite)
+    check_finite = jax.jit(loop.all_finite)
     state, step = ckpt.restore_newest_intact(
         checkpointing.abstract_like(abstract_state, state_shardings),
         is_valid=lambda s: bool(check_finite(s)))
@@ -210,7 +157,8 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   # and the file must say what the run does now.
   config_lib.save_config(config, workdir)
   if start_step == 0:
-    writer.write_hparams(_flat_hparams(config))
+    writer.write_hparams({k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+                          if isinstance(v, (int, float, str, bool))})
   if config.optim.accum_steps > 1 and config_lib.uses_bc(config) and \
       config.model.head_norm == "batch":
     logging.warning("optim.accum_steps=%d with batch norm in the heads: batch statistics are "
@@ -239,41 +187,24 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
           norm_pix=config.loss.norm_pix),
       out_shardings=sharding.replicated(mesh))
 
-  acc = None
-  interval_start, interval_step = time.time(), start_step
+  interval = loop.Interval(TrainMetrics, start_step=start_step,
+                           batch_size=config.input.batch_size, checkpointer=ckpt,
+                           config_prefix="optim")
   # Whatever stops the loop (end, preemption, an exception), a save in flight finishes:
   # a crash never leaves the newest checkpoint half-written or lost.
   try:
-    with PreemptionGuard() as preemption, metric_writers.ensure_flushes(writer):
+    with loop.PreemptionGuard(ckpt) as preemption, metric_writers.ensure_flushes(writer):
       for step in range(start_step, total_steps):
         batch = next(data)
         state, metrics = p_step(state, batch, train_step.step_key(step_base_key, step))
-        update = TrainMetrics.single_from_model_output(**metrics)
-        acc = update if acc is None else acc.merge(update)
+        interval.add(metrics)
         done = step + 1
         for hook in hooks:
           hook(done)
-        stop = preemption.requested or ckpt.reached_preemption(done)
+        stop = preemption.stop(done)
         save = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
-        if done % config.log_every_steps == 0 or save:
-          # Reading the metrics is the loop's only host synchronisation; it also guards
-          # every save: a non-finite state is never written over a good checkpoint.
-          scalars = {k: float(v) for k, v in acc.compute().items()}
-          first_bad = int(scalars.pop("first_nonfinite_step"))
-          if first_bad != train_step.ALL_FINITE:
-            ckpt.wait()
-            raise errors.NonFiniteError(
-                f"training produced NaN or infinite values at step {first_bad} (loss "
-                f"{scalars['loss']}, grad_norm {scalars['grad_norm']} between steps "
-                f"{interval_step + 1} and {done}); that state was not saved. Last good "
-                f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}",
-                hint="lower optim.base_lr, set optim.grad_clip_norm, or check the data; a "
-                     "rerun resumes from the last good checkpoint")
-          ckpt.check_for_errors()  # a background save that failed stops the run here
-          elapsed = max(time.time() - interval_start, 1e-9)
-          scalars["images_per_sec"] = (done - interval_step) * config.input.batch_size / elapsed
-          writer.write_scalars(done, scalars)
-          acc, interval_start, interval_step = None, time.time(), done
+        if done % config.log_every_steps == 0 or save:  # every save is guarded
+          writer.write_scalars(done, interval.read(done))
         if done % config.image_summary_every_steps == 0 or done == total_steps:
           images = summary_fn(state.params, batch["view1"], jax.random.fold_in(summary_key, done))
           writer.write_images(done, {
@@ -287,18 +218,3 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   finally:
     ckpt.close()
   return state
-
-
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-
-  def visit(prefix, node):
-    for key, value in node.items():
-      name = f"{prefix}{key}"
-      if isinstance(value, ml_collections.ConfigDict):
-        visit(name + ".", value)
-      elif isinstance(value, (int, float, str, bool)):
-        out[name] = value
-  visit("", config)
-  return out
-

@@ -1,8 +1,9 @@
-"""The training state: online network, optimizer state and the EMA target.
+"""Training states: pre-training's (online network, optimizer state, EMA target) and the
+classifiers' of fine-tuning and the linear probe.
 
 The target (momentum / teacher) network is a second copy of the online variables, kept as
-its own parameter tree, BYOL style. The state holds arrays only: no RNG and no Python
-ints, so it checkpoints as one pytree and a step's randomness comes from
+its own parameter tree, BYOL style. Both states hold arrays only: no RNG and no Python
+ints, so each checkpoints as one pytree and a step's randomness comes from
 ``fold_in(base_key, step)`` (a resumed run is bit-identical to an uninterrupted one).
 """
 
@@ -35,6 +36,27 @@ class TrainState(flax.struct.PyTreeNode):
     return self.target_params is not None
 
 
+class ClassifierState(flax.struct.PyTreeNode):
+  """Parameters, BatchNorm statistics and optimizer state of a classifier."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, params: Any, batch_stats: Any,
+             tx: optax.GradientTransformation) -> ClassifierState:
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+               opt_state=tx.init(params), tx=tx)
+
+  def apply_gradients(self, grads: Any, **changes) -> ClassifierState:
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **changes)
+
+
 def init_variables(model: LUTModel, key: jax.Array) -> dict[str, Any]:
   """Initial ``{"params", "batch_stats"}`` of ``model`` (shapes from a 2-example batch)."""
   images = jnp.zeros((2, model.image_size, model.image_size, model.channels), jnp.float32)
@@ -64,5 +86,10 @@ def create_train_state(model: LUTModel, tx: optax.GradientTransformation, key: j
 
 
 def ema_update(target: Any, online: Any, momentum: jax.Array) -> Any:
-  """``target <- momentum * target + (1 - momentum) * online``, leaf by leaf."""
+  """``target <- momentum * target + (1 - momentum) * online``, leaf by leaf.
+
+  Not ``optax.incremental_update(online, target, 1 - momentum)``: equal in exact arithmetic
+  but not bit-identical once compiled (XLA fuses the two forms differently), so switching
+  would change every run's weights in the last bits.
+  """
   return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)

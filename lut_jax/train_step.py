@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lut_jax import losses, masking
+from lut_jax import losses, loop, masking
 from lut_jax.models import LUTModel
 from lut_jax.optim import Schedule
 from lut_jax.train_state import TrainState, ema_update
@@ -25,12 +25,13 @@ Batch = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """The objective's hyper-parameters (hashable, so it can be a static argument)."""
+  """A run's ``config.loss`` block, frozen (hashable, so it can be a static argument);
+  built by ``lut_jax.build.build_training``, the recipe's values are the config's."""
 
-  mask_ratio: float = 0.75
-  norm_pix: bool = True
-  w_mae: float = 1.0
-  w_bc: float = 0.25
+  mask_ratio: float
+  norm_pix: bool
+  w_mae: float
+  w_bc: float
 
 
 def _micro_batches(tree: Any, accum_steps: int) -> Any:
@@ -125,22 +126,11 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, *, model: LUTMod
   # The loop reads this before every save, so a state holding a NaN or an infinity is
   # never written. The loss alone is not enough: it is computed before the update, and an
   # overflow in the optimizer's moments can leave the loss and the gradient finite.
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite(new_state)
   metrics = dict(metrics, lr=jnp.asarray(learning_rate(state.step), jnp.float32),
                  momentum=tau, grad_norm=grad_norm,
-                 first_nonfinite_step=jnp.where(finite, ALL_FINITE, state.step + 1))
+                 first_nonfinite_step=loop.first_nonfinite_step(
+                     state.step + 1, metrics["loss"], grad_norm, new_state))
   return new_state, metrics
-
-
-# ``first_nonfinite_step`` of a step whose new state is finite (merged by minimum).
-ALL_FINITE = jnp.iinfo(jnp.int32).max
-
-
-def all_finite(tree: Any) -> jax.Array:
-  """Whether every floating-point leaf of ``tree`` is free of NaN and infinity."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def step_key(base_key: jax.Array, step: jax.Array | int) -> jax.Array:

@@ -104,8 +104,8 @@ def make_config(args: argparse.Namespace, method: str, batch: int):
     config.mesh.fsdp = args.fsdp
   # The schedules' values do not change the step's cost; fixed lengths keep them defined
   # without the data set's size.
-  config.total_steps = 100_000
-  config.optim.warmup_steps = 1_000
+  config.total_steps, config.total_epochs = 100_000, None
+  config.optim.warmup_steps, config.optim.warmup_epochs = 1_000, None
   bench_common.apply_overrides(config, args.override)
   config_lib.validate(config)
   return config.lock()
@@ -172,24 +172,25 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
             repeats: int) -> dict[str, Any]:
   """Builds, compiles and times one configuration; returns its result record."""
   import jax  # pylint: disable=g-import-not-at-top
-  from lut_jax import build, config_lib, flops, sharding, train_step  # pylint: disable=g-import-not-at-top
+  from lut_jax import build, flops, sharding, train_step  # pylint: disable=g-import-not-at-top
 
   config = make_config(args, method, batch)
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(batch, mesh, accum_steps=config.optim.accum_steps)
-  model, abstract_state, _, jitted_step, jitted_init = build.build_training(
-      config, mesh, total_steps=config.total_steps, warmup_steps=config.optim.warmup_steps)
+  total_steps, warmup_steps = build.run_length(config)
+  training = build.build_training(config, mesh, total_steps=total_steps,
+                                  warmup_steps=warmup_steps)
   rec: dict[str, Any] = {
       "framework": "jax", "method": method, "config": args.config,
       "variant": config.model.variant, "image_size": config.input.image_size,
       "batch": batch, "dtype": config.dtype,
-      "attention": model.attention_impl or "xla", "remat": bool(config.model.remat),
+      "attention": training.model.attention_impl or "xla", "remat": bool(config.model.remat),
       "fsdp": int(config.mesh.fsdp), "mesh": dict(mesh.shape),
-      "num_params": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
+      "num_params": int(sum(x.size for x in jax.tree.leaves(training.abstract_state.params))),
       "loadavg_start": os.getloadavg()[0],
   }
 
-  state = jitted_init(jax.random.key(0))
+  state = training.init(jax.random.key(0))
   batch_arrays = synthetic_batch(config, mesh, jax.random.key(1))
   base_key = jax.random.key(2)
   total = warmup + steps * repeats
@@ -198,15 +199,14 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
   jax.block_until_ready((state, batch_arrays, keys))
 
   start = time.perf_counter()
-  lowered = jitted_step.lower(state, batch_arrays, keys[0])
+  lowered = training.step.lower(state, batch_arrays, keys[0])
   rec["lower_s"] = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
   rec["compile_s"] = time.perf_counter() - start
 
-  shape = flops.shape_from_model(model, config.loss.mask_ratio)
-  analytic = flops.step_flops(shape, "lut" if config_lib.uses_bc(config) else "mae",
-                              remat=bool(config.model.remat))
+  shape = flops.shape_from_model(training.model, config.loss.mask_ratio)
+  analytic = flops.step_flops(shape, config.method, remat=bool(config.model.remat))
   rec["analytic_gflop_per_image"] = analytic["model_total"] / 1e9
   rec["analytic_executed_gflop_per_image"] = analytic["executed_total"] / 1e9
   try:

@@ -27,8 +27,8 @@ def main(process_id: int, num_processes: int, port: int, out: str, steps: int) -
 
   config = util.tiny_config()
   mesh = sharding.create_mesh(1)
-  _, _, _, p_step, p_init = build.build_training(config, mesh, total_steps=10, warmup_steps=2)
-  state = p_init(jax.random.key(0))
+  training = build.build_training(config, mesh, total_steps=10, warmup_steps=2)
+  state = training.init(jax.random.key(0))
   batch_sharding = sharding.batch_sharding(mesh)
   per_process = config.input.batch_size // jax.process_count()
   lo = jax.process_index() * per_process
@@ -39,7 +39,7 @@ def main(process_id: int, num_processes: int, port: int, out: str, steps: int) -
     local = {k: v[lo:lo + per_process] for k, v in full.items()}
     batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
              for k, v in local.items()}
-    state, metrics = p_step(state, batch, train_step.step_key(jax.random.key(1), step))
+    state, metrics = training.step(state, batch, train_step.step_key(jax.random.key(1), step))
     losses.append({k: float(v) for k, v in metrics.items()})
   if jax.process_index() == 0:
     with open(out, "w") as f:

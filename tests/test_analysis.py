@@ -13,6 +13,7 @@ from PIL import Image
 
 from lut_jax import analyze, checkpointing, errors, models, optim, train_state
 from lut_jax.analysis import attention_distance, loading, maps, spectrum
+from tests import util
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -75,9 +76,7 @@ def test_effective_rank(k):
 
 
 def _tiny_model(use_bc=True):
-  model_config = ml_collections.ConfigDict(dict(
-      variant="mu/4", decoder_width=32, decoder_depth=1, decoder_num_heads=2,
-      head_hidden_dim=64))
+  model_config = util.tiny_config().model
   return model_config, models.build_model(model_config, image_size=16, channels=3,
                                           use_bc=use_bc)
 
@@ -177,10 +176,10 @@ def test_loading_and_cli(tmp_path, monkeypatch):
   (probe_dir / "config.json").write_text(json.dumps({"linear_probe": {"pool": "cls"}}))
 
   out = tmp_path / "out"
-  analyze.main(["--checkpoint", str(lut_dir), "--checkpoint", str(mae_dir),
-                "--checkpoint", enc_dir, "--labels", "LUT,MAE,Encoder",
-                "--images", "fashion_mnist", "--num_images", "3", "--num_show", "2",
-                "--probe", str(probe), "--probe", str(probe_dir), "--out", str(out)])
+  analyze.analyze(analyze.parse_args([
+      "--checkpoint", str(lut_dir), "--checkpoint", str(mae_dir), "--checkpoint", enc_dir,
+      "--labels", "LUT,MAE,Encoder", "--images", "fashion_mnist", "--num_images", "3",
+      "--num_show", "2", "--probe", str(probe), "--probe", str(probe_dir), "--out", str(out)]))
   expected = ["attention_distance.png", "spectrum.png", "attention_maps_LUT_r2c2.png",
               "attention_maps_LUT_cls.png", "attention_maps_Encoder_cls.png",
               "reconstructions_LUT.png", "reconstructions_MAE.png", "gradcam_LUT.png",

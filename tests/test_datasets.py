@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from lut_jax import datasets
 from lut_jax import errors
+from lut_jax import idx
 from lut_jax import input_pipeline
 
 # Class codes (the red channel); a class's label is its rank among the sorted folder names.
@@ -217,7 +218,7 @@ def test_data_errors_are_one_data_error(tmp_path, monkeypatch):
   with pytest.raises(errors.DataError, match="selects no examples"):
     datasets.get_source(f"folder:{good}", "train[:0]")
 
-  monkeypatch.setattr(datasets, "FASHION_MNIST_IDX_DIR", str(tmp_path / "none"))
+  monkeypatch.setattr(idx, "FASHION_MNIST_DIR", str(tmp_path / "none"))
   monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
   with pytest.raises(errors.DataError, match="Fashion-MNIST not found") as info:
     datasets.get_source("fashion_mnist", "train", str(tmp_path / "tfds"))

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from lut_jax import checkpointing, models, train_state
+from lut_jax import checkpointing, errors, models, train_state
 from lut_jax.evaluation import export, features
 from tests import util
 
@@ -75,7 +75,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     features.load_pretrained(str(tmp_path))
   workdir = str(tmp_path / "run")
   make_pretraining_workdir(workdir, method="mae")
-  with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+  with pytest.raises(errors.WorkdirError, match="no checkpoint of step 7"):
     features.load_pretrained(workdir, step=7)
 
 

@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from configs import finetune as finetune_config
-from lut_jax import errors, models
+from lut_jax import checkpointing, errors, models, optim
 from lut_jax.evaluation import features, finetune
 
 DEPTH, WIDTH, IMAGE, PATCH = 2, 32, 16, 4
@@ -93,7 +93,8 @@ def test_layer_decay_scales_every_parameter_as_mae():
   decay, num_layers = 0.75, DEPTH + 1
   # Adam's first step with lr 1 and no decay is -g / (|g| + eps) = -1 for g = 1: the update
   # is minus the per-parameter lr scale.
-  tx = finetune.create_optimizer(1.0, depth=DEPTH, layer_decay_rate=decay, weight_decay=0.0)
+  tx = optim.create_finetune_optimizer(1.0, depth=DEPTH, layer_decay_rate=decay,
+                                       weight_decay=0.0)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   flat = traverse_util.flatten_dict(updates)
@@ -113,14 +114,16 @@ def test_layer_decay_scales_every_parameter_as_mae():
 
 def test_weight_decay_mask_matches_mae_no_weight_decay():
   params = tiny_params()
-  mask = traverse_util.flatten_dict(finetune.weight_decay_mask(params))
+  mask = traverse_util.flatten_dict(
+      optim.weight_decay_mask(params, skip=optim.FINETUNE_NO_DECAY))
   for path, decayed in mask.items():
     name = _torch_name(path)
     leaf = traverse_util.flatten_dict(params)[path]
     # MAE: no decay for 1-D tensors (biases, norms) and for no_weight_decay() = cls_token.
     assert decayed == (leaf.ndim > 1 and name not in ("cls_token", "pos_embed")), name
   # Decoupled decay is scaled by the layer's lr scale too (zero gradients: decay alone).
-  tx = finetune.create_optimizer(1.0, depth=DEPTH, layer_decay_rate=0.5, weight_decay=0.1)
+  tx = optim.create_finetune_optimizer(1.0, depth=DEPTH, layer_decay_rate=0.5,
+                                       weight_decay=0.1)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   qkv = ("encoder", "blocks_0", "attn", "qkv", "kernel")
   np.testing.assert_allclose(traverse_util.flatten_dict(updates)[qkv],
@@ -182,7 +185,23 @@ def test_both_modes_switch_and_always_sum_to_one():
   assert 0 < sum(modes) < len(modes)  # both happen
 
 
-def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
+def test_label_smoothing_is_timms():
+  # timm's Mixup targets: off = s / C, on = 1 - s + s / C (they sum to one).
+  s, num_classes = 0.1, 5
+  labels = jnp.array([0, 3, 4])
+  spec = finetune.MixupSpec(num_classes=num_classes, prob=0.0, label_smoothing=s)
+  _, targets, info = finetune.mix_batch(jax.random.key(0), jnp.zeros((3, 4, 4, 3)), labels,
+                                        spec)  # no mixing: the smoothed labels alone
+  expected = np.full((3, num_classes), s / num_classes, np.float32)
+  expected[np.arange(3), np.asarray(labels)] = 1.0 - s + s / num_classes
+  assert float(info["lam"]) == 1.0
+  np.testing.assert_allclose(targets, expected, rtol=1e-6)
+
+
+def _tiny_finetuning():
+  """``(config, pretrained, train_data_fn, eval_batches)`` of a 6-step run (2 steps per
+  epoch with ``num_train_examples=32``) on three classes told apart by the image's mean
+  brightness: learnable in a few steps."""
   encoder_config = {"image_size": IMAGE, "patch_size": PATCH, "width": WIDTH, "depth": DEPTH,
                     "num_heads": 2, "mlp_ratio": 4.0}
   encoder = models.Encoder(**encoder_config)
@@ -196,8 +215,7 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
   config.finetune.batch_size = 16
   config.finetune.epochs = 3
   config.finetune.warmup_epochs = 1
-  rng = np.random.default_rng(0)
-  # Three classes told apart by the image's mean brightness: learnable in a few steps.
+
   def batch(n, seed):
     r = np.random.default_rng(seed)
     labels = r.integers(0, 3, n).astype(np.int32)
@@ -210,10 +228,14 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
       yield batch(16, 100 + step)
       step += 1
 
-  eval_batches = [dict(batch(16, 1), mask=np.ones(16, bool))]
-  del rng
+  return config, pretrained, train_data_fn, [dict(batch(16, 1), mask=np.ones(16, bool))]
+
+
+def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
+  config, pretrained, train_data_fn, eval_batches = _tiny_finetuning()
+  params = pretrained.params
   workdir = str(tmp_path / "ft")
-  run = functools.partial(finetune.train_and_evaluate, config, workdir, pretrained=pretrained,
+  run = functools.partial(finetune.finetune, config, workdir, pretrained=pretrained,
                           train_data_fn=train_data_fn, eval_data=eval_batches,
                           num_train_examples=32)  # 2 steps per epoch, 6 steps
   results = run()
@@ -231,8 +253,8 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
   # Another encoder never resumes this state, which stays.
   other = dataclasses.replace(pretrained, params=jax.tree.map(lambda x: x + 1.0, params))
   with pytest.raises(errors.WorkdirError, match="--workdir"):
-    finetune.train_and_evaluate(config, workdir, pretrained=other, train_data_fn=train_data_fn,
-                                eval_data=eval_batches, num_train_examples=32)
+    finetune.finetune(config, workdir, pretrained=other, train_data_fn=train_data_fn,
+                      eval_data=eval_batches, num_train_examples=32)
   assert 6 in [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
 
   # Preemption: SIGTERM while step 2 is fed -> evaluate, save step 2, stop; a rerun
@@ -243,15 +265,49 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
       yield b
   workdir2 = str(tmp_path / "ft_preempted")
-  stopped = finetune.train_and_evaluate(config, workdir2, pretrained=pretrained,
-                                        train_data_fn=preempted_data_fn,
-                                        eval_data=eval_batches, num_train_examples=32)
+  stopped = finetune.finetune(config, workdir2, pretrained=pretrained,
+                              train_data_fn=preempted_data_fn, eval_data=eval_batches,
+                              num_train_examples=32)
   assert stopped["steps"] == 2
   assert "2" in os.listdir(os.path.join(workdir2, "checkpoints"))
-  finished = finetune.train_and_evaluate(config, workdir2, pretrained=pretrained,
-                                         train_data_fn=train_data_fn, eval_data=eval_batches,
-                                         num_train_examples=32)
+  finished = finetune.finetune(config, workdir2, pretrained=pretrained,
+                               train_data_fn=train_data_fn, eval_data=eval_batches,
+                               num_train_examples=32)
   assert finished["steps"] == 6
+
+
+def test_multi_host_preemption_notice_saves_and_stops(tmp_path, monkeypatch):
+  # Orbax answers reached_preemption identically on every host once any got a notice.
+  monkeypatch.setattr(checkpointing.Checkpointer, "reached_preemption",
+                      lambda self, step: step >= 3)
+  config, pretrained, train_data_fn, eval_batches = _tiny_finetuning()
+  workdir = str(tmp_path / "ft")
+  stopped = finetune.finetune(config, workdir, pretrained=pretrained,
+                              train_data_fn=train_data_fn, eval_data=eval_batches,
+                              num_train_examples=32)
+  assert stopped["steps"] == 3
+  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_non_finite_finetuning_stops_before_saving(tmp_path):
+  config, pretrained, train_data_fn, eval_batches = _tiny_finetuning()
+
+  def poisoned_data_fn(start_step):
+    for step, b in enumerate(train_data_fn(start_step), start=start_step):
+      if step == 2:  # the 3rd step sees a corrupted batch
+        b = dict(b, image=np.full_like(b["image"], np.nan))
+      yield b
+  workdir = tmp_path / "ft"
+  with pytest.raises(errors.NonFiniteError,
+                     match="at step 3 .*between steps 3 and 4.*Last good checkpoint: step 2"):
+    finetune.finetune(config, str(workdir), pretrained=pretrained,
+                      train_data_fn=poisoned_data_fn, eval_data=eval_batches,
+                      num_train_examples=32)
+  ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+  assert ckpt.all_steps() == [2]  # the poisoned state (step 4's save) never written
+  restored = ckpt.manager.restore(2)
+  ckpt.close()
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
 
 
 def test_train_view_ops_are_deterministic_and_shaped():

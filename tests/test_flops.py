@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from configs import pretrain
 from lut_jax import flops, models, optim, train_state, train_step
 
 
@@ -26,7 +27,7 @@ TINY = flops.StepShape(image_size=16, patch_size=4, width=32, depth=2, channels=
 
 
 def test_block_formula():
-  # 24 N D^2 + 4 N^2 D at MLP ratio 4 (DESIGN.md section 2).
+  # 24 N D^2 + 4 N^2 D at MLP ratio 4 (docs/method.md, "Cost model").
   assert flops.block_forward_flops(197, 768) == 24 * 197 * 768 ** 2 + 4 * 197 ** 2 * 768
   # qkv 3, proj 1, MLP 2r multiply-adds per N D^2: r = 2 gives (8 + 8) N D^2.
   assert flops.block_forward_flops(10, 8, mlp_ratio=2.0) == 16 * 10 * 64 + 4 * 100 * 8
@@ -77,7 +78,7 @@ def test_hand_computed_tiny_lut_and_mae():
 
 
 def test_vit_b16_numbers():
-  b16 = flops.StepShape(image_size=224, patch_size=16, width=768, depth=12)
+  b16 = flops.shape_from_config(pretrain.get_config("variant=B/16"))  # the documented recipe
   lut, mae = flops.step_flops(b16, "lut"), flops.step_flops(b16, "mae")
   # One full ViT-B/16 forward (patch embedding + 12 blocks of 197 tokens) is the familiar
   # ~17.6 G multiply-adds: 35.1 GFLOPs here. The teacher runs two of them.
@@ -90,15 +91,18 @@ def test_vit_b16_numbers():
 def _tiny_step(use_bc: bool, *, width=32, decoder_width=32, hidden=64, image=16, remat=False):
   """The real train step (lut_jax.train_step) of a tiny model, with abstract inputs."""
   model = models.LUTModel(image_size=image, patch_size=4, width=width, depth=2, num_heads=2,
-                          decoder_width=decoder_width, decoder_depth=1, decoder_num_heads=2,
-                          head_hidden_dim=hidden, use_bc=use_bc, remat=remat)
+                          channels=3, decoder_width=decoder_width, decoder_depth=1,
+                          decoder_num_heads=2, use_bc=use_bc, head_depth=2, pred_depth=2,
+                          head_hidden_dim=hidden, head_norm="batch", head_activation="relu",
+                          remat=remat)
   lr = optim.learning_rate_schedule(peak_lr=1e-3, warmup_steps=2, total_steps=10)
   momentum = optim.momentum_schedule(base_momentum=0.996, total_steps=10)
   tx = optim.create_optimizer(learning_rate=lr, weight_decay=0.05)
   state = jax.eval_shape(functools.partial(train_state.create_train_state, model, tx),
                          jax.random.key(0))
   step = train_step.make_train_step(
-      model=model, loss_config=train_step.LossConfig(w_bc=0.25 if use_bc else 0.0),
+      model=model, loss_config=train_step.LossConfig(
+          mask_ratio=0.75, norm_pix=True, w_mae=1.0, w_bc=0.25 if use_bc else 0.0),
       learning_rate=lr, momentum=momentum)
   view = jax.ShapeDtypeStruct((8, image, image, 3), jnp.float32)
   batch = {"view1": view, "view2": view} if use_bc else {"view1": view}

@@ -19,9 +19,10 @@ import tensorflow_datasets as tfds
 
 from lut_jax import augment
 from lut_jax import datasets
+from lut_jax import idx
 from lut_jax import input_pipeline
 
-FMNIST_DIR = datasets.FASHION_MNIST_IDX_DIR
+FMNIST_DIR = idx.FASHION_MNIST_DIR
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")),
     reason="Fashion-MNIST idx files absent (apt-get install dataset-fashion-mnist)")
@@ -219,7 +220,7 @@ def test_sharded_global_batches_match_numpy():
 
 @needs_fmnist
 def test_eval_dataset_labels_padding_and_mask():
-  images, labels = datasets.load_fashion_mnist_idx(FMNIST_DIR, "test")
+  images, labels = idx.load_fashion_mnist(FMNIST_DIR, "test")
   ev = input_pipeline.create_eval_dataset(_input_config(), "test[:50]", batch_size=16,
                                           crop_pct=1.0)
   batches = list(ev)
@@ -280,7 +281,7 @@ def test_clear_errors(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="manual download"):
     datasets.get_source("imagenet2012", "train", str(tmp_path))
   # Fashion-MNIST absent everywhere: the message says how to get it.
-  monkeypatch.setattr(datasets, "FASHION_MNIST_IDX_DIR", str(tmp_path / "none"))
+  monkeypatch.setattr(idx, "FASHION_MNIST_DIR", str(tmp_path / "none"))
   monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
   with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
     datasets.get_source("fashion_mnist", "train", str(tmp_path / "tfds"))

@@ -1,4 +1,5 @@
-"""The core runs without TensorFlow: checked in a subprocess where importing it fails."""
+"""The core and the fine-tuning / probe maths run without TensorFlow: checked in a
+subprocess where importing it fails."""
 
 import subprocess
 import sys
@@ -7,7 +8,8 @@ import textwrap
 CORE_MODULES = ["lut_jax", "lut_jax.models", "lut_jax.masking", "lut_jax.losses",
                 "lut_jax.convert", "lut_jax.optim", "lut_jax.train_state", "lut_jax.train_step",
                 "lut_jax.sharding", "lut_jax.checkpointing", "lut_jax.config_lib",
-                "lut_jax.variants"]
+                "lut_jax.variants", "lut_jax.loop", "lut_jax.evaluation.finetune",
+                "lut_jax.evaluation.linear_probe"]
 
 
 def test_core_imports_and_steps_without_tensorflow(tmp_path):
@@ -21,16 +23,16 @@ def test_core_imports_and_steps_without_tensorflow(tmp_path):
       for m in {CORE_MODULES!r}:
         importlib.import_module(m)
       import jax, numpy as np
-      from lut_jax import checkpointing, optim, train_state, train_step, models
-      import ml_collections
-      cfg = ml_collections.ConfigDict(dict(variant="mu/4", decoder_width=32, decoder_depth=1,
-                                           decoder_num_heads=2, head_hidden_dim=64))
-      model = models.build_model(cfg, image_size=16, channels=3, use_bc=True)
+      from lut_jax import checkpointing, config_lib, optim, train_state, train_step, models
+      cfg = config_lib.base_config()
+      cfg.model.update(dict(variant="mu/4", decoder_width=32, decoder_depth=1,
+                            decoder_num_heads=2, head_hidden_dim=64))
+      model = models.build_model(cfg.model, image_size=16, channels=3, use_bc=True)
       lr = optim.learning_rate_schedule(peak_lr=1e-3, warmup_steps=1, total_steps=4)
       tx = optim.create_optimizer(learning_rate=lr, weight_decay=0.05)
       state = train_state.create_train_state(model, tx, jax.random.key(0))
       step = jax.jit(train_step.make_train_step(
-          model=model, loss_config=train_step.LossConfig(), learning_rate=lr,
+          model=model, loss_config=train_step.LossConfig(**cfg.loss), learning_rate=lr,
           momentum=optim.momentum_schedule(base_momentum=0.996, total_steps=4)))
       x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
       state, metrics = step(state, {{"view1": x, "view2": x[::-1]}}, jax.random.key(1))
@@ -38,6 +40,22 @@ def test_core_imports_and_steps_without_tensorflow(tmp_path):
       ckpt.save(1, state)
       ckpt.close()
       assert np.isfinite(float(metrics["loss"]))
+      # A fine-tuning step (model, layer-decay AdamW, mixup, the non-finite metric).
+      import functools
+      from lut_jax import loop
+      from lut_jax.evaluation import finetune
+      ft_model = finetune.FinetuneViT(num_classes=3, image_size=16, patch_size=4, width=32,
+                                      depth=2, num_heads=2)
+      ft_params = ft_model.init(jax.random.key(0), x[:1], train=False)["params"]
+      ft_state = train_state.ClassifierState.create(
+          ft_params, {{}}, optim.create_finetune_optimizer(lr, depth=2))
+      ft_step = jax.jit(functools.partial(finetune.train_step, model=ft_model,
+                                          mixup=finetune.MixupSpec(num_classes=3),
+                                          learning_rate=lr))
+      ft_state, ft_metrics = ft_step(ft_state, {{"image": x, "label": np.arange(4) % 3}},
+                                     jax.random.key(2))
+      assert int(ft_state.step) == 1 and np.isfinite(float(ft_metrics["loss"]))
+      assert int(ft_metrics["first_nonfinite_step"]) == int(loop.ALL_FINITE)
       bad = [m for m, mod in sys.modules.items()
              if mod is not None and m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
       assert not bad, bad

@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import checkpointing, config_lib, errors, train, train_step, workdir_lock
+from lut_jax import checkpointing, config_lib, errors, loop, train, workdir_lock
 from tests import util
 
 
 def _run(config, workdir, **kwargs):
-  return train.train_and_evaluate(config, str(workdir),
-                                  data_fn=util.synthetic_data_fn(config.input.batch_size),
-                                  **kwargs)
+  return train.pretrain(config, str(workdir),
+                         data_fn=util.synthetic_data_fn(config.input.batch_size),
+                         **kwargs)
 
 
 def _raw_steps(workdir):
@@ -39,10 +39,10 @@ def _finite(tree):
 
 def test_all_finite_sees_every_leaf():
   tree = {"a": jnp.ones(3), "b": {"c": jnp.zeros((2, 2)), "step": jnp.int32(4)}}
-  assert bool(train_step.all_finite(tree))
+  assert bool(loop.all_finite(tree))
   for bad in (jnp.nan, jnp.inf, -jnp.inf):
     poisoned = {**tree, "b": {**tree["b"], "c": tree["b"]["c"].at[1, 0].set(bad)}}
-    assert not bool(train_step.all_finite(poisoned))
+    assert not bool(loop.all_finite(poisoned))
 
 
 def test_diverging_run_never_saves_a_non_finite_state(tmp_path):
@@ -196,7 +196,7 @@ def test_a_failed_save_is_one_error_naming_the_step_and_leaves_no_temp_dir(tmp_p
   ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
   tmp_dir = tmp_path / "5.orbax-checkpoint-tmp-123"
 
-  def full_disk(step, args, force):  # noqa: ARG001
+  def full_disk(step, args, metrics, force):  # noqa: ARG001
     tmp_dir.mkdir()
     raise RuntimeError("save failed") from OSError(errno.ENOSPC, "No space left on device",
                                                    str(tmp_dir / "x"))

@@ -15,7 +15,7 @@ from tests import util
 
 
 def _run(config, workdir, data_fn=None):
-  return jax.device_get(train.train_and_evaluate(
+  return jax.device_get(train.pretrain(
       config, str(workdir), data_fn=data_fn or util.synthetic_data_fn(config.input.batch_size)))
 
 

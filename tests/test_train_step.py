@@ -16,11 +16,11 @@ def _build(config, mesh, total_steps=10, warmup_steps=2):
 
 
 def _one_step(config, mesh, batch, step_seed=7):
-  _, _, _, p_step, p_init = _build(config, mesh)
-  state0 = p_init(jax.random.key(0))
+  training = _build(config, mesh)
+  state0 = training.init(jax.random.key(0))
   # The step donates its input state: keep a host copy of the starting point.
   before = jax.device_get(state0)
-  state1, metrics = p_step(state0, batch, jax.random.key(step_seed))
+  state1, metrics = training.step(state0, batch, jax.random.key(step_seed))
   return before, jax.device_get(state1), jax.device_get(metrics)
 
 
@@ -46,7 +46,7 @@ def test_sharded_step_matches_single_device(method, fsdp):
 def test_fsdp_actually_shards_large_leaves():
   config = util.tiny_config(**{"model.head_hidden_dim": 1024})
   mesh = sharding.create_mesh(4)
-  _, abstract, shardings, _, _ = _build(config, mesh)
+  shardings = _build(config, mesh).state_shardings
   kernel = shardings.params["head"]["linear_0"]["kernel"]  # (32, 1024): 32k elements
   assert "fsdp" in kernel.spec
   assert shardings.params["encoder"]["cls_token"].spec == jax.sharding.PartitionSpec()
@@ -83,12 +83,12 @@ def test_target_changes_only_by_ema():
   optimizer update (no gradient) ever reaches it."""
   config = util.tiny_config()
   mesh = sharding.create_mesh(1, jax.devices()[:1])
-  _, _, _, p_step, p_init = _build(config, mesh, total_steps=10)
+  training = _build(config, mesh, total_steps=10)
   momentum = optim.momentum_schedule(base_momentum=config.ema.momentum, total_steps=10)
-  state = p_init(jax.random.key(0))
+  state = training.init(jax.random.key(0))
   for step in range(2):
     target = jax.device_get(state.target_params)
-    state, _ = p_step(state, util.synthetic_batch(step, 16), jax.random.key(step))
+    state, _ = training.step(state, util.synthetic_batch(step, 16), jax.random.key(step))
     tau = float(momentum(step))
     expected = jax.tree.map(lambda t, o: tau * t + (1 - tau) * o, target,
                             jax.device_get(state.params))

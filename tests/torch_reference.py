@@ -1,6 +1,6 @@
 """An independent PyTorch implementation of LUT's forward pass, for parity tests.
 
-Written from the method description in docs (DESIGN.md section 1), not from lut_jax: its
+Written from the method description (docs/method.md, "The method"), not from lut_jax: its
 own sin-cos table, patchify in NCHW, masking from given noise, the MAE decoder, the heads as
 ``nn.Sequential`` with ``BatchNorm1d`` and the losses. The transformer parts are timm's
 ``PatchEmbed`` and ``Block`` (as in the reference), so its ``state_dict`` uses the reference

@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 
 from configs import fashion_mnist
-from lut_jax import models, variants
+from lut_jax import models
 
 IMAGE_SIZE = 16
 
@@ -48,7 +48,7 @@ def synthetic_batch(step: int, batch_size: int, image_size: int = IMAGE_SIZE,
 
 
 def synthetic_data_fn(batch_size: int, image_size: int = IMAGE_SIZE):
-  """``data_fn(start_step)`` for :func:`lut_jax.train.train_and_evaluate`."""
+  """``data_fn(start_step)`` for :func:`lut_jax.train.pretrain`."""
   def data_fn(start_step):
     step = start_step
     while True:
@@ -58,11 +58,9 @@ def synthetic_data_fn(batch_size: int, image_size: int = IMAGE_SIZE):
 
 
 def tiny_model(**overrides) -> models.LUTModel:
-  """The ``mu/4`` encoder at 16 px with a one-block, 32-wide decoder and 64-wide heads
-  (the model the parity and conversion tests share)."""
-  spec = variants.parse_variant("mu/4")
-  kwargs = dict(image_size=IMAGE_SIZE, patch_size=spec.patch_size, width=spec.width,
-                depth=spec.depth, num_heads=spec.num_heads, decoder_width=32, decoder_depth=1,
-                decoder_num_heads=2, head_hidden_dim=64)
-  kwargs.update(overrides)
-  return models.LUTModel(**kwargs)
+  """The model of :func:`tiny_config` (``mu/4`` at 16 px, a one-block, 32-wide decoder,
+  64-wide heads) with LUTModel fields overridden (the parity and conversion tests')."""
+  config = tiny_config()
+  model = models.build_model(config.model, image_size=IMAGE_SIZE,
+                             channels=config.input.channels, use_bc=True)
+  return model.clone(**overrides)

@@ -3,7 +3,6 @@
 * :mod:`.attention_distance`: mean attention distance per layer and head;
 * :mod:`.spectrum`: singular-value spectrum and effective rank of the patch tokens;
 * :mod:`.maps`: attention maps of chosen query patches, Grad-CAM of a classifier;
-* :mod:`.reconstruction`: input / masked input / reconstruction grids;
 * :mod:`.loading`: models from a pre-training workdir, an exported encoder or a PyTorch
   checkpoint; :mod:`.images`: evaluation images; :mod:`.plots`: matplotlib figures.
 

@@ -8,20 +8,14 @@ and centre crop, and the training pipeline's normalisation (ImageNet mean/std, s
 
 from __future__ import annotations
 
-import gzip
 import os
 from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
-from lut_jax import image_utils
+from lut_jax import idx, image_utils
 
-# Debian's dataset-fashion-mnist package (the same default as lut_jax.datasets).
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_TEST = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Photos bundled with scikit-image (no download needed).
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry",
@@ -30,34 +24,13 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunoh
 GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def read_idx(path: str) -> np.ndarray:
-  """An idx file (gzip or raw) as a uint8 array; only uint8 data (type byte 0x08)."""
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
-  magic = int.from_bytes(data[:4], "big")
-  if magic >> 8 != 0x08:
-    raise ValueError(f"{path}: not a uint8 idx file (magic {magic:#x})")
-  ndim = magic & 0xFF
-  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def fashion_mnist(num_images: int, directory: Optional[str] = None,
-                  start: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
-  """The first ``num_images`` test images from ``start``: ``([28x28x1 float], labels)``.
-
-  ``directory`` defaults to ``$FASHION_MNIST_DIR`` or Debian's package location.
-  """
-  directory = directory or os.environ.get("FASHION_MNIST_DIR") or FASHION_MNIST_DIR
-  image_file, label_file = (os.path.join(directory, f) for f in FASHION_MNIST_TEST)
-  if not os.path.exists(image_file):
-    raise FileNotFoundError(f"Fashion-MNIST test images not found at {image_file}; install "
-                            "`dataset-fashion-mnist` or set FASHION_MNIST_DIR")
-  images = read_idx(image_file)[start:start + num_images]
-  labels = (read_idx(label_file)[start:start + num_images] if os.path.exists(label_file)
-            else np.full(len(images), -1))
-  return [im[..., None].astype(np.float32) / 255.0 for im in images], labels.astype(np.int64)
+def fashion_mnist(num_images: int) -> tuple[list[np.ndarray], np.ndarray]:
+  """The first ``num_images`` test images: ``([28x28x1 float], int64 labels)``, from
+  ``$FASHION_MNIST_DIR`` or Debian's package location (see :mod:`lut_jax.idx`)."""
+  directory = idx.find_fashion_mnist(split="test") or idx.FASHION_MNIST_DIR
+  images, labels = idx.load_fashion_mnist(directory, "test")
+  return ([im[..., None].astype(np.float32) / 255.0 for im in images[:num_images]],
+          labels[:num_images].astype(np.int64))
 
 
 def folder(directory: str, num_images: int) -> list[np.ndarray]:

@@ -1,10 +1,10 @@
 """Loads encoders (and MAE decoders, when there are any) for analysis.
 
-Three sources, told apart by :func:`load`:
+Three sources, told apart by :func:`lut_jax.checkpointing.locate_pretrained`:
 
 * a pre-training workdir (``config.json`` + ``checkpoints/``; or one step directory
   ``WORKDIR/checkpoints/<step>``): the latest (or given) Orbax TrainState checkpoint. Only
-  the parameter tree is read, with Orbax's partial restore into host numpy arrays, so
+  the chosen parameter tree is read (:func:`lut_jax.checkpointing.restore_subtrees`), so
   neither the optimizer nor the mesh/sharding of the run has to be rebuilt;
 * an exported encoder directory (:func:`lut_jax.checkpointing.export_encoder`);
 * a PyTorch ``.pth``/``.pt`` reference (naver-ai/lut, MAE) or timm checkpoint, converted
@@ -20,23 +20,17 @@ patch tokens, the default, or ``"cls"``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
 import zipfile
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from lut_jax import checkpointing, config_lib, errors, models, variants
-
-CHECKPOINT_DIR = "checkpoints"
-TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
 
 
 @dataclasses.dataclass
@@ -104,81 +98,18 @@ def encoder_of(model: models.LUTModel) -> models.Encoder:
 # ----------------------------------------------------------------------------- workdirs
 
 
-def is_workdir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, CHECKPOINT_DIR))
-
-
-def checkpoint_steps(checkpoint_dir: str) -> list[int]:
-  """Finished checkpoint steps in ``checkpoint_dir`` (Orbax's in-progress saves carry a
-  temporary suffix and are not all-digit names, so they are skipped)."""
-  if not os.path.isdir(checkpoint_dir):
-    return []
-  return sorted(int(n) for n in os.listdir(checkpoint_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
-
-
-def restore_subtrees(step_dir: str, names: Sequence[str]) -> dict[str, Any]:
-  """``{name: state[name]}`` of a checkpoint step directory, as host numpy arrays.
-
-  Reads the tree structure from the checkpoint's own metadata and restores only the named
-  subtrees (e.g. ``"params"``, or ``"target_params"`` for the EMA teacher) onto the host:
-  the optimizer state is never materialised, and the saved device layout (mesh, shardings)
-  does not need to exist here.
-  """
-  step_dir = os.path.abspath(step_dir)  # Orbax's OCDBT reader needs absolute paths
-  item_dir = os.path.join(step_dir, "default")
-  if not os.path.isdir(item_dir):
-    item_dir = step_dir
-  ckptr = ocp.PyTreeCheckpointer()
-  with _quiet_absl():
-    metadata = ckptr.metadata(item_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  missing = [n for n in names if n not in tree or tree[n] is None]
-  if missing:
-    raise errors.WorkdirError(
-        f"{item_dir} has no {', '.join(map(repr, missing))} (an MAE run has no "
-        f"target_params); it has {sorted(k for k in tree if tree[k] is not None)}")
-  item = {n: tree[n] for n in names}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  with _quiet_absl():
-    return ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-  """Orbax warns that a step's item directory has no step-level metadata file when the
-  item is opened directly, which is what a partial restore does: hide that one warning."""
-  level = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  try:
-    yield
-  finally:
-    absl_logging.set_verbosity(level)
-
-
-def load_workdir(path: str, *, step: Optional[int] = None, which: str = "params",
+def load_workdir(workdir: str, *, step: Optional[int] = None, which: str = "params",
                  label: Optional[str] = None) -> LoadedModel:
-  """A pre-training workdir (or one of its ``checkpoints/<step>`` directories)."""
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  if os.path.basename(path).isdigit() and os.path.basename(parent) == CHECKPOINT_DIR:
-    workdir, step = os.path.dirname(parent), int(os.path.basename(path))
-  else:
-    workdir = path
-  checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  steps = checkpoint_steps(checkpoint_dir)
-  if not steps:
-    raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir}")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir}; have {steps}")
+  """The online network (``which="params"``) or the EMA teacher (``"target_params"``) of
+  a pre-training workdir, at ``step`` (None: the latest)."""
+  workdir = os.path.abspath(workdir)
   config = config_lib.load_config(workdir)
-  use_bc = float(config.loss.w_bc) > 0  # config_lib.uses_bc, without importing configs
   model = models.build_model(config.model, image_size=int(config.input.image_size),
-                             channels=int(config.input.channels), use_bc=use_bc)
-  params = restore_subtrees(os.path.join(checkpoint_dir, str(step)), [which])[which]
+                             channels=int(config.input.channels),
+                             use_bc=config_lib.uses_bc(config))
+  subtrees, step = checkpointing.restore_subtrees(
+      os.path.join(workdir, checkpointing.CHECKPOINT_DIR), [which], step)
+  params = subtrees[which]
   return LoadedModel(
       label=label or os.path.basename(workdir), source=workdir, kind="workdir",
       encoder=encoder_of(model), encoder_params=params["encoder"], channels=model.channels,
@@ -402,7 +333,8 @@ def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int]
         num_heads=num_heads, channels=channels, mlp_ratio=mlp_ratio,
         decoder_width=decoder_width,
         decoder_depth=_count_blocks(state_dict, "decoder_blocks"),
-        decoder_num_heads=decoder_num_heads, use_bc=False)
+        decoder_num_heads=decoder_num_heads, use_bc=False,  # no heads: these go unused
+        head_depth=0, pred_depth=0, head_hidden_dim=0, head_norm="none", head_activation="relu")
     # The projector/predictor (if any) are not needed for the analyses: skip them. The
     # position embeddings were checked above, against the file's name.
     try:
@@ -434,22 +366,12 @@ def load(path: str, *, label: Optional[str] = None, which: str = "params",
     which: for workdirs, ``"params"`` (the online network) or ``"target_params"``.
     **torch_kwargs: :func:`load_torch`'s options (``key``, ``num_heads``, ...).
   """
-  if os.path.isfile(path):
-    if not path.endswith(TORCH_EXTENSIONS):
-      raise errors.DataError(f"{path}: a file checkpoint must be PyTorch "
-                             f"({', '.join(TORCH_EXTENSIONS)})")
+  kind, location, step = checkpointing.locate_pretrained(path, torch=True)
+  if kind == "torch":
     return load_torch(path, label=label, **torch_kwargs)
-  if os.path.exists(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)):
-    return load_exported_encoder(path, label=label)
-  if is_workdir(path) or os.path.basename(os.path.dirname(os.path.abspath(path))) == CHECKPOINT_DIR:
-    return load_workdir(path, which=which, label=label)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file or directory (expected a pre-training "
-                            "workdir, an exported encoder directory or a PyTorch checkpoint "
-                            "file)")
-  raise FileNotFoundError(f"{path}: not a pre-training workdir (no {CHECKPOINT_DIR}/), an "
-                          f"exported encoder (no {checkpointing.ENCODER_CONFIG_FILE}) or a "
-                          "PyTorch checkpoint file")
+  if kind == "encoder":
+    return load_exported_encoder(location, label=label)
+  return load_workdir(location, step=step, which=which, label=label)
 
 
 # ----------------------------------------------------------------------------- probes
@@ -463,11 +385,8 @@ def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
   ``"cls"``, that recipe's default). ``pool`` overrides the stored pooling.
   """
   if os.path.isdir(path):
-    steps = checkpoint_steps(os.path.join(path, CHECKPOINT_DIR))
-    if not steps:
-      raise FileNotFoundError(f"no finished checkpoint in {os.path.join(path, CHECKPOINT_DIR)}")
-    state = restore_subtrees(os.path.join(path, CHECKPOINT_DIR, str(steps[-1])),
-                             ["params", "batch_stats"])
+    state, _ = checkpointing.restore_subtrees(
+        os.path.join(path, checkpointing.CHECKPOINT_DIR), ["params", "batch_stats"])
     head = state["params"].get("head", {})
     if not isinstance(head, Mapping) or not {"kernel", "bias"} <= set(head):
       # e.g. a LUT pre-training run, whose "head" is the multi-layer BC head.

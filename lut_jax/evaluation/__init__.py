@@ -11,5 +11,6 @@
   JSON config) and a timm ``VisionTransformer`` state dict.
 
 The numerical parts (features, knn, the heads, optimizers, mixup) import neither TensorFlow
-nor torch; the ``run_*`` entry points import the tf.data input pipeline lazily.
+nor torch; the entry points (``run_*``, ``finetune.finetune``) import the tf.data input
+pipeline lazily.
 """

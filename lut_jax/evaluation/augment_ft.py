@@ -298,7 +298,7 @@ def create_finetune_iterator(input_config, augment_config, *, split: str, batch_
                              sharding: Optional[jax.sharding.NamedSharding] = None,
                              process_index: Optional[int] = None,
                              process_count: Optional[int] = None,
-                             ) -> input_pipeline.PretrainIterator:
+                             ) -> input_pipeline.BatchIterator:
   """Labelled, augmented single-view batches ``{"image", "label"}`` forever, from
   ``start_step`` on (same epoch/shuffle/resume scheme as the pre-training pipeline)."""
   count = jax.process_count() if process_count is None else process_count
@@ -323,7 +323,7 @@ def create_finetune_iterator(input_config, augment_config, *, split: str, batch_
   ds = input_pipeline.epoch_batches(share, make_view, input_config, seed=ft_seed,
                                     steps_per_epoch=steps, local_batch=local_batch,
                                     start_step=start_step)
-  return input_pipeline.PretrainIterator(
+  return input_pipeline.BatchIterator(
       ds, source=source, steps_per_epoch=steps, local_batch_size=local_batch,
       global_shape={"image": (batch_size, size, size, channels), "label": (batch_size,)},
       sharding=sharding, device_prefetch=input_config.get("prefetch", 2),

@@ -55,8 +55,7 @@ def export(path: str, out_dir: Optional[str] = None, *, step: Optional[int] = No
   if timm_format not in TIMM_FORMATS:
     raise errors.ConfigError(f"unknown timm format {timm_format!r}; expected one of "
                              f"{TIMM_FORMATS}")
-  check_source(path)
-  out_dir = os.path.abspath(out_dir or os.path.join(path, "encoder"))
+  out_dir = os.path.abspath(out_dir or os.path.join(check_source(path), "encoder"))
   # Before the checkpoint is read: restoring it is the slow part.
   check_output_dir(out_dir)
   pretrained = features.load_pretrained(path, step)
@@ -82,23 +81,19 @@ def export(path: str, out_dir: Optional[str] = None, *, step: Optional[int] = No
   return written
 
 
-def check_source(path: str) -> None:
-  """A WorkdirError unless ``path`` is a directory that looks like a pre-training run or an
-  exported encoder (it has the file each of them starts with)."""
-  if not os.path.isdir(path):
-    what = "not a directory" if os.path.exists(path) else "no such directory"
-    raise errors.WorkdirError(f"{path}: {what}; expected a pre-training work directory or "
-                              "an exported encoder")
-  markers = (config_lib.CONFIG_FILE, checkpointing.ENCODER_CONFIG_FILE)
-  if not any(os.path.isfile(os.path.join(path, name)) for name in markers):
-    raise errors.WorkdirError(
-        f"{path}: neither a pre-training work directory (no {config_lib.CONFIG_FILE}) nor "
-        f"an exported encoder (no {checkpointing.ENCODER_CONFIG_FILE})")
-  if os.path.isfile(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)):
-    return
+def check_source(path: str) -> str:
+  """The directory of the run or exported encoder ``path`` names (see
+  :func:`lut_jax.checkpointing.locate_pretrained`); a user error unless it is one, with a
+  ``config.json`` that names the model for a run."""
+  kind, location, _ = checkpointing.locate_pretrained(path)
+  if kind == "encoder":
+    return location
   # The encoder is rebuilt from these entries (features.encoder_config); a config.json
   # without them is another program's file, not a corrupt run.
-  config_file = os.path.join(path, config_lib.CONFIG_FILE)
+  config_file = os.path.join(location, config_lib.CONFIG_FILE)
+  if not os.path.isfile(config_file):
+    raise errors.WorkdirError(f"{location}: no {config_lib.CONFIG_FILE}: not the work "
+                              "directory of a lut_jax run")
   try:
     with open(config_file) as f:
       config = json.load(f)
@@ -111,6 +106,7 @@ def check_source(path: str) -> None:
   if missing:
     raise errors.WorkdirError(f"{config_file}: not the config of a lut_jax pre-training run "
                               f"(no {', '.join(missing)})")
+  return location
 
 
 def check_output_dir(out_dir: str) -> None:

@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from lut_jax import checkpointing, config_lib, errors, models, variants
+from lut_jax import checkpointing, config_lib, errors, models
 
 POOLS = ("cls", "mean")
 CACHE_KEY = "cache_key"  # the .npz entry holding the features' key (a JSON string)
@@ -79,68 +78,41 @@ class PretrainedEncoder:
 
 
 def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
-  """``Encoder`` kwargs of a pre-training config (``model.variant``, ``input.image_size``)."""
-  spec = variants.parse_variant(pretrain_config["model"]["variant"])
-  return {"image_size": int(pretrain_config["input"]["image_size"]),
-          "patch_size": spec.patch_size, "width": spec.width, "depth": spec.depth,
-          "num_heads": spec.num_heads, "mlp_ratio": 4.0}
-
-
-def _replicated_sharding() -> jax.sharding.Sharding:
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def restore_online_encoder(checkpoint_dir: str, step: Optional[int] = None) -> tuple[Any, int]:
-  """``(params["encoder"], step)`` of a pre-training checkpoint, replicated on all devices.
-
-  Only the online encoder's arrays are read (an Orbax partial restore): not the decoder,
-  heads, teacher or optimizer state, and no model or optimizer needs to be rebuilt.
-  """
-  checkpoint_dir = os.path.abspath(checkpoint_dir)
-  with ocp.CheckpointManager(checkpoint_dir,
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    step = manager.latest_step() if step is None or step < 0 else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoint_dir}; it has "
-                              f"{sorted(manager.all_steps())}")
-  path = os.path.join(checkpoint_dir, str(step), "default")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.metadata(path).item_metadata.tree
-    if "params" not in tree or "encoder" not in tree["params"]:
-      raise errors.WorkdirError(
-          f"{path} holds no params/encoder: not a LUT pre-training checkpoint")
-    sharding = _replicated_sharding()
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-        tree["params"]["encoder"])
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract)
-    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item={"params": {"encoder": abstract}},
-        restore_args={"params": {"encoder": restore_args}}, partial_restore=True))
-  return out["params"]["encoder"], step
+  """JSON-able ``Encoder`` kwargs of a pre-training config: those of the encoder that
+  :func:`lut_jax.models.build_model` builds from it, so that the two cannot disagree."""
+  config = ml_collections.ConfigDict(pretrain_config)
+  # With the run's dtype: build_model refuses some attention choices in float32.
+  model = models.build_model(config.model, image_size=int(config.input.image_size),
+                             channels=int(config.input.channels),
+                             use_bc=config_lib.uses_bc(config), dtype=config.dtype)
+  return {name: getattr(model, name) for name in ("image_size", "patch_size", "width",
+                                                  "depth", "num_heads", "mlp_ratio")}
 
 
 def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
-  """The online encoder from a pre-training work directory or an exported encoder.
+  """The online encoder of a pre-training run, or an exported encoder.
+
+  From a run, only ``params/encoder`` is read (:func:`lut_jax.checkpointing.restore_subtrees`),
+  replicated on all devices: not the decoder, heads, teacher or optimizer state.
 
   Args:
-    path: a pre-training ``workdir`` (holding ``config.json`` and ``checkpoints/``) or a
-      directory written by :func:`lut_jax.checkpointing.export_encoder`.
-    step: pre-training checkpoint step (None or negative: the latest); ignored for exports.
+    path: a pre-training ``workdir`` (or one of its ``checkpoints/<step>`` directories) or
+      a directory written by :func:`lut_jax.checkpointing.export_encoder`.
+    step: pre-training checkpoint step (None or negative: the one in ``path``, else the
+      latest); ignored for exports.
   """
-  path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)):
+  kind, path, path_step = checkpointing.locate_pretrained(path)
+  if kind == "encoder":
     encoder, params = checkpointing.load_encoder(path)
     with open(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)) as f:
       config = json.load(f)
     source, step = f"exported encoder {path}", None
   else:
-    pretrain_config = config_lib.load_config(path)
-    config = encoder_config(pretrain_config)
-    params, step = restore_online_encoder(os.path.join(path, "checkpoints"), step)
+    config = encoder_config(config_lib.load_config(path))
+    subtrees, step = checkpointing.restore_subtrees(
+        os.path.join(path, checkpointing.CHECKPOINT_DIR), ["params/encoder"],
+        path_step if step is None or step < 0 else step)
+    params = subtrees["params/encoder"]
     encoder = models.Encoder(**config)
     source = f"pre-training run {path}, step {step} (online encoder)"
   channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])

@@ -9,17 +9,19 @@
   token: MAE's ``no_weight_decay``), layer-wise lr decay 0.75: a parameter in layer ``l``
   gets lr x ``0.75 ** (depth + 1 - l)``, with patch_embed / cls_token in layer 0, block
   ``i`` in layer ``i + 1`` and everything after the blocks (fc_norm, head) in layer
-  ``depth + 1`` (MAE's ``param_groups_lrd``). Peak lr ``base_lr * batch / 256``, linear
-  warmup then cosine to ``min_lr`` (1e-6), per step.
+  ``depth + 1`` (MAE's ``param_groups_lrd``; :func:`lut_jax.optim.create_finetune_optimizer`).
+  Peak lr ``base_lr * batch / 256``, linear warmup then cosine to ``min_lr`` (1e-6), per step.
 * Regularisation: mixup 0.8 / cutmix 1.0 (one of them per batch, switch prob 0.5, timm's
   ``Mixup`` in ``batch`` mode) with label smoothing 0.1, computed on device with the step's
   key; RandAugment and random erasing on the host (:mod:`lut_jax.evaluation.augment_ft`).
-* Evaluation: top-1 / top-5 on the eval split after every ``eval_every_epochs`` epochs;
-  Orbax keeps the latest checkpoint (for resuming) and the best-top-1 one.
+* Evaluation: top-1 / top-5 on the eval split after every ``eval_every_epochs`` epochs,
+  each followed by a checkpoint; the latest (for resuming) and the best-top-1 one are kept.
 
 The step is a pure ``(state, batch, key) -> (state, metrics)`` function compiled once with
-``jax.jit`` over a data-parallel mesh, the same pattern as pre-training; the step key is
-``fold_in(base_key, step)``, so a resumed run repeats an uninterrupted one.
+``jax.jit`` over a data-parallel mesh, and the loop is pre-training's (:mod:`lut_jax.loop`):
+the step key is ``fold_in(base_key, step)``, so a resumed run repeats an uninterrupted one;
+a NaN or an infinity stops the run before it reaches a checkpoint; SIGTERM (or a multi-host
+preemption notice) evaluates, saves and stops. This module imports without TensorFlow.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
-import time
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
+from clu import metrics as clu_metrics
 import flax.linen as nn
 from flax import traverse_util
 import jax
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lut_jax import models, sharding as sharding_lib, train
+from lut_jax import checkpointing, loop, models, optim, sharding as sharding_lib, train_state
 from lut_jax.evaluation import common
 
 # ------------------------------------------------------------------------------ model
@@ -127,57 +128,6 @@ def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
   return {**params, "encoder": encoder}
 
 
-# ------------------------------------------------------------------ optimizer
-
-
-def layer_id(path: tuple[str, ...], depth: int) -> int:
-  """MAE's ``get_layer_id_for_vit`` on our parameter paths: ``patch_embed`` and
-  ``cls_token`` -> 0, ``blocks_i`` -> ``i + 1``, anything else (the encoder's final norm,
-  ``fc_norm``, ``head``) -> ``depth + 1``."""
-  names = path[1:] if path and path[0] == "encoder" else ()
-  if names and names[0] in ("patch_embed", "cls_token", "pos_embed"):
-    return 0
-  if names and (match := re.fullmatch(r"blocks_(\d+)", names[0])):
-    return int(match.group(1)) + 1
-  return depth + 1
-
-
-def layer_labels(params: Any, depth: int) -> Any:
-  """``"layer_<id>"`` for every leaf (the ``optax.multi_transform`` labels)."""
-  return traverse_util.path_aware_map(lambda path, _: f"layer_{layer_id(path, depth)}",
-                                      params)
-
-
-def layer_decay(depth: int, decay: float) -> optax.GradientTransformation:
-  """Scales each update by ``decay ** (depth + 1 - layer_id)`` (layer-wise lr decay)."""
-  transforms = {f"layer_{i}": optax.scale(decay ** (depth + 1 - i)) for i in range(depth + 2)}
-  return optax.multi_transform(transforms, functools.partial(layer_labels, depth=depth))
-
-
-def weight_decay_mask(params: Any) -> Any:
-  """True where AdamW decays: rank >= 2 tensors except the cls token (MAE's
-  ``no_weight_decay = {pos_embed, cls_token}``; biases and norm scales are rank 1)."""
-  return traverse_util.path_aware_map(
-      lambda path, x: x.ndim > 1 and path[-1] not in ("cls_token", "pos_embed"), params)
-
-
-def create_optimizer(learning_rate: optax.ScalarOrSchedule, *, depth: int,
-                     layer_decay_rate: float = 0.75, weight_decay: float = 0.05,
-                     b1: float = 0.9, b2: float = 0.999,
-                     grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
-  """AdamW with layer-wise lr decay: ``-lr * scale_l * (adam + wd * p)``.
-
-  The per-layer scale multiplies both the Adam step and the decoupled decay, as a
-  PyTorch param group's ``lr * lr_scale`` does in MAE.
-  """
-  parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
-  parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
-            optax.add_decayed_weights(weight_decay, weight_decay_mask),
-            layer_decay(depth, layer_decay_rate),
-            optax.scale_by_learning_rate(learning_rate)]
-  return optax.chain(*parts)
-
-
 # ------------------------------------------------------------------ mixup / cutmix
 
 
@@ -236,7 +186,7 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array,
   cut = jnp.where(box[None, :, :, None], flipped, images)
   out = jnp.where(apply, jnp.where(cutmix, cut, mixed), images)
   lam = jnp.where(apply, jnp.where(cutmix, lam_box, lam_mix), 1.0).astype(jnp.float32)
-  y = common.smooth_one_hot(labels, spec.num_classes, spec.label_smoothing)
+  y = optax.smooth_labels(jax.nn.one_hot(labels, spec.num_classes), spec.label_smoothing)
   targets = lam * y + (1.0 - lam) * y[::-1]
   return out, targets, {"lam": lam, "cutmix": (apply & cutmix).astype(jnp.float32)}
 
@@ -244,22 +194,34 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array,
 # ------------------------------------------------------------------ steps
 
 
-def train_step(state: common.ClassifierState, batch: dict[str, jax.Array], key: jax.Array, *,
-               model: FinetuneViT, mixup: MixupSpec,
-               learning_rate: optax.Schedule) -> tuple[common.ClassifierState, dict]:
+# Averages of the step metrics over a logging interval (merged on device). Built with
+# ``create``: this module's postponed annotations would hide the fields from a class body.
+FinetuneMetrics = clu_metrics.Collection.create(
+    first_nonfinite_step=loop.FirstNonFiniteStep,
+    **{k: clu_metrics.Average.from_output(k) for k in ("loss", "lr", "grad_norm", "lam",
+                                                       "cutmix")})
+
+
+def train_step(state: train_state.ClassifierState, batch: dict[str, jax.Array],
+               key: jax.Array, *, model: FinetuneViT, mixup: MixupSpec,
+               learning_rate: optax.Schedule) -> tuple[train_state.ClassifierState, dict]:
   """One fine-tuning step: mixup/cutmix (device), forward with drop path, soft-target
-  cross entropy, AdamW update."""
+  cross entropy, AdamW update; the metrics ``FinetuneMetrics`` averages."""
   mix_key, drop_key = jax.random.split(key)
   images, targets, mix_info = mix_batch(mix_key, batch["image"], batch["label"], mixup)
 
   def loss_fn(params):
     logits = model.apply({"params": params}, images, train=True, rngs={"dropout": drop_key})
-    return jnp.mean(common.soft_cross_entropy(logits, targets))
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  metrics = {"loss": loss, "lr": learning_rate(state.step),
-             "grad_norm": optax.tree.norm(grads), **mix_info}
-  return state.apply_gradients(grads), metrics
+  grad_norm = optax.tree.norm(grads)
+  new_state = state.apply_gradients(grads)
+  metrics = {"loss": loss, "lr": learning_rate(state.step), "grad_norm": grad_norm,
+             "first_nonfinite_step": loop.first_nonfinite_step(new_state.step, loss, grad_norm,
+                                                               new_state),
+             **mix_info}
+  return new_state, metrics
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *,
@@ -269,7 +231,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *,
   mask = batch.get("mask", jnp.ones(logits.shape[0], bool))
   labels = jnp.maximum(batch["label"], 0)  # padding carries label -1
   out = common.topk_correct(logits, labels, mask=mask)
-  ce = common.soft_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+  ce = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
   out["loss"] = jnp.sum(ce * mask)
   out["count"] = jnp.sum(mask.astype(jnp.float32))
   return out
@@ -290,7 +252,7 @@ def evaluate(p_eval: Callable, params: Any, batches) -> dict[str, float]:
 # ------------------------------------------------------------------ loop
 
 
-def train_and_evaluate(
+def finetune(
     config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
     train_data_fn: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None,
     eval_data: Optional[Any] = None, num_train_examples: Optional[int] = None,
@@ -336,17 +298,18 @@ def train_and_evaluate(
   model = build_model(pretrained.config, num_classes=num_classes, image_size=image_size,
                       drop_path_rate=ft.drop_path, pool=ft.pool, dtype=dtype,
                       remat=ft.get("remat", False))
-  schedule = common.warmup_cosine(ft.base_lr * ft.batch_size / 256, warmup_steps=warmup_steps,
-                                  total_steps=total_steps, end_lr=ft.min_lr)
-  tx = create_optimizer(schedule, depth=model.depth, layer_decay_rate=ft.layer_decay,
-                        weight_decay=ft.weight_decay, b1=ft.b1, b2=ft.b2,
-                        grad_clip_norm=ft.grad_clip_norm)
+  schedule = optim.learning_rate_schedule(
+      peak_lr=optim.peak_learning_rate(ft.base_lr, ft.batch_size), warmup_steps=warmup_steps,
+      total_steps=total_steps, min_lr=ft.min_lr)
+  tx = optim.create_finetune_optimizer(
+      schedule, depth=model.depth, layer_decay_rate=ft.layer_decay,
+      weight_decay=ft.weight_decay, b1=ft.b1, b2=ft.b2, grad_clip_norm=ft.grad_clip_norm)
   base_key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(base_key)
 
   def init_fn(key):
     params = init_params(model, key, pretrained.params, pretrained.channels)
-    return common.ClassifierState.create(params, {}, tx)
+    return train_state.ClassifierState.create(params, {}, tx)
 
   abstract_state = jax.eval_shape(init_fn, init_key)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
@@ -354,96 +317,86 @@ def train_and_evaluate(
   # The state depends on the encoder and the training input, not on the eval crop.
   resume_key = features.features_key(pretrained, input_config, config.input.train_split)
   features.check_resume_key(checkpoint_dir, "finetune", resume_key)
-  manager = common.checkpoint_manager(checkpoint_dir, keep_best=True)
-  restored = common.restore_latest(
-      manager, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract_state, state_sharding))
-  if restored is not None:
-    state = restored.replace(tx=tx)
-    logging.info("fine-tuning: resumed at step %d", int(state.step))
-  else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(init_key)
-  start_step = int(jax.device_get(state.step))
+  ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False,
+                                    best_metric="top1")
+  try:
+    if ckpt.latest_step() is not None:
+      check_finite = jax.jit(loop.all_finite)
+      state, _ = ckpt.restore_newest_intact(
+          checkpointing.abstract_like(abstract_state, state_sharding),
+          is_valid=lambda s: bool(check_finite(s)))
+      state = state.replace(tx=tx)
+      logging.info("fine-tuning: resumed at step %d", int(state.step))
+    else:
+      state = jax.jit(init_fn, out_shardings=state_sharding)(init_key)
+    start_step = int(jax.device_get(state.step))
 
-  mixup = MixupSpec(num_classes=num_classes, mixup_alpha=ft.mixup_alpha,
-                    cutmix_alpha=ft.cutmix_alpha, prob=ft.mixup_prob,
-                    switch_prob=ft.mixup_switch_prob, label_smoothing=ft.label_smoothing)
-  p_train = jax.jit(functools.partial(train_step, model=model, mixup=mixup,
-                                      learning_rate=schedule),
-                    in_shardings=(state_sharding, batch_sharding, replicated),
-                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  p_eval = jax.jit(functools.partial(eval_step, model=model),
-                   in_shardings=(state_sharding.params, batch_sharding),
-                   out_shardings=replicated)
+    mixup = MixupSpec(num_classes=num_classes, mixup_alpha=ft.mixup_alpha,
+                      cutmix_alpha=ft.cutmix_alpha, prob=ft.mixup_prob,
+                      switch_prob=ft.mixup_switch_prob, label_smoothing=ft.label_smoothing)
+    p_train = jax.jit(functools.partial(train_step, model=model, mixup=mixup,
+                                        learning_rate=schedule),
+                      in_shardings=(state_sharding, batch_sharding, replicated),
+                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    p_eval = jax.jit(functools.partial(eval_step, model=model),
+                     in_shardings=(state_sharding.params, batch_sharding),
+                     out_shardings=replicated)
 
-  if train_data_fn is None:
-    from lut_jax.evaluation import augment_ft  # pylint: disable=g-import-not-at-top
-    train_iter = augment_ft.create_finetune_iterator(
-        input_config, config.augment, split=config.input.train_split, batch_size=ft.batch_size,
-        seed=config.seed, start_step=start_step, sharding=batch_sharding)
-  else:
-    train_iter = train_data_fn(start_step)
-  if eval_data is None:
-    from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    eval_data = input_pipeline.create_eval_dataset(
-        input_config, config.input.eval_split, batch_size=config.input.eval_batch_size,
-        crop_pct=config.input.crop_pct, sharding=batch_sharding)
+    if train_data_fn is None:
+      from lut_jax.evaluation import augment_ft  # pylint: disable=g-import-not-at-top
+      train_iter = augment_ft.create_finetune_iterator(
+          input_config, config.augment, split=config.input.train_split,
+          batch_size=ft.batch_size, seed=config.seed, start_step=start_step,
+          sharding=batch_sharding)
+    else:
+      train_iter = train_data_fn(start_step)
+    if eval_data is None:
+      from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+      eval_data = input_pipeline.create_eval_dataset(
+          input_config, config.input.eval_split, batch_size=config.input.eval_batch_size,
+          crop_pct=config.input.crop_pct, sharding=batch_sharding)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  logging.info("fine-tuning %s: %d classes, %d steps (%d warmup, %d per epoch), start %d",
-               pretrained.source, num_classes, total_steps, warmup_steps, steps_per_epoch,
-               start_step)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
-  acc, t0, last, done = [], time.time(), {}, start_step
-  # SIGTERM (preemption): evaluate and save at the current step, then stop; rerunning
-  # the command resumes from there.
-  with train.PreemptionGuard() as preemption:
-    for step in range(start_step, total_steps):
-      batch = next(train_iter)
-      state, metrics = p_train(state, {"image": batch["image"], "label": batch["label"]},
-                               jax.random.fold_in(step_key, step))
-      acc.append(metrics)
-      done = step + 1
-      report(done)
-      if done % config.log_every_steps == 0 or done == total_steps:
-        scalars = {k: float(np.mean([m[k] for m in jax.device_get(acc)])) for k in acc[0]}
-        if not np.isfinite(scalars["loss"]):
-          raise FloatingPointError(f"non-finite fine-tuning loss at step {done}")
-        scalars["images_per_sec"] = len(acc) * ft.batch_size / max(time.time() - t0, 1e-9)
-        writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
-        acc, t0 = [], time.time()
-      if done % eval_every == 0 or done == total_steps or preemption.requested:
-        last = evaluate(p_eval, state.params, eval_data)
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in last.items()})
-        logging.info("fine-tuning step %d/%d (epoch %.2f): %s", done, total_steps,
-                     done / steps_per_epoch, last)
-        manager.save(done, args=_save_args(state), metrics={"top1": last["top1"]},
-                     force=True)
-      if preemption.requested:
-        logging.warning("fine-tuning stopped for preemption at step %d; rerun to resume", done)
-        break
-  manager.wait_until_finished()
-  if not last:  # resumed after the end: evaluate the restored state
-    last = evaluate(p_eval, state.params, eval_data)
-  best_step = manager.best_step()
-  best = manager.metrics(best_step) if best_step is not None else None
-  manager.close()
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
+    logging.info("fine-tuning %s: %d classes, %d steps (%d warmup, %d per epoch), start %d",
+                 pretrained.source, num_classes, total_steps, warmup_steps, steps_per_epoch,
+                 start_step)
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)
+    interval = loop.Interval(FinetuneMetrics, start_step=start_step, batch_size=ft.batch_size,
+                             checkpointer=ckpt, config_prefix="finetune")
+    last, done, stop = {}, start_step, False
+    with loop.PreemptionGuard(ckpt) as preemption:
+      for step in range(start_step, total_steps):
+        batch = next(train_iter)
+        state, metrics = p_train(state, {"image": batch["image"], "label": batch["label"]},
+                                 jax.random.fold_in(step_key, step))
+        interval.add(metrics)
+        done = step + 1
+        report(done)
+        stop = preemption.stop(done)
+        save = done % eval_every == 0 or done == total_steps or stop
+        if done % config.log_every_steps == 0 or save:  # every save is guarded
+          writer.write_scalars(done, {f"train/{k}": v for k, v in interval.read(done).items()})
+        if save:
+          last = evaluate(p_eval, state.params, eval_data)
+          writer.write_scalars(done, {f"eval/{k}": v for k, v in last.items()})
+          logging.info("fine-tuning step %d/%d (epoch %.2f): %s", done, total_steps,
+                       done / steps_per_epoch, last)
+          ckpt.save(done, state, force=True, metrics={"top1": last["top1"]})
+        if stop:
+          logging.warning("fine-tuning stopped for preemption at step %d; rerun to resume",
+                          done)
+          break
+    if not last:  # resumed after the end: evaluate the restored state
+      last = evaluate(p_eval, state.params, eval_data)
+    best_step, best = ckpt.best() or (total_steps, last)
+  finally:
+    ckpt.close()
   results = {"top1": last["top1"], "top5": last["top5"],
-             "steps": done if preemption.requested else total_steps,
-             "best_top1": (best or {}).get("top1", last["top1"]),
-             "best_step": best_step if best_step is not None else total_steps}
+             "steps": done if stop else total_steps,
+             "best_top1": best.get("top1", last["top1"]), "best_step": best_step}
   writer.flush()
   eval_config.write_results(workdir, "finetune", results,
                             source=features.describe_source(pretrained, [resume_key]))
   return results
-
-
-def _save_args(state):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp.args.StandardSave(state)
-
-
-def run_finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """``config.mode == "finetune"`` entry point (see :func:`train_and_evaluate`)."""
-  return train_and_evaluate(config, workdir)

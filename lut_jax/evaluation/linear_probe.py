@@ -3,8 +3,9 @@
 Head: BatchNorm without affine parameters (eps 1e-6, as MAE's ``BatchNorm1d(affine=False)``)
 then a linear layer (weights N(0, 0.01), zero bias). Optimizer: LARS (``optax.lars``,
 trust coefficient 0.001, momentum 0.9, weight decay 0 by default; biases excluded from decay
-and from the trust ratio as in MAE's ``LARS``), peak lr ``base_lr * batch / 256`` with
-``base_lr = 0.1``, linear warmup then cosine to 0, per step.
+and from the trust ratio as in MAE's ``LARS``: :func:`lut_jax.optim.create_probe_optimizer`),
+peak lr ``base_lr * batch / 256`` with ``base_lr = 0.1``, linear warmup then cosine to 0, per
+step. The state is checkpointed after every epoch; a rerun resumes the newest intact one.
 
 One deliberate difference from MAE: the head trains on features extracted *once* from
 centre crops (cached in ``workdir/features``) instead of re-encoding RandomResizedCrop +
@@ -29,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lut_jax import models
+from lut_jax import checkpointing, models, optim, train_state
 from lut_jax.evaluation import common
 
 
@@ -46,37 +47,17 @@ class LinearProbe(nn.Module):
                     name="head")(x)
 
 
-def _decay_mask(params: Any) -> Any:
-  # MAE's LARS applies weight decay and the trust ratio only to rank > 1 tensors.
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def create_optimizer(learning_rate: optax.ScalarOrSchedule, *, name: str = "lars",
-                     weight_decay: float = 0.0, momentum: float = 0.9,
-                     ) -> optax.GradientTransformation:
-  """LARS (MAE's probe optimizer) or plain SGD with momentum (the documented alternative
-  for small batches, where LARS's per-layer trust ratio buys nothing)."""
-  if name == "lars":
-    return optax.lars(learning_rate, weight_decay=weight_decay, weight_decay_mask=_decay_mask,
-                      trust_coefficient=0.001, eps=0.0, trust_ratio_mask=_decay_mask,
-                      momentum=momentum)
-  if name == "sgd":
-    return optax.chain(optax.add_decayed_weights(weight_decay, _decay_mask),
-                       optax.sgd(learning_rate, momentum=momentum))
-  raise ValueError(f"unknown linear-probe optimizer {name!r}; expected 'lars' or 'sgd'")
-
-
 def init_state(model: LinearProbe, feature_dim: int, tx: optax.GradientTransformation,
-               key: jax.Array) -> common.ClassifierState:
+               key: jax.Array) -> train_state.ClassifierState:
   variables = model.init(key, jnp.zeros((2, feature_dim), jnp.float32), train=False)
-  return common.ClassifierState.create(variables["params"], variables["batch_stats"], tx)
+  return train_state.ClassifierState.create(variables["params"], variables["batch_stats"], tx)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps", "batch_size"),
                    donate_argnums=(0,))
-def train_epoch(state: common.ClassifierState, features: jax.Array, labels: jax.Array,
+def train_epoch(state: train_state.ClassifierState, features: jax.Array, labels: jax.Array,
                 key: jax.Array, *, model: LinearProbe, steps: int,
-                batch_size: int) -> tuple[common.ClassifierState, dict[str, jax.Array]]:
+                batch_size: int) -> tuple[train_state.ClassifierState, dict[str, jax.Array]]:
   """One epoch: a fresh permutation (``key``), ``steps`` batches (the remainder dropped, as
   MAE's ``drop_last``), all steps inside one ``lax.scan``."""
   order = jax.random.permutation(key, features.shape[0])[:steps * batch_size]
@@ -87,8 +68,8 @@ def train_epoch(state: common.ClassifierState, features: jax.Array, labels: jax.
     def loss_fn(params):
       logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                     train=True, mutable=["batch_stats"])
-      targets = common.smooth_one_hot(y, model.num_classes)
-      return jnp.mean(common.soft_cross_entropy(logits, targets)), (updates, logits)
+      targets = jax.nn.one_hot(y, model.num_classes)
+      return jnp.mean(optax.softmax_cross_entropy(logits, targets)), (updates, logits)
 
     (loss, (updates, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads, batch_stats=updates["batch_stats"])
@@ -100,12 +81,12 @@ def train_epoch(state: common.ClassifierState, features: jax.Array, labels: jax.
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _logits(state: common.ClassifierState, x: jax.Array, *, model: LinearProbe) -> jax.Array:
+def _logits(state: train_state.ClassifierState, x: jax.Array, *, model: LinearProbe) -> jax.Array:
   return model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
                      train=False)
 
 
-def evaluate(state: common.ClassifierState, model: LinearProbe, features: Any, labels: Any,
+def evaluate(state: train_state.ClassifierState, model: LinearProbe, features: Any, labels: Any,
              *, batch_size: int = 4096) -> dict[str, float]:
   """Top-1 / top-5 accuracy (percent) with BatchNorm on its running averages."""
   features, labels = np.asarray(features, np.float32), np.asarray(labels, np.int32)
@@ -133,7 +114,7 @@ def train_linear_probe(
     momentum: float = 0.9, seed: int = 0, eval_every_epochs: int = 10,
     checkpoint_dir: Optional[str] = None,
     log_fn: Optional[Callable[[int, dict[str, float]], None]] = None,
-) -> tuple[common.ClassifierState, dict[str, float]]:
+) -> tuple[train_state.ClassifierState, dict[str, float]]:
   """Trains the probe on cached features and evaluates it; resumable per epoch.
 
   Args:
@@ -157,49 +138,46 @@ def train_linear_probe(
   batch_size = min(batch_size, n)
   steps = n // batch_size
   total_steps = epochs * steps
-  schedule = common.warmup_cosine(base_lr * batch_size / 256,
-                                  warmup_steps=int(round(warmup_epochs * steps)),
-                                  total_steps=total_steps)
-  tx = create_optimizer(schedule, name=optimizer, weight_decay=weight_decay,
-                        momentum=momentum)
+  schedule = optim.learning_rate_schedule(
+      peak_lr=optim.peak_learning_rate(base_lr, batch_size),
+      warmup_steps=int(round(warmup_epochs * steps)), total_steps=total_steps)
+  tx = optim.create_probe_optimizer(schedule, name=optimizer, weight_decay=weight_decay,
+                                    momentum=momentum)
   model = LinearProbe(num_classes)
   init_key, shuffle_key = jax.random.split(jax.random.key(seed))
   state = init_state(model, dim, tx, init_key)
-  manager = common.checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
-  if manager is not None:
-    restored = common.restore_latest(manager, state)
-    if restored is not None:
-      state = restored.replace(tx=tx)
-      logging.info("linear probe: resumed at step %d", int(state.step))
-  start_epoch = int(state.step) // max(steps, 1)
+  ckpt = None
+  if checkpoint_dir:
+    ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False)
   results: dict[str, float] = {}
-  for epoch in range(start_epoch, epochs):
-    t0 = time.time()
-    state, metrics = train_epoch(state, train_features, train_labels,
-                                 jax.random.fold_in(shuffle_key, epoch), model=model,
-                                 steps=steps, batch_size=batch_size)
-    scalars = common.scalars(metrics)
-    scalars.update(lr=float(schedule((epoch + 1) * steps - 1)), epoch=epoch + 1,
-                   epoch_seconds=time.time() - t0)
-    if (epoch + 1) % eval_every_epochs == 0 or epoch + 1 == epochs:
-      results = evaluate(state, model, eval_features, eval_labels)
-      scalars.update({f"eval_{k}": v for k, v in results.items()})
-      logging.info("linear probe epoch %d/%d: %s", epoch + 1, epochs, scalars)
-    if log_fn is not None:
-      log_fn((epoch + 1) * steps, scalars)
-    if manager is not None:
-      manager.save((epoch + 1) * steps, args=_save_args(state))
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
+  try:
+    if ckpt is not None and ckpt.latest_step() is not None:
+      state, _ = ckpt.restore_newest_intact(checkpointing.abstract_like(
+          state, jax.tree.map(lambda x: x.sharding, state)))
+      state = state.replace(tx=tx)
+      logging.info("linear probe: resumed at step %d", int(state.step))
+    for epoch in range(int(state.step) // max(steps, 1), epochs):
+      t0 = time.time()
+      state, metrics = train_epoch(state, train_features, train_labels,
+                                   jax.random.fold_in(shuffle_key, epoch), model=model,
+                                   steps=steps, batch_size=batch_size)
+      scalars = common.scalars(metrics)
+      scalars.update(lr=float(schedule((epoch + 1) * steps - 1)), epoch=epoch + 1,
+                     epoch_seconds=time.time() - t0)
+      if (epoch + 1) % eval_every_epochs == 0 or epoch + 1 == epochs:
+        results = evaluate(state, model, eval_features, eval_labels)
+        scalars.update({f"eval_{k}": v for k, v in results.items()})
+        logging.info("linear probe epoch %d/%d: %s", epoch + 1, epochs, scalars)
+      if log_fn is not None:
+        log_fn((epoch + 1) * steps, scalars)
+      if ckpt is not None:
+        ckpt.save((epoch + 1) * steps, state)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
   if not results:  # resumed after the last epoch: evaluate the restored state
     results = evaluate(state, model, eval_features, eval_labels)
   return state, results
-
-
-def _save_args(state):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp.args.StandardSave(state)
 
 
 def run_linear_probe(config: ml_collections.ConfigDict, workdir: str,

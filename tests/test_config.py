@@ -1,0 +1,53 @@
+"""Pre-training config rules: method decides the BC branch, run length by steps or epochs."""
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from configs import fashion_mnist, pretrain
+from lut_jax import build, config_lib, errors
+from tests import util
+
+
+def _validate(**overrides):
+  config_lib.validate(util.override(fashion_mnist.get_config().unlock(), overrides))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"total_epochs": 5}, "total_steps=600 and total_epochs=5 are both set"),
+    ({"total_steps": None}, "set one of total_steps and total_epochs"),
+    ({"optim.warmup_epochs": 1.0}, "optim.warmup_steps=60 and optim.warmup_epochs=1.0"),
+    ({"total_steps": 0}, "total_steps must be an integer >= 1"),
+    ({"total_steps": None, "total_epochs": 0}, "total_epochs must be a number > 0"),
+    ({"loss.w_bc": 0.0}, "method='lut' trains the BC loss"),
+])
+def test_contradictory_or_missing_fields_are_refused(overrides, expected):
+  with pytest.raises(errors.ConfigError, match=expected):
+    _validate(**overrides)
+
+
+def test_mae_refuses_a_bc_weight_and_method_decides_the_branch():
+  with pytest.raises(errors.ConfigError, match="method='mae'"):
+    config_lib.validate(util.override(fashion_mnist.get_config("method=mae").unlock(),
+                                      {"loss.w_bc": 0.25}))
+  assert config_lib.uses_bc(fashion_mnist.get_config())
+  assert not config_lib.uses_bc(fashion_mnist.get_config("method=mae"))
+
+
+def test_run_length_counts_steps_or_epochs():
+  assert build.run_length(fashion_mnist.get_config()) == (600, 60)
+  imagenet = pretrain.get_config()  # 1600 epochs, 40 of warmup, batch 4096
+  assert build.run_length(imagenet, num_examples=4096 * 10) == (16000, 400)
+  with pytest.raises(errors.ConfigError, match="total_epochs needs the data set size"):
+    build.run_length(imagenet)
+
+
+def test_command_line_switches_a_steps_config_to_epochs():
+  argv = ["prog", f"--config={fashion_mnist.__file__}", "--config.total_steps=None",
+          "--config.total_epochs=0.5"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
+  config_lib.validate(config)
+  assert build.run_length(config, num_examples=60_000) == (234, 60)
