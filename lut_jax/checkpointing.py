@@ -22,14 +22,14 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from lut_jax import config_lib, errors
+from lut_jax import config_lib, errors, loop
 
 MANIFEST = "sha256.json"  # inside each step directory: copying a step copies it
 
@@ -145,19 +145,18 @@ class Checkpointer:
     self._verify_checksums(step)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
-  def restore_newest_intact(self, abstract_state: Any,
-                            is_valid: Callable[[Any], bool] = lambda _: True,
-                            ) -> tuple[Any, int]:
-    """``(state, step)`` of the newest step that restores cleanly and passes ``is_valid``.
+  def restore_newest_intact(self, abstract_state: Any) -> tuple[Any, int]:
+    """``(state, step)`` of the newest step that restores cleanly, all finite.
 
     A damaged step is logged in one line and moved aside to ``damaged_<step>``; older
     steps are tried in turn. Raises ``WorkdirError`` if none restores.
     """
     failures, damaged = [], []
+    check_finite = jax.jit(loop.all_finite)
     for step in reversed(self.all_steps()):
       try:
         state = self.restore(abstract_state, step)
-        if not is_valid(state):
+        if not check_finite(state):
           raise ValueError("it holds NaN or infinite values")
       except Exception as e:  # noqa: BLE001 - any failure to read a step means damage
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
@@ -194,7 +193,8 @@ class Checkpointer:
       raise ValueError(f"{len(bad)} file(s) differ from their checksums, e.g. {bad[0]}")
 
   def best(self) -> Optional[tuple[int, dict[str, float]]]:
-    """``(step, metrics)`` of the kept step with the highest ``best_metric``, or None."""
+    """``(step, metrics)`` of the kept step with the highest ``best_metric`` (which must be
+    set), or None before the first save with metrics."""
     step = self.manager.best_step()
     return None if step is None else (step, self.manager.metrics(step))
 

@@ -142,10 +142,8 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:
     _check_resume_config(config, workdir, adopt=adopt_checkpoint)
-    check_finite = jax.jit(loop.all_finite)
     state, step = ckpt.restore_newest_intact(
-        checkpointing.abstract_like(abstract_state, state_shardings),
-        is_valid=lambda s: bool(check_finite(s)))
+        checkpointing.abstract_like(abstract_state, state_shardings))
     logging.info("Resuming from %s step %d", ckpt.directory, step)
     state = state.replace(tx=abstract_state.tx)
   else:

@@ -321,10 +321,8 @@ def finetune(
                                     best_metric="top1")
   try:
     if ckpt.latest_step() is not None:
-      check_finite = jax.jit(loop.all_finite)
       state, _ = ckpt.restore_newest_intact(
-          checkpointing.abstract_like(abstract_state, state_sharding),
-          is_valid=lambda s: bool(check_finite(s)))
+          checkpointing.abstract_like(abstract_state, state_sharding))
       state = state.replace(tx=tx)
       logging.info("fine-tuning: resumed at step %d", int(state.step))
     else:
