@@ -20,8 +20,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Data set, batch, run length and learning rate: base_config's (the documented recipe).
 
-  # At 224 px the host needs ~27 cores per H100 to make both views; with the colour ops on
-  # the device ~17 (docs/benchmarks.md).
+  # At 224 px host CPU limits the step rate: the colour ops of view 2 go to the accelerator
+  # (host cores per GPU with and without: docs/benchmarks.md).
   config.input.device_augment = True
 
   config.model.variant = args.variant

@@ -58,7 +58,7 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.input.prefetch = 2
   c.input.num_parallel_calls = -1  # tf.data.AUTOTUNE
   # View 2's colour ops and the normalisation on the accelerator (lut_jax/device_augment.py);
-  # the host then yields uint8 crops. Same recipe, same draws; ~40% less host CPU per image.
+  # the host then yields uint8 crops. Same recipe, same draws; less host CPU per image.
   c.input.device_augment = False
 
   c.model = ml_collections.ConfigDict()

@@ -606,7 +606,7 @@ def _decodable(files: list[str]) -> np.ndarray:
 
   Done once when the source is built, so that the examples per epoch (and the resume
   arithmetic) are fixed and a bad file can never stop training. It costs one full decode of
-  the folder (roughly 1-5 ms per ImageNet-sized JPEG and core), logged below.
+  the folder, timed in the log line below.
   """
   t0 = time.time()
   ds = tf.data.Dataset.from_tensor_slices((tf.range(len(files), dtype=tf.int64),

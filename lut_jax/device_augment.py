@@ -4,9 +4,9 @@ The host pipeline (``input.device_augment = True``, see ``input_pipeline``) then
 decodes, resizes and crops/flips: it ships both views as uint8 crops plus, for view 2, the
 per-example colour parameters it drew (``view2_params``, packed as ``pack_params`` lays them
 out). ``finish_batch`` turns such a batch into the ``{"view1", "view2"}`` normalised float32
-images the train step takes. At 224 px this cuts the host's CPU time per image by about
-40% (~120 -> ~190 images per CPU-second; docs/benchmarks.md, "Input pipeline") and the
-bytes sent to the device by 4x, for a few milliseconds of accelerator time per 256 images.
+images the train step takes. The host's colour work and the bytes sent to the device both
+shrink (uint8 instead of float32) for a little elementwise work on the accelerator; the
+measured effect is in docs/benchmarks.md ("Colour augmentation on the device").
 
 The ops are the ones ``augment.py`` applies with TensorFlow (torchvision semantics), restated
 per example and vmapped over the batch, with per-example branching by ``jnp.where`` /

@@ -98,8 +98,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
   Written with ``erf`` rather than ``jax.nn.gelu(approximate=False)``, whose ``erfc``
   XLA expands into exponentials and branches (``erf`` is one native op with a cheap
-  polynomial): on an H100 that erfc form made the teacher's MLP activation alone ~11% of a
-  ViT-B/16 LUT step. float32 inside, as torch evaluates GELU under autocast; the result
+  polynomial; the cost of the erfc form is in docs/benchmarks.md). float32 inside, as torch evaluates GELU under autocast; the result
   comes back in ``x``'s dtype.
   """
   x32 = x.astype(jnp.float32)
@@ -265,7 +264,7 @@ def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool,
   """Runs ``blocks`` on ``(batch, tokens, width)``. Where the attention kernel needs an
   even length (cuDNN), the sequence is padded once for the whole stack and the padding
   token is masked out of every attention, instead of padding q, k and v in every layer
-  (on an H100 those per-layer pads and slices took ~4% of a ViT-B/16 LUT step)."""
+  (memory-bound copies in every layer; docs/benchmarks.md)."""
   length = x.shape[1]
   pad = attention_padding(length, attention_impl)
   if pad:
@@ -514,9 +513,8 @@ class LUTModel(nn.Module):
 def default_attention_impl(dtype: Dtype) -> Optional[str]:
   """The attention kernel when the config leaves ``model.attention_impl`` empty.
 
-  cuDNN's flash attention on NVIDIA GPUs in bf16 (on an H100 it made the ViT-B/16 LUT step
-  1.34x and the MAE step 1.48x faster than XLA's attention; docs/benchmarks.md); XLA's
-  everywhere else (CPU, TPU, ROCm, float32, where cuDNN has no kernel).
+  cuDNN's flash attention on NVIDIA GPUs in bf16 (faster than XLA's attention there;
+  docs/benchmarks.md); XLA's everywhere else (CPU, TPU, ROCm, float32, where cuDNN has no kernel).
   """
   if jnp.dtype(dtype) == jnp.float32:
     return None
