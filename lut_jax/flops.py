@@ -264,6 +264,3 @@ def matmul_flops_from_stablehlo(text: str) -> dict[str, int]:
   return visit(entry)
 
 
-def format_breakdown(flops: Mapping[str, int]) -> str:
-  """A few lines of GFLOPs per part, for logs."""
-  return "\n".join(f"  {k:26s} {v / 1e9:12.4f} GFLOP" for k, v in flops.items())
