@@ -133,8 +133,9 @@ def pretrain(
 
 
 def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_checkpoint):
-  model, abstract_state, state_shardings, p_step, p_init = build.build_training(
-      config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
+  training = build.build_training(config, mesh, total_steps=total_steps,
+                                  warmup_steps=warmup_steps)
+  abstract_state = training.abstract_state
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=config.keep_checkpoints)
@@ -143,11 +144,11 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   if ckpt.latest_step() is not None:
     _check_resume_config(config, workdir, adopt=adopt_checkpoint)
     state, step = ckpt.restore_newest_intact(
-        checkpointing.abstract_like(abstract_state, state_shardings))
+        checkpointing.abstract_like(abstract_state, training.state_shardings))
     logging.info("Resuming from %s step %d", ckpt.directory, step)
     state = state.replace(tx=abstract_state.tx)
   else:
-    state = p_init(init_key)
+    state = training.init(init_key)
   start_step = int(jax.device_get(state.step))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -181,7 +182,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   num_images = min(8, config.input.batch_size)
   summary_fn = jax.jit(
       lambda params, view1, key: reconstruction.reconstruct(
-          model, params, view1[:num_images], key, mask_ratio=config.loss.mask_ratio,
+          training.model, params, view1[:num_images], key, mask_ratio=config.loss.mask_ratio,
           norm_pix=config.loss.norm_pix),
       out_shardings=sharding.replicated(mesh))
 
@@ -194,7 +195,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
     with loop.PreemptionGuard(ckpt) as preemption, metric_writers.ensure_flushes(writer):
       for step in range(start_step, total_steps):
         batch = next(data)
-        state, metrics = p_step(state, batch, train_step.step_key(step_base_key, step))
+        state, metrics = training.step(state, batch, train_step.step_key(step_base_key, step))
         interval.add(metrics)
         done = step + 1
         for hook in hooks:
