@@ -7,13 +7,17 @@ import setuptools
 ROOT = pathlib.Path(__file__).parent
 
 INSTALL_REQUIRES = [
-    "jax>=0.5,<0.12",
+    # Floors are the first releases with what the code uses: jax.sharding.AxisType (0.6),
+    # optax.tree (0.2.5), Orbax preservation policies for keep-latest-and-best (0.12).
+    "jax>=0.6",
     "flax>=0.10",
-    "optax>=0.2.4",
-    "orbax-checkpoint>=0.11",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12",
     "ml_collections>=1.0",
     "clu>=0.0.12",
     "numpy>=1.26",
+    "absl-py>=1.0",  # flags and logging of every command line
+    "etils[epath]>=1.5",  # local and gs:// paths alike
     # clu's metric writers and tfds.load import TensorFlow at import time but neither
     # declares it; the core (models, losses, step, checkpoints) never imports it.
     "tensorflow-cpu>=2.16",
@@ -44,6 +48,10 @@ setuptools.setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    license="Apache-2.0",
+    classifiers=["License :: OSI Approved :: Apache Software License",
+                 "Programming Language :: Python :: 3",
+                 "Topic :: Scientific/Engineering :: Artificial Intelligence"],
     packages=setuptools.find_packages(include=["lut_jax", "lut_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

@@ -75,6 +75,11 @@ class Interval:
     update = self._metrics.single_from_model_output(**step_metrics)
     self._acc = update if self._acc is None else self._acc.merge(update)
 
+  def restart_clock(self, done: int) -> None:
+    """Rates from here on count from step ``done`` (e.g. not the first step's compilation);
+    the metrics merged so far stay."""
+    self._start, self._start_time = done, time.time()
+
   def read(self, done: int) -> dict[str, float]:
     """The interval's scalars (and ``images_per_sec``) up to step ``done``; starts the next.
 

@@ -7,6 +7,7 @@ module and the input pipeline touch TensorFlow (through the CLU writers and tf.d
 
 import json
 import os
+import time
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
@@ -186,9 +187,11 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
           norm_pix=config.loss.norm_pix),
       out_shardings=sharding.replicated(mesh))
 
+  t_start = time.time()
   interval = loop.Interval(TrainMetrics, start_step=start_step,
                            batch_size=config.input.batch_size, checkpointer=ckpt,
                            config_prefix="optim")
+  logging.info("Compiling the train step; the first step includes the compilation.")
   # Whatever stops the loop (end, preemption, an exception), a save in flight finishes:
   # a crash never leaves the newest checkpoint half-written or lost.
   try:
@@ -198,6 +201,11 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
         state, metrics = training.step(state, batch, train_step.step_key(step_base_key, step))
         interval.add(metrics)
         done = step + 1
+        if step == start_step:  # once: say what the wait was, and keep it out of the rates
+          jax.block_until_ready(metrics)
+          logging.info("First step done %.1f s after start-up (compilation included); rates "
+                       "exclude it.", time.time() - t_start)
+          interval.restart_clock(done)
         for hook in hooks:
           hook(done)
         stop = preemption.stop(done)
@@ -210,10 +218,15 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
               k: image_utils.denormalize(jax.device_get(images[k]), config.input.channels)
               for k in ("input", "masked", "reconstruction_visible")})
         if save:
+          logging.info("Saving checkpoint step %d in %s", done, ckpt.directory)
           ckpt.save(done, state, force=True)
         if stop:
           logging.warning("Stopped for preemption at step %d; rerun the command to resume.", done)
           break
   finally:
     ckpt.close()
+  if int(jax.device_get(state.step)) == total_steps:
+    logging.info("Finished %d steps; checkpoint step %d in %s. Next, e.g.: lut-eval "
+                 "--config=configs/knn.py --workdir=%s_knn --config.pretrained=%s", total_steps,
+                 total_steps, ckpt.directory, workdir.rstrip("/"), workdir)
   return state
