@@ -70,6 +70,13 @@ def bc_loss(q1: jax.Array, q2: jax.Array, z1: jax.Array, z2: jax.Array) -> jax.A
   return 0.5 * (jnp.mean(cosine_distance(q2, z1)) + jnp.mean(cosine_distance(q1, z2)))
 
 
+def normalized_std(v: jax.Array) -> jax.Array:
+  """Mean over dimensions of the across-batch std of the L2-normalised rows of ``v``
+  (BYOL/SimSiam's collapse indicator): about ``1/sqrt(dim)`` for well-spread vectors, 0 when
+  every example maps to the same direction."""
+  return jnp.mean(jnp.std(l2_normalize(v.astype(jnp.float32)), axis=0))
+
+
 def total_loss(rec: jax.Array, bc: jax.Array | float, *, w_mae: float, w_bc: float) -> jax.Array:
   """``w_mae * L_rec + w_bc * L_bc``."""
   return w_mae * rec + w_bc * bc

@@ -30,6 +30,8 @@ class TrainMetrics(clu_metrics.Collection):
   lr: clu_metrics.LastValue.from_output("lr")
   momentum: clu_metrics.LastValue.from_output("momentum")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
+  q_std: clu_metrics.Average.from_output("q_std")  # BC-branch collapse indicators
+  z_std: clu_metrics.Average.from_output("z_std")
   first_nonfinite_step: loop.FirstNonFiniteStep
 
 

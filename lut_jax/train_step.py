@@ -56,13 +56,17 @@ def _loss_fn(params, batch_stats, micro, *, model: LUTModel, loss_config: LossCo
                                mutable=["batch_stats"])
     new_batch_stats, pred = updates["batch_stats"], out["pred"]
     bc = losses.bc_loss(out["q1"], out["q2"], micro["z1"], micro["z2"])
+    # Collapse indicators of the BC branch (per view, averaged): see docs/method.md.
+    spread = {name: (losses.normalized_std(a) + losses.normalized_std(b)) / 2 for name, (a, b)
+              in {"q_std": (out["q1"], out["q2"]), "z_std": (micro["z1"], micro["z2"])}.items()}
   else:
     pred = model.apply(variables, view1, masks.keep1, masks.ids_restore, method=LUTModel.mae)
     new_batch_stats, bc = batch_stats, jnp.zeros((), jnp.float32)
+    spread = {"q_std": jnp.zeros((), jnp.float32), "z_std": jnp.zeros((), jnp.float32)}
   rec = losses.reconstruction_loss(pred, view1, masks.mask1, patch_size=model.patch_size,
                                    norm_pix=loss_config.norm_pix)
   total = losses.total_loss(rec, bc, w_mae=loss_config.w_mae, w_bc=loss_config.w_bc)
-  return total, (new_batch_stats, {"loss": total, "rec_loss": rec, "bc_loss": bc})
+  return total, (new_batch_stats, {"loss": total, "rec_loss": rec, "bc_loss": bc, **spread})
 
 
 def train_step(state: TrainState, batch: Batch, key: jax.Array, *, model: LUTModel,

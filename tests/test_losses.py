@@ -63,3 +63,15 @@ def test_zero_vectors_do_not_produce_nan():
   z = jnp.zeros((2, 4))
   assert np.isfinite(float(losses.bc_loss(z, z, z, z)))
   assert np.all(np.isfinite(jax.grad(lambda a: losses.bc_loss(a, a, z + 1, z + 1))(z)))
+
+
+def test_normalized_std_matches_numpy_and_reads_collapse():
+  rng = np.random.default_rng(3)
+  v = rng.normal(size=(64, 16)).astype(np.float32)
+  unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+  np.testing.assert_allclose(losses.normalized_std(jnp.asarray(v)),
+                             unit.std(axis=0).mean(), rtol=1e-5)
+  # Well spread: about 1/sqrt(dim). Collapsed (every row one direction, any scale): 0.
+  assert abs(float(losses.normalized_std(jnp.asarray(v))) - 1 / np.sqrt(16)) < 0.03
+  collapsed = np.outer(rng.uniform(0.5, 2.0, size=64), rng.normal(size=16))
+  assert float(losses.normalized_std(jnp.asarray(collapsed))) < 1e-6

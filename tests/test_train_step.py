@@ -169,3 +169,25 @@ def test_bad_configs_are_named(overrides, message):
 def test_unknown_config_argument():
   with pytest.raises(ValueError, match="accepted: variant=..., method=..."):
     util.fashion_mnist.get_config("varient=B/16")
+
+
+def test_collapse_indicator_is_the_teachers_spread():
+  # z_std must be the spread of exactly what the teacher fed the BC loss: its vectors of
+  # both full views under the pre-update target weights, recomputed here with numpy.
+  config = util.tiny_config()
+  mesh = sharding.create_mesh(1, jax.devices()[:1])
+  batch = util.synthetic_batch(0, 16)
+  before, _, metrics = _one_step(config, mesh, batch)
+  model = _build(config, mesh).model
+  z1, z2 = model.apply({"params": before.target_params,
+                        "batch_stats": before.target_batch_stats},
+                       batch["view1"], batch["view2"], method=models.LUTModel.teacher)
+
+  def spread(v):
+    v = np.asarray(v, np.float64)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return v.std(axis=0).mean()
+  np.testing.assert_allclose(metrics["z_std"], (spread(z1) + spread(z2)) / 2, rtol=1e-4)
+  assert 0 < metrics["q_std"] < 1
+  mae = _one_step(util.tiny_config("mae"), mesh, batch)[2]
+  assert mae["z_std"] == 0 and mae["q_std"] == 0
