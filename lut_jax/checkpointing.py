@@ -142,7 +142,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    self._verify_checksums(step)
+    verify_checksums(epath.Path(self.directory) / str(step))
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
   def restore_newest_intact(self, abstract_state: Any) -> tuple[Any, int]:
@@ -181,17 +181,6 @@ class Checkpointer:
         logging.warning("Moved damaged checkpoint step %d to %s (not deleted).", step, target)
     self.manager.reload()
 
-  def _verify_checksums(self, step: int) -> None:
-    step_dir = epath.Path(self.directory) / str(step)
-    if not (step_dir / MANIFEST).exists():
-      return  # saved by a run that stopped before hashing it (or with checksums off)
-    expected = json.loads((step_dir / MANIFEST).read_text())
-    actual = _digest_files(step_dir)
-    bad = sorted(k for k in expected.keys() | actual.keys()
-                 if expected.get(k) != actual.get(k))
-    if bad:
-      raise ValueError(f"{len(bad)} file(s) differ from their checksums, e.g. {bad[0]}")
-
   def best(self) -> Optional[tuple[int, dict[str, float]]]:
     """``(step, metrics)`` of the kept step with the highest ``best_metric`` (which must be
     set), or None before the first save with metrics."""
@@ -212,6 +201,19 @@ class Checkpointer:
           logging.warning("Could not write a checkpoint checksum manifest: %s",
                           job.exception())
       self.manager.close()
+
+
+def verify_checksums(step_dir: epath.Path) -> None:
+  """Raises ``ValueError`` when a file of ``step_dir`` differs from its SHA-256 manifest
+  (a bit flip, a truncation, a missing or extra file). Steps without one pass: saved by a
+  run that stopped before hashing them, or with checksums off."""
+  if not (step_dir / MANIFEST).exists():
+    return
+  expected = json.loads((step_dir / MANIFEST).read_text())
+  actual = _digest_files(step_dir)
+  bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+  if bad:
+    raise ValueError(f"{len(bad)} file(s) differ from their checksums, e.g. {bad[0]}")
 
 
 def _digest_files(step_dir: epath.Path) -> dict[str, str]:
@@ -349,6 +351,12 @@ def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
   if step not in steps:
     raise errors.WorkdirError(f"no checkpoint of step {step} in {checkpoint_dir}; it has "
                               f"{steps}")
+  try:  # the same verification a resume makes: damaged weights are never evaluated
+    verify_checksums(epath.Path(checkpoint_dir) / str(step))
+  except ValueError as e:
+    raise errors.WorkdirError(
+        f"checkpoint step {step} in {checkpoint_dir} is damaged: {e}",
+        hint=f"pick an intact step (it has {steps})") from e
   if sharding is None:
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)),
                                           jax.sharding.PartitionSpec())

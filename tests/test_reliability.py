@@ -205,3 +205,15 @@ def test_a_failed_save_is_one_error_naming_the_step_and_leaves_no_temp_dir(tmp_p
     ckpt.save(5, {"a": np.ones(2)})
   assert not tmp_dir.exists()
   ckpt.close()
+
+
+def test_evaluation_refuses_a_damaged_checkpoint_step(tmp_path):
+  # Loading weights for evaluation verifies the same manifest a resume does.
+  config = util.tiny_config(total_steps=3, checkpoint_every_steps=3)
+  _run(config, tmp_path)
+  subtrees, step = checkpointing.restore_subtrees(str(tmp_path / "checkpoints"),
+                                                  ["params/encoder"])
+  assert step == 3 and subtrees["params/encoder"]
+  _flip_bit(str(tmp_path / "checkpoints" / "3"))
+  with pytest.raises(errors.WorkdirError, match="step 3 .* is damaged: .* checksums"):
+    checkpointing.restore_subtrees(str(tmp_path / "checkpoints"), ["params/encoder"])
