@@ -94,9 +94,14 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   """The flags with ``argv`` (the arguments, without the program name) parsed, for callers
   in the same process; the command line itself goes through ``errors.run_app``."""
-  flags.FLAGS.unparse_flags()  # parsing again would add to the values of the repeated flags
-  flags.FLAGS([PROG, *argv])
-  return flags.FLAGS
+  # Only this tool's flags: parsing the global FLAGS would also run the checks of every
+  # other program imported in the process (lut_jax.main's required --config, ...).
+  own = flags.FlagValues()
+  for flag in flags.FLAGS.get_flags_for_module(__name__):
+    own[flag.name] = flag
+  own.unparse_flags()  # parsing again would add to the values of the repeated flags
+  own([PROG, *argv])
+  return own
 
 
 def _check_flags(args: flags.FlagValues) -> None:
