@@ -48,6 +48,10 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.total_epochs = _steps_or_epochs(1600.0)
 
   c.input = ml_collections.ConfigDict()
+  # "tfdata": tf.data on the host (any size of data set; needs TensorFlow). "device": the
+  # split in accelerator memory, views made on the device (lut_jax/device_input.py;
+  # Fashion-MNIST-sized data; no TensorFlow).
+  c.input.backend = "tfdata"
   c.input.dataset = "imagenet2012"  # any tfds image dataset, or "folder:/path/to/images"
   c.input.split = "train"
   c.input.data_dir = ml_collections.config_dict.placeholder(str)
@@ -95,6 +99,16 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 0.0  # 0 disables clipping
   c.optim.accum_steps = 1  # micro-batches per optimizer step
 
+  # Measurements of the encoder during the run (lut_jax/monitor.py): kNN top-1 on held-out
+  # images and the BC branch's collapse indicators. Reads its splits through the device
+  # input path's loader, so only data sets that path reads.
+  c.monitor = ml_collections.ConfigDict()
+  c.monitor.every_steps = 0  # 0: off
+  c.monitor.bank_split = "train[:10000]"
+  c.monitor.query_split = "test[:2000]"
+  c.monitor.knn_k = 20
+  c.monitor.knn_temperature = 0.07
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1  # devices sharding params/optimizer state; -1 = all; rest is data
 
@@ -115,7 +129,8 @@ DTYPES = ("float32", "bfloat16")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a pre-training config; raises :class:`ConfigError` naming the bad field."""
-  from lut_jax import masking, models, optim  # local: avoid importing jax for plain config files
+  # local: avoid importing jax for plain config files
+  from lut_jax import device_input, masking, models, optim
 
   def fail(msg, hint=""):
     raise ConfigError(msg, hint)
@@ -184,6 +199,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(str(e))
   if config.input.channels not in (1, 3):
     fail(f"input.channels must be 1 or 3, got {config.input.channels}")
+  device_input.check_backend(config.input)
+  if config.monitor.every_steps < 0:
+    fail(f"monitor.every_steps must be >= 0 (0 = off), got {config.monitor.every_steps}")
 
 
 CONFIG_FILE = "config.json"

@@ -89,7 +89,8 @@ def unpack_params(packed: jax.Array) -> ColourParams:
                       sigma=col(10))
 
 
-def _sample_one(key: jax.Array) -> ColourParams:
+def sample_params_one(key: jax.Array) -> ColourParams:
+  """One example's parameters from its own key."""
   keys = jax.random.split(key, 8)
   u = lambda k, lo, hi: jax.random.uniform(k, (), jnp.float32, lo, hi)  # noqa: E731
   return ColourParams(
@@ -105,7 +106,7 @@ def _sample_one(key: jax.Array) -> ColourParams:
 
 def sample_params(key: jax.Array, num: int) -> ColourParams:
   """Draws ``num`` examples' parameters, each from its own key (``split(key, num)``)."""
-  return jax.vmap(_sample_one)(jax.random.split(key, num))
+  return jax.vmap(sample_params_one)(jax.random.split(key, num))
 
 
 # ----------------------------------------------------------------------------- per-image ops

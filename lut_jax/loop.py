@@ -101,7 +101,8 @@ class Interval:
                "resumes from the last good checkpoint")
     self._ckpt.check_for_errors()  # a background save that failed stops the run here
     elapsed = max(time.time() - self._start_time, 1e-9)
-    scalars["images_per_sec"] = (done - self._start) * self._batch_size / elapsed
+    if done > self._start:  # none when the clock restarted at this step
+      scalars["images_per_sec"] = (done - self._start) * self._batch_size / elapsed
     self._acc, self._start, self._start_time = None, done, time.time()
     return scalars
 

@@ -1,7 +1,9 @@
 """The pre-training loop: state, sharded step, data, logging, checkpoints, preemption.
 
-``pretrain(config, workdir)`` runs (or resumes) one pre-training run. Only this
-module and the input pipeline touch TensorFlow (through the CLU writers and tf.data).
+``pretrain(config, workdir)`` runs (or resumes) one pre-training run. With
+``input.backend = "device"`` nothing imports TensorFlow (lut_jax/device_input.py, and
+lut_jax/writers.py picks a TF-free writer when TensorFlow is absent); the ``"tfdata"``
+backend reads data with tf.data.
 """
 
 
@@ -11,13 +13,14 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
-from clu import metric_writers, metrics as clu_metrics, periodic_actions
+from clu import metrics as clu_metrics
 import flax
 import jax
 import ml_collections
 
-from lut_jax import (build, checkpointing, config_lib, errors, image_utils, loop,
-                     reconstruction, sharding, train_state, train_step, workdir_lock)
+from lut_jax import (build, checkpointing, config_lib, device_input, errors, image_utils, loop,
+                     monitor as monitor_lib, reconstruction, sharding, train_state, train_step,
+                     workdir_lock, writers)
 
 
 @flax.struct.dataclass
@@ -36,10 +39,20 @@ class TrainMetrics(clu_metrics.Collection):
 
 
 def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
-                   batch_sharding: jax.sharding.NamedSharding) -> Iterator[dict[str, Any]]:
+                   mesh: jax.sharding.Mesh) -> Iterator[dict[str, Any]]:
+  two_views = config_lib.uses_bc(config)  # MAE makes and transfers view 1 only
+  if config.input.backend == "device":
+    data = device_input.DeviceData(config.input, seed=config.seed, mesh=mesh,
+                                   two_views=two_views)
+    return data.iterator(start_step)
+  return _tfdata_iterator(config, start_step=start_step, two_views=two_views,
+                          batch_sharding=sharding.batch_sharding(mesh))
+
+
+def _tfdata_iterator(config: ml_collections.ConfigDict, *, start_step: int, two_views: bool,
+                     batch_sharding: jax.sharding.NamedSharding) -> Iterator[dict[str, Any]]:
   from lut_jax import input_pipeline  # local: tf.data is only needed here
 
-  two_views = config_lib.uses_bc(config)  # MAE makes and transfers view 1 only
   it = input_pipeline.create_pretrain_iterator(config.input, seed=config.seed,
                                                start_step=start_step, sharding=batch_sharding,
                                                two_views=two_views)
@@ -57,7 +70,7 @@ def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
 # what it computes. Every other field must equal the saved config.json, else the resumed
 # run would silently be a different run.
 RESUME_MAY_CHANGE = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                     "image_summary_every_steps", "profile_steps", "input.data_dir",
+                     "image_summary_every_steps", "profile_steps", "monitor", "input.data_dir",
                      "input.prefetch", "input.num_parallel_calls", "mesh", "model.remat",
                      "model.attention_impl")
 
@@ -106,6 +119,8 @@ def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Opti
   an unknown data set or split is reported before anything is written to the workdir."""
   if not real_data and config.total_epochs is None and config.optim.warmup_epochs is None:
     return None
+  if config.input.backend == "device":
+    return device_input.load_split(config.input).num_examples
   from lut_jax import augment, datasets  # local: TensorFlow only where data is read
   if real_data:
     augment.check_image_size(config.input.image_size)
@@ -128,14 +143,23 @@ def pretrain(
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.optim.accum_steps,
                             process_count=jax.process_count())
-  total_steps, warmup_steps = build.run_length(
-      config, _num_examples(config, real_data=data_fn is None))
+  num_examples = _num_examples(config, real_data=data_fn is None)
+  total_steps, warmup_steps = build.run_length(config, num_examples)
+  monitor = monitor_lib.Monitor(config) if config.monitor.every_steps > 0 else None
   with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train(config, workdir, data_fn, mesh=mesh, total_steps=total_steps,
-                  warmup_steps=warmup_steps, adopt_checkpoint=adopt_checkpoint)
+                  warmup_steps=warmup_steps, adopt_checkpoint=adopt_checkpoint,
+                  num_examples=num_examples, monitor=monitor)
 
 
-def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_checkpoint):
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_checkpoint,
+           num_examples, monitor):
   training = build.build_training(config, mesh, total_steps=total_steps,
                                   warmup_steps=warmup_steps)
   abstract_state = training.abstract_state
@@ -154,7 +178,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
     state = training.init(init_key)
   start_step = int(jax.device_get(state.step))
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   # Written at every start: the checks above allow only RESUME_MAY_CHANGE fields to differ,
   # and the file must say what the run does now.
   config_lib.save_config(config, workdir)
@@ -173,15 +197,12 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
                dict(mesh.shape), start_step)
 
   if data_fn is None:
-    data = _data_iterator(config, start_step=start_step,
-                          batch_sharding=sharding.batch_sharding(mesh))
+    data = _data_iterator(config, start_step=start_step, mesh=mesh)
   else:
     data = data_fn(start_step)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)]
-  if config.profile_steps > 0 and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
-                                          first_profile=start_step + config.log_every_steps))
+  profile_start = start_step + config.log_every_steps
+  profile = config.profile_steps > 0 and jax.process_index() == 0
+  epoch_size = num_examples / config.input.batch_size if num_examples else None
   num_images = min(8, config.input.batch_size)
   summary_fn = jax.jit(
       lambda params, view1, key: reconstruction.reconstruct(
@@ -197,7 +218,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   # Whatever stops the loop (end, preemption, an exception), a save in flight finishes:
   # a crash never leaves the newest checkpoint half-written or lost.
   try:
-    with loop.PreemptionGuard(ckpt) as preemption, metric_writers.ensure_flushes(writer):
+    with loop.PreemptionGuard(ckpt) as preemption:
       for step in range(start_step, total_steps):
         batch = next(data)
         state, metrics = training.step(state, batch, train_step.step_key(step_base_key, step))
@@ -208,12 +229,28 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
           logging.info("First step done %.1f s after start-up (compilation included); rates "
                        "exclude it.", time.time() - t_start)
           interval.restart_clock(done)
-        for hook in hooks:
-          hook(done)
+        if profile and done == profile_start:
+          jax.profiler.start_trace(workdir)
+        if profile and done == profile_start + config.profile_steps:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          logging.info("Profile of steps %d-%d written to %s.", profile_start + 1, done, workdir)
         stop = preemption.stop(done)
         save = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
         if done % config.log_every_steps == 0 or save:  # every save is guarded
-          writer.write_scalars(done, interval.read(done))
+          scalars = interval.read(done)
+          writer.write_scalars(done, scalars)
+          rate = scalars.get("images_per_sec")
+          logging.info("step %d/%d%s%s", done, total_steps,
+                       f" (epoch {done / epoch_size:.2f})" if epoch_size else "",
+                       f": {rate:.0f} images/s, ETA "
+                       f"{_duration((total_steps - done) * config.input.batch_size / rate)}"
+                       if rate else "")
+        if monitor is not None and (done % monitor.every_steps == 0 or done == total_steps):
+          measured = monitor(training.model, state)
+          writer.write_scalars(done, {f"monitor/{k}": v for k, v in measured.items()})
+          monitor_lib.append_history(workdir, {"step": done, **measured})
+          interval.restart_clock(done)  # rates measure training, not the monitor
         if done % config.image_summary_every_steps == 0 or done == total_steps:
           images = summary_fn(state.params, batch["view1"], jax.random.fold_in(summary_key, done))
           writer.write_images(done, {
@@ -226,6 +263,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
           logging.warning("Stopped for preemption at step %d; rerun the command to resume.", done)
           break
   finally:
+    writer.flush()
     ckpt.close()
   if int(jax.device_get(state.step)) == total_steps:
     logging.info("Finished %d steps; checkpoint step %d in %s. Next, e.g.: lut-eval "

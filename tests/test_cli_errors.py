@@ -16,6 +16,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.input.batch_size=16", "--config.total_steps=4", "--config.optim.warmup_steps=1",
+        "--config.monitor.every_steps=0",
         "--config.log_every_steps=1", "--config.checkpoint_every_steps=1",
         "--config.image_summary_every_steps=100", "--config.model.decoder_width=32",
         "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",

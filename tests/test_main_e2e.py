@@ -15,6 +15,7 @@ from lut_jax import datasets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.input.batch_size=16", "--config.total_steps=6", "--config.optim.warmup_steps=1",
+        "--config.monitor.every_steps=0",
         "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
         "--config.image_summary_every_steps=3", "--config.model.decoder_width=32",
         "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",

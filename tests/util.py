@@ -24,6 +24,10 @@ def tiny_config(method: str = "lut", **overrides) -> ml_collections.ConfigDict:
   config.log_every_steps = 1
   config.checkpoint_every_steps = 3
   config.image_summary_every_steps = 3
+  # The tf.data path, without the monitor: tests of the device path and the monitor set
+  # them (tests/test_device_input.py).
+  config.input.backend = "tfdata"
+  config.monitor.every_steps = 0
   return override(config, overrides)
 
 

@@ -1,0 +1,79 @@
+"""Metric writers for the training loops, with or without TensorFlow.
+
+With TensorFlow installed, CLU's default writer (TensorBoard event files through
+``tf.summary``, plus log lines). Without it (the TF-free install; GPU images often lack
+TensorFlow), a writer with the same methods over ``tensorboardX`` (event files TensorBoard
+reads), plus the same log lines; without ``tensorboardX`` too, log lines only, said once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Mapping
+
+from absl import logging
+import numpy as np
+
+
+class LoggingWriter:
+  """Scalars as one log line per step; images and hparams are not logged (TensorBoard
+  shows them)."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    del step, images
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    del hparams
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class TensorBoardXWriter(LoggingWriter):
+  """Event files in ``logdir`` through ``tensorboardX``, and the log lines."""
+
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter  # local: optional dependency
+
+    self._writer = SummaryWriter(logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    super().write_scalars(step, scalars)
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, float(value), step)
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    for name, value in images.items():  # NHWC in [0, 1], like CLU's writers take them
+      self._writer.add_images(name, np.asarray(value, np.float32), step, dataformats="NHWC")
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._writer.add_text("hparams", "\n".join(f"    {k}: {v}" for k, v in hparams.items()))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def create_writer(logdir: str, *, just_logging: bool = False) -> Any:
+  """CLU's default writer when TensorFlow is installed, else :class:`TensorBoardXWriter`
+  (or :class:`LoggingWriter` without tensorboardX). ``just_logging``: log lines only (the
+  processes other than 0 of a multi-host run)."""
+  if importlib.util.find_spec("tensorflow") is not None:
+    from clu import metric_writers  # local: imports TensorFlow
+
+    return metric_writers.create_default_writer(logdir, just_logging=just_logging)
+  if just_logging:
+    return LoggingWriter()
+  if importlib.util.find_spec("tensorboardX") is None:
+    logging.warning("Neither TensorFlow nor tensorboardX is installed: metrics go to the log "
+                    "only (pip install tensorboardX for TensorBoard files).")
+    return LoggingWriter()
+  return TensorBoardXWriter(logdir)

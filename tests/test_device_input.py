@@ -1,0 +1,179 @@
+"""The on-device input path against the tf.data path and hand checks: crops and flips
+per op, draw distributions, view statistics, (seed, step) determinism, epochs, resume."""
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from lut_jax import (augment, device_input, errors, idx, image_utils, input_pipeline,
+                     sharding, train)
+from tests import util
+
+needs_fashion_mnist = pytest.mark.skipif(idx.find_fashion_mnist() is None,
+                                         reason="Fashion-MNIST idx files not installed")
+
+
+def _input(**overrides):
+  config = ml_collections.ConfigDict(dict(
+      backend="device", dataset="fashion_mnist", split="train", data_dir=None, image_size=28,
+      channels=3, batch_size=32, device_augment=False, shuffle_buffer=1000, prefetch=1,
+      num_parallel_calls=-1))
+  config.update(overrides)
+  return config
+
+
+def _random_split(n=40, size=16):
+  images = np.random.default_rng(0).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+  return device_input.Split(images, np.arange(n, dtype=np.int32) % 10, "random")
+
+
+def _pixels(view):
+  """Normalised one-channel views back to grey levels."""
+  mean, std = image_utils.normalization_constants(1)
+  return np.rint((np.asarray(view) * std + mean) * 255)
+
+
+def _examples_shown(views, split):
+  """For each view, the example whose central 8x8 block (maybe mirrored) it shows: every
+  crop keeps it, somewhere."""
+  found = []
+  for view in _pixels(views)[..., 0]:
+    hits = [i for i, image in enumerate(split.images[..., 0].astype(float))
+            for block in (image[4:12, 4:12], image[4:12, 4:12][:, ::-1])
+            if any(np.array_equal(view[y:y + 8, x:x + 8], block)
+                   for y in range(9) for x in range(9))]
+    assert len(set(hits)) == 1, hits
+    found.append(hits[0])
+  return found
+
+
+@pytest.mark.parametrize("split", ["train", "train[:100]", "train[10:20]", "train[-30:]",
+                                   "train[:33%]", "train[25%:75%]", "test[:-5]", "test[5:3]"])
+def test_slice_split_matches_tfds(split):
+  sizes = {"train": 1000, "test": 77}
+  want = tfds.core.ReadInstruction.from_spec(split).to_absolute(
+      {k: type("Info", (), {"num_examples": v}) for k, v in sizes.items()})[0]
+  base, start, stop = device_input.slice_split(split, sizes)
+  n = sizes[want.splitname]
+  assert (base, start, max(start, stop)) == (
+      want.splitname, want.from_ or 0, max(want.from_ or 0, n if want.to is None else want.to))
+
+
+@pytest.mark.parametrize("split", ["validation", "train[:x]", "train[1:2:3]", ""])
+def test_bad_split_is_a_data_error(split):
+  with pytest.raises(errors.DataError, match="bad split"):
+    device_input.slice_split(split, {"train": 10})
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_crop_flip_matches_the_tf_op(channels):
+  rng = np.random.default_rng(channels)
+  image = rng.random((16, 16, channels), np.float32)
+  for oy, ox, flip in [(0, 0, False), (8, 8, True), (3, 5, True), (7, 1, False)]:
+    want = augment.crop_flip(tf.constant(image), augment.CropFlip(
+        tf.constant(oy), tf.constant(ox), tf.constant(flip)), 16).numpy()
+    got = device_input.crop_flip(image, oy, ox, flip)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_crop_offsets_and_flips_are_uniform():
+  """Every offset in [0, 8] and both flips equally likely (torchvision's randint, p 0.5)."""
+  n = 2000
+  ramp = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), (n, 16, 16, 1))
+  views = device_input.make_views(ramp, jax.random.split(jax.random.key(0), n), channels=1,
+                                  two_views=False)["view1"]
+  pixels = _pixels(views)[..., 0].astype(int)
+  # Unflipped, crop pixel (4, 4) is image pixel (offset_y, offset_x) (no reflection there)
+  # and values grow to the right; flipped, that pixel moved to column 11.
+  flipped = pixels[:, 4, 5] < pixels[:, 4, 4]
+  value = np.where(flipped, pixels[:, 4, 11], pixels[:, 4, 4])
+  for offsets in (value // 16, value % 16):
+    counts = np.bincount(offsets, minlength=9)
+    assert counts.size == 9 and counts.min() > n / 9 * 0.75, counts
+  assert abs(flipped.mean() - 0.5) < 0.05
+
+
+def test_batch_is_a_function_of_seed_and_step_and_epochs_visit_each_example_once():
+  split = _random_split(n=40)
+  config = _input(image_size=16, channels=1, batch_size=8)
+  mesh = sharding.create_mesh(1)
+  a = device_input.DeviceData(config, seed=3, mesh=mesh, split=split)
+  b = device_input.DeviceData(config, seed=3, mesh=mesh, split=split)
+  assert a.steps_per_epoch == 5
+  chex.assert_trees_all_equal(a.batch(7), b.batch(7))
+  assert not np.array_equal(a.batch(7)["view1"], a.batch(8)["view1"])
+  other_seed = device_input.DeviceData(config, seed=4, mesh=mesh, split=split)
+  assert not np.array_equal(a.batch(7)["view1"], other_seed.batch(7)["view1"])
+  epochs = [[i for j in range(5) for i in _examples_shown(a.batch(e * 5 + j)["view1"], split)]
+            for e in range(2)]
+  for seen in epochs:
+    assert sorted(seen) == list(range(40))
+  assert epochs[0] != epochs[1]  # each epoch its own order
+
+
+@needs_fashion_mnist
+def test_view_statistics_match_the_tfdata_path():
+  """Same data, same recipe: per-channel means and stds of both views agree."""
+  config = _input(batch_size=256)
+  device = device_input.DeviceData(config, seed=0, mesh=sharding.create_mesh(1))
+  host = input_pipeline.create_pretrain_iterator(config, seed=0)
+  for view in ("view1", "view2"):
+    d = np.concatenate([np.asarray(device.batch(s)[view]) for s in range(4)])
+    h = np.concatenate([next(host)[view] for _ in range(4)]) if view == "view1" else None
+    if h is None:
+      host = input_pipeline.create_pretrain_iterator(config, seed=0)
+      h = np.concatenate([next(host)[view] for _ in range(4)])
+    np.testing.assert_allclose(d.mean(axis=(0, 1, 2)), h.mean(axis=(0, 1, 2)), atol=0.06)
+    np.testing.assert_allclose(d.std(axis=(0, 1, 2)), h.std(axis=(0, 1, 2)), rtol=0.05)
+  # View 2's colour ops leave grey images grey, as on the host.
+  v2 = np.asarray(device.batch(0)["view2"])
+  assert np.allclose(v2[..., 0] * 0.229 + 0.485, v2[..., 1] * 0.224 + 0.456, atol=1e-5)
+
+
+@needs_fashion_mnist
+def test_load_split_resizes_once_and_checks_the_split():
+  split = device_input.load_split(_input(image_size=16), "test[:10]")
+  assert split.images.shape == (10, 16, 16, 1) and split.images.dtype == np.uint8
+  images, labels = idx.load_fashion_mnist(idx.find_fashion_mnist(), "test")
+  np.testing.assert_array_equal(split.labels, labels[:10])
+  # Bicubic with antialiasing, as the tf.data path's resize (to the grey level).
+  want = tf.image.resize(images[:10, :, :, None].astype(np.float32), (16, 16), "bicubic",
+                         antialias=True).numpy()
+  assert np.abs(split.images.astype(float) - np.clip(np.rint(want), 0, 255)).max() <= 2
+  with pytest.raises(errors.DataError, match="bad split"):
+    device_input.load_split(_input(), "validation")
+  with pytest.raises(errors.DataError, match="folder"):
+    device_input.load_split(_input(dataset="folder:/tmp"))
+
+
+@needs_fashion_mnist
+def test_resume_on_the_device_path_is_exact(tmp_path):
+  config = util.tiny_config(**{"input.backend": "device", "total_steps": 4,
+                               "checkpoint_every_steps": 2})
+  uninterrupted = jax.device_get(train.pretrain(config, str(tmp_path / "a")))
+  first = util.tiny_config(**{"input.backend": "device", "total_steps": 4,
+                              "checkpoint_every_steps": 2})
+
+  def stop_after_two(start_step):  # the real device data, cut after step 2
+    data = device_input.DeviceData(first.input, seed=first.seed,
+                                   mesh=sharding.create_mesh(1))
+    for step in range(start_step, 2):
+      yield data.batch(step)
+    raise RuntimeError("simulated crash")
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.pretrain(first, str(tmp_path / "b"), data_fn=stop_after_two)
+  resumed = jax.device_get(train.pretrain(config, str(tmp_path / "b")))
+  chex.assert_trees_all_equal(uninterrupted.params, resumed.params)
+  chex.assert_trees_all_equal(uninterrupted.target_params, resumed.target_params)
+  chex.assert_trees_all_equal(uninterrupted.opt_state, resumed.opt_state)
+
+
+def test_device_augment_with_the_device_backend_is_a_config_error():
+  with pytest.raises(errors.ConfigError, match="device_augment"):
+    device_input.check_backend(_input(device_augment=True))
+  with pytest.raises(errors.ConfigError, match="backend"):
+    device_input.check_backend(_input(backend="gpu"))
