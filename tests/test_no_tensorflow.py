@@ -65,3 +65,56 @@ def test_core_imports_and_steps_without_tensorflow(tmp_path):
                           timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout
+
+
+def test_pretraining_command_runs_without_tensorflow(tmp_path):
+  """``lut-pretrain`` on the device input path, with TensorFlow and tfds not installed:
+  trains, logs TensorBoard files through tensorboardX, runs the monitor, checkpoints, and
+  restores (exact resume on this path: tests/test_device_input.py). Skipped where Fashion-MNIST's idx files are absent."""
+  from lut_jax import idx
+  if idx.find_fashion_mnist() is None:
+    import pytest
+    pytest.skip("Fashion-MNIST idx files not installed")
+  workdir = tmp_path / "run"
+  script = textwrap.dedent(f"""
+      import runpy, sys
+      for name in ("tensorflow", "tensorflow_datasets"):
+        sys.modules[name] = None
+      sys.argv = ["lut-pretrain", "--config=configs/fashion_mnist.py:variant=mu/4",
+                  "--workdir={workdir}", "--config.input.image_size=16",
+                  "--config.input.batch_size=16", "--config.total_steps=" + sys.argv[1],
+                  "--config.optim.warmup_steps=1", "--config.log_every_steps=1",
+                  "--config.checkpoint_every_steps=2", "--config.image_summary_every_steps=2",
+                  "--config.monitor.every_steps=2", "--config.monitor.bank_split=train[:64]",
+                  "--config.monitor.query_split=test[:32]", "--config.model.decoder_width=32",
+                  "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
+                  "--config.model.head_hidden_dim=64"]
+      try:
+        runpy.run_module("lut_jax.main", run_name="__main__")
+      finally:
+        bad = [m for m, mod in sys.modules.items()
+               if mod is not None and m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
+        print("TF MODULES", bad)
+  """)
+  root = __import__("pathlib").Path(__file__).resolve().parents[1]
+  env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+  for total in ("4", "4"):  # the second command finds the run finished and resumes it
+    result = subprocess.run([sys.executable, "-c", script, total], capture_output=True,
+                            text=True, timeout=600, cwd=root, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TF MODULES []" in result.stdout, result.stdout[-2000:]
+  assert "Resuming from" in result.stderr
+  import json
+  records = [json.loads(line) for line in (workdir / "monitor.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 4]
+  assert all(0 <= r["knn_cls"] <= 100 and r["z_rank"] >= 1 for r in records)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == \
+      ["2", "4"]
+  events = list(workdir.glob("events.out.tfevents.*"))
+  assert events, list(workdir.iterdir())
+  # The event files hold the scalars, read back with TensorBoard's own reader (no TF).
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(workdir))
+  acc.Reload()
+  assert {"loss", "monitor/knn_cls", "monitor/z_std"} <= set(acc.Tags()["scalars"])
+  assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
