@@ -6,6 +6,8 @@ import setuptools
 
 ROOT = pathlib.Path(__file__).parent
 
+# The core: models, losses, masking, the sharded step, checkpoints, and pre-training on the
+# on-device input path (input.backend="device") with TensorBoard files: no TensorFlow.
 INSTALL_REQUIRES = [
     # Floors are the first releases with what the code uses: jax.sharding.AxisType (0.6),
     # optax.tree (0.2.5), Orbax preservation policies for keep-latest-and-best (0.12).
@@ -14,31 +16,42 @@ INSTALL_REQUIRES = [
     "optax>=0.2.5",
     "orbax-checkpoint>=0.12",
     "ml_collections>=1.0",
-    "clu>=0.0.12",
+    "clu>=0.0.12",  # its metrics only; its writers need TensorFlow ([data])
     "numpy>=1.26",
     "absl-py>=1.0",  # flags and logging of every command line
     "etils[epath]>=1.5",  # local and gs:// paths alike
-    # clu's metric writers and tfds.load import TensorFlow at import time but neither
-    # declares it; the core (models, losses, step, checkpoints) never imports it.
-    "tensorflow-cpu>=2.16",
-    "tensorboard>=2.16",
-    "tensorflow-datasets>=4.9",
-    # tfds' dataset builders (download_and_prepare) need it on Python 3.11 via etils.epath.
-    "importlib_resources>=6",
-    "pillow>=10",
-    "matplotlib>=3.8",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
 ]
 
-TEST_REQUIRES = [
+EXTRAS_REQUIRE = {
+    # tf.data input pipelines (any tfds data set, image folders), evaluation and CLU's
+    # TensorBoard writers. tensorflow-cpu has wheels for Linux x86-64 only; elsewhere
+    # (macOS arm64, Linux aarch64) the tensorflow package is the CPU build.
+    "data": [
+        "tensorflow-cpu>=2.16; sys_platform == 'linux' and platform_machine == 'x86_64'",
+        "tensorflow>=2.16; sys_platform != 'linux' or platform_machine != 'x86_64'",
+        "tensorboard>=2.16",
+        "tensorflow-datasets>=4.9",
+        # tfds' dataset builders (download_and_prepare) need it on Python 3.11 via etils.
+        "importlib_resources>=6",
+        "pillow>=10",
+    ],
+    "analysis": ["matplotlib>=3.8", "pillow>=10"],  # lut-analyze's figures
+    # Reading PyTorch checkpoints (.pth) and the timm comparisons.
+    "torch": ["torch>=2.1", "timm>=1.0", "safetensors>=0.4"],
+}
+EXTRAS_REQUIRE["test"] = [
+    *EXTRAS_REQUIRE["data"], *EXTRAS_REQUIRE["analysis"],
     "pytest>=8",
     "pytest-xdist>=3.5",
     "chex>=0.1.87",
     "scikit-image>=0.22",
-    # PyTorch references for parity tests only; never imported by the package.
+    # PyTorch references for parity tests only; never imported by the core.
     # torchvision from PyPI loads only beside this torch build on these machines.
     "torch==2.14.1",
     "torchvision==0.29.1",
     "timm>=1.0",
+    "safetensors>=0.4",
 ]
 
 setuptools.setup(
@@ -54,7 +67,7 @@ setuptools.setup(
                  "Topic :: Scientific/Engineering :: Artificial Intelligence"],
     packages=setuptools.find_packages(include=["lut_jax", "lut_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["lut-pretrain=lut_jax.main:run",
                                       "lut-eval=lut_jax.eval_main:run",
                                       "lut-analyze=lut_jax.analyze:run",

@@ -25,6 +25,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys (``{"model.head_norm": "layer"}``), as ``--config.x=y`` does; returns
+  ``config`` (unlocked fields only, like the flag)."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
 def _steps_or_epochs(value: float | None = None) -> config_dict.FieldReference:
   """A field of a steps / epochs pair: a number, or None when the other one is set.
 

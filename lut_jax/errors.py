@@ -60,6 +60,16 @@ class NonFiniteError(UserError, FloatingPointError):
   """Training produced a NaN or infinite value; the state that holds it is never saved."""
 
 
+def require(module: str, *, purpose: str, extra: str) -> None:
+  """Raises a ``ConfigError`` naming the extra to install when ``module`` is missing (the
+  core install has no TensorFlow, matplotlib or torch)."""
+  import importlib.util  # local: only this function needs it
+
+  if importlib.util.find_spec(module) is None:
+    raise ConfigError(f"{purpose} needs {module}, which is not installed",
+                      hint=f"pip install 'lut_jax[{extra}]'")
+
+
 def describe_os_error(e: OSError, action: str = "") -> str:
   """One line for an OS error: what failed, on which path, and why in plain words."""
   where = f" {e.filename}" if e.filename else ""

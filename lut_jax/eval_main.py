@@ -54,6 +54,8 @@ def _run_mode(config, workdir: str) -> dict[str, float]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  errors.require("tensorflow", purpose="lut-eval (tf.data evaluation pipelines)",
+                 extra="data")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__,

@@ -121,6 +121,8 @@ def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Opti
     return None
   if config.input.backend == "device":
     return device_input.load_split(config.input).num_examples
+  errors.require("tensorflow", purpose="input.backend='tfdata' (tf.data pipelines)",
+                 extra="data")
   from lut_jax import augment, datasets  # local: TensorFlow only where data is read
   if real_data:
     augment.check_image_size(config.input.image_size)

@@ -1,23 +1,29 @@
-r"""LUT vs MAE on Fashion-MNIST: same model, budget and seed; kNN and linear probe of both.
+r"""LUT vs MAE at equal budget, several seeds each: kNN and linear probe, curves, floors.
 
-  python scripts/compare_lut_mae.py --total_steps=300 --workdir=runs/compare \
-      --results=docs/results.md
+  python scripts/compare_lut_mae.py --workdir=runs/compare --total_steps=600 \
+      --seeds=0,1,2 --results=docs/results.md --plots=docs/images/compare
 
-For each method (``configs/fashion_mnist.py:method=lut`` and ``:method=mae``) it pre-trains
-(or resumes) in ``<workdir>/<method>``, extracts the *online* encoder's frozen features of
-the probe splits once (cls token and mean patch token, centre crops, cached), then runs the
-DINO kNN classifier (k = 20, T = 0.07) and the MAE linear probe (BatchNorm without affine +
-linear, LARS) on both feature kinds. Timings and numbers go to
-``<workdir>/compare_results.json`` and a Markdown table in ``--results``.
+Pre-trains every (method, seed) with ``configs/fashion_mnist.py`` on the on-device input
+path (no TensorFlow needed), with the run monitor on (kNN top-1 of the online encoder and,
+for LUT, the BC branch's collapse indicators, every ``--monitor_every`` steps). Then, on
+the final online encoder's frozen features of whole images (cls token and mean patch
+token), the DINO kNN classifier (k 20, T 0.07) and the linear probe of
+``configs/linear_probe.py``, trained on ``--probe_train_split`` and evaluated on
+``--probe_eval_split``. Two floors a learned encoder should beat, with the same probes: raw
+pixels, and the untrained encoder (seed 0's initialisation).
 
-Everything the run does is resumable: rerunning the command skips finished pre-training
-and reuses cached features.
+Writes ``<workdir>/compare_results.json``, a Markdown section (mean +- sample std over the
+seeds, and every run) into ``--results`` between this script's markers for ``--tag``, and,
+with matplotlib, ``<plots>_knn.png`` (monitor kNN vs epoch) and ``<plots>_collapse.png``.
+Everything is resumable: a rerun resumes unfinished pre-training and reuses finished runs'
+probe results. ``--set=key=value`` applies config overrides to every run (ablations).
+Size a GPU run by timing a short one first (``--total_steps=50``): the JSON records each
+run's pre-training wall time.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import os
 import platform
@@ -26,259 +32,269 @@ import time
 
 from absl import app, flags, logging
 import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fashion_mnist  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import linear_probe as lp_config  # noqa: E402
-from lut_jax import models, train, train_state  # noqa: E402
-from lut_jax.evaluation import eval_config, features, knn, linear_probe  # noqa: E402
+from lut_jax import build, config_lib, device_input, monitor, sharding, train  # noqa: E402
+from lut_jax.evaluation import features, knn, linear_probe  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Base directory of the runs.")
-_RESULTS = flags.DEFINE_string("results", "docs/results.md", "Markdown file to write.")
-_METHODS = flags.DEFINE_list("methods", ["lut", "mae"], "Pre-training methods to compare.")
-_TOTAL_STEPS = flags.DEFINE_integer("total_steps", 300, "Pre-training steps per method.")
-_WARMUP = flags.DEFINE_integer("warmup_steps", -1, "Warmup steps; -1: 10% of total_steps.")
+_RESULTS = flags.DEFINE_string("results", "", "Markdown file for the results section.")
+_PLOTS = flags.DEFINE_string("plots", "", "Path prefix of the PNG curves (needs matplotlib).")
+_TAG = flags.DEFINE_string("tag", "default", "Name of this comparison (section markers).")
+_METHODS = flags.DEFINE_list("methods", ["lut", "mae"], "Pre-training methods.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each method.")
+_TOTAL_STEPS = flags.DEFINE_integer("total_steps", 600, "Pre-training steps per run.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Pre-training batch size.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of pre-training and probing.")
-_VARIANT = flags.DEFINE_string("variant", "nano/4", "Encoder variant (both methods).")
-_PROBE_TRAIN = flags.DEFINE_string("probe_train_split", "train",
-                                   "Split the kNN bank / linear probe trains on.")
-_PROBE_EVAL = flags.DEFINE_string("probe_eval_split", "test", "Split they are evaluated on.")
+_VARIANT = flags.DEFINE_string("variant", "nano/4", "Encoder variant (all runs).")
+_MONITOR_EVERY = flags.DEFINE_integer("monitor_every", 100, "Monitor interval (steps).")
+_SET = flags.DEFINE_multi_string("set", [], "key=value config override for every run.")
+_PROBE_TRAIN = flags.DEFINE_string("probe_train_split", "train", "Probe training split.")
+_PROBE_EVAL = flags.DEFINE_string("probe_eval_split", "test", "Probe evaluation split.")
 _LP_EPOCHS = flags.DEFINE_integer("lp_epochs", 90, "Linear-probe epochs.")
-_LP_BATCH = flags.DEFINE_integer("lp_batch_size", -1, "Linear-probe batch; -1: config's.")
-_LP_LR = flags.DEFINE_float("lp_base_lr", -1.0, "Linear-probe base lr; -1: config's.")
-_LP_OPT = flags.DEFINE_string("lp_optimizer", "", "lars or sgd; empty: config's.")
-_POOLS = flags.DEFINE_list("pools", ["cls", "mean"], "Feature kinds to probe.")
-_RANDOM = flags.DEFINE_bool("random_baseline", True,
-                            "Also probe an untrained encoder (same model and seed): the floor "
-                            "that pre-training has to beat.")
+_EPOCHS = flags.DEFINE_float("epochs", 0, "If > 0: pre-training length in epochs of the "
+                             "60k images (overrides --total_steps).")
+_DEADLINE = flags.DEFINE_float("deadline_s", 0, "If > 0: runs not started this many seconds "
+                               "after the start are skipped (and reported so).")
+_FROM_JSON = flags.DEFINE_string("from_json", "", "Only render --results / --plots from a "
+                                 "compare_results.json (e.g. one a GPU machine wrote).")
+_POOLS = ("cls", "mean")
 
 
-def pretrain_config(method: str):
-  config = fashion_mnist.get_config(f"variant={_VARIANT.value},method={method}")
-  config.unlock()
-  config.seed = _SEED.value
+def _parse(value: str):
+  try:
+    return json.loads(value)
+  except json.JSONDecodeError:
+    return value  # a string
+
+
+def pretrain_config(method: str, seed: int):
+  config = fashion_mnist.get_config(f"variant={_VARIANT.value},method={method}").unlock()
+  config.seed = seed
   config.input.batch_size = _BATCH.value
   config.total_steps = _TOTAL_STEPS.value
-  config.optim.warmup_steps = (_WARMUP.value if _WARMUP.value >= 0
-                               else max(1, _TOTAL_STEPS.value // 10))
-  config.log_every_steps = max(1, min(50, _TOTAL_STEPS.value // 6))
-  config.checkpoint_every_steps = max(1, _TOTAL_STEPS.value // 3)
+  config.optim.warmup_steps = max(1, _TOTAL_STEPS.value // 10)
+  config.log_every_steps = max(1, min(100, _TOTAL_STEPS.value // 10))
+  config.checkpoint_every_steps = max(1, _TOTAL_STEPS.value // 4)
   config.image_summary_every_steps = _TOTAL_STEPS.value
-  return config.lock()
+  config.monitor.every_steps = _MONITOR_EVERY.value
+  overrides = dict(item.split("=", 1) for item in _SET.value)
+  return config_lib.override(config, {k: _parse(v) for k, v in overrides.items()}).lock()
 
 
-def probe_config():
-  config = lp_config.get_config()
-  config.unlock()
-  config.seed = _SEED.value
-  config.input.train_split = _PROBE_TRAIN.value
-  config.input.eval_split = _PROBE_EVAL.value
-  lp = config.linear_probe
-  lp.epochs = _LP_EPOCHS.value
-  lp.warmup_epochs = min(lp.warmup_epochs, _LP_EPOCHS.value)
-  lp.eval_every_epochs = _LP_EPOCHS.value
-  if _LP_BATCH.value > 0:
-    lp.batch_size = _LP_BATCH.value
-  if _LP_LR.value > 0:
-    lp.base_lr = _LP_LR.value
-  if _LP_OPT.value:
-    lp.optimizer = _LP_OPT.value
-  return config
+def _features(encoder, params, images, channels) -> dict[str, np.ndarray]:
+  extract = features.make_feature_fn(encoder, _POOLS)
+  chunks = [jax.device_get(extract(params, device_input.eval_images(images[i:i + 1000],
+                                                                    channels)))
+            for i in range(0, len(images), 1000)]
+  return {pool: np.concatenate([c[pool] for c in chunks]) for pool in _POOLS}
 
 
-def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  devices = jax.devices()
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  return (f"{cpu}, {os.cpu_count()} cores visible, {len(devices)} {devices[0].platform} "
-          f"device(s), JAX {jax.__version__}; load average at the end {load:.1f} "
-          "(machine shared with other jobs)")
+def probe(train_feats, train_labels, test_feats, test_labels, seed: int) -> dict:
+  """kNN and linear-probe top-1 of one feature kind."""
+  lp = lp_config.get_config().linear_probe
+  num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+  out = {"knn": knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels,
+                                 num_classes=num_classes)["top1"]}
+  _, acc = linear_probe.train_linear_probe(
+      train_feats, train_labels, test_feats, test_labels, num_classes=num_classes,
+      epochs=_LP_EPOCHS.value, batch_size=lp.batch_size, base_lr=lp.base_lr,
+      warmup_epochs=min(lp.warmup_epochs, _LP_EPOCHS.value), weight_decay=lp.weight_decay,
+      optimizer=lp.optimizer, momentum=lp.momentum, seed=seed,
+      eval_every_epochs=_LP_EPOCHS.value)
+  out["linear"] = acc["top1"]
+  return out
 
 
-def random_encoder(config) -> features.PretrainedEncoder:
-  """The encoder of ``config`` at initialisation (pre-training's init key for its seed)."""
-  model = models.build_model(config.model, image_size=config.input.image_size,
-                             channels=config.input.channels, use_bc=False)
-  init_key = jax.random.split(jax.random.key(config.seed), 3)[0]
-  params = jax.jit(functools.partial(train_state.init_variables, model))(init_key)
-  encoder_config = features.encoder_config(config.to_dict())
-  return features.PretrainedEncoder(
-      encoder=models.Encoder(**encoder_config), params=params["params"]["encoder"],
-      config=encoder_config, channels=config.input.channels, source="random init")
-
-
-def run_method(method: str, workdir: str, probe) -> dict:
-  """Pre-trains ``method`` (resuming) and probes its online encoder; ``"random"`` probes
-  the untrained encoder."""
-  out: dict = {"method": method}
-  config = pretrain_config("mae" if method == "random" else method)
-  run_dir = os.path.join(workdir, method)
-  # Pre-training wall time is recorded when it runs, so a rerun (which finds the run
-  # finished) still reports it; a resumed run reports the time of its last leg only.
-  timing = os.path.join(run_dir, "pretrain_wall_seconds.json")
-  done = (os.path.exists(timing) and
-          json.load(open(timing)).get("total_steps") == config.total_steps)
+def run(method: str, seed: int, splits) -> dict:
+  """Pre-trains (resuming) and probes one run; ``method == "random"``: the untrained
+  encoder of ``seed``."""
+  config = pretrain_config("mae" if method == "random" else method, seed)
+  run_dir = os.path.join(_WORKDIR.value, f"{method}_s{seed}")
+  done_file = os.path.join(run_dir, "probe_results.json")
+  if os.path.exists(done_file):
+    return json.load(open(done_file))
+  out = {"method": method, "seed": seed, "pretrain_seconds": 0.0}
   if method == "random":
-    out["pretrain_seconds"] = 0.0
-  elif done:
-    out["pretrain_seconds"] = json.load(open(timing))["seconds"]
+    training = build.build_training(config, sharding.create_mesh(config.mesh.fsdp),
+                                    total_steps=1, warmup_steps=0)
+    init_key = jax.random.split(jax.random.key(seed), 3)[0]  # pre-training's init key
+    encoder = training.model.bind({"params": {}}).encoder.clone(parent=None)
+    params = training.init(init_key).params["encoder"]
   else:
     t0 = time.time()
     train.pretrain(config, run_dir)
     out["pretrain_seconds"] = time.time() - t0
-    with open(timing, "w") as f:
-      json.dump({"seconds": out["pretrain_seconds"], "total_steps": config.total_steps}, f)
-  out["pretrain_config"] = {"variant": config.model.variant, "batch_size": config.input.batch_size,
-                            "total_steps": config.total_steps,
-                            "warmup_steps": config.optim.warmup_steps,
-                            "base_lr": config.optim.base_lr, "w_bc": config.loss.w_bc,
-                            "mask_ratio": config.loss.mask_ratio, "seed": config.seed}
-
-  if method == "random":
-    out["pretrain_config"]["total_steps"] = 0
-    pretrained = random_encoder(config)
-  else:
     pretrained = features.load_pretrained(run_dir)
-  input_config = eval_config.input_config(probe, pretrained)
-  cache = os.path.join(run_dir, "eval_features")
-  feature_timing = os.path.join(cache, "extract_wall_seconds.json")
-  cached_seconds = (json.load(open(feature_timing)).get("seconds")
-                    if os.path.exists(feature_timing) else None)
-  t0 = time.time()
-  kwargs = dict(batch_size=probe.input.eval_batch_size, pools=tuple(_POOLS.value),
-                cache_dir=cache, crop_pct=probe.input.crop_pct)
-  train_feats = features.dataset_features(pretrained, input_config, probe.input.train_split,
-                                          **kwargs)
-  test_feats = features.dataset_features(pretrained, input_config, probe.input.eval_split,
-                                         **kwargs)
-  out["feature_seconds"] = time.time() - t0
-  if cached_seconds is not None:  # features came from the cache: report the extraction
-    out["feature_seconds"] = cached_seconds
-  else:
-    with open(feature_timing, "w") as f:
-      json.dump({"seconds": out["feature_seconds"]}, f)
-  out["num_train"], out["num_test"] = len(train_feats["label"]), len(test_feats["label"])
-  num_classes = int(max(train_feats["label"].max(), test_feats["label"].max())) + 1
-
-  lp = probe.linear_probe
-  for pool in _POOLS.value:
-    t0 = time.time()
-    acc = knn.knn_accuracy(train_feats[pool], train_feats["label"], test_feats[pool],
-                           test_feats["label"], num_classes=num_classes, k=20,
-                           temperature=0.07)
-    out[f"knn/{pool}"] = acc
-    out[f"knn/{pool}/seconds"] = time.time() - t0
-    t0 = time.time()
-    _, acc = linear_probe.train_linear_probe(
-        train_feats[pool], train_feats["label"], test_feats[pool], test_feats["label"],
-        num_classes=num_classes, epochs=lp.epochs, batch_size=lp.batch_size,
-        base_lr=lp.base_lr, warmup_epochs=lp.warmup_epochs, weight_decay=lp.weight_decay,
-        optimizer=lp.optimizer, momentum=lp.momentum, seed=probe.seed,
-        eval_every_epochs=lp.eval_every_epochs)
-    out[f"linear_probe/{pool}"] = acc
-    out[f"linear_probe/{pool}/seconds"] = time.time() - t0
-    logging.info("%s %s: kNN %s, linear probe %s", method, pool, out[f"knn/{pool}"], acc)
-  out["linear_probe_recipe"] = {"optimizer": lp.optimizer, "batch_size": lp.batch_size,
-                                "base_lr": lp.base_lr, "epochs": lp.epochs,
-                                "warmup_epochs": lp.warmup_epochs,
-                                "weight_decay": lp.weight_decay}
+    encoder, params = pretrained.encoder, pretrained.params
+    out["monitor"] = monitor.read_history(run_dir)
+  (train_images, train_labels), (test_images, test_labels) = splits
+  train_f = _features(encoder, params, train_images, config.input.channels)
+  test_f = _features(encoder, params, test_images, config.input.channels)
+  for pool in _POOLS:
+    out[pool] = probe(train_f[pool], train_labels, test_f[pool], test_labels, seed)
+  logging.info("%s seed %d: %s", method, seed, {p: out[p] for p in _POOLS})
+  os.makedirs(run_dir, exist_ok=True)
+  with open(done_file, "w") as f:
+    json.dump(out, f)
   return out
 
 
-def markdown(results: list[dict], wall_seconds: float, machine_text: str) -> str:
-  first = results[0]
-  pc, lp = first["pretrain_config"], first["linear_probe_recipe"]
-  pools = _POOLS.value
+def raw_pixels(splits) -> dict:
+  (train_images, train_labels), (test_images, test_labels) = splits
+  flat = lambda x: np.asarray(x, np.float32).reshape(len(x), -1) / 255.0  # noqa: E731
+  return {"method": "pixels", "seed": 0,
+          "pixels": probe(flat(train_images), train_labels, flat(test_images), test_labels, 0)}
+
+
+def _mean_std(values) -> str:
+  values = np.asarray(values, float)
+  if len(values) == 1:
+    return f"{values[0]:.2f}"
+  return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def markdown(results: list[dict], machine: str, wall: float) -> str:
+  config = pretrain_config("lut", 0)
+  epochs = _TOTAL_STEPS.value * _BATCH.value / 60000
   lines = [
-      "## LUT vs MAE on Fashion-MNIST (CPU, short budget)",
-      "",
-      f"Written by `scripts/compare_lut_mae.py` on {datetime.date.today().isoformat()}.",
-      "",
+      f"## LUT vs MAE, Fashion-MNIST, {_TOTAL_STEPS.value} steps ({epochs:.1f} epochs), "
+      f"{len(_SEEDS.value)} seeds [{_TAG.value}]", "",
+      f"Written by `scripts/compare_lut_mae.py` on {datetime.date.today().isoformat()}.", "",
       f"* Command: `python scripts/compare_lut_mae.py {' '.join(sys.argv[1:])}`",
-      f"* Machine: {machine_text}.",
-      f"* Pre-training (both methods): `configs/fashion_mnist.py`, ViT `{pc['variant']}` on "
-      f"28 px (49 patches), batch {pc['batch_size']}, {pc['total_steps']} steps "
-      f"({pc['total_steps'] * pc['batch_size'] / 60000:.2f} epochs of the 60k training "
-      f"images), warmup {pc['warmup_steps']}, base lr {pc['base_lr']:g}, mask ratio "
-      f"{pc['mask_ratio']}, seed {pc['seed']}; LUT: w_bc 0.25 (MAE: 0).",
-      f"* Probes on the online encoder's frozen features (centre crops), trained on "
-      f"`{_PROBE_TRAIN.value}` ({first['num_train']} images), evaluated on "
-      f"`{_PROBE_EVAL.value}` ({first['num_test']} images): kNN k=20, T=0.07 (cosine); "
-      f"linear probe BatchNorm(no affine) + linear, {lp['optimizer'].upper()}, batch "
-      f"{lp['batch_size']}, base lr {lp['base_lr']:g} (peak x batch/256), "
-      f"{lp['epochs']} epochs, warmup {lp['warmup_epochs']}, wd {lp['weight_decay']:g}, "
-      f"seed {pc['seed']}.",
-      f"* Total wall time {wall_seconds / 60:.1f} min (pre-training, feature extraction "
-      "and probes of every row; extraction of cached features and finished pre-training "
-      "count with their recorded times).",
-      "",
-      "| method | pre-train wall (s) | features (s) | "
-      + " | ".join(f"kNN {p} top-1" for p in pools) + " | "
-      + " | ".join(f"linear {p} top-1" for p in pools) + " | "
-      + " | ".join(f"linear {p} top-5" for p in pools) + " |",
-      "|---|---:|---:|" + "---:|" * (3 * len(pools)),
+      f"* Machine: {machine}; total wall time {wall / 60:.1f} min.",
+      f"* Pre-training: `configs/fashion_mnist.py` (device input path), ViT "
+      f"`{_VARIANT.value}`, batch {_BATCH.value}, {_TOTAL_STEPS.value} steps, warmup "
+      f"{config.optim.warmup_steps}, base lr {config.optim.base_lr:g}, EMA "
+      f"{config.ema.momentum} -> 1, w_bc {config.loss.w_bc} (MAE 0)"
+      + (f", overrides {_SET.value}" if _SET.value else "") + f"; seeds {_SEEDS.value}.",
+      f"* Probes of the final online encoder on whole images: trained on "
+      f"`{_PROBE_TRAIN.value}`, evaluated on `{_PROBE_EVAL.value}`; kNN k=20, T=0.07; linear "
+      f"probe as `configs/linear_probe.py` ({_LP_EPOCHS.value} epochs). Mean ± sample std "
+      "over seeds.", "",
+      "| encoder | kNN cls | kNN mean | linear cls | linear mean | pre-train s/run |",
+      "|---|---:|---:|---:|---:|---:|",
   ]
+  for name in [*_METHODS.value, "random"]:
+    rows = [r for r in results if r["method"] == name]
+    if not rows:
+      continue
+    cells = [_mean_std([r[p][kind] for r in rows]) for kind in ("knn", "linear")
+             for p in _POOLS]
+    label = "untrained encoder" if name == "random" else f"{name.upper()} ({len(rows)} seeds)"
+    lines.append(f"| {label} | " + " | ".join(cells)
+                 + f" | {np.mean([r['pretrain_seconds'] for r in rows]):.0f} |")
+  pixels = [r for r in results if r["method"] == "pixels"]
+  if pixels:
+    p = pixels[0]["pixels"]
+    lines.append(f"| raw pixels | {p['knn']:.2f} | | {p['linear']:.2f} | | |")
+  lines += ["", "Per run (kNN cls / linear cls; final monitor z_std, z_rank for LUT):", ""]
   for r in results:
-    name = "untrained encoder (same init)" if r["method"] == "random" else r["method"].upper()
-    wall = "-" if r["method"] == "random" else f"{r['pretrain_seconds']:.0f}"
-    row = [name, wall, f"{r['feature_seconds']:.0f}"]
-    row += [f"{r[f'knn/{p}']['top1']:.2f}" for p in pools]
-    row += [f"{r[f'linear_probe/{p}']['top1']:.2f}" for p in pools]
-    row += [f"{r[f'linear_probe/{p}']['top5']:.2f}" for p in pools]
-    lines.append("| " + " | ".join(row) + " |")
-  lines += [
-      "",
-      "Pre-training wall times include compilation, checkpointing and the tf.data pipeline; "
-      "on a shared machine they measure throughput only roughly. One seed per method: "
-      "differences of a fraction of a point are within run-to-run noise at this budget.",
-      "",
-  ]
-  return "\n".join(lines)
+    if r["method"] in _METHODS.value:
+      last = (r.get("monitor") or [{}])[-1]
+      extra = (f"; z_std {last['z_std']:.3f}, z_rank {last['z_rank']:.1f}"
+               if "z_std" in last else "")
+      lines.append(f"* {r['method']} seed {r['seed']}: {r['cls']['knn']:.2f} / "
+                   f"{r['cls']['linear']:.2f}{extra}")
+  return "\n".join(lines) + "\n"
 
 
-BEGIN, END = "<!-- compare_lut_mae: begin -->", "<!-- compare_lut_mae: end -->"
+def plot(results: list[dict], prefix: str) -> None:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("matplotlib not installed: no curves (the JSON has the data).")
+    return
+  steps_per_epoch = 60000 / _BATCH.value
+  for name, keys in (("knn", ("knn_cls",)), ("collapse", ("z_std", "z_rank"))):
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+      for method, colour in (("lut", "tab:red"), ("mae", "tab:blue")):
+        for r in (r for r in results if r["method"] == method and r.get("monitor")):
+          hist = [h for h in r["monitor"] if key in h]
+          if hist:
+            ax.plot([h["step"] / steps_per_epoch for h in hist], [h[key] for h in hist],
+                    color=colour, alpha=0.7, label=f"{method.upper()} seed {r['seed']}")
+      ax.set_xlabel("epoch")
+      ax.set_ylabel({"knn_cls": "monitor kNN top-1 (cls), %", "z_std": "teacher z std",
+                     "z_rank": "teacher z effective rank"}[key])
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    fig.savefig(f"{prefix}_{name}.png", dpi=110)
+    plt.close(fig)
 
 
-def write_section(path: str, text: str) -> None:
-  """Replaces the generated section of ``path`` (between the markers), keeping the rest;
-  a new file gets a title and the section."""
-  section = f"{BEGIN}\n{text}{END}\n"
+def write_section(path: str, tag: str, text: str) -> None:
+  """Replaces this tag's generated section of ``path``, keeping the rest."""
+  begin, end = f"<!-- compare_lut_mae {tag}: begin -->", f"<!-- compare_lut_mae {tag}: end -->"
+  section = f"{begin}\n{text}{end}\n"
   old = open(path).read() if os.path.exists(path) else "# Results\n\n"
-  if BEGIN in old and END in old:
-    head, rest = old.split(BEGIN, 1)
-    new = head + section + rest.split(END, 1)[1].lstrip("\n")
+  if begin in old and end in old:
+    head, rest = old.split(begin, 1)
+    new = head + section + rest.split(end, 1)[1].lstrip("\n")
   else:
     new = old.rstrip("\n") + "\n\n" + section
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   with open(path, "w") as f:
     f.write(new)
 
 
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  if os.path.exists("/proc/cpuinfo"):
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  device = jax.devices()[0]
+  return (f"{cpu}, {os.cpu_count()} cores; {jax.device_count()} {device.platform} device(s) "
+          f"({device.device_kind}); JAX {jax.__version__}")
+
+
 def main(argv: list[str]) -> None:
   del argv
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  probe = probe_config()
-  methods = list(_METHODS.value) + (["random"] if _RANDOM.value else [])
-  results = [run_method(m, _WORKDIR.value, probe) for m in methods]
-  wall = sum(r["pretrain_seconds"] + r["feature_seconds"]
-             + sum(v for k, v in r.items() if k.endswith("/seconds")) for r in results)
+  if _EPOCHS.value > 0:
+    flags.FLAGS.total_steps = max(1, round(_EPOCHS.value * 60000 / _BATCH.value))
+  if _FROM_JSON.value:
+    saved = json.load(open(_FROM_JSON.value))
+    flags.FLAGS(["compare"] + saved["argv"], known_only=True)  # the run's own settings
+    text = markdown(saved["results"], saved["machine"], saved["wall_seconds"])
+    if _RESULTS.value:
+      write_section(_RESULTS.value, _TAG.value, text)
+    if _PLOTS.value:
+      plot(saved["results"], _PLOTS.value)
+    print(text)
+    return
+  t0 = time.time()
+  config = pretrain_config("lut", 0)
+  splits = [(s.images, s.labels) for s in (
+      device_input.load_split(config.input, split)
+      for split in (_PROBE_TRAIN.value, _PROBE_EVAL.value))]
+  results = [raw_pixels(splits)]
+  for seed in map(int, _SEEDS.value):
+    for method in _METHODS.value:
+      if _DEADLINE.value and time.time() - t0 > _DEADLINE.value:
+        logging.warning("Deadline passed: %s seed %d not run.", method, seed)
+        continue
+      results.append(run(method, seed, splits))
+  results.append(run("random", int(_SEEDS.value[0]), splits))
+  wall = time.time() - t0
   machine_text = machine()
+  os.makedirs(_WORKDIR.value, exist_ok=True)
   with open(os.path.join(_WORKDIR.value, "compare_results.json"), "w") as f:
-    json.dump({"results": results, "wall_seconds": wall, "machine": machine_text,
-               "argv": sys.argv[1:]}, f, indent=2, default=float)
-  text = markdown(results, wall, machine_text)
+    json.dump({"results": results, "machine": machine_text, "argv": sys.argv[1:],
+               "wall_seconds": wall}, f, indent=1)
+  text = markdown(results, machine_text, wall)
   if _RESULTS.value:
-    write_section(_RESULTS.value, text)
+    write_section(_RESULTS.value, _TAG.value, text)
+  if _PLOTS.value:
+    plot(results, _PLOTS.value)
   print(text)
 
 

@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 
 from configs import fashion_mnist
-from lut_jax import models
+from lut_jax import config_lib, models
 
 IMAGE_SIZE = 16
 
@@ -33,13 +33,7 @@ def tiny_config(method: str = "lut", **overrides) -> ml_collections.ConfigDict:
 
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   """Sets dotted keys (``{"model.head_norm": "layer"}``) like ``--config.x=y`` does."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
+  return config_lib.override(config, overrides)
 
 
 def synthetic_batch(step: int, batch_size: int, image_size: int = IMAGE_SIZE,
