@@ -87,6 +87,10 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.model.head_hidden_dim = 4096
   c.model.head_norm = "batch"
   c.model.head_activation = "relu"
+  # The teacher's projector batch norm: "running" averages (the reference's eval-mode EMA
+  # model) or each view's "batch" statistics (BYOL's target; not the reference). Short runs
+  # leave the running averages near their initial values; docs/results.md measures both.
+  c.model.teacher_bn = "running"
   c.model.remat = False
   # "" = cuDNN flash attention on NVIDIA GPUs in bf16, else XLA's; or "xla" / "cudnn".
   c.model.attention_impl = ""
@@ -220,7 +224,11 @@ CONFIG_FILE = "config.json"
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run saved in ``WORKDIR/config.json`` (see :func:`save_config`)."""
+  """The config a run saved in ``WORKDIR/config.json`` (see :func:`save_config`).
+
+  Fields the package gained after the run was saved read as their defaults: a new field's
+  default keeps what earlier versions did, so the run's meaning is unchanged.
+  """
   import json  # local: only this function needs it
   from etils import epath  # local: file systems beyond local disk (gs://, ...)
 
@@ -228,7 +236,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} the work directory of a "
                             "lut_jax run? Every run writes its config.json there.")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  saved = json.loads(path.read_text())
+  method = saved.get("method", "lut")
+  defaults = json.loads(base_config(method if method in METHODS else "lut").to_json_best_effort())
+
+  def fill(into: dict, base: dict) -> dict:
+    for key, value in base.items():
+      if key not in into:
+        into[key] = value
+      elif isinstance(value, dict) and isinstance(into[key], dict):
+        fill(into[key], value)
+    return into
+
+  return ml_collections.ConfigDict(fill(saved, defaults))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -81,7 +81,9 @@ class BatchNorm(nn.Module):
     else:
       mean = jnp.mean(x32, axis=0)
       var = jnp.mean(jnp.square(x32 - mean), axis=0)
-      if not self.is_initializing():
+      # Batch statistics with an immutable ``batch_stats`` normalise without updating the
+      # running averages (the teacher with ``teacher_bn="batch"``).
+      if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
         n = x.shape[0]
         unbiased = var * (n / max(n - 1, 1))
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
@@ -380,6 +382,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu,
 }
 HEAD_NORMS = ("batch", "layer", "none")
+# How the teacher's projector batch norm normalises: "running" (the reference: the EMA model
+# in eval mode uses its running averages) or "batch" (each view's batch statistics, BYOL's
+# target network; not the reference).
+TEACHER_BN = ("running", "batch")
 
 
 class MLPHead(nn.Module):
@@ -423,7 +429,8 @@ class LUTModel(nn.Module):
   * :meth:`student`: two masked views -> pixel prediction of view 1 and predictor vectors
     of both views; head batch norm in training mode (``batch_stats`` must be mutable).
   * :meth:`mae`: one masked view -> pixel prediction (the MAE baseline).
-  * :meth:`teacher`: two full views -> projector vectors; batch norm on running averages.
+  * :meth:`teacher`: two full views -> projector vectors; batch norm on running averages
+    (``teacher_bn="running"``) or on each view's batch statistics (``"batch"``).
   * :meth:`encode`: the encoder alone, for evaluation and analysis.
   """
 
@@ -444,6 +451,7 @@ class LUTModel(nn.Module):
   head_hidden_dim: int
   head_norm: str
   head_activation: str
+  teacher_bn: str = "running"  # see TEACHER_BN
   mlp_ratio: float = 4.0  # the ViT architecture's, not a config field
   dtype: Dtype = jnp.float32
   remat: bool = False
@@ -501,13 +509,22 @@ class LUTModel(nn.Module):
   def teacher(self, view1: jax.Array, view2: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Target network on two full views -> projector vectors ``(z1, z2)``.
 
-    Batch norm uses the running averages (the reference's EMA model is in eval mode):
-    the target then is a fixed function of its weights, not of the current batch.
+    With ``teacher_bn="running"`` (the reference: its EMA model is in eval mode) batch norm
+    uses the running averages, so the target is a fixed function of its weights. With
+    ``"batch"`` each view is normalised by its own batch statistics, as the student's
+    heads are, and the running averages are left alone.
     """
     batch = view1.shape[0]
-    latent = self.encoder(jnp.concatenate([view1, view2]))
-    z = self.head(mean_patch_token(latent), train=False)
+    pooled = mean_patch_token(self.encoder(jnp.concatenate([view1, view2])))
+    if self.teacher_bn == "batch":
+      return self.head(pooled[:batch], train=True), self.head(pooled[batch:], train=True)
+    z = self.head(pooled, train=False)
     return z[:batch], z[batch:]
+
+  def projector(self, images: jax.Array) -> jax.Array:
+    """The teacher's projector vectors of whole images (one batch), normalised as
+    :meth:`teacher` does; for monitoring."""
+    return self.head(mean_patch_token(self.encoder(images)), train=self.teacher_bn == "batch")
 
 
 def default_attention_impl(dtype: Dtype) -> Optional[str]:
@@ -537,6 +554,9 @@ def check_model_config(model_config: Any, *, image_size: int,
   if model_config.head_norm not in HEAD_NORMS:
     raise ValueError(f"unknown model.head_norm {model_config.head_norm!r}; "
                      f"expected one of {HEAD_NORMS}")
+  if model_config.teacher_bn not in TEACHER_BN:
+    raise ValueError(f"unknown model.teacher_bn {model_config.teacher_bn!r}; "
+                     f"expected one of {TEACHER_BN}")
   if model_config.head_activation not in ACTIVATIONS:
     raise ValueError(f"unknown model.head_activation {model_config.head_activation!r}; "
                      f"expected one of {tuple(ACTIVATIONS)}")
@@ -560,5 +580,6 @@ def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bo
       num_heads=spec.num_heads, channels=channels, decoder_width=m.decoder_width,
       decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_num_heads, use_bc=use_bc,
       head_depth=m.head_depth, pred_depth=m.pred_depth, head_hidden_dim=m.head_hidden_dim,
-      head_norm=m.head_norm, head_activation=m.head_activation, dtype=dtype, remat=m.remat,
+      head_norm=m.head_norm, head_activation=m.head_activation, teacher_bn=m.teacher_bn,
+      dtype=dtype, remat=m.remat,
       attention_impl=m.attention_impl or default_attention_impl(dtype))

@@ -84,10 +84,8 @@ class Monitor:
       return tokens[:, 0].astype(jnp.float32), models.mean_patch_token(tokens)
 
     def teacher(params, batch_stats, images):
-      def projector(module, x):
-        return module.head(models.mean_patch_token(module.encode(x)), train=False)
       return model.apply({"params": params, "batch_stats": batch_stats}, eval_view(images),
-                         method=projector)
+                         method=models.LUTModel.projector)
 
     self._online, self._teacher = jax.jit(online), jax.jit(teacher)
     self._model = model

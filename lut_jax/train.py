@@ -117,15 +117,15 @@ def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
 def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Optional[int]:
   """Examples in the training split. With real data the source is always built here, so
   an unknown data set or split is reported before anything is written to the workdir."""
-  if not real_data and config.total_epochs is None and config.optim.warmup_epochs is None:
+  if real_data:
+    image_utils.check_image_size(config.input.image_size)
+  elif config.total_epochs is None and config.optim.warmup_epochs is None:
     return None
   if config.input.backend == "device":
     return device_input.load_split(config.input).num_examples
   errors.require("tensorflow", purpose="input.backend='tfdata' (tf.data pipelines)",
                  extra="data")
-  from lut_jax import augment, datasets  # local: TensorFlow only where data is read
-  if real_data:
-    augment.check_image_size(config.input.image_size)
+  from lut_jax import datasets  # local: TensorFlow only where data is read
   return datasets.num_examples(config.input)
 
 

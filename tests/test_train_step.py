@@ -191,3 +191,29 @@ def test_collapse_indicator_is_the_teachers_spread():
   assert 0 < metrics["q_std"] < 1
   mae = _one_step(util.tiny_config("mae"), mesh, batch)[2]
   assert mae["z_std"] == 0 and mae["q_std"] == 0
+
+
+def test_teacher_bn_batch_normalises_each_view_by_its_batch_and_keeps_running_stats():
+  """``model.teacher_bn="batch"``: the teacher's projector BN uses each view's (biased)
+  batch statistics, recomputed here in numpy, and its running averages change only by
+  the EMA, as with the reference's running-average teacher."""
+  config = util.tiny_config(**{"model.teacher_bn": "batch"})
+  batch = util.synthetic_batch(0, 16)
+  before, after, _ = _one_step(config, sharding.create_mesh(1, jax.devices()[:1]), batch)
+  training = _build(config, sharding.create_mesh(1, jax.devices()[:1]))
+  variables = {"params": before.target_params, "batch_stats": before.target_batch_stats}
+  z1, z2 = training.model.apply(variables, batch["view1"], batch["view2"],
+                                method=models.LUTModel.teacher)
+  head = before.target_params["head"]
+  for view, z in ((batch["view1"], z1), (batch["view2"], z2)):
+    tokens = training.model.apply({"params": before.target_params}, view,
+                                  method=models.LUTModel.encode)
+    h = np.asarray(models.mean_patch_token(tokens)) @ np.asarray(head["linear_0"]["kernel"])
+    h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
+    h = h * np.asarray(head["norm_0"]["scale"]) + np.asarray(head["norm_0"]["bias"])
+    want = np.maximum(h, 0) @ np.asarray(head["linear_1"]["kernel"])
+    np.testing.assert_allclose(np.asarray(z), want, rtol=1e-4, atol=1e-5)
+  tau = float(optim.momentum_schedule(base_momentum=config.ema.momentum, total_steps=10)(0))
+  want_stats = jax.tree.map(lambda t, o: tau * t + (1 - tau) * o, before.target_batch_stats,
+                            after.batch_stats)
+  chex.assert_trees_all_close(after.target_batch_stats, want_stats, rtol=1e-6, atol=1e-7)
