@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "absl-py>=1.0",  # flags and logging of every command line
     "etils[epath]>=1.5",  # local and gs:// paths alike
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "safetensors>=0.4",  # the torch-free timm / Hugging Face export (lut-export)
 ]
 
 EXTRAS_REQUIRE = {
@@ -38,7 +39,7 @@ EXTRAS_REQUIRE = {
     ],
     "analysis": ["matplotlib>=3.8", "pillow>=10"],  # lut-analyze's figures
     # Reading PyTorch checkpoints (.pth) and the timm comparisons.
-    "torch": ["torch>=2.1", "timm>=1.0", "safetensors>=0.4"],
+    "torch": ["torch>=2.1", "timm>=1.0"],
 }
 EXTRAS_REQUIRE["test"] = [
     *EXTRAS_REQUIRE["data"], *EXTRAS_REQUIRE["analysis"],
@@ -50,8 +51,7 @@ EXTRAS_REQUIRE["test"] = [
     # torchvision from PyPI loads only beside this torch build on these machines.
     "torch==2.14.1",
     "torchvision==0.29.1",
-    "timm>=1.0",
-    "safetensors>=0.4",
+    "timm>=1.0",  # brings huggingface_hub and fsspec (hf-hub: and in-memory path tests)
 ]
 
 setuptools.setup(

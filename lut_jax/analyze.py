@@ -5,8 +5,9 @@ spectrum, attention / Grad-CAM maps and MAE reconstructions.
       --labels LUT,MAE --images fashion_mnist --num_images 64 --out runs/analysis
 
 ``--checkpoint`` takes a pre-training workdir (latest checkpoint; or a
-``WORKDIR/checkpoints/<step>`` directory), an exported encoder directory or a PyTorch
-``.pth`` (reference / MAE / timm). Writes to ``--out``:
+``WORKDIR/checkpoints/<step>`` directory), an exported encoder directory, a PyTorch
+``.pth`` (reference / MAE / timm), a ``.safetensors`` file, a timm folder
+(``model.safetensors`` + ``config.json``) or ``hf-hub:org/name``. Writes to ``--out``:
 
 * ``attention_distance.png``: mean attention distance per layer, one dot per head, all
   checkpoints overlaid;
@@ -55,7 +56,8 @@ def _file_label(label: str) -> str:
 
 
 flags.DEFINE_multi_string(
-    "checkpoint", None, "workdir, exported encoder dir or .pth file; repeat to compare")
+    "checkpoint", None, "workdir, exported encoder dir, .pth or .safetensors file, timm "
+    "folder or hf-hub:org/name; repeat to compare")
 flags.DEFINE_list("labels", [], "comma-separated names, one per --checkpoint (default: file "
                   "names)")
 flags.DEFINE_string("images", "fashion_mnist",

@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from lut_jax import errors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,7 +52,6 @@ BLUR_RADIUS = 8
 # PIL's ImageOps.solarize inverts uint8 pixels >= 128. On un-rounded floats, x * 255 >= 127.5
 # is the same test as round(x * 255) >= 128: the threshold is 0.5 (see solarize).
 SOLARIZE_THRESHOLD = 127.5 / 255.0
-MIN_IMAGE_SIZE = 2 * BLUR_RADIUS  # reflect/symmetric padding needs the image to be larger
 
 
 def mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -68,15 +66,6 @@ def mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
   if channels == 1:
     return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
   raise ValueError(f"channels must be 1 or 3, got {channels}")
-
-
-def check_image_size(image_size: int) -> None:
-  """Raises ``ConfigError`` unless ``image_size`` is an int the augmentation can produce."""
-  if isinstance(image_size, bool) or not isinstance(image_size, int):
-    raise errors.ConfigError(f"input.image_size must be an int, got {image_size!r}")
-  if image_size < MIN_IMAGE_SIZE:
-    raise errors.ConfigError(f"input.image_size must be >= {MIN_IMAGE_SIZE} (reflect padding and the "
-                     f"blur kernel need it), got {image_size}")
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -253,19 +253,25 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 ENCODER_CONFIG_FILE = "encoder_config.json"
 
 
+def absolute(path: str) -> epath.Path:
+  """``path`` as an ``epath.Path``, made absolute when local (a URL such as ``gs://...`` is
+  absolute already; Orbax needs absolute paths)."""
+  return epath.Path(path) if "://" in str(path) else epath.Path(path).resolve()
+
+
 def export_encoder(directory: str, encoder_params: Any, encoder_config: dict[str, Any]) -> str:
   """Writes the encoder's parameters (an Orbax PyTree checkpoint) and its config (JSON).
 
   Reload with :func:`load_encoder`. ``encoder_config`` holds the keyword arguments of
   :class:`lut_jax.models.Encoder` (image_size, patch_size, width, depth, num_heads, ...).
   """
-  directory = os.path.abspath(directory)
+  root = absolute(directory)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, "params"), encoder_params, force=True)
+    ckptr.save(root / "params", encoder_params, force=True)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, ENCODER_CONFIG_FILE), "w") as f:
-      json.dump(encoder_config, f, indent=2, sort_keys=True)
-  return directory
+    (root / ENCODER_CONFIG_FILE).write_text(json.dumps(encoder_config, indent=2,
+                                                       sort_keys=True))
+  return os.fspath(root)
 
 
 def load_encoder(directory: str) -> tuple[Any, Any]:
@@ -276,45 +282,69 @@ def load_encoder(directory: str) -> tuple[Any, Any]:
   """
   from lut_jax.models import Encoder  # local: keep checkpointing importable alone
 
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, ENCODER_CONFIG_FILE)) as f:
-    encoder_config = json.load(f)
+  root = absolute(directory)
+  encoder_config = json.loads((root / ENCODER_CONFIG_FILE).read_text())
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(directory, "params"))
+    params = ckptr.restore(root / "params")
   return Encoder(**encoder_config), params
 
 
 CHECKPOINT_DIR = "checkpoints"  # a pre-training work directory's Checkpointer directory
 TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
+SAFETENSORS_EXTENSION = ".safetensors"
+# The layout timm's ``local-dir:`` loader and the Hugging Face Hub read: the weights under
+# this name beside a ``config.json`` that names the architecture.
+TIMM_WEIGHTS_FILE = "model.safetensors"
+TIMM_CONFIG_FILE = "config.json"
+HF_HUB_PREFIX = "hf-hub:"  # as in timm.create_model("hf-hub:org/name")
+PRETRAINED_KINDS = ("workdir", "encoder", "timm", "torch", "safetensors", "hf-hub")
 
 
-def locate_pretrained(path: str, *, torch: bool = False) -> tuple[str, str, Optional[int]]:
+def locate_pretrained(path: str) -> tuple[str, str, Optional[int]]:
   """What ``path``, given as pre-trained weights, holds: ``(kind, location, step)``.
 
-  ``("workdir", workdir, step)`` for a pre-training work directory (step None: the latest)
-  or one of its ``checkpoints/<step>``; ``("encoder", directory, None)`` for an
-  :func:`export_encoder` directory; ``("torch", file, None)`` for a PyTorch checkpoint file
-  (accepted only with ``torch``). Locations are absolute. Anything else is a user error
-  (``FileNotFoundError`` or ``errors.UserError``) saying what was expected.
+  The one place that tells the sources apart (evaluation, export and analysis all ask it):
+
+  * ``("workdir", workdir, step)``: a pre-training work directory (step None: the latest)
+    or one of its ``checkpoints/<step>``;
+  * ``("encoder", directory, None)``: an :func:`export_encoder` directory;
+  * ``("timm", directory, None)``: a timm / Hugging Face folder, ``model.safetensors``
+    (beside the ``config.json`` that names its architecture, as ``lut-export`` writes);
+  * ``("torch", file, None)``: a PyTorch checkpoint file (reference LUT/MAE, timm);
+  * ``("safetensors", file, None)``: a ``.safetensors`` state dict without its folder;
+  * ``("hf-hub", "org/name[@revision]", None)``: a Hugging Face Hub repository, named
+    ``hf-hub:org/name`` as timm names it; nothing is downloaded here.
+
+  Local locations are absolute. Anything else is a user error (``FileNotFoundError`` or
+  ``errors.UserError``) saying what was expected.
   """
+  if path.startswith(HF_HUB_PREFIX):
+    repo = path[len(HF_HUB_PREFIX):]
+    if not repo.split("@")[0].strip("/"):
+      raise errors.UserError(f"{path}: no repository after {HF_HUB_PREFIX!r}",
+                             hint=f"write {HF_HUB_PREFIX}org/name")
+    return "hf-hub", repo, None
   expected = (f"the work directory of a lut_jax run (with {config_lib.CONFIG_FILE} and "
-              f"{CHECKPOINT_DIR}/) or an exported encoder (with {ENCODER_CONFIG_FILE})")
-  if torch:
-    expected += f" or a PyTorch checkpoint file ({', '.join(TORCH_EXTENSIONS)})"
-  location = os.path.abspath(path)
-  if os.path.isfile(location):
-    if torch and location.endswith(TORCH_EXTENSIONS):
-      return "torch", location, None
+              f"{CHECKPOINT_DIR}/), an exported encoder (with {ENCODER_CONFIG_FILE}), a "
+              f"timm folder (with {TIMM_WEIGHTS_FILE}), a PyTorch checkpoint file "
+              f"({', '.join(TORCH_EXTENSIONS)}), a {SAFETENSORS_EXTENSION} file or "
+              f"{HF_HUB_PREFIX}org/name")
+  location = absolute(path)
+  if location.is_file():
+    if location.name.endswith(TORCH_EXTENSIONS):
+      return "torch", os.fspath(location), None
+    if location.name.endswith(SAFETENSORS_EXTENSION):
+      return "safetensors", os.fspath(location), None
     raise errors.UserError(f"{path}: a file; expected {expected}")
-  if os.path.isfile(os.path.join(location, ENCODER_CONFIG_FILE)):
-    return "encoder", location, None
-  parent, name = os.path.split(location)
-  if name.isdigit() and os.path.basename(parent) == CHECKPOINT_DIR:
-    return "workdir", os.path.dirname(parent), int(name)
-  if (os.path.isdir(os.path.join(location, CHECKPOINT_DIR))
-      or os.path.isfile(os.path.join(location, config_lib.CONFIG_FILE))):
-    return "workdir", location, None
-  if os.path.exists(location):
+  if (location / ENCODER_CONFIG_FILE).is_file():
+    return "encoder", os.fspath(location), None
+  if (location / TIMM_WEIGHTS_FILE).is_file():
+    return "timm", os.fspath(location), None
+  if location.name.isdigit() and location.parent.name == CHECKPOINT_DIR:
+    return "workdir", os.fspath(location.parent.parent), int(location.name)
+  if (location / CHECKPOINT_DIR).is_dir() or (location / config_lib.CONFIG_FILE).is_file():
+    return "workdir", os.fspath(location), None
+  if location.exists():
     raise FileNotFoundError(f"{path}: not {expected}")
   raise FileNotFoundError(f"{path}: no such file or directory; expected {expected}")
 
@@ -340,11 +370,12 @@ def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
   Raises:
     errors.WorkdirError: no such step, or it holds no such subtree.
   """
-  checkpoint_dir = os.path.abspath(checkpoint_dir)  # Orbax's reader needs absolute paths
+  root = absolute(checkpoint_dir)  # Orbax's reader needs absolute paths
+  checkpoint_dir = os.fspath(root)
   # Orbax writes a step under a temporary name and renames it when complete: all-digit
   # names are the finished steps.
-  steps = sorted(int(n) for n in (os.listdir(checkpoint_dir)
-                                  if os.path.isdir(checkpoint_dir) else ()) if n.isdigit())
+  steps = sorted(int(p.name) for p in (root.iterdir() if root.is_dir() else ())
+                 if p.name.isdigit())
   if not steps:
     raise errors.WorkdirError(f"no finished checkpoint in {checkpoint_dir}")
   step = steps[-1] if step is None or step < 0 else step
@@ -352,7 +383,7 @@ def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
     raise errors.WorkdirError(f"no checkpoint of step {step} in {checkpoint_dir}; it has "
                               f"{steps}")
   try:  # the same verification a resume makes: damaged weights are never evaluated
-    verify_checksums(epath.Path(checkpoint_dir) / str(step))
+    verify_checksums(root / str(step))
   except ValueError as e:
     raise errors.WorkdirError(
         f"checkpoint step {step} in {checkpoint_dir} is damaged: {e}",
@@ -360,7 +391,7 @@ def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
   if sharding is None:
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)),
                                           jax.sharding.PartitionSpec())
-  item_dir = os.path.join(checkpoint_dir, str(step), "default")
+  item_dir = root / str(step) / "default"
   # Opening the item directly makes Orbax warn that the step-level metadata file is not
   # there, which is expected: hide that warning.
   verbosity = logging.get_verbosity()

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from lut_jax import errors
+
+# The views' reflect padding (4 px) and widest blur kernel (radius 8, mirrored edges; both
+# input paths) need images at least this large.
+MIN_IMAGE_SIZE = 16
+
+
+def check_image_size(image_size: int) -> None:
+  """Raises ``ConfigError`` unless ``image_size`` is an int the augmentation can produce."""
+  if isinstance(image_size, bool) or not isinstance(image_size, int):
+    raise errors.ConfigError(f"input.image_size must be an int, got {image_size!r}")
+  if image_size < MIN_IMAGE_SIZE:
+    raise errors.ConfigError(f"input.image_size must be >= {MIN_IMAGE_SIZE} (reflect padding "
+                             f"and the blur kernel need it), got {image_size}")
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 

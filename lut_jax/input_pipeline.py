@@ -43,7 +43,7 @@ import tensorflow as tf
 from lut_jax import augment
 from lut_jax import datasets
 from lut_jax import device_augment as device_augment_lib
-from lut_jax import errors
+from lut_jax import errors, image_utils
 
 # Keeps this pipeline's random streams apart from anything else keyed on the same seed.
 _SEED_SALT = 0x4C5554_44415441  # "LUTDATA"
@@ -68,7 +68,7 @@ def _pack_colour_params(jitter: augment.ColorJitter, strong: augment.StrongOp) -
 
 def _check_input(input_config) -> None:
   """Validates the image fields the pipelines read."""
-  augment.check_image_size(input_config.image_size)
+  image_utils.check_image_size(input_config.image_size)
   if input_config.channels not in (1, 3):
     raise ValueError(f"input.channels must be 1 or 3, got {input_config.channels!r}")
 

@@ -14,7 +14,7 @@ import skimage.color
 import skimage.data
 import tensorflow as tf
 
-from lut_jax import augment
+from lut_jax import augment, image_utils
 
 N_DRAWS = 3000  # draws per statistical test: cheap in one batched tf.data pass
 
@@ -315,6 +315,6 @@ def test_eval_view():
 def test_check_image_size():
   for bad in (0, 8, 15, 28.0, "224", True):
     with pytest.raises(ValueError, match="image_size"):
-      augment.check_image_size(bad)
-  augment.check_image_size(16)
-  augment.check_image_size(224)
+      image_utils.check_image_size(bad)
+  image_utils.check_image_size(16)
+  image_utils.check_image_size(224)

@@ -102,7 +102,7 @@ def test_gaussian_blur_matches_augment(sigma):
 
 
 def test_blur_at_the_smallest_image_size_and_kernel():
-  # 16 px (augment.MIN_IMAGE_SIZE): mirrored padding by the full radius still fits.
+  # 16 px (image_utils.MIN_IMAGE_SIZE): mirrored padding by the full radius still fits.
   x = _photo("coffee", 16)[:16, :16]
   expected = augment.gaussian_blur(tf.constant(x), tf.constant(2.0)).numpy()
   np.testing.assert_allclose(np.asarray(device_augment.gaussian_blur(x, 2.0)), expected,

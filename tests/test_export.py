@@ -123,3 +123,111 @@ def test_timm_export_from_cli_matches_timm_vision_transformer(tmp_path):
   theirs = np.load(os.path.join(out, "timm_tokens.npy"))
   np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-5)
   _assert_bit_exact(jax.device_get(state.params["encoder"]), params)
+
+
+# The default export, with torch made unimportable: the timm folder needs no torch.
+_EXPORT_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now fails
+from lut_jax.evaluation import export
+written = export.export(sys.argv[1], sys.argv[2])
+print(written["timm"])
+"""
+
+
+def test_default_export_is_a_timm_folder_that_timm_loads_strictly(tmp_path):
+  timm = pytest.importorskip("timm")
+  torch = pytest.importorskip("torch")
+  workdir = str(tmp_path / "run")
+  state = make_pretraining_workdir(workdir)
+  out = str(tmp_path / "enc")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  result = subprocess.run([sys.executable, "-c", _EXPORT_WITHOUT_TORCH, workdir, out],
+                          capture_output=True, text=True, env=env, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == os.path.join(out, "model.safetensors")
+
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert timm.is_model(config["architecture"]) and config["num_classes"] == 0
+  assert config["model_args"]["embed_dim"] == 32 and config["model_args"]["img_size"] == 16
+  vit = timm.create_model("local-dir:" + out, pretrained=True).eval()
+  # create_model loads strictly; checked here once more, key by key.
+  from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
+  weights = safetensors_torch.load_file(os.path.join(out, "model.safetensors"))
+  assert all(w.dtype == torch.float32 for w in weights.values())
+  incompatible = vit.load_state_dict(weights, strict=True)
+  assert not incompatible.missing_keys and not incompatible.unexpected_keys
+
+  images = np.random.default_rng(0).normal(
+      size=(3, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)).astype(np.float32)
+  with torch.no_grad():
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+    theirs, pooled = vit.forward_features(batch).numpy(), vit(batch).numpy()
+  online = jax.device_get(state.params["encoder"])
+  encoder = models.Encoder(**json.load(open(os.path.join(out, "encoder_config.json"))))
+  ours = np.asarray(jax.jit(encoder.apply)({"params": online}, images))
+  assert np.max(np.abs(ours - theirs)) < 1e-4
+  np.testing.assert_allclose(pooled, ours[:, 0], atol=1e-4)  # forward(): the cls feature
+  # The folder alone (no Orbax copy beside it) is also a `pretrained` source.
+  folder = tmp_path / "timm_only"
+  folder.mkdir()
+  for name in ("model.safetensors", "config.json"):
+    (folder / name).write_bytes(open(os.path.join(out, name), "rb").read())
+  loaded = features.load_pretrained(str(folder))
+  assert loaded.kind == "timm" and loaded.config == json.load(
+      open(os.path.join(out, "encoder_config.json")))
+  _assert_bit_exact(online, loaded.params)
+
+
+def test_export_of_weights_made_elsewhere_needs_an_output_directory(tmp_path):
+  encoder = models.Encoder(util.IMAGE_SIZE, 4, 32, 2, 2)
+  params = jax.jit(encoder.init)(jax.random.key(0),
+                                 np.zeros((1, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)))["params"]
+  config = {"image_size": util.IMAGE_SIZE, "patch_size": 4, "width": 32, "depth": 2,
+            "num_heads": 2, "mlp_ratio": 4.0}
+  export.write_timm_folder(str(tmp_path / "timm"), jax.device_get(params), config)
+  with pytest.raises(errors.UserError, match="no default output directory"):
+    export.export(str(tmp_path / "timm"))
+  # Converted into our format: the Orbax copy holds the same weights.
+  written = export.export(str(tmp_path / "timm"), str(tmp_path / "ours"), timm_format="none")
+  assert set(written) == {"encoder"}
+  _, reloaded = checkpointing.load_encoder(written["encoder"])
+  _assert_bit_exact(jax.device_get(params), reloaded)
+
+
+@pytest.fixture
+def memory_fs(monkeypatch):
+  """epath's ``s3://`` paths served by fsspec's in-memory file system: a non-local file
+  system without a network. Yields the ``s3://`` root of this test's files."""
+  fsspec = pytest.importorskip("fsspec")
+  from etils.epath import backend, gpath  # pylint: disable=g-import-not-at-top
+  memory = fsspec.filesystem("memory")
+  monkeypatch.setattr(backend.fsspec_backend, "fs", lambda path: memory)
+  # With TensorFlow installed epath would serve s3:// with tf.io.gfile instead.
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  root = f"s3://lut-jax-test/{os.getpid()}-{id(memory)}"
+  yield root
+  if memory.exists(root):
+    memory.rm(root, recursive=True)
+
+
+def test_timm_folder_round_trips_through_a_non_local_file_system(tmp_path, memory_fs):
+  config = {"image_size": util.IMAGE_SIZE, "patch_size": 4, "width": 32, "depth": 2,
+            "num_heads": 2, "mlp_ratio": 4.0}
+  encoder = models.Encoder(**config)
+  params = jax.device_get(jax.jit(encoder.init)(
+      jax.random.key(1), np.zeros((1, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)))["params"])
+  remote = f"{memory_fs}/timm"
+  export.check_output_dir(remote)  # an object store has nothing to refuse up front
+  export.write_timm_folder(remote, params, config)
+  assert not os.path.exists(remote) and not os.path.exists(os.path.join(REPO, "s3:"))
+  assert checkpointing.locate_pretrained(remote) == ("timm", remote, None)
+  loaded = features.load_pretrained(remote)
+  assert loaded.kind == "timm" and loaded.path == remote and loaded.config == config
+  _assert_bit_exact(params, loaded.params)
+  # Converted from there into a local export (Orbax copy + timm folder).
+  written = export.export(remote, str(tmp_path / "local"))
+  _, reloaded = checkpointing.load_encoder(written["encoder"])
+  _assert_bit_exact(params, reloaded)
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    features.load_pretrained(f"{memory_fs}/missing")

@@ -1,16 +1,25 @@
 """Loads encoders (and MAE decoders, when there are any) for analysis.
 
-Three sources, told apart by :func:`lut_jax.checkpointing.locate_pretrained`:
+The sources, told apart by :func:`lut_jax.checkpointing.locate_pretrained` (the one place that
+decides what a path is):
 
 * a pre-training workdir (``config.json`` + ``checkpoints/``; or one step directory
   ``WORKDIR/checkpoints/<step>``): the latest (or given) Orbax TrainState checkpoint. Only
   the chosen parameter tree is read (:func:`lut_jax.checkpointing.restore_subtrees`), so
   neither the optimizer nor the mesh/sharding of the run has to be rebuilt;
 * an exported encoder directory (:func:`lut_jax.checkpointing.export_encoder`);
-* a PyTorch ``.pth``/``.pt`` reference (naver-ai/lut, MAE) or timm checkpoint, converted
-  with :mod:`lut_jax.convert`. The architecture is read from the tensor shapes; the number
-  of heads is not in the shapes and comes from the standard ViT size of that width unless
-  given.
+* a PyTorch ``.pth``/``.pt`` reference (naver-ai/lut, MAE) or timm checkpoint, or a
+  ``.safetensors`` state dict, converted with :mod:`lut_jax.convert`. The architecture is
+  read from the tensor shapes; the number of heads is not in the shapes and comes from the
+  standard ViT size of that width unless given;
+* a timm / Hugging Face folder (``model.safetensors`` + ``config.json``, what ``lut-export``
+  writes and ``timm.create_model("local-dir:...")`` reads) or ``hf-hub:org/name`` (the same
+  two files downloaded with ``huggingface_hub``): the heads and image size come from
+  ``config.json``, and an architecture our encoder cannot compute exactly (a learned
+  position embedding, register tokens, layer scale, another activation...) is refused.
+
+PyTorch is imported only to read ``.pth`` files; safetensors are read with
+``safetensors.numpy``.
 
 Probes for Grad-CAM (:func:`load_probe`) are linear-probe work directories or ``.npz``
 files: ``kernel (D, classes)``, ``bias (classes,)``, optionally ``bn_mean``/``bn_var`` (the
@@ -21,16 +30,19 @@ patch tokens, the default, or ``"cls"``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import zipfile
 from typing import Any, Callable, Mapping, Optional
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lut_jax import checkpointing, config_lib, errors, models, variants
+from lut_jax import checkpointing, config_lib, errors, image_utils, models, variants
 
 
 @dataclasses.dataclass
@@ -39,8 +51,9 @@ class LoadedModel:
 
   Attributes:
     label: name used in plots and metrics.
-    source: where it came from (path).
-    kind: ``"workdir"``, ``"encoder"`` or ``"torch"``.
+    source: where it came from (an absolute path, or ``hf-hub:org/name``).
+    kind: a :data:`lut_jax.checkpointing.PRETRAINED_KINDS` entry (``"workdir"``,
+      ``"encoder"``, ``"timm"``, ``"torch"``, ``"safetensors"``, ``"hf-hub"``).
     encoder: an :class:`~lut_jax.models.Encoder` (float32, no remat).
     encoder_params: its parameters.
     channels: input channels.
@@ -102,13 +115,13 @@ def load_workdir(workdir: str, *, step: Optional[int] = None, which: str = "para
                  label: Optional[str] = None) -> LoadedModel:
   """The online network (``which="params"``) or the EMA teacher (``"target_params"``) of
   a pre-training workdir, at ``step`` (None: the latest)."""
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(checkpointing.absolute(workdir))
   config = config_lib.load_config(workdir)
   model = models.build_model(config.model, image_size=int(config.input.image_size),
                              channels=int(config.input.channels),
                              use_bc=config_lib.uses_bc(config))
   subtrees, step = checkpointing.restore_subtrees(
-      os.path.join(workdir, checkpointing.CHECKPOINT_DIR), [which], step)
+      epath.Path(workdir) / checkpointing.CHECKPOINT_DIR, [which], step)
   params = subtrees[which]
   return LoadedModel(
       label=label or os.path.basename(workdir), source=workdir, kind="workdir",
@@ -126,9 +139,9 @@ def load_exported_encoder(path: str, *, label: Optional[str] = None) -> LoadedMo
   params = jax.tree.map(np.asarray, params)
   channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])
   encoder = encoder.clone(dtype=jnp.float32, remat=False, attention_impl=None)
-  return LoadedModel(label=label or os.path.basename(os.path.abspath(path)),
-                     source=os.path.abspath(path), kind="encoder", encoder=encoder,
-                     encoder_params=params, channels=channels)
+  source = checkpointing.absolute(path)
+  return LoadedModel(label=label or source.name, source=os.fspath(source), kind="encoder",
+                     encoder=encoder, encoder_params=params, channels=channels)
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -143,15 +156,19 @@ def read_torch_checkpoint(path: str) -> Any:
       another kind of file) or holds Python objects the weights-only reader refuses.
   """
   import argparse
+  import io
   import pickle
   import torch  # local: an optional dependency, only for .pth inputs
 
+  # torch reads local files itself; other file systems (gs://...) through epath.
+  data = epath.Path(path).read_bytes() if "://" in path else None
+  source = lambda: path if data is None else io.BytesIO(data)  # noqa: E731
   try:
     try:
-      return torch.load(path, map_location="cpu", weights_only=True)
+      return torch.load(source(), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # a pickled Namespace (or a file that is no pickle)
       with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source(), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     reason = _weights_only_reason(e)
     if reason.startswith("Unsupported global"):
@@ -173,6 +190,38 @@ def read_torch_checkpoint(path: str) -> Any:
     raise _not_a_checkpoint(path, f"invalid pickle data: {type(e).__name__} {e}") from e
   except (RuntimeError, ValueError) as e:  # "failed finding central directory", ...
     raise _not_a_checkpoint(path, _first_line(e)) from e
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A ``.safetensors`` file as ``{name: numpy array}`` (``safetensors.numpy``: no torch).
+
+  Raises:
+    DataError: naming ``path``, when it is not a safetensors file (truncated, corrupt) or
+      holds a dtype numpy lacks (bfloat16).
+  """
+  try:
+    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise errors.UserError(f"{path}: reading safetensors files needs the safetensors "
+                           "package", hint="pip install safetensors") from e
+  data = epath.Path(path).read_bytes()
+  try:
+    return dict(safetensors_numpy.load(data))
+  except KeyError as e:  # the dtype table of safetensors.numpy has no BF16
+    raise errors.DataError(f"{path}: holds {e.args[0]} tensors, which numpy cannot hold",
+                           hint="save the weights as float32") from e
+  except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError, by name
+    if type(e).__name__ != "SafetensorError":
+      raise
+    raise errors.DataError(f"{path}: not a safetensors file ({_first_line(e)})") from e
+
+
+def read_state_dict_file(path: str) -> Any:
+  """A checkpoint file: ``.safetensors`` with :func:`read_safetensors`, anything else with
+  :func:`read_torch_checkpoint` (which imports torch)."""
+  if path.endswith(checkpointing.SAFETENSORS_EXTENSION):
+    return read_safetensors(path)
+  return read_torch_checkpoint(path)
 
 
 def _first_line(e: BaseException) -> str:
@@ -274,20 +323,38 @@ def _shape(state_dict: dict[str, Any], name: str) -> tuple[int, ...]:
 
 def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int] = None,
                decoder_num_heads: int = 16, image_size: Optional[int] = None,
-               label: Optional[str] = None) -> LoadedModel:
-  """A PyTorch checkpoint: encoder + decoder when it has ``decoder_*`` tensors (a reference
-  pre-training checkpoint), else the encoder alone (e.g. timm). ``key`` picks an entry
-  such as ``"model_ema"`` (the reference's teacher).
+               label: Optional[str] = None, encoder_only: bool = False) -> LoadedModel:
+  """A PyTorch checkpoint (or a ``.safetensors`` state dict): encoder + decoder when it has
+  ``decoder_*`` tensors (a reference pre-training checkpoint) and not ``encoder_only``, else
+  the encoder alone (e.g. timm). ``key`` picks an entry such as ``"model_ema"`` (the
+  reference's teacher).
 
   Raises:
     DataError: naming ``path``, when the file is not a PyTorch checkpoint, does not hold a
       ViT state_dict, or holds a ViT that our encoder cannot represent (a learned position
-      embedding, tensors of the wrong shape).
+      embedding, tensors of the wrong shape or that our encoder has no place for).
   """
-  from lut_jax import convert  # local: only this source needs the converter
-
-  checkpoint = read_torch_checkpoint(path)
+  kind = "safetensors" if path.endswith(checkpointing.SAFETENSORS_EXTENSION) else "torch"
+  checkpoint = read_state_dict_file(path)
   state_dict = _state_dict_of(path, checkpoint, key)
+  args = checkpoint.get("args")
+  return _from_state_dict(
+      path, state_dict, kind=kind, key=key, num_heads=num_heads,
+      decoder_num_heads=decoder_num_heads, image_size=image_size, encoder_only=encoder_only,
+      label=label or os.path.splitext(os.path.basename(path))[0],
+      norm_pix=bool(getattr(args, "norm_pix_loss", True)),
+      mask_ratio=float(getattr(args, "mask_ratio", 0.75)))
+
+
+def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label: str,
+                     key: Optional[str] = None, num_heads: Optional[int] = None,
+                     decoder_num_heads: int = 16, image_size: Optional[int] = None,
+                     encoder_only: bool = False, source: Optional[str] = None,
+                     norm_pix: bool = True, mask_ratio: float = 0.75) -> LoadedModel:
+  """The model of a reference/timm-named ``state_dict`` read from ``path`` (the name its
+  errors give); the architecture is read from the tensor shapes."""
+  from lut_jax import convert  # local: only these sources need the converter
+
   for name, ndim in (("patch_embed.proj.weight", 4), ("blocks.0.mlp.fc1.weight", 2)):
     if name not in state_dict or len(_shape(state_dict, name)) != ndim:
       nested = [k for k, v in state_dict.items() if isinstance(v, Mapping)]
@@ -314,15 +381,11 @@ def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int]
     raise errors.UserError(f"{path}: width {width} is not divisible by num_heads={num_heads}")
   grid = image_size // patch
   _check_fixed_pos_embed(path, state_dict, "pos_embed", width, grid)
-  args = checkpoint.get("args")
-  norm_pix = bool(getattr(args, "norm_pix_loss", True))
-  mask_ratio = float(getattr(args, "mask_ratio", 0.75))
-  common = dict(label=label or os.path.splitext(os.path.basename(path))[0],
-                source=os.path.abspath(path), kind="torch", channels=channels,
-                norm_pix=norm_pix, mask_ratio=mask_ratio)
+  common = dict(label=label, source=source or os.fspath(checkpointing.absolute(path)),
+                kind=kind, channels=channels, norm_pix=norm_pix, mask_ratio=mask_ratio)
   # The converter's own problems (missing or mis-shaped tensors) are DataErrors too; they
   # name tensors, not the file, so the file is put in front.
-  if "decoder_embed.weight" in state_dict:
+  if "decoder_embed.weight" in state_dict and not encoder_only:
     decoder_width = _shape(state_dict, "decoder_embed.weight")[0]
     if decoder_width % decoder_num_heads:
       raise errors.UserError(f"{path}: decoder width {decoder_width} is not divisible by "
@@ -345,12 +408,137 @@ def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int]
     return LoadedModel(encoder=encoder_of(model), encoder_params=params["encoder"],
                        model=model, params=params, **common)
   encoder = models.Encoder(image_size, patch, width, depth, num_heads, mlp_ratio=mlp_ratio)
+  # The decoder, mask token and heads are skipped by name; anything else (register tokens,
+  # layer scale, a pre-norm, an fc_norm) is a tensor our encoder would silently lack.
   try:
     params = convert.encoder_params_from_torch_state_dict(
-        state_dict, encoder, ignore_unexpected=True, check_pos_embed=False)
+        state_dict, encoder, ignore_unexpected=False, check_pos_embed=False)
   except errors.DataError as e:
     raise errors.DataError(f"{path}: {e}", e.hint) from e
   return LoadedModel(encoder=encoder, encoder_params=params, **common)
+
+
+# ----------------------------------------------------------------------------- timm, Hub
+
+# timm VisionTransformer kwargs (a config.json's model_args) that do not change what the
+# encoder computes in inference (None), or the values that do not: any other key or value
+# is an architecture our encoder cannot represent exactly.
+_NEUTRAL_TIMM_ARGS: dict[str, Optional[tuple[Any, ...]]] = {
+    "img_size": None, "patch_size": None, "in_chans": None, "embed_dim": None, "depth": None,
+    "num_heads": None, "mlp_ratio": None, "num_classes": None, "global_pool": None,
+    "dynamic_img_size": None, "dynamic_img_pad": None, "drop_rate": None,
+    "pos_drop_rate": None, "patch_drop_rate": None, "proj_drop_rate": None,
+    "attn_drop_rate": None, "drop_path_rate": None, "weight_init": None, "fix_init": None,
+    "qkv_bias": (True,), "proj_bias": (True,), "class_token": (True,), "pos_embed": ("learn",),
+    "no_embed_class": (False,), "reg_tokens": (0,), "pre_norm": (False,),
+    "final_norm": (True,), "fc_norm": (None, False), "init_values": (None,),
+    "qk_norm": (False,), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
+    "act_layer": (None, "gelu"), "norm_layer": (None, "layernorm"),
+}
+
+
+def timm_encoder_args(path: str, config: Mapping[str, Any]) -> dict[str, Any]:
+  """``{"num_heads", "image_size"}`` of a timm ``config.json`` (None where it does not say),
+  or a user error naming ``path`` when it is not a ViT that our encoder computes exactly.
+
+  Both layouts timm reads are accepted: ``{"architecture", "model_args", "pretrained_cfg"}``
+  and the older single dict. Without ``model_args`` (most Hub repositories) the geometry is
+  the tensors' and the heads the standard ViT size's.
+  """
+  if not isinstance(config, Mapping) or not isinstance(config.get("architecture"), str):
+    raise errors.DataError(f"{path}: not a timm config (no architecture)")
+  architecture = config["architecture"]
+  # timm's VisionTransformer family; "quickgelu" variants (CLIP) use another activation,
+  # which the tensors do not show.
+  if not architecture.startswith("vit_") or "quickgelu" in architecture:
+    raise errors.DataError(
+        f"{path}: unsupported architecture {architecture!r}: lut_jax's encoder is a plain ViT "
+        "(timm vit_*, GELU, cls token, fixed 2-D sin-cos position embedding)")
+  model_args = config.get("model_args") or {}
+  pretrained_cfg = config.get("pretrained_cfg", config)
+  for name, value in model_args.items():
+    allowed = _NEUTRAL_TIMM_ARGS.get(name, ())
+    if allowed is not None and value not in allowed:
+      raise errors.DataError(f"{path}: unsupported architecture {architecture!r} with "
+                             f"model_args {name}={value!r}: lut_jax's encoder cannot compute it")
+  size = model_args.get("img_size") or (pretrained_cfg.get("input_size") or [None])[1:]
+  if isinstance(size, (list, tuple)):
+    if len(set(size)) > 1:
+      raise errors.DataError(f"{path}: non-square input size {list(size)}: lut_jax's encoder "
+                             "takes square images")
+    size = size[0] if size else None
+  mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
+  if mean is not None and std is not None:
+    ours = image_utils.normalization_constants(len(mean)) if len(mean) in (1, 3) else None
+    if ours is None or not (np.allclose(mean, ours[0], atol=1e-3)
+                            and np.allclose(std, ours[1], atol=1e-3)):
+      logging.warning("%s was trained on images normalised with mean %s, std %s; lut_jax "
+                      "feeds ImageNet-normalised images", path, mean, std)
+  return {"num_heads": model_args.get("num_heads"),
+          "image_size": int(size) if size else None}
+
+
+def load_timm(directory: str, *, label: Optional[str] = None, kind: str = "timm",
+              source: Optional[str] = None) -> LoadedModel:
+  """The encoder of a timm / Hugging Face folder: ``model.safetensors`` and the
+  ``config.json`` beside it (the layout ``lut-export`` writes and timm's ``local-dir:``
+  and ``hf-hub:`` read). ``source`` names it in descriptions (default: ``directory``)."""
+  root = epath.Path(directory)
+  weights = os.fspath(root / checkpointing.TIMM_WEIGHTS_FILE)
+  config_file = root / checkpointing.TIMM_CONFIG_FILE
+  name = source or os.fspath(root)
+  if not config_file.exists():
+    raise errors.DataError(f"{name}: no {checkpointing.TIMM_CONFIG_FILE} beside "
+                           f"{checkpointing.TIMM_WEIGHTS_FILE}: the architecture is unknown",
+                           hint="a timm model folder holds both (model.save_pretrained / "
+                                "timm.models.push_to_hf_hub write them)")
+  try:
+    config = json.loads(config_file.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise errors.DataError(f"{name}/{checkpointing.TIMM_CONFIG_FILE}: not valid JSON "
+                           f"({e})") from e
+  args = timm_encoder_args(f"{name}/{checkpointing.TIMM_CONFIG_FILE}", config)
+  state_dict = _state_dict_of(weights, read_safetensors(weights), None)
+  if "pos_embed" not in state_dict:  # e.g. a rotary-embedding ViT
+    raise errors.DataError(f"{name}: no pos_embed: not a ViT with a fixed position embedding")
+  return _from_state_dict(
+      f"{name}/{checkpointing.TIMM_WEIGHTS_FILE}", state_dict, kind=kind,
+      num_heads=args["num_heads"], image_size=args["image_size"], encoder_only=True,
+      source=name, label=label or os.path.basename(name.rstrip("/")))
+
+
+def download_hf_hub(repo: str) -> str:
+  """The local folder (in the Hugging Face cache) holding ``config.json`` and
+  ``model.safetensors`` of the Hub repository ``repo`` (``org/name[@revision]``)."""
+  name = checkpointing.HF_HUB_PREFIX + repo
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top (optional dependency)
+  except ImportError as e:
+    raise errors.UserError(
+        f"{name}: reading from the Hugging Face Hub needs the huggingface_hub package",
+        hint="pip install huggingface_hub, or pass a folder holding the repository's "
+             f"{checkpointing.TIMM_WEIGHTS_FILE} and {checkpointing.TIMM_CONFIG_FILE}") from e
+  repo_id, _, revision = repo.partition("@")
+  # huggingface_hub's errors (a missing repository or file, no network) are OSErrors or
+  # EntryNotFoundErrors; a malformed name is a ValueError.
+  failures = (OSError, ValueError, getattr(getattr(huggingface_hub, "errors", None),
+                                           "EntryNotFoundError", OSError))
+  paths = []
+  for filename in (checkpointing.TIMM_CONFIG_FILE, checkpointing.TIMM_WEIGHTS_FILE):
+    try:
+      paths.append(huggingface_hub.hf_hub_download(repo_id, filename,
+                                                   revision=revision or None))
+    except failures as e:
+      raise errors.UserError(f"{name}: cannot download {filename}: {_first_line(e)}") from e
+  # Files of one revision share a snapshot folder.
+  return os.path.dirname(paths[-1])
+
+
+def load_hf_hub(repo: str, *, label: Optional[str] = None) -> LoadedModel:
+  """The encoder of the Hub repository ``repo`` (``org/name[@revision]``), a timm folder
+  once downloaded (:func:`download_hf_hub`)."""
+  return load_timm(download_hf_hub(repo), label=label or repo.split("@")[0].split("/")[-1],
+                   kind="hf-hub", source=checkpointing.HF_HUB_PREFIX + repo)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -358,17 +546,30 @@ def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int]
 
 def load(path: str, *, label: Optional[str] = None, which: str = "params",
          **torch_kwargs) -> LoadedModel:
-  """Loads ``path`` as a workdir, an exported encoder or a PyTorch checkpoint.
+  """Loads ``path`` as a workdir, an exported encoder, a timm folder, a PyTorch or
+  safetensors checkpoint, or ``hf-hub:org/name``.
 
   Args:
     path: see the module docstring.
     label: display name (default: the directory or file name).
     which: for workdirs, ``"params"`` (the online network) or ``"target_params"``.
-    **torch_kwargs: :func:`load_torch`'s options (``key``, ``num_heads``, ...).
+    **torch_kwargs: :func:`load_torch`'s options (``key``, ``num_heads``, ...), for
+      checkpoint files.
   """
-  kind, location, step = checkpointing.locate_pretrained(path, torch=True)
-  if kind == "torch":
-    return load_torch(path, label=label, **torch_kwargs)
+  return load_located(*checkpointing.locate_pretrained(path), label=label, which=which,
+                      **torch_kwargs)
+
+
+def load_located(kind: str, location: str, step: Optional[int] = None, *,
+                 label: Optional[str] = None, which: str = "params",
+                 **torch_kwargs) -> LoadedModel:
+  """:func:`load` of what :func:`lut_jax.checkpointing.locate_pretrained` found."""
+  if kind in ("torch", "safetensors"):
+    return load_torch(location, label=label, **torch_kwargs)
+  if kind == "timm":
+    return load_timm(location, label=label)
+  if kind == "hf-hub":
+    return load_hf_hub(location, label=label)
   if kind == "encoder":
     return load_exported_encoder(location, label=label)
   return load_workdir(location, step=step, which=which, label=label)

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import jax
 import tensorflow as tf
 
-from lut_jax import augment, datasets, input_pipeline
+from lut_jax import augment, datasets, image_utils, input_pipeline
 
 RANDAUG_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
                "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
@@ -306,7 +306,7 @@ def create_finetune_iterator(input_config, augment_config, *, split: str, batch_
   if batch_size <= 0 or batch_size % count:
     raise ValueError(f"batch_size {batch_size} must be positive and divisible by the "
                      f"{count} processes")
-  augment.check_image_size(input_config.image_size)
+  image_utils.check_image_size(input_config.image_size)
   local_batch = batch_size // count
   size, channels = input_config.image_size, input_config.channels
   source = datasets.get_source(input_config.dataset, split, input_config.get("data_dir", None))

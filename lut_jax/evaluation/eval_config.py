@@ -2,9 +2,11 @@
 ``configs/linear_probe.py``, ``configs/finetune.py``).
 
 Every evaluation reads the pre-trained encoder from ``config.pretrained`` (a pre-training
-work directory or an exported encoder) and a labelled dataset from ``config.input``. Image
-size and channels default to the encoder's (``-1``), so a Fashion-MNIST run needs nothing
-but the path.
+work directory, an exported encoder, or converted weights: a PyTorch or safetensors
+checkpoint, a timm folder, ``hf-hub:org/name``; see
+``lut_jax.evaluation.features.load_pretrained``) and a labelled dataset from
+``config.input``. Image size and channels default to the encoder's (``-1``), so a
+Fashion-MNIST run needs nothing but the path.
 """
 
 from __future__ import annotations
@@ -104,9 +106,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mode not in MODES:
     fail(f"unknown mode {config.mode!r}; expected one of {MODES}")
   if not config.pretrained:
-    fail("set --config.pretrained to a pre-training workdir or an exported encoder directory")
-  if not os.path.isdir(config.pretrained):
-    fail(f"config.pretrained={config.pretrained!r} is not a directory")
+    fail("set --config.pretrained to a pre-training workdir, an exported encoder directory, "
+         "a timm folder, a PyTorch or safetensors checkpoint, or hf-hub:org/name")
+  # Told apart where every loader tells them apart: a missing path or one that is none of
+  # these fails here, before the work directory is touched.
+  from lut_jax import checkpointing  # pylint: disable=g-import-not-at-top (imports JAX)
+  checkpointing.locate_pretrained(config.pretrained)
   if config.input.eval_batch_size <= 0:
     fail(f"input.eval_batch_size must be positive, got {config.input.eval_batch_size}")
   if config.mode == "knn":

@@ -2,8 +2,12 @@
 
 Every downstream evaluation starts from the *online* (student) encoder, ``params["encoder"]``
 of the pre-training ``TrainState`` — not the EMA teacher — as the reference does. It comes
-either from a pre-training work directory (``config.json`` + ``checkpoints/<step>``) or from
-an exported encoder directory (:func:`lut_jax.checkpointing.export_encoder`).
+from a pre-training work directory (``config.json`` + ``checkpoints/<step>``), an exported
+encoder directory (:func:`lut_jax.checkpointing.export_encoder`), or weights made elsewhere
+and converted: a PyTorch ``.pth`` of the reference LUT/MAE or a timm ViT, a timm / Hugging
+Face folder (``model.safetensors`` + ``config.json``, as ``lut-export`` writes), a
+``.safetensors`` file, or ``hf-hub:org/name``
+(:func:`lut_jax.checkpointing.locate_pretrained` tells them apart).
 
 Features are float32 vectors per image: ``"cls"`` is the cls token after the encoder's final
 LayerNorm (MAE's linear-probe feature), ``"mean"`` the mean of the normalised patch tokens
@@ -25,6 +29,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import zipfile
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,8 +53,11 @@ class PretrainedEncoder:
       mlp_ratio) — what :func:`lut_jax.checkpointing.export_encoder` stores.
     channels: input channels of the patch embedding.
     source: where it was loaded from, for logs.
-    path: the absolute directory it was loaded from ("" when built in memory).
-    step: the pre-training checkpoint step loaded (None for an exported encoder).
+    path: the absolute directory or file it was loaded from, or ``hf-hub:org/name`` (""
+      when built in memory).
+    step: the pre-training checkpoint step loaded (None for other sources).
+    kind: what ``path`` is (a :data:`lut_jax.checkpointing.PRETRAINED_KINDS` entry; ""
+      when built in memory).
   """
 
   encoder: models.Encoder
@@ -59,6 +67,7 @@ class PretrainedEncoder:
   source: str
   path: str = ""
   step: Optional[int] = None
+  kind: str = ""
 
   @functools.cached_property
   def fingerprint(self) -> str:
@@ -90,34 +99,53 @@ def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
-  """The online encoder of a pre-training run, or an exported encoder.
+  """The online encoder of a pre-training run, an exported encoder, or converted weights.
 
   From a run, only ``params/encoder`` is read (:func:`lut_jax.checkpointing.restore_subtrees`),
-  replicated on all devices: not the decoder, heads, teacher or optimizer state.
+  replicated on all devices: not the decoder, heads, teacher or optimizer state. Weights
+  made elsewhere are converted by :func:`lut_jax.analysis.loading.load_located` (torch is
+  imported only for ``.pth`` files, ``huggingface_hub`` only for ``hf-hub:``).
 
   Args:
-    path: a pre-training ``workdir`` (or one of its ``checkpoints/<step>`` directories) or
-      a directory written by :func:`lut_jax.checkpointing.export_encoder`.
+    path: a pre-training ``workdir`` (or one of its ``checkpoints/<step>`` directories), a
+      directory written by :func:`lut_jax.checkpointing.export_encoder`, a PyTorch
+      checkpoint file (reference LUT/MAE or timm ViT), a timm folder or ``.safetensors``
+      file, or ``hf-hub:org/name`` (see :func:`lut_jax.checkpointing.locate_pretrained`).
     step: pre-training checkpoint step (None or negative: the one in ``path``, else the
-      latest); ignored for exports.
+      latest); ignored for other sources.
+
+  Raises:
+    errors.UserError: (or FileNotFoundError) ``path`` is none of these, or holds an
+      architecture the encoder cannot represent.
   """
   kind, path, path_step = checkpointing.locate_pretrained(path)
   if kind == "encoder":
     encoder, params = checkpointing.load_encoder(path)
-    with open(os.path.join(path, checkpointing.ENCODER_CONFIG_FILE)) as f:
-      config = json.load(f)
+    config = json.loads((epath.Path(path) / checkpointing.ENCODER_CONFIG_FILE).read_text())
     source, step = f"exported encoder {path}", None
+  elif kind != "workdir":
+    from lut_jax.analysis import loading  # pylint: disable=g-import-not-at-top
+    loaded = loading.load_located(kind, path, encoder_only=True)
+    encoder, params = loaded.encoder, loaded.encoder_params
+    config = {name: getattr(encoder, name) for name in ("image_size", "patch_size", "width",
+                                                        "depth", "num_heads", "mlp_ratio")}
+    path, step = loaded.source, None
+    source = f"{_KIND_NAMES[kind]} {path}"
   else:
     config = encoder_config(config_lib.load_config(path))
     subtrees, step = checkpointing.restore_subtrees(
-        os.path.join(path, checkpointing.CHECKPOINT_DIR), ["params/encoder"],
+        epath.Path(path) / checkpointing.CHECKPOINT_DIR, ["params/encoder"],
         path_step if step is None or step < 0 else step)
     params = subtrees["params/encoder"]
     encoder = models.Encoder(**config)
     source = f"pre-training run {path}, step {step} (online encoder)"
   channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])
   return PretrainedEncoder(encoder=encoder, params=params, config=config, channels=channels,
-                           source=source, path=path, step=step)
+                           source=source, path=path, step=step, kind=kind)
+
+
+_KIND_NAMES = {"torch": "PyTorch checkpoint", "safetensors": "safetensors state dict",
+               "timm": "timm model folder", "hf-hub": "Hugging Face Hub model"}
 
 
 def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
@@ -226,8 +254,10 @@ def key_hash(key: Mapping[str, Any]) -> str:
 def describe_source(pretrained: PretrainedEncoder,
                     keys: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """What a results file records of the encoder and input that produced its numbers:
-  path, step, weights hash and the hash of each split's key."""
-  return {"pretrained": pretrained.path or pretrained.source, "step": pretrained.step,
+  path (or ``hf-hub:org/name``), its kind, step, weights hash and the hash of each split's
+  key."""
+  return {"pretrained": pretrained.path or pretrained.source,
+          "kind": pretrained.kind or None, "step": pretrained.step,
           "params_sha256": pretrained.fingerprint,
           "keys": {key["split"]: key_hash(key) for key in keys}}
 
