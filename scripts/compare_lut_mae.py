@@ -276,20 +276,25 @@ def main(argv: list[str]) -> None:
   splits = [(s.images, s.labels) for s in (
       device_input.load_split(config.input, split)
       for split in (_PROBE_TRAIN.value, _PROBE_EVAL.value))]
-  results = [raw_pixels(splits)]
+  machine_text = machine()
+  results = []
+
+  def add(result: dict) -> None:  # saved after every run: a killed job keeps what it did
+    results.append(result)
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    with open(os.path.join(_WORKDIR.value, "compare_results.json"), "w") as f:
+      json.dump({"results": results, "machine": machine_text, "argv": sys.argv[1:],
+                 "wall_seconds": time.time() - t0}, f, indent=1)
+
+  add(raw_pixels(splits))
   for seed in map(int, _SEEDS.value):
     for method in _METHODS.value:
       if _DEADLINE.value and time.time() - t0 > _DEADLINE.value:
         logging.warning("Deadline passed: %s seed %d not run.", method, seed)
         continue
-      results.append(run(method, seed, splits))
-  results.append(run("random", int(_SEEDS.value[0]), splits))
+      add(run(method, seed, splits))
+  add(run("random", int(_SEEDS.value[0]), splits))
   wall = time.time() - t0
-  machine_text = machine()
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, "compare_results.json"), "w") as f:
-    json.dump({"results": results, "machine": machine_text, "argv": sys.argv[1:],
-               "wall_seconds": wall}, f, indent=1)
   text = markdown(results, machine_text, wall)
   if _RESULTS.value:
     write_section(_RESULTS.value, _TAG.value, text)

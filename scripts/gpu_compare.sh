@@ -17,7 +17,8 @@
 # Knobs (environment): EPOCHS (default 100), BATCH (1024), SEEDS (0,1,2), MONITOR_EVERY
 # (steps, default one tenth of a run), BUDGET_S (default 450: runs that would start later
 # are skipped and reported), EXTRA (more compare_lut_mae.py flags). Time a short run first
-# (EPOCHS=5 SEEDS=0) and size EPOCHS from its pre-training seconds. CPU dry run of the
+# (EPOCHS=5 SEEDS=0) and size EPOCHS from its pre-training seconds; results are saved after
+# every run, so a job stopped by the time limit keeps the finished ones. CPU dry run of the
 # plumbing: EPOCHS=0.05 BATCH=64 SEEDS=0 EXTRA="--variant=mu/4 --probe_train_split=train[:2000]
 # --probe_eval_split=test[:500] --lp_epochs=2".
 set -uo pipefail
