@@ -17,6 +17,7 @@ from clu import metrics as clu_metrics
 import flax
 import jax
 import ml_collections
+import numpy as np
 
 from lut_jax import (build, checkpointing, config_lib, device_input, errors, image_utils, loop,
                      monitor as monitor_lib, reconstruction, sharding, train_state, train_step,
@@ -255,9 +256,12 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
           interval.restart_clock(done)  # rates measure training, not the monitor
         if done % config.image_summary_every_steps == 0 or done == total_steps:
           images = summary_fn(state.params, batch["view1"], jax.random.fold_in(summary_key, done))
-          writer.write_images(done, {
-              k: image_utils.denormalize(jax.device_get(images[k]), config.input.channels)
-              for k in ("input", "masked", "reconstruction_visible")})
+          show = lambda x: image_utils.denormalize(jax.device_get(x), config.input.channels)  # noqa: E731
+          grids = {k: show(images[k]) for k in ("input", "masked", "reconstruction_visible")}
+          if "view2" in batch:  # each example's two views side by side: view 1 | view 2
+            grids["views"] = np.concatenate(
+                [show(batch["view1"][:num_images]), show(batch["view2"][:num_images])], axis=2)
+          writer.write_images(done, grids)
         if save:
           logging.info("Saving checkpoint step %d in %s", done, ckpt.directory)
           ckpt.save(done, state, force=True)

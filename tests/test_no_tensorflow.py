@@ -118,3 +118,6 @@ def test_pretraining_command_runs_without_tensorflow(tmp_path):
   acc.Reload()
   assert {"loss", "monitor/knn_cls", "monitor/z_std"} <= set(acc.Tags()["scalars"])
   assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+  # Images: reconstructions, and each example's two views side by side (16 px each).
+  assert {"input", "reconstruction_visible", "views"} <= set(acc.Tags()["images"])
+  assert acc.Images("views")[-1].width >= 32  # two 16 px views side by side, in a grid
