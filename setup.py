@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "etils[epath]>=1.5",  # local and gs:// paths alike
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "safetensors>=0.4",  # the torch-free timm / Hugging Face export (lut-export)
+    "pillow>=10",  # PNG images in the TensorBoard files
 ]
 
 EXTRAS_REQUIRE = {

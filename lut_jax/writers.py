@@ -42,6 +42,7 @@ class TensorBoardXWriter(LoggingWriter):
     from tensorboardX import SummaryWriter  # local: optional dependency
 
     self._writer = SummaryWriter(logdir)
+    self._warned = False
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     super().write_scalars(step, scalars)
@@ -49,6 +50,12 @@ class TensorBoardXWriter(LoggingWriter):
       self._writer.add_scalar(name, float(value), step)
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    if importlib.util.find_spec("PIL") is None:  # tensorboardX encodes PNGs with pillow
+      if not self._warned:
+        logging.warning("pillow is not installed: no images in TensorBoard (pip install "
+                        "pillow).")
+        self._warned = True
+      return
     for name, value in images.items():  # NHWC in [0, 1], like CLU's writers take them
       self._writer.add_images(name, np.asarray(value, np.float32), step, dataformats="NHWC")
 
