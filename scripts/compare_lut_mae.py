@@ -157,14 +157,14 @@ def _mean_std(values) -> str:
   return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
-def markdown(results: list[dict], machine: str, wall: float) -> str:
+def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) -> str:
   config = pretrain_config("lut", 0)
   epochs = _TOTAL_STEPS.value * _BATCH.value / 60000
   lines = [
       f"## LUT vs MAE, Fashion-MNIST, {_TOTAL_STEPS.value} steps ({epochs:.1f} epochs), "
       f"{len(_SEEDS.value)} seeds [{_TAG.value}]", "",
       f"Written by `scripts/compare_lut_mae.py` on {datetime.date.today().isoformat()}.", "",
-      f"* Command: `python scripts/compare_lut_mae.py {' '.join(sys.argv[1:])}`",
+      f"* Command: `python scripts/compare_lut_mae.py {' '.join(argv)}`",
       f"* Machine: {machine}; total wall time {wall / 60:.1f} min.",
       f"* Pre-training: `configs/fashion_mnist.py` (device input path), ViT "
       f"`{_VARIANT.value}`, batch {_BATCH.value}, {_TOTAL_STEPS.value} steps, warmup "
@@ -263,8 +263,11 @@ def main(argv: list[str]) -> None:
     flags.FLAGS.total_steps = max(1, round(_EPOCHS.value * 60000 / _BATCH.value))
   if _FROM_JSON.value:
     saved = json.load(open(_FROM_JSON.value))
-    flags.FLAGS(["compare"] + saved["argv"], known_only=True)  # the run's own settings
-    text = markdown(saved["results"], saved["machine"], saved["wall_seconds"])
+    outputs = {f.name: f.value for f in (_RESULTS, _PLOTS, _TAG)}
+    flags.FLAGS(["compare"] + saved["argv"], known_only=True)  # the run's own settings,
+    for name, value in outputs.items():  # written where this command says
+      setattr(flags.FLAGS, name, value)
+    text = markdown(saved["results"], saved["machine"], saved["wall_seconds"], saved["argv"])
     if _RESULTS.value:
       write_section(_RESULTS.value, _TAG.value, text)
     if _PLOTS.value:
@@ -295,7 +298,7 @@ def main(argv: list[str]) -> None:
       add(run(method, seed, splits))
   add(run("random", int(_SEEDS.value[0]), splits))
   wall = time.time() - t0
-  text = markdown(results, machine_text, wall)
+  text = markdown(results, machine_text, wall, sys.argv[1:])
   if _RESULTS.value:
     write_section(_RESULTS.value, _TAG.value, text)
   if _PLOTS.value:
