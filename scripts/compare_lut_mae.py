@@ -161,7 +161,8 @@ def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) ->
   config = pretrain_config("lut", 0)
   epochs = _TOTAL_STEPS.value * _BATCH.value / 60000
   lines = [
-      f"## LUT vs MAE, Fashion-MNIST, {_TOTAL_STEPS.value} steps ({epochs:.1f} epochs), "
+      f"## {' vs '.join(m.upper() for m in _METHODS.value)}, Fashion-MNIST, "
+      f"{_TOTAL_STEPS.value} steps ({epochs:.1f} epochs), "
       f"{len(_SEEDS.value)} seeds [{_TAG.value}]", "",
       f"Written by `scripts/compare_lut_mae.py` on {datetime.date.today().isoformat()}.", "",
       f"* Command: `python scripts/compare_lut_mae.py {' '.join(argv)}`",
@@ -238,7 +239,7 @@ def write_section(path: str, tag: str, text: str) -> None:
   old = open(path).read() if os.path.exists(path) else "# Results\n\n"
   if begin in old and end in old:
     head, rest = old.split(begin, 1)
-    new = head + section + rest.split(end, 1)[1].lstrip("\n")
+    new = head + section + "\n" + rest.split(end, 1)[1].lstrip("\n")
   else:
     new = old.rstrip("\n") + "\n\n" + section
   with open(path, "w") as f:

@@ -23,14 +23,21 @@ def _run(num_processes: int, out: pathlib.Path) -> dict:
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(i),
-                             str(num_processes), str(port), str(out), str(STEPS)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-           for i in range(num_processes)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  # Logs go to files, not pipes: waiting on one process's pipe while the other fills its
+  # own (XLA's slow-compile banners on a loaded machine) would block that process and fail
+  # the shutdown barrier of both.
+  log_paths = [out.with_name(f"{out.stem}_{i}.log") for i in range(num_processes)]
+  procs = []
+  for i, log_path in enumerate(log_paths):
+    with open(log_path, "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(num_processes),
+           str(port), str(out), str(STEPS)],
+          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+  for p, log_path in zip(procs, log_paths):
+    p.wait(timeout=600)
+  for p, log_path in zip(procs, log_paths):
+    assert p.returncode == 0, log_path.read_text()[-3000:]
   return json.loads(out.read_text())
 
 
