@@ -37,13 +37,16 @@ MANIFEST = "sha256.json"  # inside each step directory: copying a step copies it
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` for one train-state pytree.
 
-  Keeps the ``max_to_keep`` newest steps and, with ``best_metric``, also the step whose
-  ``metrics[best_metric]`` (passed to :meth:`save`) is highest. ``async_save=False`` saves
+  Keeps the ``max_to_keep`` newest steps, with ``keep_every_steps > 0`` also every step
+  that is a multiple of it (a run's history, as the reference's save periods), and with
+  ``best_metric`` also the step whose ``metrics[best_metric]`` (passed to :meth:`save`) is
+  highest. ``async_save=False`` saves
   (and hashes) each step before :meth:`save` returns.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
-               checksums: bool = True, best_metric: Optional[str] = None):
+               checksums: bool = True, best_metric: Optional[str] = None,
+               keep_every_steps: int = 0):
     # Local paths made absolute (Orbax needs that); URLs (gs://...) kept as they are.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     self.checksums = checksums
@@ -53,6 +56,9 @@ class Checkpointer:
     self._hash_jobs: list[concurrent.futures.Future] = []
     policies = ocp.checkpoint_managers
     policy, best = policies.LatestN(n=max_to_keep), {}
+    if keep_every_steps > 0:
+      policy = policies.AnyPreservationPolicy(
+          [policy, policies.EveryNSteps(interval_steps=keep_every_steps)])
     if best_metric is not None:
       metric = lambda metrics: metrics[best_metric]  # noqa: E731
       policy = policies.AnyPreservationPolicy([policy, policies.BestN(

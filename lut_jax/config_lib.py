@@ -131,7 +131,8 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3  # the newest ones
+  c.keep_checkpoint_every_steps = 0  # > 0: also keep every step that is a multiple of it
   c.image_summary_every_steps = 5000
   c.profile_steps = 0  # > 0: trace this many steps after the first log interval
   return c
@@ -187,6 +188,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "image_summary_every_steps"):
     if config[name] <= 0:
       fail(f"{name} must be positive, got {config[name]}")
+  if config.keep_checkpoint_every_steps < 0:
+    fail("keep_checkpoint_every_steps must be >= 0 (0: only the newest keep_checkpoints), "
+         f"got {config.keep_checkpoint_every_steps}")
   if config.optim.accum_steps < 1:
     fail(f"optim.accum_steps must be >= 1, got {config.optim.accum_steps}")
   o = config.optim

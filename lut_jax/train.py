@@ -71,6 +71,7 @@ def _tfdata_iterator(config: ml_collections.ConfigDict, *, start_step: int, two_
 # what it computes. Every other field must equal the saved config.json, else the resumed
 # run would silently be a different run.
 RESUME_MAY_CHANGE = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                     "keep_checkpoint_every_steps",
                      "image_summary_every_steps", "profile_steps", "monitor", "input.data_dir",
                      "input.prefetch", "input.num_parallel_calls", "mesh", "model.remat",
                      "model.attention_impl")
@@ -168,7 +169,8 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   abstract_state = training.abstract_state
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.keep_checkpoints)
+                                    max_to_keep=config.keep_checkpoints,
+                                    keep_every_steps=config.keep_checkpoint_every_steps)
   base_key = jax.random.key(config.seed)
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:

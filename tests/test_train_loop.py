@@ -95,3 +95,13 @@ def test_resume_refuses_a_changed_run_config(tmp_path):
   config.seed = 1
   with pytest.raises(config_lib.ConfigError, match="seed: 0 -> 1; input.batch_size: 16 -> 32"):
     train._check_resume_config(config, str(tmp_path))
+
+
+def test_keep_checkpoint_every_steps_keeps_a_history(tmp_path):
+  """The newest ``keep_checkpoints`` steps plus every multiple of
+  ``keep_checkpoint_every_steps`` survive; the rest is deleted."""
+  config = util.tiny_config(total_steps=7, checkpoint_every_steps=1, keep_checkpoints=2,
+                            keep_checkpoint_every_steps=3)
+  _run(config, tmp_path / "run")
+  kept = sorted(int(n) for n in os.listdir(tmp_path / "run" / "checkpoints") if n.isdigit())
+  assert kept == [3, 6, 7]
