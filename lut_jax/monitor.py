@@ -36,19 +36,18 @@ import ml_collections
 import numpy as np
 
 from lut_jax import device_input, errors, losses, models
+from lut_jax.analysis import spectrum
 from lut_jax.evaluation import knn
 
 HISTORY_FILE = "monitor.jsonl"
 _CHUNK = 512  # images per encoder call: bounds the activations' memory
 
 
-def effective_rank(x: jax.Array, eps: float = 1e-7) -> jax.Array:
-  """Effective rank of the centred rows of ``x`` ``(n, d)``: ``exp(-sum p log p)`` with
-  ``p = s / sum(s) + eps`` over the singular values ``s``."""
-  x = x.astype(jnp.float32)
-  s = jnp.linalg.svd(x - jnp.mean(x, axis=0), compute_uv=False)
-  p = s / jnp.maximum(jnp.sum(s), eps) + eps
-  return jnp.exp(-jnp.sum(p * jnp.log(p)))
+def effective_rank(x: Any) -> float:
+  """Effective rank of the centred rows of ``x`` ``(n, d)`` (the formula is
+  :func:`lut_jax.analysis.spectrum.effective_rank`'s, over the singular values)."""
+  x = np.asarray(x, np.float64)
+  return float(spectrum.effective_rank(np.linalg.svd(x - x.mean(axis=0), compute_uv=False)))
 
 
 class Monitor:
@@ -108,12 +107,12 @@ class Monitor:
                              num_classes=self._num_classes, k=self._k,
                              temperature=self._temperature)
       out[f"knn_{name}"] = acc["top1"]
-    out["feature_rank"] = float(effective_rank(query_mean))
+    out["feature_rank"] = effective_rank(query_mean)
     if state.has_target:
       z = self._map(self._teacher, self._queries.images, state.target_params,
                     state.target_batch_stats)
       out["z_std"] = float(losses.normalized_std(z))
-      out["z_rank"] = float(effective_rank(losses.l2_normalize(jnp.asarray(z))))
+      out["z_rank"] = effective_rank(losses.l2_normalize(jnp.asarray(z)))
     out["seconds"] = time.time() - t0
     return out
 
