@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",  # its metrics only; its writers need TensorFlow ([data])
     "numpy>=1.26",
     "absl-py>=1.0",  # flags and logging of every command line
-    "etils[epath]>=1.5",  # local and gs:// paths alike
+    "etils[epath]>=1.7",  # local and gs:// paths alike (1.7: mkdir(mode=), which Orbax uses)
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "safetensors>=0.4",  # the torch-free timm / Hugging Face export (lut-export)
     "pillow>=10",  # PNG images in the TensorBoard files
@@ -66,7 +66,10 @@ setuptools.setup(
     classifiers=["License :: OSI Approved :: Apache Software License",
                  "Programming Language :: Python :: 3",
                  "Topic :: Scientific/Engineering :: Artificial Intelligence"],
-    packages=setuptools.find_packages(include=["lut_jax", "lut_jax.*"]),
+    # configs/ stays at the top of the repository and is installed as lut_jax.configs, so
+    # that `--config=fashion_mnist` works without the source tree (config_lib).
+    packages=[*setuptools.find_packages(include=["lut_jax", "lut_jax.*"]), "lut_jax.configs"],
+    package_dir={"lut_jax.configs": "configs"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["lut-pretrain=lut_jax.main:run",

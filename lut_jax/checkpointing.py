@@ -7,6 +7,8 @@ crash or preemption mid-save never damages the last finished checkpoint. On top 
 * every finished step gets a SHA-256 manifest of its files (``<step>/sha256.json``),
   written in the background and verified before a restore, so a bit flip on disk is
   caught instead of restored;
+* every finished step carries the run's config (``<step>/config.json``, covered by the
+  manifest), so a step copied out of its work directory still says what it is;
 * a restore that fails (damaged files, a bad manifest, non-finite values) falls back to the
   next older step, logging one line per damaged step; damaged steps are moved aside to
   ``damaged_<step>`` (never deleted), so later saves of that step number cannot collide;
@@ -40,16 +42,17 @@ class Checkpointer:
   Keeps the ``max_to_keep`` newest steps, with ``keep_every_steps > 0`` also every step
   that is a multiple of it (a run's history, as the reference's save periods), and with
   ``best_metric`` also the step whose ``metrics[best_metric]`` (passed to :meth:`save`) is
-  highest. ``async_save=False`` saves
-  (and hashes) each step before :meth:`save` returns.
+  highest. ``run_config`` (JSON text) is written into every finished step.
+  ``async_save=False`` saves (and hashes) each step before :meth:`save` returns.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
                checksums: bool = True, best_metric: Optional[str] = None,
-               keep_every_steps: int = 0):
+               keep_every_steps: int = 0, run_config: Optional[str] = None):
     # Local paths made absolute (Orbax needs that); URLs (gs://...) kept as they are.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     self.checksums = checksums
+    self.run_config = run_config
     self.async_save = async_save
     self._pending: Optional[int] = None  # step of the save in flight
     self._hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -106,8 +109,9 @@ class Checkpointer:
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001
       self._raise_save_error(step, e)
-    if step is not None and self.checksums and jax.process_index() == 0:
-      job = self._hashing.submit(self._write_checksums, step)
+    if (step is not None and (self.checksums or self.run_config is not None)
+        and jax.process_index() == 0):
+      job = self._hashing.submit(self._finish_step, step)
       self._hash_jobs.append(job)
       if not self.async_save:  # hashed before a later save can garbage-collect the step
         concurrent.futures.wait([job])
@@ -133,9 +137,14 @@ class Checkpointer:
         hint="free space or fix permissions, then rerun the same command: it resumes from "
              f"the last saved step ({self.latest_step()})") from e
 
-  def _write_checksums(self, step: int) -> None:
+  def _finish_step(self, step: int) -> None:
+    """Adds the run config and the checksum manifest (which covers it) to a committed step."""
     step_dir = epath.Path(self.directory) / str(step)
     if not step_dir.exists():  # already garbage-collected by max_to_keep
+      return
+    if self.run_config is not None:
+      (step_dir / config_lib.CONFIG_FILE).write_text(self.run_config)
+    if not self.checksums:
       return
     tmp = step_dir / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(_digest_files(step_dir), indent=0, sort_keys=True))
@@ -204,8 +213,8 @@ class Checkpointer:
       self._hashing.shutdown(wait=True)
       for job in self._hash_jobs:
         if job.exception() is not None:  # a missing manifest only skips a verification
-          logging.warning("Could not write a checkpoint checksum manifest: %s",
-                          job.exception())
+          logging.warning("Could not finish a checkpoint step (config.json, checksum "
+                          "manifest): %s", job.exception())
       self.manager.close()
 
 
@@ -353,6 +362,23 @@ def locate_pretrained(path: str) -> tuple[str, str, Optional[int]]:
   if location.exists():
     raise FileNotFoundError(f"{path}: not {expected}")
   raise FileNotFoundError(f"{path}: no such file or directory; expected {expected}")
+
+
+def load_run_config(workdir: str, step: Optional[int] = None) -> Any:
+  """The config of a pre-training run: ``WORKDIR/config.json``, else the copy inside the
+  checkpoint ``step`` (the newest when None), for a work directory that kept its
+  checkpoints but lost its top-level config."""
+  try:
+    return config_lib.load_config(workdir)
+  except FileNotFoundError:
+    root = absolute(workdir) / CHECKPOINT_DIR
+    steps = sorted(int(p.name) for p in (root.iterdir() if root.is_dir() else ())
+                   if p.name.isdigit())
+    if step is None or step < 0:
+      step = steps[-1] if steps else None
+    if step is None or not (root / str(step) / config_lib.CONFIG_FILE).exists():
+      raise
+    return config_lib.load_config(os.fspath(root / str(step)))
 
 
 def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],

@@ -25,6 +25,40 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+# The repository's configs/ folder, installed as this package so that a plain
+# ``pip install`` (no source tree) still has every config file (setup.py's package_dir).
+PACKAGED_CONFIGS = "lut_jax.configs"
+
+
+def resolve_config_file(value: str) -> str:
+  """A ``--config`` value (``PATH[:args]``) with ``PATH`` found: as given when it exists
+  (or is a URL), else the packaged config of that name, so ``configs/knn.py``, ``knn.py``
+  and ``knn`` all work after a plain install. Unknown names are returned unchanged (the
+  flag then reports the missing file)."""
+  import importlib.resources  # local: only the command lines need it
+  import os
+
+  path, sep, args = value.partition(":")
+  if not path or "://" in value or os.path.exists(path):
+    return value
+  name = os.path.basename(path)
+  packaged = importlib.resources.files(PACKAGED_CONFIGS) / (
+      name if name.endswith(".py") else f"{name}.py")
+  return f"{packaged}{sep}{args}" if packaged.is_file() else value
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+  """``argv`` with each ``--config=VALUE`` / ``--config VALUE`` passed through
+  :func:`resolve_config_file`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = "--config=" + resolve_config_file(arg[len("--config="):])
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config_file(out[i + 1])
+  return out
+
+
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   """Sets dotted keys (``{"model.head_norm": "layer"}``), as ``--config.x=y`` does; returns
   ``config`` (unlocked fields only, like the flag)."""
@@ -266,7 +300,12 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
-  (path / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  (path / CONFIG_FILE).write_text(config_json(config))
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+  """The text of a ``config.json``: what :func:`save_config` writes and checkpoints carry."""
+  return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
 def uses_bc(config: ml_collections.ConfigDict) -> bool:

@@ -16,13 +16,15 @@ probe and fine-tuning restore their latest Orbax checkpoint. Results go to CLU w
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from lut_jax import errors, workdir_lock
+from lut_jax import config_lib, errors, workdir_lock
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]), or a packaged config's name (e.g. fashion_mnist).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
@@ -47,6 +49,12 @@ def _run_mode(config, workdir: str) -> dict[str, float]:
   if config.mode == "linear_probe":
     from lut_jax.evaluation import linear_probe  # pylint: disable=g-import-not-at-top
     return linear_probe.run_linear_probe(config, workdir)
+  if config.mode == "robustness":
+    from lut_jax.evaluation import robustness  # pylint: disable=g-import-not-at-top
+    return robustness.run_robustness(config, workdir)
+  if config.mode == "segmentation":
+    from lut_jax.evaluation import segmentation  # pylint: disable=g-import-not-at-top
+    return segmentation.run_segmentation(config, workdir)
   from lut_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
   return finetune.finetune(config, workdir)
 
@@ -67,6 +75,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``lut-eval``)."""
+  sys.argv = config_lib.resolve_config_args(sys.argv)  # packaged configs by name
   errors.run_app(main, prog="lut-eval", uses_tensorflow=True)
 
 

@@ -8,9 +8,10 @@ TensorFlow-free (CLU's metrics, not its writers).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -70,6 +71,19 @@ class Interval:
     self._config_prefix = config_prefix  # names the fields in the error's hint
     self._acc: Optional[clu_metrics.Collection] = None
     self._start, self._start_time = start_step, time.time()
+    self._timed: dict[str, float] = {}  # host seconds per named wait, this interval
+
+  @contextlib.contextmanager
+  def timed(self, name: str) -> Iterator[None]:
+    """Counts the host time spent inside as ``name``; :meth:`read` reports its share of
+    the interval (``time_share/<name>``), e.g. waiting for input or for a checkpoint save.
+    Steps are dispatched asynchronously, so the share is time the host could not spend
+    feeding the device."""
+    start = time.time()
+    try:
+      yield
+    finally:
+      self._timed[name] = self._timed.get(name, 0.0) + time.time() - start
 
   def add(self, step_metrics: dict[str, jax.Array]) -> None:
     update = self._metrics.single_from_model_output(**step_metrics)
@@ -79,6 +93,7 @@ class Interval:
     """Rates from here on count from step ``done`` (e.g. not the first step's compilation);
     the metrics merged so far stay."""
     self._start, self._start_time = done, time.time()
+    self._timed = {}
 
   def read(self, done: int) -> dict[str, float]:
     """The interval's scalars (and ``images_per_sec``) up to step ``done``; starts the next.
@@ -103,7 +118,9 @@ class Interval:
     elapsed = max(time.time() - self._start_time, 1e-9)
     if done > self._start:  # none when the clock restarted at this step
       scalars["images_per_sec"] = (done - self._start) * self._batch_size / elapsed
+      scalars.update({f"time_share/{k}": v / elapsed for k, v in self._timed.items()})
     self._acc, self._start, self._start_time = None, done, time.time()
+    self._timed = {}
     return scalars
 
 

@@ -13,13 +13,15 @@ explicit ``--coordinator_address/--num_processes/--process_id``.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from lut_jax import errors, train
+from lut_jax import config_lib, errors, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]), or a packaged config's name (e.g. fashion_mnist).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
@@ -50,6 +52,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``lut-pretrain``)."""
+  sys.argv = config_lib.resolve_config_args(sys.argv)  # packaged configs by name
   errors.run_app(main, uses_tensorflow=True)
 
 

@@ -13,7 +13,9 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
+from etils import epath
 from clu import metrics as clu_metrics
+from clu import parameter_overview
 import flax
 import jax
 import ml_collections
@@ -170,7 +172,8 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=config.keep_checkpoints,
-                                    keep_every_steps=config.keep_checkpoint_every_steps)
+                                    keep_every_steps=config.keep_checkpoint_every_steps,
+                                    run_config=config_lib.config_json(config))
   base_key = jax.random.key(config.seed)
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:
@@ -197,6 +200,11 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
                     "and running averages update twice per micro-batch.",
                     config.optim.accum_steps)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  if jax.process_index() == 0:  # the table runs to hundreds of lines: a file, not the log
+    table = epath.Path(workdir) / "parameters.txt"
+    table.write_text(parameter_overview.get_parameter_overview(abstract_state.params,
+                                                               include_stats=False) + "\n")
+    logging.info("Parameter table (name, shape, dtype, size): %s", table)
   logging.info("model %s (%s), %.2fM params, %d steps (%d warmup), mesh %s, start step %d",
                config.model.variant, config.method, num_params / 1e6, total_steps, warmup_steps,
                dict(mesh.shape), start_step)
@@ -216,6 +224,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
       out_shardings=sharding.replicated(mesh))
 
   t_start = time.time()
+  t_first_step = None  # when the first (compiled) step finished
   interval = loop.Interval(TrainMetrics, start_step=start_step,
                            batch_size=config.input.batch_size, checkpointer=ckpt,
                            config_prefix="optim")
@@ -225,14 +234,16 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   try:
     with loop.PreemptionGuard(ckpt) as preemption:
       for step in range(start_step, total_steps):
-        batch = next(data)
+        with interval.timed("input"):
+          batch = next(data)
         state, metrics = training.step(state, batch, train_step.step_key(step_base_key, step))
         interval.add(metrics)
         done = step + 1
         if step == start_step:  # once: say what the wait was, and keep it out of the rates
           jax.block_until_ready(metrics)
+          t_first_step = time.time()
           logging.info("First step done %.1f s after start-up (compilation included); rates "
-                       "exclude it.", time.time() - t_start)
+                       "exclude it.", t_first_step - t_start)
           interval.restart_clock(done)
         if profile and done == profile_start:
           jax.profiler.start_trace(workdir)
@@ -244,29 +255,26 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
         save = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
         if done % config.log_every_steps == 0 or save:  # every save is guarded
           scalars = interval.read(done)
-          writer.write_scalars(done, scalars)
-          rate = scalars.get("images_per_sec")
-          logging.info("step %d/%d%s%s", done, total_steps,
-                       f" (epoch {done / epoch_size:.2f})" if epoch_size else "",
-                       f": {rate:.0f} images/s, ETA "
-                       f"{_duration((total_steps - done) * config.input.batch_size / rate)}"
-                       if rate else "")
+          writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
+          logging.info("%s", _progress_line(scalars, done, total_steps, epoch_size,
+                                            config.input.batch_size))
         if monitor is not None and (done % monitor.every_steps == 0 or done == total_steps):
           measured = monitor(training.model, state)
           writer.write_scalars(done, {f"monitor/{k}": v for k, v in measured.items()})
           monitor_lib.append_history(workdir, {"step": done, **measured})
           interval.restart_clock(done)  # rates measure training, not the monitor
         if done % config.image_summary_every_steps == 0 or done == total_steps:
-          images = summary_fn(state.params, batch["view1"], jax.random.fold_in(summary_key, done))
-          show = lambda x: image_utils.denormalize(jax.device_get(x), config.input.channels)  # noqa: E731
-          grids = {k: show(images[k]) for k in ("input", "masked", "reconstruction_visible")}
-          if "view2" in batch:  # each example's two views side by side: view 1 | view 2
-            grids["views"] = np.concatenate(
-                [show(batch["view1"][:num_images]), show(batch["view2"][:num_images])], axis=2)
-          writer.write_images(done, grids)
+          with interval.timed("images"):  # the first one includes its compilation
+            images = summary_fn(state.params, batch["view1"],
+                                jax.random.fold_in(summary_key, done))
+            writer.write_images(done, {"examples": _example_grid(
+                images, batch.get("view2"), num_images, config.input.channels)})
         if save:
-          logging.info("Saving checkpoint step %d in %s", done, ckpt.directory)
-          ckpt.save(done, state, force=True)
+          t_save = time.time()
+          with interval.timed("checkpoint"):
+            ckpt.save(done, state, force=True)
+          logging.info("Checkpoint step %d: %.1f s to hand over; written to %s in the "
+                       "background.", done, time.time() - t_save, ckpt.directory)
         if stop:
           logging.warning("Stopped for preemption at step %d; rerun the command to resume.", done)
           break
@@ -274,7 +282,55 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
     writer.flush()
     ckpt.close()
   if int(jax.device_get(state.step)) == total_steps:
-    logging.info("Finished %d steps; checkpoint step %d in %s. Next, e.g.: lut-eval "
-                 "--config=configs/knn.py --workdir=%s_knn --config.pretrained=%s", total_steps,
-                 total_steps, ckpt.directory, workdir.rstrip("/"), workdir)
+    _log_summary(workdir, ckpt.directory, start_step=start_step, total_steps=total_steps,
+                 t_start=t_start, t_first_step=t_first_step,
+                 batch_size=config.input.batch_size)
   return state
+
+
+def _example_grid(images: dict[str, jax.Array], view2: Optional[jax.Array], num_images: int,
+                  channels: int) -> np.ndarray:
+  """One row per example: view 1 | its masked input | the reconstruction (visible patches
+  pasted back) | view 2 (LUT), the pair the BC branch compares."""
+  columns = [images[k] for k in ("input", "masked", "reconstruction_visible")]
+  if view2 is not None:
+    columns.append(view2[:num_images])
+  return np.concatenate([image_utils.denormalize(jax.device_get(c), channels)
+                         for c in columns], axis=2)
+
+
+def _progress_line(scalars: dict[str, float], done: int, total_steps: int,
+                   epoch_size: Optional[float], batch_size: int) -> str:
+  """``step 200/600 (epoch 0.43): loss 0.61, 950 images/s (input 2%, checkpoint 1%),
+  ETA 0m25s``."""
+  line = f"step {done}/{total_steps}"
+  if epoch_size:
+    line += f" (epoch {done / epoch_size:.2f})"
+  line += f": loss {scalars['loss']:.4g}"
+  rate = scalars.get("images_per_sec")
+  if rate:
+    shares = ", ".join(f"{k.split('/', 1)[1]} {v:.0%}" for k, v in scalars.items()
+                       if k.startswith("time_share/"))
+    line += f", {rate:.0f} images/s" + (f" ({shares})" if shares else "")
+    line += f", ETA {_duration((total_steps - done) * batch_size / rate)}"
+  return line
+
+
+def _log_summary(workdir: str, checkpoint_dir: str, *, start_step: int, total_steps: int,
+                 t_start: float, t_first_step: Optional[float], batch_size: int) -> None:
+  """The last lines of a finished run: what ran, how fast, where it is, what to run next."""
+  now = time.time()
+  rate = ""
+  if t_first_step is not None and total_steps - start_step > 1:
+    images = (total_steps - start_step - 1) * batch_size
+    rate = f", {images / max(now - t_first_step, 1e-9):.0f} images/s on average after the first"
+  run = workdir.rstrip("/")
+  ran = (f"steps {start_step + 1}-{total_steps} in {_duration(now - t_start)}{rate}"
+         if start_step < total_steps else f"the run had already finished ({total_steps} steps)")
+  logging.info(
+      "Finished: %s. Checkpoint: %s/%d.\nNext:\n"
+      "  lut-eval --config=configs/knn.py --workdir=%s_knn --config.pretrained=%s\n"
+      "  lut-eval --config=configs/linear_probe.py --workdir=%s_probe --config.pretrained=%s\n"
+      "  lut-export --workdir=%s      (timm / Hugging Face folder)\n"
+      "  tensorboard --logdir=%s", ran, checkpoint_dir, total_steps, run, run, run, run, run,
+      run)

@@ -1,9 +1,11 @@
 """Metric writers for the training loops, with or without TensorFlow.
 
-With TensorFlow installed, CLU's default writer (TensorBoard event files through
-``tf.summary``, plus log lines). Without it (the TF-free install; GPU images often lack
-TensorFlow), a writer with the same methods over ``tensorboardX`` (event files TensorBoard
-reads), plus the same log lines; without ``tensorboardX`` too, log lines only, said once.
+With TensorFlow installed, CLU's TensorBoard writer (event files through ``tf.summary``)
+beside log lines. Without it (the TF-free install; GPU images often lack TensorFlow), a
+writer with the same methods over ``tensorboardX`` (event files TensorBoard reads), plus the
+same log lines; without ``tensorboardX`` too, log lines only, said once. Either way the log
+gets scalars only: hyperparameters and images are for TensorBoard (the console is for
+progress, and a run's config is in its ``config.json``).
 """
 
 from __future__ import annotations
@@ -70,15 +72,18 @@ class TensorBoardXWriter(LoggingWriter):
 
 
 def create_writer(logdir: str, *, just_logging: bool = False) -> Any:
-  """CLU's default writer when TensorFlow is installed, else :class:`TensorBoardXWriter`
-  (or :class:`LoggingWriter` without tensorboardX). ``just_logging``: log lines only (the
-  processes other than 0 of a multi-host run)."""
+  """CLU's TensorBoard writer and :class:`LoggingWriter` when TensorFlow is installed, else
+  :class:`TensorBoardXWriter` (or :class:`LoggingWriter` without tensorboardX).
+  ``just_logging``: log lines only (the processes other than 0 of a multi-host run)."""
+  if just_logging:
+    return LoggingWriter()
   if importlib.util.find_spec("tensorflow") is not None:
     from clu import metric_writers  # local: imports TensorFlow
 
-    return metric_writers.create_default_writer(logdir, just_logging=just_logging)
-  if just_logging:
-    return LoggingWriter()
+    # Not CLU's default writer: its logging half prints the hyperparameters as one long
+    # line and every image's shape.
+    return metric_writers.MultiWriter([metric_writers.SummaryWriter(logdir),
+                                       LoggingWriter()])
   if importlib.util.find_spec("tensorboardX") is None:
     logging.warning("Neither TensorFlow nor tensorboardX is installed: metrics go to the log "
                     "only (pip install tensorboardX for TensorBoard files).")

@@ -51,3 +51,24 @@ def test_command_line_switches_a_steps_config_to_epochs():
   config = flag_values.config
   config_lib.validate(config)
   assert build.run_length(config, num_examples=60_000) == (234, 60)
+
+
+def test_config_files_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
+  """A plain install has no source tree: ``--config=fashion_mnist`` (or the repository's
+  ``configs/...`` spelling) finds the packaged copy, arguments kept; an existing path wins."""
+  import os  # pylint: disable=g-import-not-at-top
+  repo_configs = os.path.dirname(os.path.abspath(fashion_mnist.__file__))
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  packaged = config_lib.resolve_config_file("fashion_mnist")
+  assert os.path.samefile(packaged, os.path.join(repo_configs, "fashion_mnist.py"))
+  assert config_lib.resolve_config_file("configs/finetune.py:dataset=imagenet") == \
+      config_lib.resolve_config_file("finetune") + ":dataset=imagenet"
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "knn.py").write_text("# the user's own\n")
+  assert config_lib.resolve_config_file("configs/knn.py") == "configs/knn.py"
+  assert config_lib.resolve_config_file("no_such_config") == "no_such_config"
+  assert config_lib.resolve_config_args(["prog", "--config", "knn.py", "--workdir=x"])[2] == \
+      config_lib.resolve_config_file("knn")
+  loaded = config_flags.config_flags._LoadConfigModule(  # what the --config flag does
+      "packaged", config_lib.resolve_config_file("fashion_mnist")).get_config()
+  assert loaded.model.variant == fashion_mnist.get_config().model.variant

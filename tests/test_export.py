@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from lut_jax import checkpointing, errors, models, train_state
+from lut_jax import checkpointing, config_lib, errors, models, train_state
 from lut_jax.evaluation import export, features
 from tests import util
 
@@ -31,11 +31,11 @@ def make_pretraining_workdir(path: str, method: str = "lut") -> train_state.Trai
   state = jax.jit(init)(jax.random.key(0))  # compiled (and cached): faster than eager
   if state.has_target:
     state = state.replace(target_params=jax.tree.map(lambda x: x + 1.0, state.target_params))
-  ckpt = checkpointing.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+  ckpt = checkpointing.Checkpointer(os.path.join(path, "checkpoints"), async_save=False,
+                                    run_config=config_lib.config_json(config))
   ckpt.save(STEP, state, force=True)
   ckpt.close()
-  with open(os.path.join(path, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort())
+  config_lib.save_config(config, path)
   return state
 
 
@@ -68,6 +68,26 @@ def test_export_reloads_the_online_encoder_bit_exactly(tmp_path):
   _assert_bit_exact(online, features.load_pretrained(written["encoder"]).params)
   with np.load(written["timm"]) as timm_sd:
     np.testing.assert_array_equal(timm_sd["cls_token"], np.asarray(online["cls_token"]))
+
+
+def test_a_checkpoint_copied_without_its_workdir_config_still_loads(tmp_path):
+  """Every checkpoint step carries the run's config: a work directory that lost its
+  config.json (e.g. only checkpoints/ copied) still says what model its steps hold."""
+  workdir = tmp_path / "run"
+  state = make_pretraining_workdir(str(workdir))
+  step_dir = workdir / "checkpoints" / str(STEP)
+  assert (step_dir / "config.json").read_text() == (workdir / "config.json").read_text()
+  (workdir / "config.json").unlink()
+  online = jax.device_get(state.params["encoder"])
+  _assert_bit_exact(online, features.load_pretrained(str(workdir)).params)
+  loaded = features.load_pretrained(str(step_dir))
+  _assert_bit_exact(online, loaded.params)
+  assert (loaded.config["width"], loaded.config["depth"]) == (32, 2)
+  # The copy is covered by the step's checksum manifest: a changed byte is caught.
+  step_dir.joinpath("config.json").write_text(
+      step_dir.joinpath("config.json").read_text().replace("32", "64"))
+  with pytest.raises(errors.WorkdirError, match="damaged"):
+    features.load_pretrained(str(workdir))
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -231,3 +251,33 @@ def test_timm_folder_round_trips_through_a_non_local_file_system(tmp_path, memor
   _assert_bit_exact(params, reloaded)
   with pytest.raises(FileNotFoundError, match="no such file"):
     features.load_pretrained(f"{memory_fs}/missing")
+
+
+def test_evaluation_files_round_trip_through_a_non_local_file_system(memory_fs):
+  """Results, feature caches and resume records are written with epath, so an evaluation
+  work directory can live on an object store (gs://) as a pre-training one can."""
+  from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
+  workdir = f"{memory_fs}/knn"
+  path = eval_config.write_results(workdir, "knn", {"top1": 71.5}, source={"step": 3})
+  assert path == f"{workdir}/knn_results.json" and not os.path.exists(path)
+  assert json.loads(checkpointing.absolute(path).read_text()) == {"top1": 71.5,
+                                                                  "source": {"step": 3}}
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"cls": np.arange(6, dtype=np.float32).reshape(2, 3), "label": np.array([1, 0])}
+
+  cache = f"{workdir}/features/train.npz"
+  first = features.cached_features(cache, {"split": "train"}, compute)
+  again = features.cached_features(cache, {"split": "train"}, compute)
+  assert len(calls) == 1
+  np.testing.assert_array_equal(first["cls"], again["cls"])
+  features.cached_features(cache, {"split": "test"}, compute)  # another key: recomputed
+  assert len(calls) == 2
+  checkpoints = f"{workdir}/checkpoints"
+  features.check_resume_key(checkpoints, "linear_probe", {"split": "train"})
+  checkpointing.absolute(f"{checkpoints}/10").mkdir()
+  features.check_resume_key(checkpoints, "linear_probe", {"split": "train"})  # same: resumes
+  with pytest.raises(errors.WorkdirError, match="a different split"):
+    features.check_resume_key(checkpoints, "linear_probe", {"split": "test"})

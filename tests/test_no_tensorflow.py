@@ -98,11 +98,13 @@ def test_pretraining_command_runs_without_tensorflow(tmp_path):
   """)
   root = __import__("pathlib").Path(__file__).resolve().parents[1]
   env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+  results = []
   for total in ("4", "4"):  # the second command finds the run finished and resumes it
     result = subprocess.run([sys.executable, "-c", script, total], capture_output=True,
                             text=True, timeout=600, cwd=root, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TF MODULES []" in result.stdout, result.stdout[-2000:]
+    results.append(result)
   assert "Resuming from" in result.stderr
   import json
   records = [json.loads(line) for line in (workdir / "monitor.jsonl").read_text().splitlines()]
@@ -116,8 +118,21 @@ def test_pretraining_command_runs_without_tensorflow(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(str(workdir))
   acc.Reload()
-  assert {"loss", "monitor/knn_cls", "monitor/z_std"} <= set(acc.Tags()["scalars"])
-  assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
-  # Images: reconstructions, and each example's two views side by side (16 px each).
-  assert {"input", "reconstruction_visible", "views"} <= set(acc.Tags()["images"])
-  assert acc.Images("views")[-1].width >= 32  # two 16 px views side by side, in a grid
+  assert {"train/loss", "train/time_share/input", "monitor/knn_cls",
+          "monitor/z_std"} <= set(acc.Tags()["scalars"])
+  assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+  # One image per example: view 1 | masked | reconstruction | view 2 (16 px each).
+  assert acc.Tags()["images"] == ["examples"]
+  assert acc.Images("examples")[-1].width >= 4 * 16
+  # The console: no hyperparameter line; a line per checkpoint save; a closing summary.
+  first_log = results[0].stderr
+  assert "hparams" not in first_log and "Checkpoint step 2:" in first_log
+  assert f"Checkpoint: {workdir}/checkpoints/4." in first_log and "lut-eval" in first_log
+  assert "already finished" in result.stderr
+  assert "encoder/patch_embed/proj/kernel" in (workdir / "parameters.txt").read_text()
+  # Every checkpoint carries the run's config, covered by its checksum manifest.
+  saved = json.loads((workdir / "config.json").read_text())
+  for step in ("2", "4"):
+    assert json.loads((workdir / "checkpoints" / step / "config.json").read_text()) == saved
+    assert "config.json" in json.loads(
+        (workdir / "checkpoints" / step / "sha256.json").read_text())

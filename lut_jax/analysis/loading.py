@@ -116,7 +116,7 @@ def load_workdir(workdir: str, *, step: Optional[int] = None, which: str = "para
   """The online network (``which="params"``) or the EMA teacher (``"target_params"``) of
   a pre-training workdir, at ``step`` (None: the latest)."""
   workdir = os.fspath(checkpointing.absolute(workdir))
-  config = config_lib.load_config(workdir)
+  config = checkpointing.load_run_config(workdir, step)
   model = models.build_model(config.model, image_size=int(config.input.image_size),
                              channels=int(config.input.channels),
                              use_bc=config_lib.uses_bc(config))

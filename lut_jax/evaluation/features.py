@@ -132,10 +132,10 @@ def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
     path, step = loaded.source, None
     source = f"{_KIND_NAMES[kind]} {path}"
   else:
-    config = encoder_config(config_lib.load_config(path))
+    step = path_step if step is None or step < 0 else step
+    config = encoder_config(checkpointing.load_run_config(path, step))
     subtrees, step = checkpointing.restore_subtrees(
-        epath.Path(path) / checkpointing.CHECKPOINT_DIR, ["params/encoder"],
-        path_step if step is None or step < 0 else step)
+        epath.Path(path) / checkpointing.CHECKPOINT_DIR, ["params/encoder"], step)
     params = subtrees["params/encoder"]
     encoder = models.Encoder(**config)
     source = f"pre-training run {path}, step {step} (online encoder)"
@@ -280,7 +280,7 @@ def _load_cache(path: str, key: Mapping[str, Any]) -> tuple[Optional[dict[str, n
   """``(features, "")`` of the cache at ``path`` when saved under ``key``, else
   ``(None, why not)``."""
   try:
-    with np.load(path) as data:
+    with epath.Path(path).open("rb") as f, np.load(f) as data:
       if CACHE_KEY not in data.files:
         return None, "it has no key (an older format)"
       stored = str(data[CACHE_KEY])
@@ -300,17 +300,19 @@ def cached_features(path: Optional[str], key: Mapping[str, Any],
   resumed runs cheap. A cache of another key, without one or unreadable is recomputed
   (and replaced), never trusted: it may hold another encoder's features.
   """
-  if path and os.path.exists(path):
+  if path and epath.Path(path).exists():
     cached, why = _load_cache(path, key)
     if cached is not None:
       return cached
     logging.info("Recomputing the features of %s: %s.", path, why)
   features = compute()
   if path and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **features, **{CACHE_KEY: np.asarray(_canonical(key))})
-    os.replace(tmp, path)
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / (target.name + ".tmp.npz")
+    with tmp.open("wb") as f:
+      np.savez(f, **features, **{CACHE_KEY: np.asarray(_canonical(key))})
+    tmp.replace(target)
   return features
 
 
@@ -326,17 +328,17 @@ def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
     errors.WorkdirError: ``directory`` holds checkpoints of another mode, encoder or input.
   """
   record = {"mode": mode, "key": key}
-  path = os.path.join(directory, RESUME_KEY_FILE)
+  root = epath.Path(directory)
+  path = root / RESUME_KEY_FILE
   try:
-    with open(path) as f:
-      stored = json.load(f)
+    stored = json.loads(path.read_text())
   except FileNotFoundError:
     stored = None
   except (OSError, ValueError):
     stored = "unreadable"
   if stored == json.loads(_canonical(record)):
     return
-  if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
+  if root.is_dir() and any(p.name.isdigit() for p in root.iterdir()):
     if stored is None:
       why = "have no record of the encoder and input they were trained on"
     elif not isinstance(stored, dict):
@@ -349,10 +351,10 @@ def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
         f"the checkpoints in {directory} {why}; use a new --workdir for this {mode} run",
         hint=f"or delete {directory} to start this {mode} run over in the same work directory")
   if jax.process_index() == 0:  # no checkpoints yet: this run's record
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (RESUME_KEY_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 def dataset_features(pretrained: PretrainedEncoder, input_config: ml_collections.ConfigDict,
