@@ -11,16 +11,8 @@
   ``/path/<split>/<class>/...`` when a sub-folder named like the split exists. Files that
   cannot be decoded are skipped and counted once, when the source is built.
 
-Symbolic links in a folder (local folders; gs:// has none) never make an example appear
-twice or under another class's label:
-
-* a directory link is followed when it brings in files from outside the data folder (class
-  folders linked in from elsewhere are a common layout), and skipped, with a warning, when
-  it points back into the data folder, contains it, loops (points to a folder it is in), or
-  leads to a folder already listed through another link;
-* a file is read once however many links lead to it: the entry that is not a link wins
-  (it keeps its own folder's label), else the first in listing order; the others are
-  skipped and counted as listed twice.
+Symbolic links in a local folder (gs:// has none) never make an example appear twice or
+under another class's label (:mod:`lut_jax.folders` lists them).
 
 Building a source logs one summary line (name, split, examples, classes, files skipped);
 everything that stops a source from being built raises ``errors.DataError`` (a
@@ -50,10 +42,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from lut_jax import errors, idx
+from lut_jax import errors, folders, idx
 
-FOLDER_PREFIX = "folder:"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+FOLDER_PREFIX = folders.FOLDER_PREFIX
 _HASH_BUCKETS = 2**62  # ids from tfds record names: collisions are vanishingly unlikely
 
 
@@ -155,12 +146,12 @@ def _cached_source(dataset: str, split: str, data_dir: str | None) -> DataSource
     source = _tfds_source(dataset, split, data_dir)
   if source.num_examples == 0:
     raise _empty_split_error(dataset, split)
-  skipped = ", ".join(_plural(n, *_SKIP_NOUNS[reason])
+  skipped = ", ".join(folders.plural(n, *_SKIP_NOUNS[reason])
                       for reason, n in source.skipped_by_reason if n)
   logging.info("Data set %s, split %r: %d examples, %s; skipped: %s. Read from %s.",
                source.name, source.split, source.num_examples,
                "unlabelled" if source.num_classes is None
-               else _plural(source.num_classes, "class", "classes"), skipped or "nothing",
+               else folders.plural(source.num_classes, "class", "classes"), skipped or "nothing",
                source.description)
   return source
 
@@ -172,10 +163,6 @@ _SKIP_NOUNS = {
     "link": ("directory link not followed", "directory links not followed"),
     "unreadable": ("folder that cannot be listed", "folders that cannot be listed"),
 }
-
-
-def _plural(n: int, singular: str, plural: str) -> str:
-  return f"{n} {singular if n == 1 else plural}"
 
 
 def _empty_split_error(name: str, split: str) -> errors.DataError:
@@ -342,12 +329,13 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
     # an evaluation on it would reuse the training images, so say so.
     logging.warning("%s: no sub-folder %r; using the whole folder as split %r", name, base,
                     split)
-  listing = _list_local_folder(root) if _is_local(root) else _list_folder(root)
+  listing = folders.list_local_folder(root) if _is_local(root) else _list_folder(root)
   listing.warn(name)
   files, labels = listing.files, listing.labels
   if not files:
     raise errors.DataNotFoundError(
-        f"{name!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders of {root}",
+        f"{name!r}: no images ({', '.join(folders.IMAGE_EXTENSIONS)}) in class sub-folders "
+        f"of {root}",
         hint="expected <folder>/<class>/<image> (or <folder>/<split>/<class>/<image>)")
   _, start, stop = _slice_split(split, {base: len(files)})
   files, labels = files[start:stop], labels[start:stop]
@@ -392,167 +380,17 @@ def _is_local(path: str) -> bool:
   return "://" not in path
 
 
-@dataclasses.dataclass
-class _Listing:
-  """The image files of a folder in reading order, and what was left out of it.
-
-  Attributes:
-    classes: class folder names; a file's label is its class's index here.
-    files, labels: the image files (paths as listed, under their class folder) and labels.
-    duplicates: files left out because another entry already lists the same file.
-    links: ``"link -> target (why)"`` of the directory links that were not followed.
-    unreadable: ``"folder (why)"`` of the folders that could not be listed.
-  """
-
-  classes: list[str]
-  files: list[str] = dataclasses.field(default_factory=list)
-  labels: list[int] = dataclasses.field(default_factory=list)
-  duplicates: list[str] = dataclasses.field(default_factory=list)
-  links: list[str] = dataclasses.field(default_factory=list)
-  unreadable: list[str] = dataclasses.field(default_factory=list)
-
-  def warn(self, name: str) -> None:
-    """One warning line per kind of entry left out: how many, and examples."""
-    if self.links:
-      logging.warning(
-          "%s: skipped %s, so that no file is read twice or under another class's label, "
-          "e.g. %s", name, _plural(len(self.links), "directory link", "directory links"),
-          self.links[:3])
-    if self.duplicates:
-      logging.warning(
-          "%s: skipped %s (symbolic links to a file listed elsewhere); each file is read "
-          "once, under its own folder's label, e.g. %s", name,
-          _plural(len(self.duplicates), "file listed twice", "files listed twice"),
-          self.duplicates[:3])
-    if self.unreadable:
-      logging.warning("%s: skipped %s, e.g. %s", name,
-                      _plural(len(self.unreadable), "folder that cannot be listed",
-                              "folders that cannot be listed"), self.unreadable[:3])
-
-
-def _list_folder(root: str) -> _Listing:
+def _list_folder(root: str) -> folders.Listing:
   """Lists a folder through tf.io.gfile (gs:// and other file systems without links)."""
   classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
                    if tf.io.gfile.isdir(os.path.join(root, d)))
-  listing = _Listing(classes)
+  listing = folders.Listing(classes)
   for label, cls in enumerate(classes):
     for dirpath, _, filenames in sorted(tf.io.gfile.walk(os.path.join(root, cls))):
       for f in sorted(filenames):
-        if f.lower().endswith(IMAGE_EXTENSIONS):
+        if f.lower().endswith(folders.IMAGE_EXTENSIONS):
           listing.files.append(os.path.join(dirpath, f))
           listing.labels.append(label)
-  return listing
-
-
-def _inside(path: str, folder: str) -> bool:
-  """Whether real path ``path`` is ``folder`` or lies below it."""
-  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _link_problem(target: str, parent: str, root: str, visited: set[str]) -> str:
-  """Why the directory link in real folder ``parent`` to real path ``target`` must not be
-  followed ("" when it may): see the module docstring for the policy."""
-  if _inside(target, root):
-    return "points into the data folder"
-  if _inside(parent, target):
-    return "a loop: points to a folder it is in"
-  if _inside(root, target):
-    return "contains the data folder"
-  if target in visited:
-    return "already listed"
-  return ""
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-  try:
-    return entry.is_dir()
-  except OSError:  # a link that loops on itself (a -> b -> a): no folder to walk
-    return False
-
-
-def _scan(path: str) -> list[os.DirEntry]:
-  with os.scandir(path) as entries:
-    return sorted(entries, key=lambda e: e.name)
-
-
-def _list_local_folder(root: str) -> _Listing:
-  """Lists a local folder without following a link twice or into a loop (see the module
-  docstring); the reading order and labels of a folder without links are those of
-  ``_list_folder``."""
-  real_root = os.path.realpath(root)
-  # Real paths of the folders listed (or about to be): each is walked once at most. The
-  # class folders are claimed first, so that a deeper link cannot take a class's files.
-  visited = {real_root}
-  listing = _Listing([])
-  tops = []
-  try:
-    top_entries = _scan(root)
-  except OSError as e:
-    raise errors.DataError(errors.describe_os_error(e, "listing the image folder")) from e
-  for entry in top_entries:
-    if not _is_dir(entry):  # follows a link: a link to a folder is a class folder
-      continue
-    if entry.is_symlink():
-      target = os.path.realpath(entry.path)
-      problem = _link_problem(target, real_root, real_root, visited)
-      if problem:
-        listing.links.append(f"{entry.path} -> {target} ({problem})")
-        continue
-    else:
-      target = os.path.join(real_root, entry.name)
-    visited.add(target)
-    listing.classes.append(entry.name)
-    tops.append((entry.path, target))
-
-  # (path as listed, label, real path, is a link) of every image file, in reading order.
-  found: list[tuple[str, int, str, bool]] = []
-  for label, (top, real_top) in enumerate(tops):
-    folders = []  # (path, [(name, real path, is a link)]) of each folder of this class
-    stack = [(top, real_top)]
-    while stack:
-      path, real = stack.pop()
-      try:
-        entries = _scan(path)
-      except OSError as e:
-        listing.unreadable.append(f"{path} ({e.strerror or e})")
-        continue
-      images = []
-      for entry in entries:
-        is_link = entry.is_symlink()
-        if _is_dir(entry):
-          if is_link:
-            target = os.path.realpath(entry.path)
-            problem = _link_problem(target, real, real_root, visited)
-          else:
-            target = os.path.join(real, entry.name)
-            problem = "already listed" if target in visited else ""
-          if problem:
-            listing.links.append(f"{entry.path} -> {target} ({problem})")
-          else:
-            visited.add(target)
-            stack.append((entry.path, target))
-        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-          real_file = (os.path.realpath(entry.path) if is_link
-                       else os.path.join(real, entry.name))
-          images.append((entry.name, real_file, is_link))
-      folders.append((path, images))
-    # Folder by folder in path order, as sorted(tf.io.gfile.walk(...)) lists them.
-    for path, images in sorted(folders, key=lambda f: f[0]):
-      found.extend((os.path.join(path, n), label, r, l) for n, r, l in images)
-
-  # Each real file once: an entry that is not a link beats links to the same file (it keeps
-  # its own folder's label); among links the first listed wins.
-  owner: dict[str, int] = {}
-  for i, (_, _, real, is_link) in enumerate(found):
-    j = owner.get(real)
-    if j is None or (found[j][3] and not is_link):
-      owner[real] = i
-  for i, (path, label, real, _) in enumerate(found):
-    if owner[real] == i:
-      listing.files.append(path)
-      listing.labels.append(label)
-    else:
-      listing.duplicates.append(f"{path} (also {found[owner[real]][0]})")
   return listing
 
 
@@ -582,7 +420,7 @@ def _gone_bad_error(name: str, split: str, files: list[str],
   what = [f"{f} ({_file_problem(f, good)})" for f, good in zip(bad[:3], ok)]
   more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
   return errors.DataError(
-      f"{name!r} split {split!r}: {_plural(len(bad), 'file', 'files')} that passed the "
+      f"{name!r} split {split!r}: {folders.plural(len(bad), 'file', 'files')} that passed the "
       f"start-up check could not be read: {', '.join(what)}{more}",
       hint="restore the file(s) and resume. Removing them changes the examples of every "
       "epoch (the folder is listed and checked once, when the run starts), so a resumed "

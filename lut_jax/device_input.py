@@ -2,7 +2,7 @@
 memory and a jitted function of ``(seed, step)`` makes each batch's two views there.
 
 For data sets that fit in device memory (Fashion-MNIST, MNIST-like idx files, CIFAR-sized
-tfds splits): the images are decoded once to uint8, placed on every device of the mesh, and
+tfds splits, small local image folders): the images are decoded once to uint8, placed on every device of the mesh, and
 each step gathers its examples and builds both views without the host: no tf.data, no
 TensorFlow, no per-step host work beyond dispatching one call.
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from typing import Any, Iterator
 
@@ -44,7 +45,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from lut_jax import device_augment, errors, idx, sharding
+from lut_jax import device_augment, errors, folders, idx, sharding
 
 BACKENDS = ("tfdata", "device")
 PADDING = 4  # reflect padding before the random crop (reference: RandomCrop(padding=4))
@@ -120,6 +121,68 @@ def _fashion_mnist(split: str, data_dir: str | None) -> Split:
                f"Fashion-MNIST idx files in {idx_dir} ({split})")
 
 
+def _resize_one(image: Any, size: int) -> Any:
+  """A PIL image -> shorter side ``size`` (bicubic; pillow antialiases when shrinking), then
+  the centre ``size x size`` crop: :func:`_resize`'s arithmetic, for images of any size."""
+  from PIL import Image  # local: only folders need it
+
+  width, height = image.size
+  if (height, width) == (size, size):
+    return image
+  scale = size / min(height, width)
+  new_h, new_w = max(size, int(height * scale)), max(size, int(width * scale))
+  top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+  return image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop(
+      (left, top, left + size, top + size))
+
+
+def _folder(name: str, split: str, image_size: int) -> Split:
+  """A local image folder (``<folder>/<class>/**/<image>``, or ``<folder>/<split>/<class>/...``
+  when a sub-folder named like the split exists, as on the tf.data path), decoded with
+  pillow, each image resized at load time (shorter side to ``image_size``, bicubic, centre
+  crop). Files that do not decode are skipped with one warning."""
+  from PIL import Image  # local: only folders need it
+
+  root = name[len(folders.FOLDER_PREFIX):]
+  if not os.path.isdir(root):
+    raise errors.DataNotFoundError(
+        f"{name!r}: {root!r} is not a local directory",
+        hint="expected folder:<folder> with <folder>/<class>/<image>; folders on object "
+             "stores (gs://) need input.backend='tfdata'")
+  base = split.split("[")[0]
+  if os.path.isdir(os.path.join(root, base)):
+    root = os.path.join(root, base)
+  elif base != "train":
+    logging.warning("%s: no sub-folder %r; using the whole folder as split %r", name, base,
+                    split)
+  listing = folders.list_local_folder(root)
+  listing.warn(name)
+  _, start, stop = slice_split(split, {base: len(listing.files)})
+  images, labels, skipped, grey = [], [], [], True
+  for path, label in zip(listing.files[start:stop], listing.labels[start:stop]):
+    try:
+      with Image.open(path) as im:
+        grey = grey and im.mode in ("1", "L", "I", "I;16")
+        fitted = _resize_one(im.convert("RGB"), image_size)
+    except (OSError, ValueError, Image.DecompressionBombError):
+      skipped.append(path)
+      continue
+    images.append(np.asarray(fitted, np.uint8))
+    labels.append(label)
+  if skipped:
+    logging.warning("%s: skipped %d files that cannot be decoded as images, e.g. %s", name,
+                    len(skipped), skipped[:3])
+  if not images:
+    raise errors.DataNotFoundError(
+        f"{name!r} split {split!r}: no decodable images in class sub-folders of {root}",
+        hint="expected <folder>/<class>/<image> (or <folder>/<split>/<class>/<image>)")
+  stacked = np.stack(images)
+  if grey:  # every file was single-channel: keep one channel (views add the rest)
+    stacked = stacked[..., :1]
+  return Split(stacked, np.asarray(labels, np.int32),
+               f"image folder {root} ({len(listing.classes)} classes, {split})")
+
+
 def _tfds(name: str, split: str, data_dir: str | None) -> Split:
   """Any prepared tfds split in a random-access format, read without TensorFlow."""
   try:
@@ -160,16 +223,17 @@ def _load_split(dataset: str, split: str, data_dir: str | None, image_size: int,
   ``image_size``, with the stored channels (1 for grey sources; views add the rest).
 
   Raises:
-    errors.DataError: an unknown split, a source the device path cannot read (folders,
-      tfds data sets without random access, images of several sizes).
+    errors.DataError: an unknown split, a source the device path cannot read (folders on
+      object stores, tfds data sets without random access or with images of several
+      sizes).
     errors.DataNotFoundError: the data set is not on this machine.
   """
-  if dataset.startswith("folder:"):
-    raise errors.DataError(
-        f"input.backend='device' does not read image folders ({dataset}) yet",
-        hint="use input.backend='tfdata' for folder: data sets")
-  data = (_fashion_mnist(split, data_dir) if dataset == "fashion_mnist"
-          else _tfds(dataset, split, data_dir))
+  if dataset.startswith(folders.FOLDER_PREFIX):
+    data = _folder(dataset, split, image_size)
+  elif dataset == "fashion_mnist":
+    data = _fashion_mnist(split, data_dir)
+  else:
+    data = _tfds(dataset, split, data_dir)
   if data.num_examples == 0:
     raise errors.DataError(f"{dataset!r} split {split!r} selects no examples")
   if data.images.ndim == 3:

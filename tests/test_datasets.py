@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from lut_jax import datasets
+from lut_jax import folders
 from lut_jax import errors
 from lut_jax import idx
 from lut_jax import input_pipeline
@@ -154,7 +155,7 @@ def test_a_folder_without_links_is_listed_in_the_same_order_as_through_gfile(tmp
     _write_pngs(os.path.join(root, "cats", sub), "cats", 1, start=len(sub))
   _write_pngs(os.path.join(root, "dogs", "x", "y"), "dogs", 2, start=5)
   (tmp_path / "data" / "fish" / "readme.txt").write_text("not an image")
-  local, gfile = datasets._list_local_folder(root), datasets._list_folder(root)
+  local, gfile = folders.list_local_folder(root), datasets._list_folder(root)
   assert (local.classes, local.files, local.labels) == (
       gfile.classes, gfile.files, gfile.labels)
   assert len(local.files) == 6 + 6 + 2

@@ -146,8 +146,54 @@ def test_load_split_resizes_once_and_checks_the_split():
   assert np.abs(split.images.astype(float) - np.clip(np.rint(want), 0, 255)).max() <= 2
   with pytest.raises(errors.DataError, match="bad split"):
     device_input.load_split(_input(), "validation")
-  with pytest.raises(errors.DataError, match="folder"):
-    device_input.load_split(_input(dataset="folder:/tmp"))
+  with pytest.raises(errors.DataNotFoundError, match="not a local directory"):
+    device_input.load_split(_input(dataset="folder:/no/such/folder"))
+
+
+def test_image_folders_load_like_the_tfdata_path(tmp_path):
+  """A class folder on the device path: the tf.data path's examples and labels in its
+  order, undecodable files skipped, each image resized once (shorter side, bicubic, centre
+  crop) close to TensorFlow's resize of the same file; grey folders keep one channel."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from lut_jax import datasets  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  smooth = lambda h, w: np.clip(  # noqa: E731  resizing is compared on smooth images
+      tf.image.resize(rng.integers(0, 256, (h // 4, w // 4, 3)).astype(np.float32), (h, w),
+                      "bilinear").numpy(), 0, 255).astype(np.uint8)
+  root = tmp_path / "data" / "train"
+  for cls, sizes in (("cat", [(16, 16), (24, 40)]), ("dog", [(32, 20), (16, 16), (48, 48)])):
+    (root / cls).mkdir(parents=True)
+    for i, (h, w) in enumerate(sizes):
+      Image.fromarray(smooth(h, w)).save(root / cls / f"{i}.png")
+  (root / "dog" / "broken.png").write_bytes(b"not a png")
+  dataset = f"folder:{tmp_path / 'data'}"
+  split = device_input.load_split(_input(dataset=dataset, image_size=16))
+  assert split.images.shape == (5, 16, 16, 3) and split.images.dtype == np.uint8
+  reference = datasets.get_source(dataset, "train")
+  share = reference.share(0, 1)
+  elements = [jax.tree.map(lambda t: t.numpy(), share.read(tf.constant(i, tf.int64)))
+              for i in range(share.num_examples)]
+  np.testing.assert_array_equal(split.labels, [e["label"] for e in elements])
+  assert list(split.labels) == [0, 0, 1, 1, 1]
+  for image, element in zip(split.images, elements):
+    decoded = augment.decode(tf.constant(element["image"]), 3).numpy() * 255
+    h, w = decoded.shape[:2]
+    scale = 16 / min(h, w)
+    new_h, new_w = max(16, int(h * scale)), max(16, int(w * scale))
+    want = tf.image.resize(decoded, (new_h, new_w), "bicubic", antialias=True).numpy()
+    top, left = round((new_h - 16) / 2), round((new_w - 16) / 2)
+    want = np.clip(np.rint(want[top:top + 16, left:left + 16]), 0, 255)
+    if (h, w) == (16, 16):
+      np.testing.assert_array_equal(image, np.rint(decoded))  # no resize: the file's pixels
+    assert np.abs(image.astype(float) - want).mean() < 0.5  # pillow vs TF bicubic
+  grey = tmp_path / "grey"
+  (grey / "a").mkdir(parents=True)
+  Image.fromarray(smooth(16, 16)[..., 0]).save(grey / "a" / "0.png")
+  assert device_input.load_split(_input(dataset=f"folder:{grey}", image_size=16)).images.shape \
+      == (1, 16, 16, 1)
+  with pytest.raises(errors.DataNotFoundError, match="no decodable images"):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    device_input.load_split(_input(dataset=f"folder:{tmp_path / 'empty'}", image_size=16))
 
 
 @needs_fashion_mnist
