@@ -281,3 +281,39 @@ def test_evaluation_files_round_trip_through_a_non_local_file_system(memory_fs):
   features.check_resume_key(checkpoints, "linear_probe", {"split": "train"})  # same: resumes
   with pytest.raises(errors.WorkdirError, match="a different split"):
     features.check_resume_key(checkpoints, "linear_probe", {"split": "test"})
+
+
+def test_hub_push_uploads_the_timm_folder_that_hf_hub_reads_back(tmp_path, monkeypatch):
+  """``lut-export --hub_repo`` uploads model.safetensors + config.json only; reading the
+  repository back as ``hf-hub:org/name`` gives the exported encoder bit-exactly. The Hub is
+  a local stand-in for ``HfApi`` and ``hf_hub_download`` (no network)."""
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+  hub = tmp_path / "hub"
+  calls = []
+
+  class FakeApi:
+    def create_repo(self, repo_id, *, private, exist_ok):
+      calls.append(("create", repo_id, private, exist_ok))
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns, commit_message):
+      del commit_message
+      calls.append(("upload", repo_id))
+      for name in os.listdir(folder_path):
+        if name in allow_patterns:
+          (hub / repo_id).mkdir(parents=True, exist_ok=True)
+          (hub / repo_id / name).write_bytes(open(os.path.join(folder_path, name), "rb").read())
+
+  monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                      lambda repo_id, filename, **_: str(hub / repo_id / filename))
+  workdir = str(tmp_path / "run")
+  state = make_pretraining_workdir(workdir)
+  written = export.export(workdir, str(tmp_path / "out"))
+  name = export.push_to_hub(os.path.dirname(written["timm"]), "org/tiny")
+  assert name == "hf-hub:org/tiny"
+  assert calls == [("create", "org/tiny", True, True), ("upload", "org/tiny")]
+  assert sorted(os.listdir(hub / "org" / "tiny")) == ["config.json", "model.safetensors"]
+  loaded = features.load_pretrained(name)
+  _assert_bit_exact(jax.device_get(state.params["encoder"]), loaded.params)
+  with pytest.raises(errors.UserError, match="no timm folder"):
+    export.push_to_hub(written["encoder"] + "/params", "org/tiny")

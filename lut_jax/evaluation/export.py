@@ -1,7 +1,8 @@
 r"""Exports the online encoder of a pre-training run for downstream use.
 
   lut-export --workdir=runs/fashion_mnist \
-      [--step=600] [--out=runs/fashion_mnist/encoder] [--timm=safetensors|pth|npz|none]
+      [--step=600] [--out=runs/fashion_mnist/encoder] [--timm=safetensors|pth|npz|none] \
+      [--hub_repo=org/name]
 
 (or ``python -m lut_jax.evaluation.export``).
 
@@ -17,7 +18,9 @@ Writes, into ``--out`` (default ``<workdir>/encoder``):
   ``timm.create_model("local-dir:" + out, pretrained=True)`` builds it and loads the
   weights strictly, and its ``forward_features`` are our encoder's tokens (its
   ``forward``, with ``global_pool="token"``, the ``cls`` feature). Upload the folder to
-  the Hub and ``hf-hub:org/name`` does the same;
+  the Hub (``--hub_repo=org/name`` does it, with ``huggingface_hub`` installed and a
+  token from ``huggingface-cli login`` or ``HF_TOKEN``) and ``hf-hub:org/name`` does the
+  same;
 * or, with ``--timm=pth`` (torch needed) / ``--timm=npz``, the state dict alone as
   ``timm_vit.pth`` / ``timm_vit.npz``, with the ``VisionTransformer`` kwargs in
   ``timm_kwargs.json``.
@@ -178,6 +181,26 @@ def export(path: str, out_dir: Optional[str] = None, *, step: Optional[int] = No
   return written
 
 
+def push_to_hub(folder: str, repo_id: str, *, private: bool = True) -> str:
+  """Uploads the timm folder ``folder`` (``model.safetensors`` + ``config.json``) to the
+  Hugging Face Hub repository ``repo_id`` (created if needed, private by default); returns
+  its ``hf-hub:`` name, which ``timm.create_model`` and ``--config.pretrained`` read."""
+  errors.require("huggingface_hub", purpose="--hub_repo (uploading to the Hugging Face Hub)",
+                 extra="torch")
+  import huggingface_hub  # pylint: disable=g-import-not-at-top (optional dependency)
+
+  names = (checkpointing.TIMM_WEIGHTS_FILE, checkpointing.TIMM_CONFIG_FILE)
+  if not all((epath.Path(folder) / name).is_file() for name in names):
+    raise errors.UserError(f"{folder}: no timm folder ({' + '.join(names)}) to upload",
+                           hint="export with --timm=safetensors")
+  api = huggingface_hub.HfApi()
+  api.create_repo(repo_id, private=private, exist_ok=True)
+  # Only the timm files: the Orbax copy beside them is for lut_jax, not for the Hub.
+  api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(names),
+                    commit_message="Upload a lut_jax encoder (timm VisionTransformer)")
+  return checkpointing.HF_HUB_PREFIX + repo_id
+
+
 def check_source(path: str) -> Optional[str]:
   """The directory of the run or exported encoder ``path`` names (see
   :func:`lut_jax.checkpointing.locate_pretrained`), None for weights to convert (a timm
@@ -237,8 +260,14 @@ def main(argv: list[str]) -> None:
                            hint="every option is a --flag=value; see --help")
   flag_values = flags.FLAGS
   step = flag_values.step if flag_values.step >= 0 else None
+  if flag_values.hub_repo and flag_values.timm != "safetensors":
+    raise errors.ConfigError("--hub_repo uploads the timm folder: it needs "
+                             f"--timm=safetensors, not {flag_values.timm!r}")
   written = export(flag_values.workdir, flag_values.out, step=step,
                    timm_format=flag_values.timm)
+  if flag_values.hub_repo:
+    written["hub"] = push_to_hub(os.path.dirname(written["timm"]), flag_values.hub_repo,
+                                 private=not flag_values.hub_public)
   for kind, where in written.items():
     print(f"{kind}: {where}")
 
@@ -254,6 +283,10 @@ def _define_flags() -> None:
                     "timm copy: safetensors (model.safetensors + config.json, the folder "
                     "timm's local-dir: and the Hugging Face Hub read), pth (torch), npz "
                     "or none.")
+  flags.DEFINE_string("hub_repo", None, "Also upload the timm folder to this Hugging Face "
+                      "Hub repository (org/name); needs huggingface_hub and a token.")
+  flags.DEFINE_bool("hub_public", False, "Create the Hub repository public (default: "
+                    "private).")
   flags.mark_flags_as_required(["workdir"])
 
 
