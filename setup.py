@@ -19,7 +19,9 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",  # its metrics only; its writers need TensorFlow ([data])
     "numpy>=1.26",
     "absl-py>=1.0",  # flags and logging of every command line
-    "etils[epath]>=1.7",  # local and gs:// paths alike (1.7: mkdir(mode=), which Orbax uses)
+    # local and gs:// paths alike; 1.13: Path.is_file() is False for a missing file (before,
+    # "not a directory"), which the pre-trained weights locator relies on.
+    "etils[epath]>=1.13",
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "safetensors>=0.4",  # the torch-free timm / Hugging Face export (lut-export)
     "pillow>=10",  # PNG images in the TensorBoard files

@@ -1,83 +1,149 @@
 """Shared fields and checks of the evaluation configs (``configs/knn.py``,
-``configs/linear_probe.py``, ``configs/finetune.py``).
+``configs/linear_probe.py``, ``configs/finetune.py``, ``configs/robustness.py``).
 
-Every evaluation reads the pre-trained encoder from ``config.pretrained`` (a pre-training
-work directory, an exported encoder, or converted weights: a PyTorch or safetensors
-checkpoint, a timm folder, ``hf-hub:org/name``; see
+Every evaluation but robustness reads the pre-trained encoder from ``config.pretrained`` (a
+pre-training work directory, an exported encoder, or converted weights: a PyTorch or
+safetensors checkpoint, a timm folder, ``hf-hub:org/name``; see
 ``lut_jax.evaluation.features.load_pretrained``) and a labelled dataset from
 ``config.input``. Image size and channels default to the encoder's (``-1``), so a
-Fashion-MNIST run needs nothing but the path.
+Fashion-MNIST run needs nothing but the path. Robustness evaluates a fine-tuned classifier
+on ImageNet's shifted test sets instead (``configs/robustness.py``).
+
+The dataset is a preset name (:data:`PRESETS`: ``configs/finetune.py:dataset=cub``), any
+tfds image-classification dataset as ``tfds:NAME``, or an image folder as ``folder:PATH``
+(see :func:`dataset_preset`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
 
 import ml_collections
 
-from lut_jax import errors
+from lut_jax import errors, folders
 
-MODES = ("knn", "linear_probe", "finetune")
-DATASETS = ("fashion_mnist", "imagenet")
+MODES = ("knn", "linear_probe", "finetune", "robustness", "segmentation")
 
 
 class EvalConfigError(errors.ConfigError):
   """An evaluation config value is invalid; the message names the field."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetPreset:
+  """Where a labelled dataset comes from (``config.input.dataset``: a tfds name or
+  ``folder:PATH``), the train / eval splits of its usual protocol, and its eval crop."""
+
+  source: str
+  train_split: str
+  eval_split: str
+  crop_pct: float = 224 / 256  # ImageNet's eval view: shorter side to S / 0.875, centre crop
+
+
+# Datasets by short name. iNaturalist and the fine-grained (FGVC) sets are the transfer sets
+# of the MAE / LUT protocol; the names, splits and label spaces are tfds's.
+PRESETS = {
+    # Fashion-MNIST's pre-training views are not rescaled, so its eval images are neither.
+    "fashion_mnist": DatasetPreset("fashion_mnist", "train", "test", crop_pct=1.0),
+    "imagenet": DatasetPreset("imagenet2012", "train", "validation"),
+    # iNaturalist's test split has no labels: its validation split is the benchmark's.
+    "inat17": DatasetPreset("i_naturalist2017", "train", "validation"),
+    "inat18": DatasetPreset("i_naturalist2018", "train", "validation"),
+    "cub": DatasetPreset("caltech_birds2011", "train", "test"),
+    # Flowers-102 is trained on its train and validation splits together (2 x 1,020 images)
+    # and tested on the 6,149 test images, as in the usual transfer protocol.
+    "flowers": DatasetPreset("oxford_flowers102", "train+validation", "test"),
+    "pets": DatasetPreset("oxford_iiit_pet", "train", "test"),  # tfds's train: the trainval list
+    "dogs": DatasetPreset("stanford_dogs", "train", "test"),
+    "cars": DatasetPreset("cars196", "train", "test"),
+}
+DATASETS = tuple(PRESETS)
+TFDS_PREFIX = "tfds:"
+
+
+def dataset_preset(dataset: str) -> DatasetPreset:
+  """The preset of ``dataset``: a name of :data:`PRESETS`, ``tfds:NAME`` (any prepared tfds
+  image-classification dataset; splits ``train`` / ``test``, tfds's usual names) or
+  ``folder:PATH`` (``PATH/train/<class>/...`` and ``PATH/val/<class>/...``, the ImageNet
+  folder layout). Splits of the last two are overridden with ``--config.input.*_split``."""
+  if dataset in PRESETS:
+    return PRESETS[dataset]
+  if dataset.startswith(TFDS_PREFIX) and len(dataset) > len(TFDS_PREFIX):
+    return DatasetPreset(dataset[len(TFDS_PREFIX):], "train", "test")
+  if dataset.startswith(folders.FOLDER_PREFIX) and len(dataset) > len(folders.FOLDER_PREFIX):
+    return DatasetPreset(dataset, "train", "val")
+  raise EvalConfigError(f"unknown dataset {dataset!r}; expected one of {DATASETS}, "
+                        f"{TFDS_PREFIX}NAME (a tfds dataset) or {folders.FOLDER_PREFIX}PATH "
+                        "(an image folder)")
+
+
 def base_config(mode: str, dataset: str = "fashion_mnist") -> ml_collections.ConfigDict:
-  """Fields common to every evaluation mode, with ``dataset``'s defaults."""
+  """Fields common to every evaluation mode, with ``dataset``'s defaults
+  (:func:`dataset_preset`).
+
+  Robustness reads a fine-tuned classifier and its own datasets (``configs/robustness.py``):
+  its config has no encoder fields and no dataset or training split in ``input``.
+  """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-  if dataset not in DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+  preset = dataset_preset(dataset)
+  reads_encoder = mode != "robustness"
   c = ml_collections.ConfigDict()
   c.mode = mode
-  # Pre-training workdir (its online encoder) or an exported encoder directory.
-  c.pretrained = ""
-  c.pretrained_step = -1  # pre-training checkpoint step; -1: the latest
+  if reads_encoder:
+    # Pre-training workdir (its online encoder) or an exported encoder directory.
+    c.pretrained = ""
+    c.pretrained_step = -1  # pre-training checkpoint step; -1: the latest
+    c.num_classes = -1  # -1: from the dataset (or the largest label + 1)
+    c.cache_features = True  # kNN / linear probe: keep extracted features in workdir/features
   c.seed = 0
-  c.num_classes = -1  # -1: from the dataset (or the largest label + 1)
-  c.cache_features = True  # kNN / linear probe: keep extracted features in workdir/features
 
   c.input = ml_collections.ConfigDict()
-  c.input.dataset = "fashion_mnist" if dataset == "fashion_mnist" else "imagenet2012"
+  if reads_encoder:
+    c.input.dataset = preset.source
+    c.input.train_split = preset.train_split
+    c.input.eval_split = preset.eval_split
   c.input.data_dir = ml_collections.config_dict.placeholder(str)
-  c.input.train_split = "train"
-  c.input.eval_split = "test" if dataset == "fashion_mnist" else "validation"
   c.input.image_size = -1  # -1: the pre-trained encoder's image size
   c.input.channels = -1  # -1: the pre-trained encoder's input channels
-  # Eval resize: shorter side to int(S / crop_pct), then centre crop S. Fashion-MNIST's
-  # pre-training views are not rescaled, so its eval images are neither (1.0); ImageNet
-  # uses the reference's 224/256.
-  c.input.crop_pct = 1.0 if dataset == "fashion_mnist" else 224 / 256
+  # Eval resize: shorter side to int(S / crop_pct), then centre crop S.
+  c.input.crop_pct = preset.crop_pct
   c.input.eval_batch_size = 256  # feature extraction / evaluation batch (global)
   c.input.num_parallel_calls = -1
   c.input.prefetch = 2
-  c.input.shuffle_buffer = 10_000
+  if reads_encoder:
+    c.input.shuffle_buffer = 10_000
   return c
 
 
-def input_config(config: ml_collections.ConfigDict, pretrained: Any,
-                 *, image_size: Optional[int] = None) -> ml_collections.ConfigDict:
-  """The ``config.input`` block the input pipeline reads, with ``-1`` fields resolved
-  from the pre-trained encoder (``features.PretrainedEncoder``)."""
+def input_config(config: ml_collections.ConfigDict, pretrained: Any = None, *,
+                 image_size: Optional[int] = None, channels: Optional[int] = None,
+                 dataset: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The ``config.input`` block the input pipeline reads, with ``-1`` fields resolved.
+
+  Image size and channels come from the arguments when given (a fine-tuned classifier's),
+  else from ``config.input``, else from the pre-trained encoder
+  (``features.PretrainedEncoder``); ``dataset`` replaces ``config.input.dataset`` (the
+  robustness sets, read one after the other).
+  """
   size = image_size or config.input.image_size
   if size is None or size <= 0:
     size = pretrained.config["image_size"]
-  channels = config.input.channels if config.input.channels > 0 else pretrained.channels
+  if not channels:
+    channels = config.input.channels if config.input.channels > 0 else pretrained.channels
   c = ml_collections.ConfigDict()
-  c.dataset = config.input.dataset
+  c.dataset = dataset or config.input.dataset
   c.data_dir = config.input.data_dir
-  c.split = config.input.train_split
+  c.split = config.input.get("train_split", "")
   c.image_size = int(size)
   c.channels = int(channels)
   c.batch_size = config.input.eval_batch_size
   c.num_parallel_calls = config.input.num_parallel_calls
   c.prefetch = config.input.prefetch
-  c.shuffle_buffer = config.input.shuffle_buffer
+  c.shuffle_buffer = config.input.get("shuffle_buffer", 0)
   return c
 
 
@@ -105,13 +171,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if config.mode not in MODES:
     fail(f"unknown mode {config.mode!r}; expected one of {MODES}")
-  if not config.pretrained:
-    fail("set --config.pretrained to a pre-training workdir, an exported encoder directory, "
-         "a timm folder, a PyTorch or safetensors checkpoint, or hf-hub:org/name")
-  # Told apart where every loader tells them apart: a missing path or one that is none of
-  # these fails here, before the work directory is touched.
-  from lut_jax import checkpointing  # pylint: disable=g-import-not-at-top (imports JAX)
-  checkpointing.locate_pretrained(config.pretrained)
+  # Robustness reads a fine-tuned classifier, not an encoder: its hook below checks it.
+  if config.mode != "robustness":
+    if not config.pretrained:
+      fail("set --config.pretrained to a pre-training workdir, an exported encoder directory, "
+           "a timm folder, a PyTorch or safetensors checkpoint, or hf-hub:org/name")
+    # Told apart where every loader tells them apart: a missing path or one that is none of
+    # these fails here, before the work directory is touched.
+    from lut_jax import checkpointing  # pylint: disable=g-import-not-at-top (imports JAX)
+    checkpointing.locate_pretrained(config.pretrained)
   if config.input.eval_batch_size <= 0:
     fail(f"input.eval_batch_size must be positive, got {config.input.eval_batch_size}")
   if config.mode == "knn":
@@ -139,6 +207,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"finetune.batch_size must be even, got {ft.batch_size}")
     if not 0 <= ft.label_smoothing < 1:
       fail(f"finetune.label_smoothing must be in [0, 1), got {ft.label_smoothing}")
+  if config.mode == "robustness":
+    from lut_jax.evaluation import robustness  # pylint: disable=g-import-not-at-top
+    robustness.validate_config(config, fail)
+  if config.mode == "segmentation":
+    from lut_jax.evaluation import segmentation  # pylint: disable=g-import-not-at-top
+    segmentation.validate_config(config, fail)
 
 
 def _check_pools(pools: str, name: str, fail) -> None:
@@ -161,11 +235,11 @@ def write_results(workdir: str, name: str, results: dict[str, Any],
   input keys) is stored under ``"source"`` beside the metrics, so that a reader can tell
   which encoder produced them.
   """
-  path = os.path.join(workdir, f"{name}_results.json")
+  from etils import epath  # local: keep config files light at import
   import jax  # local: keep config files free of jax at import
+  path = epath.Path(workdir) / f"{name}_results.json"
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump({**results, "source": source} if source else results, f, indent=2,
-                sort_keys=True)
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**results, "source": source} if source else results,
+                               indent=2, sort_keys=True))
+  return os.fspath(path)
