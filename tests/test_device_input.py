@@ -223,3 +223,19 @@ def test_device_augment_with_the_device_backend_is_a_config_error():
     device_input.check_backend(_input(device_augment=True))
   with pytest.raises(errors.ConfigError, match="backend"):
     device_input.check_backend(_input(backend="gpu"))
+
+
+def test_tfds_splits_load_through_the_data_source_route():
+  """Any fixed-size tfds split reaches the device path through ``tfds.data_source``
+  (array_record, no TensorFlow ops): tfds' own records and labels (slicing is tfds' own;
+  its mock ignores it)."""
+  device_input._load_split.cache_clear()  # pylint: disable=protected-access
+  with tfds.testing.mock_data(num_examples=12):
+    records = tfds.data_source("mnist", split="train")
+    want = np.stack([records[i]["image"] for i in range(len(records))])
+    labels = [records[i]["label"] for i in range(len(records))]
+    split = device_input.load_split(_input(dataset="mnist", image_size=28))
+  assert "tfds.data_source" in split.description
+  np.testing.assert_array_equal(split.images, want)
+  np.testing.assert_array_equal(split.labels, labels)
+  device_input._load_split.cache_clear()  # pylint: disable=protected-access
