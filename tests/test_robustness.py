@@ -15,7 +15,7 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import robustness as robustness_config
-from lut_jax import errors, models
+from lut_jax import config_lib, errors, models
 from lut_jax.evaluation import eval_config, features, finetune, robustness
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -177,13 +177,7 @@ def _config(finetuned_dir, data_dir, **overrides):
   config.finetuned = finetuned_dir
   config.input.data_dir = data_dir
   config.input.eval_batch_size = 8
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
+  return config_lib.override(config, overrides)
 
 
 def test_config_builds_and_validates(finetuned_dir, tmp_path):
