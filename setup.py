@@ -39,6 +39,8 @@ EXTRAS_REQUIRE = {
         # tfds' dataset builders (download_and_prepare) need it on Python 3.11 via etils.
         "importlib_resources>=6",
         "pillow>=10",
+        # The photos behind the small segmentation task (configs/segmentation.py's default).
+        "scikit-image>=0.22",
     ],
     "analysis": ["matplotlib>=3.8", "pillow>=10"],  # lut-analyze's figures
     # Reading PyTorch checkpoints (.pth) and the timm comparisons.
@@ -49,7 +51,6 @@ EXTRAS_REQUIRE["test"] = [
     "pytest>=8",
     "pytest-xdist>=3.5",
     "chex>=0.1.87",
-    "scikit-image>=0.22",
     # PyTorch references for parity tests only; never imported by the core.
     # torchvision from PyPI loads only beside this torch build on these machines.
     "torch==2.14.1",

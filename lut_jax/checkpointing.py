@@ -187,6 +187,17 @@ class Checkpointer:
         f"no checkpoint in {self.directory} restores: " + "; ".join(failures),
         hint="use a new --workdir, or repair the checkpoints (nothing was deleted)")
 
+  def restore_or_init(self, init_fn: Any, key: Any, shardings: Any, *, name: str) -> Any:
+    """The newest intact step (:meth:`restore_newest_intact`), else ``init_fn(key)``
+    compiled with ``shardings``; for a ``train_state`` whose ``tx`` is static (it is taken
+    from ``init_fn``'s abstract state). ``name`` says which loop resumed, in the log."""
+    abstract = jax.eval_shape(init_fn, key)
+    if self.latest_step() is None:
+      return jax.jit(init_fn, out_shardings=shardings)(key)
+    state, step = self.restore_newest_intact(abstract_like(abstract, shardings))
+    logging.info("%s: resumed at step %d", name, step)
+    return state.replace(tx=abstract.tx)
+
   def _move_damaged_aside(self, steps: list[int]) -> None:
     if jax.process_index() == 0:
       root = epath.Path(self.directory)

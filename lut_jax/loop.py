@@ -9,9 +9,10 @@ TensorFlow-free (CLU's metrics, not its writers).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -158,3 +159,52 @@ class PreemptionGuard:
     """Whether to save and stop after ``step``; once true, it stays true."""
     self.requested = self.requested or self._ckpt.reached_preemption(step)
     return self.requested
+
+
+@dataclasses.dataclass
+class SupervisedRun:
+  """What :func:`train_evaluate_save` returns: the final state, the last evaluation, the
+  last step done, and whether a preemption stopped the run there."""
+
+  state: Any
+  last: dict[str, float]
+  done: int
+  stopped: bool
+
+
+def train_evaluate_save(*, name: str, state: Any, train_step: Callable, train_iter: Any,
+                        step_key: jax.Array, start_step: int, total_steps: int,
+                        eval_every: int, log_every: int, interval: Interval, writer: Any,
+                        checkpointer: checkpointing.Checkpointer,
+                        evaluate: Callable[[Any], dict[str, float]], best_metric: str,
+                        report: Optional[Callable[[int], Any]] = None) -> SupervisedRun:
+  """The loop of the supervised protocols (fine-tuning, segmentation): steps keyed by
+  ``fold_in(step_key, step)``; metrics read (so the non-finite guard runs) every
+  ``log_every`` steps and before every save; every ``eval_every`` steps, at the end and
+  on preemption an evaluation (``evaluate(state)``), logged and saved with the checkpoint
+  ranked by ``best_metric``. A run resumed after its end evaluates the restored state."""
+  last, done, stopped = {}, start_step, False
+  with PreemptionGuard(checkpointer) as preemption:
+    for step in range(start_step, total_steps):
+      batch = next(train_iter)
+      state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]},
+                                  jax.random.fold_in(step_key, step))
+      interval.add(metrics)
+      done = step + 1
+      if report is not None:
+        report(done)
+      stopped = preemption.stop(done)
+      save = done % eval_every == 0 or done == total_steps or stopped
+      if done % log_every == 0 or save:  # every save is guarded
+        writer.write_scalars(done, {f"train/{k}": v for k, v in interval.read(done).items()})
+      if save:
+        last = evaluate(state)
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in last.items()})
+        logging.info("%s step %d/%d: %s", name, done, total_steps, last)
+        checkpointer.save(done, state, force=True, metrics={best_metric: last[best_metric]})
+      if stopped:
+        logging.warning("%s stopped for preemption at step %d; rerun to resume", name, done)
+        break
+  if not last:  # resumed after the end: evaluate the restored state
+    last = evaluate(state)
+  return SupervisedRun(state, last, done, stopped)

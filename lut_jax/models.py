@@ -13,7 +13,7 @@ so a forward pass is a deterministic function of parameters, images and indices.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -262,17 +262,24 @@ def block_stack(num_blocks: int, prefix: str, *, remat: bool,
 
 
 def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool, *,
-                 attention_impl: Optional[str]) -> jax.Array:
-  """Runs ``blocks`` on ``(batch, tokens, width)``. Where the attention kernel needs an
-  even length (cuDNN), the sequence is padded once for the whole stack and the padding
-  token is masked out of every attention, instead of padding q, k and v in every layer
-  (memory-bound copies in every layer; docs/benchmarks.md)."""
+                 attention_impl: Optional[str], outputs_of: Sequence[int] = ()
+                 ) -> Union[jax.Array, list[jax.Array]]:
+  """Runs ``blocks`` on ``(batch, tokens, width)``; returns the last block's output, or with
+  ``outputs_of`` the outputs of those blocks (0-based, in that order). Where the attention
+  kernel needs an even length (cuDNN), the sequence is padded once for the whole stack and
+  the padding token is masked out of every attention, instead of padding q, k and v in
+  every layer (memory-bound copies in every layer; docs/benchmarks.md)."""
   length = x.shape[1]
   pad = attention_padding(length, attention_impl)
   if pad:
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-  for block in blocks:
+  outputs = {}
+  for i, block in enumerate(blocks):
     x = block(x, deterministic, length if pad else None)
+    if i in outputs_of:
+      outputs[i] = x[:, :length] if pad else x
+  if outputs_of:
+    return [outputs[i] for i in outputs_of]
   return x[:, :length] if pad else x
 
 
@@ -299,6 +306,8 @@ class Encoder(nn.Module):
   encodes every patch (the teacher, evaluation). Returns ``(batch, 1 + kept, width)``
   tokens, cls first. ``final_norm=False`` skips the last LayerNorm (MAE's global-pool
   fine-tuning normalises the pooled token instead); ``drop_path_rate`` is for fine-tuning.
+  ``output_blocks`` (0-based block indices; segmentation's multi-level features) returns
+  the tokens after each of those blocks instead, a list, without the final LayerNorm.
   """
 
   image_size: int
@@ -312,10 +321,11 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
+  output_blocks: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, images: jax.Array, keep_ids: Optional[jax.Array] = None,
-               *, deterministic: bool = True) -> jax.Array:
+               *, deterministic: bool = True) -> Union[jax.Array, list[jax.Array]]:
     if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"encoder expects NHWC images of {self.image_size}x{self.image_size} "
                        f"pixels, got shape {images.shape}")
@@ -333,8 +343,9 @@ class Encoder(nn.Module):
     blocks = block_stack(self.depth, "blocks", remat=self.remat, drop_path=rates,
                          num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                          dtype=self.dtype, attention_impl=self.attention_impl)
-    x = apply_blocks(blocks, x, deterministic, attention_impl=self.attention_impl)
-    if not self.final_norm:
+    x = apply_blocks(blocks, x, deterministic, attention_impl=self.attention_impl,
+                     outputs_of=self.output_blocks)
+    if not self.final_norm or self.output_blocks:
       return x
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
 

@@ -113,9 +113,20 @@ def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
   images = jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
   # jit: fast when called eagerly, inlined when called under an outer jit.
   params = jax.jit(functools.partial(model.init, train=False))(key, images)["params"]
-  target = traverse_util.flatten_dict(params["encoder"])
+  return {**params, "encoder": copy_pretrained_encoder(params["encoder"], pretrained_params)}
+
+
+def copy_pretrained_encoder(encoder_params: Any, pretrained_params: Any) -> Any:
+  """``encoder_params`` (a freshly initialised encoder tree) with every tensor replaced by
+  the pre-trained one, in the target's dtype.
+
+  The pre-trained final ``norm`` is dropped when the target has none (MAE's global-pool
+  head, segmentation's multi-level features); any other missing, extra or mis-shaped
+  tensor is an error.
+  """
+  target = traverse_util.flatten_dict(encoder_params)
   source = traverse_util.flatten_dict(jax.tree.map(np.asarray, pretrained_params))
-  if model.pool == "mean":
+  if "norm" not in encoder_params:
     source = {k: v for k, v in source.items() if k[0] != "norm"}
   missing, unexpected = sorted(set(target) - set(source)), sorted(set(source) - set(target))
   mismatched = [(k, target[k].shape, source[k].shape) for k in target
@@ -123,9 +134,8 @@ def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
   if missing or unexpected or mismatched:
     raise ValueError(f"pre-trained encoder does not fit the fine-tuning model: missing "
                      f"{missing}, unexpected {unexpected}, shape mismatches {mismatched}")
-  encoder = traverse_util.unflatten_dict(
+  return traverse_util.unflatten_dict(
       {k: jnp.asarray(source[k], target[k].dtype) for k in target})
-  return {**params, "encoder": encoder}
 
 
 # ------------------------------------------------------------------ mixup / cutmix
@@ -320,13 +330,7 @@ def finetune(
   ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False,
                                     best_metric="top1")
   try:
-    if ckpt.latest_step() is not None:
-      state, _ = ckpt.restore_newest_intact(
-          checkpointing.abstract_like(abstract_state, state_sharding))
-      state = state.replace(tx=tx)
-      logging.info("fine-tuning: resumed at step %d", int(state.step))
-    else:
-      state = jax.jit(init_fn, out_shardings=state_sharding)(init_key)
+    state = ckpt.restore_or_init(init_fn, init_key, state_sharding, name="fine-tuning")
     start_step = int(jax.device_get(state.step))
 
     mixup = MixupSpec(num_classes=num_classes, mixup_alpha=ft.mixup_alpha,
@@ -363,36 +367,18 @@ def finetune(
                                              every_steps=config.log_every_steps)
     interval = loop.Interval(FinetuneMetrics, start_step=start_step, batch_size=ft.batch_size,
                              checkpointer=ckpt, config_prefix="finetune")
-    last, done, stop = {}, start_step, False
-    with loop.PreemptionGuard(ckpt) as preemption:
-      for step in range(start_step, total_steps):
-        batch = next(train_iter)
-        state, metrics = p_train(state, {"image": batch["image"], "label": batch["label"]},
-                                 jax.random.fold_in(step_key, step))
-        interval.add(metrics)
-        done = step + 1
-        report(done)
-        stop = preemption.stop(done)
-        save = done % eval_every == 0 or done == total_steps or stop
-        if done % config.log_every_steps == 0 or save:  # every save is guarded
-          writer.write_scalars(done, {f"train/{k}": v for k, v in interval.read(done).items()})
-        if save:
-          last = evaluate(p_eval, state.params, eval_data)
-          writer.write_scalars(done, {f"eval/{k}": v for k, v in last.items()})
-          logging.info("fine-tuning step %d/%d (epoch %.2f): %s", done, total_steps,
-                       done / steps_per_epoch, last)
-          ckpt.save(done, state, force=True, metrics={"top1": last["top1"]})
-        if stop:
-          logging.warning("fine-tuning stopped for preemption at step %d; rerun to resume",
-                          done)
-          break
-    if not last:  # resumed after the end: evaluate the restored state
-      last = evaluate(p_eval, state.params, eval_data)
+    run = loop.train_evaluate_save(
+        name="fine-tuning", state=state, train_step=p_train, train_iter=train_iter,
+        step_key=step_key, start_step=start_step, total_steps=total_steps,
+        eval_every=eval_every, log_every=config.log_every_steps, interval=interval,
+        writer=writer, checkpointer=ckpt, best_metric="top1", report=report,
+        evaluate=lambda state: evaluate(p_eval, state.params, eval_data))
+    last = run.last
     best_step, best = ckpt.best() or (total_steps, last)
   finally:
     ckpt.close()
   results = {"top1": last["top1"], "top5": last["top5"],
-             "steps": done if stop else total_steps,
+             "steps": run.done if run.stopped else total_steps,
              "best_top1": best.get("top1", last["top1"]), "best_step": best_step}
   writer.flush()
   eval_config.write_results(workdir, "finetune", results,
