@@ -34,13 +34,13 @@ def _env():
 
 
 def _losses(workdir) -> dict[int, float]:
-  """Per-step ``loss`` scalars from every TensorBoard event file in ``workdir``."""
+  """Per-step ``train/loss`` scalars from every TensorBoard event file in ``workdir``."""
   import tensorflow as tf  # the CLU writers already need it
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        if value.tag == "loss":
+        if value.tag == "train/loss":
           out[event.step] = float(tf.make_ndarray(value.tensor))
   return out
 
