@@ -126,6 +126,13 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   # leave the running averages near their initial values; docs/results.md measures both.
   c.model.teacher_bn = "running"
   c.model.remat = False
+  # What a rematerialised block keeps (a jax.checkpoint_policies name; "" = nothing).
+  c.model.remat_policy = ""
+  # Speed levers that change the computed function slightly, off by default (the reference
+  # uses neither): the tanh GELU in the transformer MLPs, and the teacher's residual stream
+  # in the compute dtype (bf16) instead of float32.
+  c.model.gelu_approximate = False
+  c.model.teacher_residual_in_compute_dtype = False
   # "" = cuDNN flash attention on NVIDIA GPUs in bf16, else XLA's; or "xla" / "cudnn".
   c.model.attention_impl = ""
 

@@ -95,15 +95,19 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
-def gelu(x: jax.Array) -> jax.Array:
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   """Exact GELU, ``x * Phi(x)`` with the erf (as ``torch.nn.GELU()``), in float32.
 
   Written with ``erf`` rather than ``jax.nn.gelu(approximate=False)``, whose ``erfc``
   XLA expands into exponentials and branches (``erf`` is one native op with a cheap
-  polynomial; the cost of the erfc form is in docs/benchmarks.md). float32 inside, as torch evaluates GELU under autocast; the result
-  comes back in ``x``'s dtype.
+  polynomial; the cost of the erfc form is in docs/benchmarks.md). float32 inside, as torch
+  evaluates GELU under autocast; the result comes back in ``x``'s dtype. ``approximate``:
+  the tanh form instead (``GELU(approximate="tanh")``), an opt-in speed lever that changes
+  the model's function slightly (the reference uses the exact form).
   """
   x32 = x.astype(jnp.float32)
+  if approximate:
+    return jax.nn.gelu(x32, approximate=True).astype(x.dtype)
   return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2))))).astype(x.dtype)
 
 
@@ -112,12 +116,13 @@ class Mlp(nn.Module):
 
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dim = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
-    x = gelu(x)
+    x = gelu(x, self.gelu_approximate)
     return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
@@ -238,24 +243,37 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
                valid_length: Optional[int] = None) -> jax.Array:
+    # The residual stream x keeps its own dtype (float32 normally; the teacher's may be the
+    # compute dtype): LayerNorm statistics are float32 either way, the branches come back in
+    # the compute dtype and the add promotes.
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
     drop = DropPath(self.drop_path)
     y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
                   name="attn")(norm(name="norm1")(x), valid_length)
     x = x + drop(y, deterministic=deterministic)
-    y = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
+    y = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
+            gelu_approximate=self.gelu_approximate, name="mlp")(norm(name="norm2")(x))
     return x + drop(y, deterministic=deterministic)
 
 
-def block_stack(num_blocks: int, prefix: str, *, remat: bool,
+# Names of jax.checkpoint_policies for ``model.remat_policy``: what a rematerialised block
+# keeps from its forward pass ("" keeps nothing: the whole block is recomputed).
+REMAT_POLICIES = ("", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
+
+
+def block_stack(num_blocks: int, prefix: str, *, remat: bool, remat_policy: str = "",
                 drop_path: Optional[Sequence[float]] = None, **block_kwargs) -> list[nn.Module]:
   """``num_blocks`` blocks named ``{prefix}_{i}``; rematerialised (activations recomputed
-  in the backward pass, trading compute for memory) when ``remat``."""
-  block_cls = nn.remat(Block, static_argnums=(2, 3)) if remat else Block
+  in the backward pass, trading compute for memory) when ``remat``, keeping what
+  ``remat_policy`` (a :data:`REMAT_POLICIES` name) saves."""
+  policy = getattr(jax.checkpoint_policies, remat_policy) if remat_policy else None
+  block_cls = nn.remat(Block, static_argnums=(2, 3), policy=policy) if remat else Block
   rates = list(drop_path) if drop_path is not None else [0.0] * num_blocks
   return [block_cls(drop_path=rates[i], name=f"{prefix}_{i}", **block_kwargs)
           for i in range(num_blocks)]
@@ -322,10 +340,13 @@ class Encoder(nn.Module):
   remat: bool = False
   attention_impl: Optional[str] = None
   output_blocks: tuple[int, ...] = ()
+  remat_policy: str = ""
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, keep_ids: Optional[jax.Array] = None,
-               *, deterministic: bool = True) -> Union[jax.Array, list[jax.Array]]:
+               *, deterministic: bool = True, residual_dtype: Dtype = jnp.float32
+               ) -> Union[jax.Array, list[jax.Array]]:
     if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"encoder expects NHWC images of {self.image_size}x{self.image_size} "
                        f"pixels, got shape {images.shape}")
@@ -338,11 +359,14 @@ class Encoder(nn.Module):
       x = jnp.take_along_axis(x, keep_ids[:, :, None], axis=1)
     cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
     cls = jnp.broadcast_to(cls_token + pos_embed[:1], (x.shape[0], 1, self.width))
-    x = jnp.concatenate([cls, x], axis=1)
+    # ``residual_dtype`` other than float32 is for forwards without gradients (the teacher's
+    # ``model.teacher_residual_in_compute_dtype``): half the residual stream's memory traffic.
+    x = jnp.concatenate([cls, x], axis=1).astype(residual_dtype)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
-    blocks = block_stack(self.depth, "blocks", remat=self.remat, drop_path=rates,
-                         num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                         dtype=self.dtype, attention_impl=self.attention_impl)
+    blocks = block_stack(self.depth, "blocks", remat=self.remat, remat_policy=self.remat_policy,
+                         drop_path=rates, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                         dtype=self.dtype, attention_impl=self.attention_impl,
+                         gelu_approximate=self.gelu_approximate)
     x = apply_blocks(blocks, x, deterministic, attention_impl=self.attention_impl,
                      outputs_of=self.output_blocks)
     if not self.final_norm or self.output_blocks:
@@ -365,6 +389,8 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
+  remat_policy: str = ""
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
@@ -379,8 +405,10 @@ class Decoder(nn.Module):
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid))
     blocks = block_stack(self.depth, "decoder_blocks", remat=self.remat,
-                         num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                         dtype=self.dtype, attention_impl=self.attention_impl)
+                         remat_policy=self.remat_policy, num_heads=self.num_heads,
+                         mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+                         attention_impl=self.attention_impl,
+                         gelu_approximate=self.gelu_approximate)
     x = apply_blocks(blocks, x, True, attention_impl=self.attention_impl)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="decoder_norm")(x)
     x = nn.Dense(self.patch_size ** 2 * self.channels, dtype=self.dtype, kernel_init=dense_init,
@@ -467,19 +495,24 @@ class LUTModel(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
+  # Speed levers (config.model; docs/benchmarks.md measures them): what remat keeps, the
+  # tanh GELU, and the teacher's residual stream in the compute dtype.
+  remat_policy: str = ""
+  gelu_approximate: bool = False
+  teacher_residual_in_compute_dtype: bool = False
 
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
 
   def setup(self):
+    levers = dict(dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
+                  remat_policy=self.remat_policy, gelu_approximate=self.gelu_approximate)
     self.encoder = Encoder(self.image_size, self.patch_size, self.width, self.depth,
-                           self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                           remat=self.remat, attention_impl=self.attention_impl)
+                           self.num_heads, mlp_ratio=self.mlp_ratio, **levers)
     self.decoder = Decoder(self.num_patches, self.patch_size, self.channels,
                            width=self.decoder_width, depth=self.decoder_depth,
-                           num_heads=self.decoder_num_heads, mlp_ratio=self.mlp_ratio,
-                           dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl)
+                           num_heads=self.decoder_num_heads, mlp_ratio=self.mlp_ratio, **levers)
     if self.use_bc:
       head = functools.partial(MLPHead, hidden_dim=self.head_hidden_dim, out_dim=self.width,
                                norm=self.head_norm, activation=self.head_activation,
@@ -526,7 +559,7 @@ class LUTModel(nn.Module):
     heads are, and the running averages are left alone.
     """
     batch = view1.shape[0]
-    pooled = mean_patch_token(self.encoder(jnp.concatenate([view1, view2])))
+    pooled = mean_patch_token(self._teacher_encode(jnp.concatenate([view1, view2])))
     if self.teacher_bn == "batch":
       return self.head(pooled[:batch], train=True), self.head(pooled[batch:], train=True)
     z = self.head(pooled, train=False)
@@ -535,7 +568,15 @@ class LUTModel(nn.Module):
   def projector(self, images: jax.Array) -> jax.Array:
     """The teacher's projector vectors of whole images (one batch), normalised as
     :meth:`teacher` does; for monitoring."""
-    return self.head(mean_patch_token(self.encoder(images)), train=self.teacher_bn == "batch")
+    return self.head(mean_patch_token(self._teacher_encode(images)),
+                     train=self.teacher_bn == "batch")
+
+  def _teacher_encode(self, images: jax.Array) -> jax.Array:
+    # No gradient flows through the teacher, so its residual stream may be in the compute
+    # dtype (bf16: half the memory traffic of the step's largest forward); the student's
+    # stays float32 as under torch autocast.
+    residual = self.dtype if self.teacher_residual_in_compute_dtype else jnp.float32
+    return self.encoder(images, residual_dtype=residual)
 
 
 def default_attention_impl(dtype: Dtype) -> Optional[str]:
@@ -571,6 +612,9 @@ def check_model_config(model_config: Any, *, image_size: int,
   if model_config.head_activation not in ACTIVATIONS:
     raise ValueError(f"unknown model.head_activation {model_config.head_activation!r}; "
                      f"expected one of {tuple(ACTIVATIONS)}")
+  if model_config.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown model.remat_policy {model_config.remat_policy!r}; expected one "
+                     f"of {REMAT_POLICIES}")
   impl = model_config.attention_impl
   if impl not in ("", "xla", "cudnn"):
     raise ValueError(f"unknown model.attention_impl {impl!r}; expected '', 'xla' or 'cudnn'")
@@ -592,5 +636,7 @@ def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bo
       decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_num_heads, use_bc=use_bc,
       head_depth=m.head_depth, pred_depth=m.pred_depth, head_hidden_dim=m.head_hidden_dim,
       head_norm=m.head_norm, head_activation=m.head_activation, teacher_bn=m.teacher_bn,
-      dtype=dtype, remat=m.remat,
+      dtype=dtype, remat=m.remat, remat_policy=m.remat_policy,
+      gelu_approximate=m.gelu_approximate,
+      teacher_residual_in_compute_dtype=m.teacher_residual_in_compute_dtype,
       attention_impl=m.attention_impl or default_attention_impl(dtype))

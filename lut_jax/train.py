@@ -76,7 +76,7 @@ RESUME_MAY_CHANGE = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoi
                      "keep_checkpoint_every_steps",
                      "image_summary_every_steps", "profile_steps", "monitor", "input.data_dir",
                      "input.prefetch", "input.num_parallel_calls", "mesh", "model.remat",
-                     "model.attention_impl")
+                     "model.remat_policy", "model.attention_impl")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -26,11 +26,13 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common
 
+import bench_common  # noqa: E402
 from lut_jax import build, config_lib, sharding, train, train_step  # noqa: E402
 
 
-def load_config(spec: str, batch_size: int):
+def load_config(spec: str, batch_size: int, overrides=()):
   path, _, arg = spec.partition(":")
   namespace: dict = {}
   exec(compile(open(path).read(), path, "exec"), namespace)  # noqa: S102 (a config file)
@@ -38,7 +40,7 @@ def load_config(spec: str, batch_size: int):
   if batch_size:
     config.input.batch_size = batch_size
   config.monitor.every_steps = 0
-  return config
+  return bench_common.apply_overrides(config, overrides)
 
 
 def measure(config, backend: str, steps: int, warmup: int, repeats: int) -> dict:
@@ -81,14 +83,16 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--backends", default="tfdata,device")
+  parser.add_argument("--override", action="append", default=[],
+                      help="key=value config override, e.g. dtype=bfloat16 (repeatable)")
   parser.add_argument("--json_out", default="")
   args = parser.parse_args()
-  config = load_config(args.config, args.batch_size)
+  config = load_config(args.config, args.batch_size, args.override)
   rows = [measure(config, b, args.steps, args.warmup, args.repeats)
           for b in args.backends.split(",")]
   device = jax.devices()[0]
   info = {"date": datetime.date.today().isoformat(), "config": args.config,
-          "batch_size": config.input.batch_size, "device": device.device_kind,
+          "batch_size": config.input.batch_size, "overrides": args.override, "device": device.device_kind,
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "load_average": os.getloadavg()[0], "rows": rows}
   print(f"{args.config}, batch {config.input.batch_size}, {device.device_kind}, "

@@ -118,14 +118,7 @@ def run(args: argparse.Namespace, method: str) -> dict[str, Any]:
   num_patches = (size // spec.patch_size) ** 2
   total_steps, warmup_steps, tau0 = 100_000, 1_000, config.ema.momentum
 
-  def step(i: int) -> torch.Tensor:
-    lr = peak_lr * (i / warmup_steps if i < warmup_steps else
-                    0.5 * (1 + math.cos(math.pi * (i - warmup_steps) /
-                                        (total_steps - warmup_steps))))
-    for group in opt.param_groups:
-      group["lr"] = lr
-    noise = torch.rand(batch, num_patches, device=device)
-    keep1, keep2, ids_restore, mask1 = make_masks(noise, config.loss.mask_ratio, use_bc)
+  def forward_loss(keep1, keep2, ids_restore, mask1) -> torch.Tensor:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
       if use_bc:
         z1, z2 = teacher.forward_teacher(view1, view2)
@@ -138,6 +131,22 @@ def run(args: argparse.Namespace, method: str) -> dict[str, Any]:
     if use_bc:
       loss = loss + config.loss.w_bc * ref.bc_loss(out["q1"].float(), out["q2"].float(),
                                                    z1.float(), z2.float())
+    return loss
+
+  if args.compile:
+    # What a PyTorch user would run for speed: the forward and the losses compiled (their
+    # backward through AOTAutograd); the optimizer and the EMA stay PyTorch's foreach ops.
+    forward_loss = torch.compile(forward_loss)
+
+  def step(i: int) -> torch.Tensor:
+    lr = peak_lr * (i / warmup_steps if i < warmup_steps else
+                    0.5 * (1 + math.cos(math.pi * (i - warmup_steps) /
+                                        (total_steps - warmup_steps))))
+    for group in opt.param_groups:
+      group["lr"] = lr
+    noise = torch.rand(batch, num_patches, device=device)
+    keep1, keep2, ids_restore, mask1 = make_masks(noise, config.loss.mask_ratio, use_bc)
+    loss = forward_loss(keep1, keep2, ids_restore, mask1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -153,7 +162,7 @@ def run(args: argparse.Namespace, method: str) -> dict[str, Any]:
       torch.cuda.synchronize()
 
   rec: dict[str, Any] = {
-      "framework": "torch", "method": method, "config": args.config,
+      "framework": "torch-compile" if args.compile else "torch", "method": method, "config": args.config,
       "variant": config.model.variant, "image_size": size, "batch": batch,
       "dtype": "bfloat16-autocast" if amp else "float32", "device": str(device),
       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -211,6 +220,8 @@ def main(argv=None) -> None:
   p.add_argument("--threads", type=int, default=None,
                  help="torch.set_num_threads (default: the usable cores, as XLA's CPU pool)")
   p.add_argument("--device", choices=("auto", "cpu"), default="auto")
+  p.add_argument("--compile", action="store_true",
+                 help="torch.compile the forward and losses (the warmup steps compile)")
   p.add_argument("--override", action="append", default=[])
   p.add_argument("--json_out", default=None, help="file, or '-' for a last stdout line")
   args = p.parse_args(argv)
@@ -222,7 +233,7 @@ def main(argv=None) -> None:
     rec["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     rec["host"] = platform.node()
     records.append(rec)
-    print(f"[torch] {method}: {rec['images_per_s']:.1f} images/s, {rec['ms_per_step']:.2f} "
+    print(f"[{rec['framework']}] {method}: {rec['images_per_s']:.1f} images/s, {rec['ms_per_step']:.2f} "
           f"ms/step, {rec['threads']} threads", file=sys.stderr, flush=True)
     if args.json_out and args.json_out != "-":  # after every method, as benchmark.py does
       with open(args.json_out, "w") as f:

@@ -1,33 +1,41 @@
 #!/usr/bin/env bash
-# One prepared GPU check for one H100/H200 (about 8 minutes): float32 parity tests on the
-# GPU (if torch and timm are there), the train-step benchmark of ViT-B/16 and ViT-S/16 at
-# 224 px, LUT and MAE, bf16, with cuDNN attention, the PyTorch reference step (bf16
-# autocast) for the ours / PyTorch ratio, a ViT-L/16 LUT batch-256 fit check with remat,
-# and finally the same benchmarks with XLA attention. Everything goes to
-# $OUT/gpu_results.json and $OUT/gpu_check.log (or /tmp/gpu_check_out/ without $OUT).
+# One prepared GPU check for one H100/H200, in stages that fit two calls of about 8
+# minutes: float32 parity tests on the GPU (and the speed-lever tests), the train-step
+# benchmark of ViT-B/16 at 224 px (LUT and MAE, bf16, cuDNN attention), the PyTorch
+# reference step eager and under torch.compile (bf16 autocast) for the ours / PyTorch
+# ratio, each speed lever of config.model on its own and all together (LUT), XLA GPU flags,
+# the real-data training rate on the on-device input path against the synthetic-batch rate
+# at the same shapes, the largest B/16 and L/16 batches with and without remat, and
+# optionally S/16 and XLA attention. Everything goes to $OUT/gpu_results.json and
+# $OUT/gpu_check.log (or /tmp/gpu_check_out/ without $OUT).
 #
-# The GPU machine has jax (CUDA), flax, optax, orbax-checkpoint and chex but no
-# ml_collections (nor TensorFlow / CLU, which nothing here needs). Carry its wheel:
+# The GPU machine may have jax (CUDA), flax, optax, orbax-checkpoint, chex, torch and timm
+# but not ml_collections or clu (the real-data stage needs both; nothing needs TensorFlow).
+# Carry their wheels and Fashion-MNIST's idx files (both git-ignored):
 #
-#   # here, once, in the repository root (.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux_2_17_x86_64 -d .whl ml_collections==1.1.0
-#   # then through the device tool (one call; the script installs .whl/*.whl itself):
-#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#       --implementation cp --platform manylinux_2_17_x86_64 -d .whl ml_collections clu
+#   mkdir -p .data/fashion-mnist && cp /path/to/fashion-mnist/*.gz .data/fashion-mnist/
 #
-# The script starts with the install the device README prescribes:
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# then run it on the GPU machine from the repository root, e.g. in two calls:
 #
-# Knobs (environment): GPU_CHECK_BUDGET_S (default 450: stages that would start later are
-# skipped and say so), BATCH_B16 / BATCH_S16 (global batch, default 256 / 512), STEPS
-# (timed steps per window, default 10), SKIP_PARITY=1, SKIP_TORCH=1. For a dry run of the
-# script's plumbing on a CPU: VARIANT_B16=mu/4 VARIANT_S16=mu/4 VARIANT_L16=mu/4
-# IMAGE_SIZE=16 BATCH_B16=8 BATCH_S16=8 BATCH_L16=8 PARITY_PLATFORM=cpu
-# BENCH_EXTRA="--override=model.decoder_depth=1" (the cuDNN stages then fail, which
-# exercises the error path).
-# Stages run in priority order (B/16 cuDNN first), each under its own timeout, and every
-# stage's JSON is merged at the end even if later ones failed or were skipped.
+#   STAGES=parity,b16,torch,torch_compile,levers bash scripts/gpu_check.sh
+#   STAGES=xla_flags,realdata,max_batch bash scripts/gpu_check.sh
+#
+# STAGES (comma list; default all but s16 and xla_attention): parity, b16, torch,
+# torch_compile, levers, xla_flags, realdata, max_batch, l16, s16, xla_attention.
+# Other knobs (environment): GPU_CHECK_BUDGET_S (default 450: stages that would start later
+# are skipped and say so), BATCH_B16 / BATCH_S16 / BATCH_L16 (global batch, default 256 /
+# 512 / 256), STEPS (timed steps per window, default 10), REALDATA_VARIANT / REALDATA_BATCH
+# (default S/4 / 1024 at 28 px), XLA_FLAG_ROWS (space-separated flags, one row each; flags
+# this jaxlib does not know are skipped). For a dry run of the plumbing on a CPU:
+#   VARIANT_B16=mu/4 VARIANT_S16=mu/4 VARIANT_L16=mu/4 IMAGE_SIZE=16 BATCH_B16=8 \
+#   BATCH_S16=8 BATCH_L16=8 PARITY_PLATFORM=cpu REALDATA_VARIANT=mu/4 REALDATA_BATCH=32 \
+#   MAX_BATCH_LIMIT=16 BENCH_EXTRA="--override=model.decoder_depth=1" \
+#   XLA_FLAG_ROWS="--xla_cpu_enable_fast_math=true" bash scripts/gpu_check.sh
+# (the cuDNN stages then fail, which exercises the error path).
+# Stages run in the order above, each under its own timeout, and every stage's JSON is
+# merged at the end even if later ones failed or were skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -46,6 +54,10 @@ BATCH_L16=${BATCH_L16:-256}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 PARITY_PLATFORM=${PARITY_PLATFORM:-cuda}
 BENCH_EXTRA=${BENCH_EXTRA:-}
+REALDATA_VARIANT=${REALDATA_VARIANT:-S/4}
+REALDATA_BATCH=${REALDATA_BATCH:-1024}
+MAX_BATCH_LIMIT=${MAX_BATCH_LIMIT:-8192}
+STAGES=${STAGES:-parity,b16,torch,torch_compile,levers,xla_flags,realdata,max_batch}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 # JAX preallocates 75% of the GPU by default; the L/16 fit check should see (almost) all.
@@ -103,78 +115,179 @@ EOF
 python3 -c "import ml_collections" 2>/dev/null \
     || log "WARNING: ml_collections is not importable; the benchmarks will fail (carry .whl)"
 
-# 1. float32 parity tests on the GPU (conftest's JAX_PLATFORMS default is cpu: override it).
-if [[ "${SKIP_PARITY:-0}" != 1 ]] && python3 -c "import torch, timm" 2>/dev/null; then
-  stage parity 60 120 env JAX_PLATFORMS="$PARITY_PLATFORM" python3 -m pytest -q \
-      -p no:cacheprovider tests/test_parity.py --junitxml="$WORK/parity.xml"
-else
-  log "SKIP parity: torch/timm not importable (or SKIP_PARITY=1)"
-  echo '{"stage": "parity", "status": "skipped: no torch/timm"}' > "$WORK/stage_parity.json"
+# want NAME: is stage NAME selected by $STAGES?
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+have_torch() { python3 -c "import torch, timm" 2>/dev/null; }
+
+# 1. float32 parity tests on the GPU (conftest's JAX_PLATFORMS default is cpu: override it),
+# and the speed levers' own tests (exactness of remat policies, scope of the others).
+if want parity; then
+  if [[ "${SKIP_PARITY:-0}" != 1 ]] && have_torch; then
+    stage parity 60 150 env JAX_PLATFORMS="$PARITY_PLATFORM" python3 -m pytest -q \
+        -p no:cacheprovider tests/test_parity.py tests/test_speed_levers.py \
+        --junitxml="$WORK/parity.xml"
+  else
+    log "SKIP parity: torch/timm not importable (or SKIP_PARITY=1)"
+    echo '{"stage": "parity", "status": "skipped: no torch/timm"}' > "$WORK/stage_parity.json"
+  fi
 fi
 
-# 2. Our step. Priority order: B/16 with cuDNN attention first; S/16 with XLA attention
-# comes last, after the PyTorch reference.
-bench() {  # bench NAME VARIANT BATCH ATTENTION
+# bench NAME VARIANT BATCH ATTENTION [METHOD] [EXTRA ARGS...]: our step, synthetic batches.
+bench() {
+  local name=$1 variant=$2 batch=$3 attention=$4 method=${5:-both}
+  shift 4; (( $# )) && shift
   # shellcheck disable=SC2086  (BENCH_EXTRA is a list of arguments)
-  stage "$1" 90 170 python3 scripts/benchmark.py --variant="$2" --batch="$3" --method=both \
-      --image_size="$IMAGE_SIZE" --dtype=bfloat16 --attention="$4" --steps="$STEPS" \
-      --warmup=3 --repeats=3 --measure_peak --json_out="$WORK/bench_$1.json" $BENCH_EXTRA
+  stage "$name" 90 170 python3 scripts/benchmark.py --variant="$variant" --batch="$batch" \
+      --method="$method" --image_size="$IMAGE_SIZE" --dtype=bfloat16 --attention="$attention" \
+      --steps="$STEPS" --warmup=3 --repeats=3 --measure_peak --json_out="$WORK/bench_$name.json" \
+      $BENCH_EXTRA "$@"
 }
-bench b16_cudnn "$VARIANT_B16" "$BATCH_B16" cudnn
-bench s16_cudnn "$VARIANT_S16" "$BATCH_S16" cudnn
 
-# 3. The PyTorch reference step (eager, bf16 autocast) at the B/16 shapes.
-if [[ "${SKIP_TORCH:-0}" != 1 ]] && python3 -c "import torch, timm" 2>/dev/null; then
-  # shellcheck disable=SC2086
-  stage torch_b16 60 120 python3 scripts/benchmark_torch.py --variant="$VARIANT_B16" \
-      --image_size="$IMAGE_SIZE" --batch="$BATCH_B16" --method=both --dtype=bfloat16 \
-      --steps="$STEPS" --warmup=3 --repeats=3 --json_out="$WORK/torch_b16.json" $BENCH_EXTRA
-else
-  log "SKIP torch_b16: torch/timm not importable (or SKIP_TORCH=1)"
+# 2. B/16 with cuDNN attention, the defaults: the row every other is compared with.
+want b16 && bench b16_cudnn "$VARIANT_B16" "$BATCH_B16" cudnn
+
+# 3. The PyTorch reference step at the B/16 shapes: eager (as the reference runs) and
+# torch.compile (what a PyTorch user would run for speed).
+torch_row() {  # torch_row NAME [EXTRA ARGS...]
+  local name=$1; shift
+  if [[ "${SKIP_TORCH:-0}" != 1 ]] && have_torch; then
+    # shellcheck disable=SC2086
+    stage "$name" 60 180 python3 scripts/benchmark_torch.py --variant="$VARIANT_B16" \
+        --image_size="$IMAGE_SIZE" --batch="$BATCH_B16" --method=both --dtype=bfloat16 \
+        --steps="$STEPS" --warmup=3 --repeats=3 --json_out="$WORK/$name.json" $BENCH_EXTRA "$@"
+  else
+    log "SKIP $name: torch/timm not importable (or SKIP_TORCH=1)"
+  fi
+}
+want torch && torch_row torch_b16
+want torch_compile && torch_row torch_b16_compile --compile
+
+# 4. The speed levers of config.model, LUT only, each alone and all together.
+if want levers; then
+  bench lever_teacher_bf16 "$VARIANT_B16" "$BATCH_B16" cudnn lut \
+      --override=model.teacher_residual_in_compute_dtype=true
+  bench lever_gelu_tanh "$VARIANT_B16" "$BATCH_B16" cudnn lut --override=model.gelu_approximate=true
+  bench lever_all "$VARIANT_B16" "$BATCH_B16" cudnn lut \
+      --override=model.teacher_residual_in_compute_dtype=true --override=model.gelu_approximate=true
 fi
 
-# 4. Does ViT-L/16 LUT at global batch 256 fit on the one GPU (with remat)? Two timed steps.
+# 5. XLA GPU flags, one row each (LUT, defaults otherwise). A flag this jaxlib does not
+# know would abort XLA, so each is looked up in XLA_FLAGS=--help first.
+if want xla_flags; then
+  known=$(XLA_FLAGS=--help python3 -c "import jax; jax.numpy.zeros(1)" 2>&1 || true)
+  i=0
+  for flag in ${XLA_FLAG_ROWS:---xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cudnn_layer_norm=true}; do
+    i=$(( i + 1 ))
+    if ! grep -q -- "${flag%%=*}[= ]" <<< "$known"; then
+      log "SKIP xla_flag_$i: $flag is not a flag of this jaxlib"
+      echo "{\"stage\": \"xla_flag_$i\", \"status\": \"unknown flag $flag\"}" > "$WORK/stage_xla_flag_$i.json"
+      continue
+    fi
+    XLA_FLAGS="${XLA_FLAGS:-} $flag" bench "xla_flag_$i" "$VARIANT_B16" "$BATCH_B16" cudnn lut
+    echo "$flag" > "$WORK/flag_xla_flag_$i.txt"
+  done
+fi
+
+# 6. Real data: the on-device input path feeding the step (lut-pretrain's iterator), against
+# the synthetic-batch step at the same config and shapes.
+if want realdata; then
+  if [[ -z "${FASHION_MNIST_DIR:-}" && -d .data/fashion-mnist ]]; then
+    export FASHION_MNIST_DIR=$ROOT/.data/fashion-mnist
+  fi
+  stage realdata_device 60 150 python3 scripts/benchmark_input_backends.py \
+      --config="configs/fashion_mnist.py:variant=$REALDATA_VARIANT" --batch_size="$REALDATA_BATCH" \
+      --backends=device --steps=50 --warmup=3 --repeats=3 --override=dtype=bfloat16 \
+      --json_out="$WORK/realdata.json"
+  stage realdata_synthetic 60 150 python3 scripts/benchmark.py --config=configs/fashion_mnist.py \
+      --variant="$REALDATA_VARIANT" --batch="$REALDATA_BATCH" --method=lut --dtype=bfloat16 \
+      --attention=auto --steps=50 --warmup=3 --repeats=3 --json_out="$WORK/bench_realdata_synthetic.json"
+fi
+
+# 7. The largest batch that fits: B/16 LUT without and with remat, L/16 LUT with remat.
+if want max_batch; then
+  for remat in no-remat remat; do
+    stage "max_batch_b16_$remat" 90 200 python3 scripts/benchmark.py --variant="$VARIANT_B16" \
+        --batch="$BATCH_B16" --method=lut --image_size="$IMAGE_SIZE" --dtype=bfloat16 \
+        --attention=auto --"$remat" --find_max_batch --max_batch="$MAX_BATCH_LIMIT" --steps=2 \
+        --warmup=1 --repeats=1 --json_out="$WORK/bench_max_batch_b16_$remat.json" $BENCH_EXTRA
+  done
+  stage max_batch_l16_remat 90 200 python3 scripts/benchmark.py --variant="$VARIANT_L16" \
+      --batch="$BATCH_L16" --method=lut --image_size="$IMAGE_SIZE" --dtype=bfloat16 \
+      --attention=auto --remat --find_max_batch --max_batch="$MAX_BATCH_LIMIT" --steps=2 \
+      --warmup=1 --repeats=1 --json_out="$WORK/bench_max_batch_l16_remat.json" $BENCH_EXTRA
+fi
+
+# 8. Optional: L/16 LUT at BATCH_L16 with remat (timed), S/16 and XLA attention.
 # shellcheck disable=SC2086
-stage l16_remat 90 150 python3 scripts/benchmark.py --variant="$VARIANT_L16" \
+want l16 && stage l16_remat 90 150 python3 scripts/benchmark.py --variant="$VARIANT_L16" \
     --batch="$BATCH_L16" --method=lut --image_size="$IMAGE_SIZE" --dtype=bfloat16 \
     --attention=auto --remat --steps=2 --warmup=1 --repeats=1 \
     --json_out="$WORK/bench_l16_remat.json" $BENCH_EXTRA
+want s16 && bench s16_cudnn "$VARIANT_S16" "$BATCH_S16" cudnn
+want xla_attention && bench b16_xla "$VARIANT_B16" "$BATCH_B16" xla
 
-bench b16_xla "$VARIANT_B16" "$BATCH_B16" xla
-bench s16_xla "$VARIANT_S16" "$BATCH_S16" xla
-
-# 5. Merge everything into one JSON (with the ours / PyTorch ratios where both ran).
+# Merge everything into one JSON: ratios against PyTorch eager and compiled, each lever's
+# and flag's change against the b16_cudnn row, real data against synthetic.
 python3 - "$WORK" "$OUTDIR/gpu_results.json" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys, xml.etree.ElementTree as ET
 work, out = sys.argv[1], sys.argv[2]
-merged = {"stages": [], "benchmarks": {}, "torch": [], "parity": None}
+load = lambda name: json.load(open(os.path.join(work, name)))
+merged = {"stages": [], "benchmarks": {}, "torch": {}, "parity": None, "flags": {},
+          "realdata": None}
 for path in sorted(glob.glob(os.path.join(work, "stage_*.json"))):
   merged["stages"].append(json.load(open(path)))
 for path in sorted(glob.glob(os.path.join(work, "bench_*.json"))):
-  name = os.path.basename(path)[len("bench_"):-len(".json")]
-  merged["benchmarks"][name] = json.load(open(path))
-if os.path.exists(os.path.join(work, "torch_b16.json")):
-  merged["torch"] = json.load(open(os.path.join(work, "torch_b16.json")))
+  merged["benchmarks"][os.path.basename(path)[len("bench_"):-len(".json")]] = json.load(open(path))
+for name in ("torch_b16", "torch_b16_compile"):
+  if os.path.exists(os.path.join(work, name + ".json")):
+    merged["torch"][name] = load(name + ".json")
+for path in glob.glob(os.path.join(work, "flag_*.txt")):
+  merged["flags"][os.path.basename(path)[len("flag_"):-len(".txt")]] = open(path).read().strip()
+if os.path.exists(os.path.join(work, "realdata.json")):
+  merged["realdata"] = load("realdata.json")
 xml = os.path.join(work, "parity.xml")
 if os.path.exists(xml):
   suite = ET.parse(xml).getroot()
   suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
   merged["parity"] = {k: suite.get(k) for k in ("tests", "failures", "errors", "skipped", "time")}
-torch_ips = {r["method"]: r["images_per_s"] for r in merged["torch"] if "images_per_s" in r}
-print("summary (images/s, ms/step, MFU vs spec peak, MFU vs measured matmul):")
+torch_ips = {(name, r["method"]): r["images_per_s"] for name, rows in merged["torch"].items()
+             for r in rows if "images_per_s" in r}
+base = {r["method"]: r["images_per_s"]
+        for r in merged["benchmarks"].get("b16_cudnn", {}).get("results", [])}
+print("summary (images/s, ms/step, MFU vs spec peak / vs measured matmul):")
 for name, b in merged["benchmarks"].items():
   for r in b.get("results", []):
-    if name.startswith("b16") and r["method"] in torch_ips:
-      r["ratio_vs_torch"] = r["images_per_s"] / torch_ips[r["method"]]
-    mfu = r.get("mfu"); mm = r.get("mfu_vs_measured_matmul")
-    print(f"  {name:10s} {r['method']}: {r['images_per_s']:8.1f} img/s "
-          f"{r['ms_per_step']:8.2f} ms MFU {mfu if mfu is None else round(mfu, 3)} / "
-          f"{mm if mm is None else round(mm, 3)} "
-          f"compile {r['compile_s']:.0f}s peak mem "
-          f"{(r.get('memory') or {}).get('peak_bytes_in_use', 0) / 2**30:.1f} GiB"
-          + (f" ours/torch {r['ratio_vs_torch']:.2f}" if "ratio_vs_torch" in r else ""))
-for r in merged["torch"]:
-  print(f"  torch      {r['method']}: {r['images_per_s']:8.1f} img/s {r['ms_per_step']:8.2f} ms")
+    if "images_per_s" not in r:
+      continue
+    notes = []
+    if name.startswith(("b16", "lever", "xla_flag")):
+      for torch_name in merged["torch"]:
+        if (torch_name, r["method"]) in torch_ips:
+          r[f"ratio_vs_{torch_name}"] = r["images_per_s"] / torch_ips[(torch_name, r["method"])]
+          notes.append(f"/{torch_name} {r[f'ratio_vs_{torch_name}']:.2f}x")
+      if name != "b16_cudnn" and r["method"] in base:
+        r["change_vs_b16_cudnn"] = r["images_per_s"] / base[r["method"]] - 1
+        notes.append(f"vs b16_cudnn {r['change_vs_b16_cudnn']:+.1%}")
+    mfu, mm = r.get("mfu"), r.get("mfu_vs_measured_matmul")
+    flag = merged["flags"].get(name, "")
+    print(f"  {name:22s} {r['method']}: {r['images_per_s']:8.1f} img/s {r['ms_per_step']:8.2f} ms "
+          f"MFU {mfu if mfu is None else round(mfu, 3)} / {mm if mm is None else round(mm, 3)} "
+          f"peak {(r.get('memory') or {}).get('peak_bytes_in_use', 0) / 2**30:.1f} GiB "
+          + " ".join(notes) + (f" [{flag}]" if flag else ""))
+  for search in b.get("max_batch", []):
+    print(f"  {name:22s} {search['method']}: largest fitting batch "
+          f"{search['largest_fitting_batch']}" + (" (limit)" if search["hit_limit"] else ""))
+for name, rows in merged["torch"].items():
+  for r in rows:
+    if "images_per_s" in r:
+      print(f"  {name:22s} {r['method']}: {r['images_per_s']:8.1f} img/s {r['ms_per_step']:8.2f} ms")
+synthetic = merged["benchmarks"].get("realdata_synthetic", {}).get("results", [])
+if merged["realdata"] and synthetic:
+  real = merged["realdata"]["rows"][0]["train_images_per_s"]
+  merged["realdata"]["synthetic_images_per_s"] = synthetic[0]["images_per_s"]
+  merged["realdata"]["real_over_synthetic"] = real / synthetic[0]["images_per_s"]
+  print(f"  real data (device path) {real:.1f} img/s vs synthetic "
+        f"{synthetic[0]['images_per_s']:.1f}: {merged['realdata']['real_over_synthetic']:.2f}x")
 print("parity:", merged["parity"])
 json.dump(merged, open(out, "w"), indent=2, default=str)
 print("wrote", out)
