@@ -359,8 +359,8 @@ class Encoder(nn.Module):
       x = jnp.take_along_axis(x, keep_ids[:, :, None], axis=1)
     cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
     cls = jnp.broadcast_to(cls_token + pos_embed[:1], (x.shape[0], 1, self.width))
-    # ``residual_dtype`` other than float32 is for forwards without gradients (the teacher's
-    # ``model.teacher_residual_in_compute_dtype``): half the residual stream's memory traffic.
+    # ``residual_dtype`` other than float32 is for forwards without gradients (the teacher,
+    # ``LUTModel._teacher_encode``).
     x = jnp.concatenate([cls, x], axis=1).astype(residual_dtype)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
     blocks = block_stack(self.depth, "blocks", remat=self.remat, remat_policy=self.remat_policy,

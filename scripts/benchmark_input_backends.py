@@ -92,7 +92,8 @@ def main() -> None:
           for b in args.backends.split(",")]
   device = jax.devices()[0]
   info = {"date": datetime.date.today().isoformat(), "config": args.config,
-          "batch_size": config.input.batch_size, "overrides": args.override, "device": device.device_kind,
+          "batch_size": config.input.batch_size, "overrides": args.override,
+          "device": device.device_kind,
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "load_average": os.getloadavg()[0], "rows": rows}
   print(f"{args.config}, batch {config.input.batch_size}, {device.device_kind}, "

@@ -162,7 +162,8 @@ def run(args: argparse.Namespace, method: str) -> dict[str, Any]:
       torch.cuda.synchronize()
 
   rec: dict[str, Any] = {
-      "framework": "torch-compile" if args.compile else "torch", "method": method, "config": args.config,
+      "framework": "torch-compile" if args.compile else "torch", "method": method,
+      "config": args.config,
       "variant": config.model.variant, "image_size": size, "batch": batch,
       "dtype": "bfloat16-autocast" if amp else "float32", "device": str(device),
       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -233,8 +234,9 @@ def main(argv=None) -> None:
     rec["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     rec["host"] = platform.node()
     records.append(rec)
-    print(f"[{rec['framework']}] {method}: {rec['images_per_s']:.1f} images/s, {rec['ms_per_step']:.2f} "
-          f"ms/step, {rec['threads']} threads", file=sys.stderr, flush=True)
+    print(f"[{rec['framework']}] {method}: {rec['images_per_s']:.1f} images/s, "
+          f"{rec['ms_per_step']:.2f} ms/step, {rec['threads']} threads", file=sys.stderr,
+          flush=True)
     if args.json_out and args.json_out != "-":  # after every method, as benchmark.py does
       with open(args.json_out, "w") as f:
         json.dump(records, f, indent=2)
