@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from tests import util
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.input.batch_size=16", "--config.total_steps=4", "--config.optim.warmup_steps=1",
         "--config.monitor.every_steps=0",
@@ -24,8 +26,7 @@ TINY = ["--config.input.batch_size=16", "--config.total_steps=4", "--config.opti
 
 
 def _run(module, *args, timeout=300):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env = util.one_device_env()
   env.pop("LUT_JAX_DEBUG", None)
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)

@@ -233,8 +233,8 @@ def test_resume_on_the_device_path_is_exact(tmp_path):
   # One CPU device, as a laptop run. On this suite's 8 fake host devices the device path's
   # step (all-to-all collectives) sometimes deadlocks inside XLA:CPU's in-process
   # collectives on a 2-core machine, and XLA aborts the whole worker after 40 s.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  code = ("import sys; from tests import test_device_input as t; "
+  env = util.one_device_env()
+  code = ("from tests import test_device_input as t; "
           f"t.resume_scenario({str(tmp_path)!r}); print('EXACT')")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lut_jax import datasets
+from tests import util
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.input.batch_size=16", "--config.total_steps=6", "--config.optim.warmup_steps=1",
@@ -28,9 +29,7 @@ def _command(workdir, *extra):
 
 
 def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop run
-  return env
+  return util.one_device_env()
 
 
 def _losses(workdir) -> dict[int, float]:

@@ -1,13 +1,14 @@
 """Two CPU processes on localhost (jax.distributed + gloo) reproduce one process."""
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
 import sys
 
 import numpy as np
+
+from tests import util
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -21,8 +22,7 @@ def _free_port() -> int:
 
 def _run(num_processes: int, out: pathlib.Path) -> dict:
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env.pop("XLA_FLAGS", None)
+  env = util.one_device_env(PYTHONPATH=str(ROOT))
   # Logs go to files, not pipes: waiting on one process's pipe while the other fills its
   # own (XLA's slow-compile banners on a loaded machine) would block that process and fail
   # the shutdown barrier of both.

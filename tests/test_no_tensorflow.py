@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests import util
+
 CORE_MODULES = ["lut_jax", "lut_jax.models", "lut_jax.masking", "lut_jax.losses",
                 "lut_jax.convert", "lut_jax.optim", "lut_jax.train_state", "lut_jax.train_step",
                 "lut_jax.sharding", "lut_jax.checkpointing", "lut_jax.config_lib",
@@ -97,7 +99,7 @@ def test_pretraining_command_runs_without_tensorflow(tmp_path):
         print("TF MODULES", bad)
   """)
   root = __import__("pathlib").Path(__file__).resolve().parents[1]
-  env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+  env = util.one_device_env()
   results = []
   for total in ("4", "4"):  # the second command finds the run finished and resumes it
     result = subprocess.run([sys.executable, "-c", script, total], capture_output=True,

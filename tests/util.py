@@ -1,5 +1,7 @@
 """Small shared builders for the tests: tiny configs, models and synthetic batches."""
 
+import os
+
 import ml_collections
 import numpy as np
 
@@ -29,6 +31,15 @@ def tiny_config(method: str = "lut", **overrides) -> ml_collections.ConfigDict:
   config.input.backend = "tfdata"
   config.monitor.every_steps = 0
   return override(config, overrides)
+
+
+def one_device_env(**extra: str) -> dict[str, str]:
+  """This process's environment without the suite's 8-device ``XLA_FLAGS`` (conftest): a
+  subprocess started with it sees one CPU device, as a user's laptop run. ``extra`` adds
+  variables."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(extra)
+  return env
 
 
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
