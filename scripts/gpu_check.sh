@@ -204,17 +204,18 @@ if want realdata; then
 fi
 
 # 7. The largest batch that fits: B/16 LUT without and with remat, L/16 LUT with remat.
+# max_batch NAME VARIANT START_BATCH REMAT_FLAG
+max_batch() {
+  # shellcheck disable=SC2086
+  stage "max_batch_$1" 90 200 python3 scripts/benchmark.py --variant="$2" --batch="$3" \
+      --method=lut --image_size="$IMAGE_SIZE" --dtype=bfloat16 --attention=auto --"$4" \
+      --find_max_batch --max_batch="$MAX_BATCH_LIMIT" --steps=2 --warmup=1 --repeats=1 \
+      --json_out="$WORK/bench_max_batch_$1.json" $BENCH_EXTRA
+}
 if want max_batch; then
-  for remat in no-remat remat; do
-    stage "max_batch_b16_$remat" 90 200 python3 scripts/benchmark.py --variant="$VARIANT_B16" \
-        --batch="$BATCH_B16" --method=lut --image_size="$IMAGE_SIZE" --dtype=bfloat16 \
-        --attention=auto --"$remat" --find_max_batch --max_batch="$MAX_BATCH_LIMIT" --steps=2 \
-        --warmup=1 --repeats=1 --json_out="$WORK/bench_max_batch_b16_$remat.json" $BENCH_EXTRA
-  done
-  stage max_batch_l16_remat 90 200 python3 scripts/benchmark.py --variant="$VARIANT_L16" \
-      --batch="$BATCH_L16" --method=lut --image_size="$IMAGE_SIZE" --dtype=bfloat16 \
-      --attention=auto --remat --find_max_batch --max_batch="$MAX_BATCH_LIMIT" --steps=2 \
-      --warmup=1 --repeats=1 --json_out="$WORK/bench_max_batch_l16_remat.json" $BENCH_EXTRA
+  max_batch b16_no-remat "$VARIANT_B16" "$BATCH_B16" no-remat
+  max_batch b16_remat "$VARIANT_B16" "$BATCH_B16" remat
+  max_batch l16_remat "$VARIANT_L16" "$BATCH_L16" remat
 fi
 
 # 8. Optional: L/16 LUT at BATCH_L16 with remat (timed), S/16 and XLA attention.
