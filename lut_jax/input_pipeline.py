@@ -84,12 +84,26 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def _raise_data_error(source: datasets.DataSource, error: tf.errors.OpError) -> None:
-  """Raises the ``DataError`` behind ``error`` (a file gone bad, named), if there is one;
-  call it in an ``except`` block and re-raise ``error`` when it returns."""
-  data_error = source.read_error(error)
-  if data_error is not None:
-    raise data_error from error
+def numpy_batches(dataset: tf.data.Dataset,
+                  source: datasets.DataSource) -> Iterator[dict[str, np.ndarray]]:
+  """``dataset``'s batches as numpy; a read failure becomes the ``DataError`` that names
+  the file gone bad, where ``source`` can tell (otherwise TensorFlow's error stands)."""
+  iterator = iter(dataset)  # here, not at the first batch: reading and prefetching start now
+
+  def batches() -> Iterator[dict[str, np.ndarray]]:
+    while True:
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        return
+      except tf.errors.OpError as e:
+        data_error = source.read_error(e)
+        if data_error is not None:
+          raise data_error from e
+        raise
+      yield {k: v.numpy() for k, v in batch.items()}
+
+  return batches()
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -150,7 +164,7 @@ class BatchIterator:
     self.local_batch_size = local_batch_size
     self.step = start_step
     self.element_spec = dataset.element_spec
-    self._iterator = iter(dataset)
+    self._batches = numpy_batches(dataset, source)  # endless: epoch_batches repeats
     self._global_shape = global_shape
     self._sharding = sharding
     self._device_prefetch = max(1, device_prefetch)
@@ -160,12 +174,7 @@ class BatchIterator:
     return self
 
   def _next_local(self) -> dict[str, np.ndarray]:
-    try:
-      batch = next(self._iterator)
-    except tf.errors.OpError as e:
-      _raise_data_error(self.source, e)
-      raise
-    return {k: v.numpy() for k, v in batch.items()}
+    return next(self._batches)
 
   def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     # Transfers are asynchronous: queueing the next batches overlaps their host->device
@@ -366,16 +375,7 @@ class EvalDataset:
     return self.num_batches
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
-    iterator = iter(self._dataset)
-    while True:
-      try:
-        batch = next(iterator)
-      except StopIteration:
-        return
-      except tf.errors.OpError as e:
-        _raise_data_error(self.source, e)
-        raise
-      local = {k: v.numpy() for k, v in batch.items()}
+    for local in numpy_batches(self._dataset, self.source):
       if self._sharding is None:
         yield local
       else:

@@ -352,18 +352,7 @@ class EvalData:
     self._dataset, self.source = dataset, source
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    iterator = iter(self._dataset)
-    while True:
-      try:
-        batch = next(iterator)
-      except StopIteration:
-        return
-      except tf.errors.OpError as e:
-        error = self.source.read_error(e)
-        if error is not None:
-          raise error from None
-        raise
-      yield {k: v.numpy() for k, v in batch.items()}
+    return input_pipeline.numpy_batches(self._dataset, self.source)
 
 
 def create_eval_data(seg: SegSource, input_config: Any, *, batch_size: int, crop: int,
