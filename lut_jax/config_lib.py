@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import json
+from typing import Any, Iterable
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -59,16 +63,55 @@ def resolve_config_args(argv: list[str]) -> list[str]:
   return out
 
 
+def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for name, value in config.items():
+    keys.append(prefix + name)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += _dotted_keys(value, prefix + name + ".")
+  return keys
+
+
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """Sets dotted keys (``{"model.head_norm": "layer"}``), as ``--config.x=y`` does; returns
-  ``config`` (unlocked fields only, like the flag)."""
+  """Sets existing dotted keys (``{"model.head_norm": "layer"}``) as ``--config.x=y`` does,
+  and returns ``config``.
+
+  A key the config does not have raises ``ValueError`` naming the nearest existing key: an
+  unlocked ConfigDict would otherwise grow a new field that nothing reads (an ablation of
+  ``w_bc=1.0`` silently ran the default ``loss.w_bc``).
+  """
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
     for name in parents:
-      node = node[name]
+      node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      known = _dotted_keys(config)
+      near = ([k for k in known if k.rsplit(".", 1)[-1] == leaf]
+              or difflib.get_close_matches(key, known, n=1))
+      raise ValueError(f"unknown config key {key!r}"
+                       + (f"; did you mean {near[0]!r}?" if near else ""))
     node[leaf] = value
   return config
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+  """``["loss.w_bc=1", "model.teacher_bn=batch"]`` -> ``{key: value}`` for :func:`override`.
+
+  Values are JSON where they parse (numbers, ``true``, ``null``, ``"quoted"``, lists);
+  ``True``/``False`` are booleans; anything else is the string itself.
+  """
+  out = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"bad config override {item!r}; expected key.sub=value")
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      value = {"true": True, "false": False}.get(text.lower(), text)
+    out[key] = value
+  return out
 
 
 def _steps_or_epochs(value: float | None = None) -> config_dict.FieldReference:

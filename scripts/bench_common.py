@@ -9,6 +9,8 @@ import platform
 import subprocess
 from typing import Any, Iterable, Optional, Sequence
 
+from lut_jax import config_lib
+
 
 def cpu_model() -> str:
   """The CPU's model name (from /proc/cpuinfo where there is one)."""
@@ -22,26 +24,10 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
-def parse_value(text: str) -> Any:
-  """``--override`` values: int, float, bool, or the string itself."""
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def apply_overrides(config, items: Iterable[str]):
-  """Applies ``key.sub=value`` strings to an (unlocked) ConfigDict, like ``--config.x=y``."""
-  for item in items:
-    key, _, value = item.partition("=")
-    node = config
-    *parents, leaf = key.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = parse_value(value)
-  return config
+  """Applies ``key.sub=value`` strings to an (unlocked) ConfigDict, like ``--config.x=y``;
+  an unknown key raises ``ValueError`` (config_lib.override)."""
+  return config_lib.override(config, config_lib.parse_overrides(items))
 
 
 def finish(results: dict[str, Any], loadavg_start: float, json_path: Optional[str]) -> None:

@@ -64,13 +64,6 @@ _FROM_JSON = flags.DEFINE_string("from_json", "", "Only render --results / --plo
 _POOLS = ("cls", "mean")
 
 
-def _parse(value: str):
-  try:
-    return json.loads(value)
-  except json.JSONDecodeError:
-    return value  # a string
-
-
 def pretrain_config(method: str, seed: int):
   config = fashion_mnist.get_config(f"variant={_VARIANT.value},method={method}").unlock()
   config.seed = seed
@@ -81,8 +74,7 @@ def pretrain_config(method: str, seed: int):
   config.checkpoint_every_steps = max(1, _TOTAL_STEPS.value // 4)
   config.image_summary_every_steps = _TOTAL_STEPS.value
   config.monitor.every_steps = _MONITOR_EVERY.value
-  overrides = dict(item.split("=", 1) for item in _SET.value)
-  return config_lib.override(config, {k: _parse(v) for k, v in overrides.items()}).lock()
+  return config_lib.override(config, config_lib.parse_overrides(_SET.value)).lock()
 
 
 def _features(encoder, params, images, channels) -> dict[str, np.ndarray]:
@@ -276,6 +268,11 @@ def main(argv: list[str]) -> None:
     print(text)
     return
   t0 = time.time()
+  for method in _METHODS.value:  # a bad --set fails here, in one line, before any run
+    try:
+      config_lib.validate(pretrain_config(method, 0))
+    except (ValueError, TypeError) as e:
+      sys.exit(f"compare_lut_mae.py: {method} config: {e}")
   config = pretrain_config("lut", 0)
   splits = [(s.images, s.labels) for s in (
       device_input.load_split(config.input, split)

@@ -1,5 +1,9 @@
 """Pre-training config rules: method decides the BC branch, run length by steps or epochs."""
 
+import os
+import subprocess
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 import pytest
@@ -7,6 +11,8 @@ import pytest
 from configs import fashion_mnist, pretrain
 from lut_jax import build, config_lib, errors
 from tests import util
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _validate(**overrides):
@@ -72,3 +78,37 @@ def test_config_files_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
   loaded = config_flags.config_flags._LoadConfigModule(  # what the --config flag does
       "packaged", config_lib.resolve_config_file("fashion_mnist")).get_config()
   assert loaded.model.variant == fashion_mnist.get_config().model.variant
+
+
+def test_an_override_of_a_key_the_config_lacks_is_refused_with_the_nearest_key():
+  config = fashion_mnist.get_config().unlock()
+  # The leaf name alone: the dotted key that ends in it is suggested.
+  with pytest.raises(ValueError, match=r"unknown config key 'w_bc'; did you mean 'loss.w_bc'"):
+    config_lib.override(config, {"w_bc": 1.0})
+  with pytest.raises(ValueError, match=r"'model.teacher_bm'; did you mean 'model.teacher_bn'"):
+    config_lib.override(config, {"model.teacher_bm": "batch"})
+  with pytest.raises(ValueError, match=r"unknown config key 'nothing.here'$"):
+    config_lib.override(config, {"nothing.here": 1})
+  assert "w_bc" not in config and config.loss.w_bc == 0.25  # nothing was added or changed
+  config_lib.override(config, {"loss.w_bc": 1.0, "model.teacher_bn": "batch"})
+  assert (config.loss.w_bc, config.model.teacher_bn) == (1.0, "batch")
+
+
+def test_override_strings_parse_as_json_then_booleans_then_text():
+  assert config_lib.parse_overrides(
+      ["loss.w_bc=1", "ema.momentum=0.97", "model.teacher_bn=batch", 'dtype="bfloat16"',
+       "model.remat=True", "total_epochs=null", "a.b=x=y"]) == {
+           "loss.w_bc": 1, "ema.momentum": 0.97, "model.teacher_bn": "batch",
+           "dtype": "bfloat16", "model.remat": True, "total_epochs": None, "a.b": "x=y"}
+  with pytest.raises(ValueError, match="bad config override 'loss.w_bc'"):
+    config_lib.parse_overrides(["loss.w_bc"])
+
+
+def test_the_comparison_script_refuses_a_misspelt_ablation_before_any_run(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "scripts/compare_lut_mae.py", f"--workdir={tmp_path}", "--methods=lut",
+       "--set=w_bc=1.0"], capture_output=True, text=True, cwd=REPO, env=util.one_device_env(), timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "compare_lut_mae.py: lut config: unknown config key 'w_bc'; did you mean 'loss.w_bc'?")
+  assert not any(tmp_path.iterdir())  # nothing pre-trained or written
