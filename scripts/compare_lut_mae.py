@@ -118,7 +118,10 @@ def run(method: str, seed: int, splits) -> dict:
     params = training.init(init_key).params["encoder"]
   else:
     t0 = time.time()
-    train.pretrain(config, run_dir)
+    done = int(jax.device_get(train.pretrain(config, run_dir).step))
+    if done < config.total_steps:  # preempted: probing it would record an unfinished run
+      sys.exit(f"compare_lut_mae.py: {method} seed {seed} stopped at step {done} of "
+               f"{config.total_steps} (preempted); rerun the same command to resume.")
     out["pretrain_seconds"] = time.time() - t0
     pretrained = features.load_pretrained(run_dir)
     encoder, params = pretrained.encoder, pretrained.params

@@ -1,0 +1,60 @@
+"""scripts/compare_lut_mae.py: a preempted pre-training is resumed, never probed as finished."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lut_jax import idx
+from tests import util
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The comparison in a child process whose pre-training gets a preemption notice before its
+# first step when PREEMPT=1 (as after a SIGTERM): it saves and stops at step 1.
+_SCRIPT = textwrap.dedent("""
+    import os, runpy, sys
+    from lut_jax import loop
+    if os.environ.get("PREEMPT") == "1":
+      enter = loop.PreemptionGuard.__enter__
+      def preempted(self):
+        guard = enter(self)
+        guard.requested = True
+        return guard
+      loop.PreemptionGuard.__enter__ = preempted
+    sys.argv = ["compare_lut_mae.py"] + sys.argv[1:]
+    runpy.run_path("scripts/compare_lut_mae.py", run_name="__main__")
+""")
+
+
+def test_a_preempted_run_stops_the_comparison_and_the_rerun_finishes_it(tmp_path):
+  if idx.find_fashion_mnist() is None:
+    pytest.skip("Fashion-MNIST idx files not installed")
+  args = [f"--workdir={tmp_path}", "--methods=mae", "--seeds=0", "--total_steps=3",
+          "--batch_size=16", "--variant=mu/4", "--monitor_every=0", "--lp_epochs=1",
+          "--probe_train_split=train[:64]", "--probe_eval_split=test[:32]"]
+
+  def compare(preempt: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _SCRIPT, *args], capture_output=True,
+                          text=True, cwd=REPO, env=util.one_device_env(PREEMPT=preempt),
+                          timeout=600)
+
+  run_dir = tmp_path / "mae_s0"
+  first = compare("1")
+  assert first.returncode == 1, first.stderr[-3000:]
+  assert first.stderr.strip().splitlines()[-1] == (
+      "compare_lut_mae.py: mae seed 0 stopped at step 1 of 3 (preempted); rerun the same "
+      "command to resume.")
+  assert not (run_dir / "probe_results.json").exists()  # nothing recorded as finished
+  assert sorted(os.listdir(run_dir / "checkpoints")) == ["1"]
+
+  second = compare("0")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "start step 1" in second.stderr  # resumed, not restarted
+  assert "3" in os.listdir(run_dir / "checkpoints")
+  with open(tmp_path / "compare_results.json") as f:
+    results = json.load(f)["results"]
+  assert [r["method"] for r in results] == ["pixels", "mae", "random"]
