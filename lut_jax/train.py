@@ -90,7 +90,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
                          adopt: bool = False) -> None:
   """Raises ``ConfigError`` when a resumed run's config differs from the saved one outside
   ``RESUME_MAY_CHANGE``, or when there is no saved config (unless ``adopt``)."""
@@ -177,7 +177,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   base_key = jax.random.key(config.seed)
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:
-    _check_resume_config(config, workdir, adopt=adopt_checkpoint)
+    check_resume_config(config, workdir, adopt=adopt_checkpoint)
     state, step = ckpt.restore_newest_intact(
         checkpointing.abstract_like(abstract_state, training.state_shardings))
     logging.info("Resuming from %s step %d", ckpt.directory, step)

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fashion_mnist  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import linear_probe as lp_config  # noqa: E402
-from lut_jax import build, config_lib, device_input, monitor, sharding, train  # noqa: E402
+from lut_jax import build, config_lib, device_input, errors, monitor, sharding, train  # noqa: E402
 from lut_jax.evaluation import features, knn, linear_probe  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Base directory of the runs.")
@@ -101,15 +101,34 @@ def probe(train_feats, train_labels, test_feats, test_labels, seed: int) -> dict
   return out
 
 
+def _finished(method: str, run_dir: str, done_file: str, config, settings: dict) -> dict:
+  """A finished run's saved results, if they are this command's: same pre-training config
+  (the resume rule) and probe settings. Otherwise a one-line exit: reusing them would put
+  another budget's or ablation's numbers in this comparison's table."""
+  with open(done_file) as f:
+    saved = json.load(f)
+  try:
+    if method != "random":
+      train.check_resume_config(config, run_dir)
+    if saved.get("settings", settings) != settings:  # files before "settings": not checked
+      raise ValueError(f"probed with {saved['settings']}, this command asks for {settings}")
+  except (ValueError, errors.UserError) as e:
+    sys.exit(f"compare_lut_mae.py: {run_dir} was finished by another comparison: {e}. Use a "
+             "new --workdir (or the same settings) to reuse it.")
+  return saved
+
+
 def run(method: str, seed: int, splits) -> dict:
   """Pre-trains (resuming) and probes one run; ``method == "random"``: the untrained
   encoder of ``seed``."""
   config = pretrain_config("mae" if method == "random" else method, seed)
   run_dir = os.path.join(_WORKDIR.value, f"{method}_s{seed}")
   done_file = os.path.join(run_dir, "probe_results.json")
+  settings = {"variant": config.model.variant, "train_split": _PROBE_TRAIN.value,
+              "eval_split": _PROBE_EVAL.value, "lp_epochs": _LP_EPOCHS.value}
   if os.path.exists(done_file):
-    return json.load(open(done_file))
-  out = {"method": method, "seed": seed, "pretrain_seconds": 0.0}
+    return _finished(method, run_dir, done_file, config, settings)
+  out = {"method": method, "seed": seed, "pretrain_seconds": 0.0, "settings": settings}
   if method == "random":
     training = build.build_training(config, sharding.create_mesh(config.mesh.fsdp),
                                     total_steps=1, warmup_steps=0)

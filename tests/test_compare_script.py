@@ -1,4 +1,5 @@
-"""scripts/compare_lut_mae.py: a preempted pre-training is resumed, never probed as finished."""
+"""scripts/compare_lut_mae.py: a preempted pre-training is resumed, never probed as finished;
+a finished run is reused only by a comparison with its own settings."""
 
 import json
 import os
@@ -30,15 +31,15 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_preempted_run_stops_the_comparison_and_the_rerun_finishes_it(tmp_path):
+def test_a_preempted_run_stops_the_comparison_and_the_rerun_finishes_it_and_no_other(tmp_path):
   if idx.find_fashion_mnist() is None:
     pytest.skip("Fashion-MNIST idx files not installed")
   args = [f"--workdir={tmp_path}", "--methods=mae", "--seeds=0", "--total_steps=3",
           "--batch_size=16", "--variant=mu/4", "--monitor_every=0", "--lp_epochs=1",
           "--probe_train_split=train[:64]", "--probe_eval_split=test[:32]"]
 
-  def compare(preempt: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _SCRIPT, *args], capture_output=True,
+  def compare(preempt: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _SCRIPT, *args, *extra], capture_output=True,
                           text=True, cwd=REPO, env=util.one_device_env(PREEMPT=preempt),
                           timeout=600)
 
@@ -58,3 +59,12 @@ def test_a_preempted_run_stops_the_comparison_and_the_rerun_finishes_it(tmp_path
   with open(tmp_path / "compare_results.json") as f:
     results = json.load(f)["results"]
   assert [r["method"] for r in results] == ["pixels", "mae", "random"]
+
+  # Another budget or probe in the same workdir: refused, not answered with these results.
+  for extra, expected in ((["--total_steps=4"], "total_steps: 3 -> 4"),
+                          (["--lp_epochs=2"], "'lp_epochs': 1}, this command asks for")):
+    other = compare("0", *extra)
+    assert other.returncode == 1, other.stderr[-3000:]
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"compare_lut_mae.py: {run_dir} was finished by another "
+                           "comparison: ") and expected in last, last

@@ -75,7 +75,7 @@ def test_resume_refuses_any_change_outside_the_allow_list(tmp_path, field, value
   config_lib.save_config(config, str(tmp_path))
   util.override(config, {field: value})
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.") + ": "):
-    train._check_resume_config(config, str(tmp_path))
+    train.check_resume_config(config, str(tmp_path))
 
 
 def test_restart_rewrites_config_json_with_allowed_changes(tmp_path):

@@ -90,11 +90,11 @@ def test_resume_refuses_a_changed_run_config(tmp_path):
   config_lib.save_config(config, str(tmp_path))
   config.log_every_steps = 5  # logging and checkpoint intervals may change on resume
   config.checkpoint_every_steps = 7
-  train._check_resume_config(config, str(tmp_path))
+  train.check_resume_config(config, str(tmp_path))
   config.input.batch_size = 32
   config.seed = 1
   with pytest.raises(config_lib.ConfigError, match="seed: 0 -> 1; input.batch_size: 16 -> 32"):
-    train._check_resume_config(config, str(tmp_path))
+    train.check_resume_config(config, str(tmp_path))
 
 
 def test_keep_checkpoint_every_steps_keeps_a_history(tmp_path):
