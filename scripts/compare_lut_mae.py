@@ -15,8 +15,11 @@ pixels, and the untrained encoder (seed 0's initialisation).
 Writes ``<workdir>/compare_results.json``, a Markdown section (mean +- sample std over the
 seeds, and every run) into ``--results`` between this script's markers for ``--tag``, and,
 with matplotlib, ``<plots>_knn.png`` (monitor kNN vs epoch) and ``<plots>_collapse.png``.
-Everything is resumable: a rerun resumes unfinished pre-training and reuses finished runs'
-probe results. ``--set=key=value`` applies config overrides to every run (ablations).
+Everything is resumable: a rerun resumes unfinished pre-training (a preempted run stops the
+script; rerun it) and reuses finished runs' probe results, but only with the same settings
+(another budget, ablation or probe in the same ``--workdir`` is refused: use a new one).
+``--set=key.sub=value`` applies config overrides to every run (ablations); a key the config
+does not have is refused.
 Size a GPU run by timing a short one first (``--total_steps=50``): the JSON records each
 run's pre-training wall time.
 """
