@@ -37,15 +37,18 @@ PACKAGED_CONFIGS = "lut_jax.configs"
 def resolve_config_file(value: str) -> str:
   """A ``--config`` value (``PATH[:args]``) with ``PATH`` found: as given when it exists
   (or is a URL), else the packaged config of that name, so ``configs/knn.py``, ``knn.py``
-  and ``knn`` all work after a plain install. Unknown names are returned unchanged (the
-  flag then reports the missing file)."""
+  and ``knn`` all work after a plain install. Any other missing path (``my_exps/knn.py``) and
+  unknown names are returned unchanged: the flag then reports the missing file, where a
+  fallback would silently run the stock config in place of the user's own."""
   import importlib.resources  # local: only the command lines need it
   import os
 
   path, sep, args = value.partition(":")
   if not path or "://" in value or os.path.exists(path):
     return value
-  name = os.path.basename(path)
+  folder, name = os.path.split(path)
+  if os.path.normpath(folder) not in (".", "configs"):
+    return value
   packaged = importlib.resources.files(PACKAGED_CONFIGS) / (
       name if name.endswith(".py") else f"{name}.py")
   return f"{packaged}{sep}{args}" if packaged.is_file() else value

@@ -73,6 +73,11 @@ def test_config_files_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
   (tmp_path / "configs" / "knn.py").write_text("# the user's own\n")
   assert config_lib.resolve_config_file("configs/knn.py") == "configs/knn.py"
   assert config_lib.resolve_config_file("no_such_config") == "no_such_config"
+  # A mistyped path to the user's own file is reported missing, never replaced by the
+  # packaged config of the same name.
+  for own in ("my_exps/knn.py", "/home/me/finetune.py:dataset=cub", "./configs2/knn.py"):
+    assert config_lib.resolve_config_file(own) == own
+  assert config_lib.resolve_config_file("./knn.py") == config_lib.resolve_config_file("knn")
   assert config_lib.resolve_config_args(["prog", "--config", "knn.py", "--workdir=x"])[2] == \
       config_lib.resolve_config_file("knn")
   loaded = config_flags.config_flags._LoadConfigModule(  # what the --config flag does

@@ -159,3 +159,13 @@ def test_flowers_preset_fine_tunes_end_to_end_on_mock_data(tmp_path, encoder_dir
   record = json.load(open(os.path.join(workdir, "checkpoints", "eval_key.json")))
   assert record["key"]["dataset"] == "oxford_flowers102"
   assert record["key"]["split"] == "train+validation"
+
+
+def test_a_misspelt_compute_dtype_is_refused_not_run_as_float32(encoder_dir):
+  config = finetune_config.get_config("dataset=flowers").unlock()
+  config.pretrained = encoder_dir
+  config.dtype = "bf16"
+  with pytest.raises(eval_config.EvalConfigError, match=r"unknown dtype 'bf16'"):
+    eval_config.validate(config)
+  config.dtype = "bfloat16"
+  eval_config.validate(config)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import ml_collections
 
-from lut_jax import errors, folders
+from lut_jax import config_lib, errors, folders
 
 MODES = ("knn", "linear_probe", "finetune", "robustness", "segmentation")
 
@@ -182,6 +182,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checkpointing.locate_pretrained(config.pretrained)
   if config.input.eval_batch_size <= 0:
     fail(f"input.eval_batch_size must be positive, got {config.input.eval_batch_size}")
+  # Fine-tuning and segmentation run bfloat16 for "bfloat16" and float32 otherwise, so a
+  # misspelling ("bf16") would silently train in float32 (robustness checks its own).
+  if config.mode != "robustness" and config.get("dtype", "float32") not in config_lib.DTYPES:
+    fail(f"unknown dtype {config.dtype!r}; expected one of {config_lib.DTYPES}")
   if config.mode == "knn":
     if config.knn.k <= 0 or config.knn.temperature <= 0:
       fail(f"knn.k and knn.temperature must be positive, got {config.knn.k}, "
