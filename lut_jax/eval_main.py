@@ -38,8 +38,11 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
   eval_config.validate(config)
   with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    config_lib.save_config(config, workdir)  # the analysis tools read the probe's pooling
-    return _run_mode(config, workdir)
+    results = _run_mode(config, workdir)
+    # After the run: a run refused for its work directory (another encoder or recipe)
+    # leaves the config of the run that is there.
+    config_lib.save_config(config, workdir)
+    return results
 
 
 def _run_mode(config, workdir: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lut_jax import analyze, checkpointing, errors, models, optim, train_state
 from lut_jax.analysis import attention_distance, loading, maps, spectrum
+from lut_jax.evaluation import features
 from tests import util
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -164,7 +165,8 @@ def test_loading_and_cli(tmp_path, monkeypatch):
            bias=np.zeros(10, np.float32), bn_mean=np.zeros(32, np.float32),
            bn_var=np.ones(32, np.float32))
 
-  # A linear-probe workdir (lut_jax.evaluation.linear_probe's layout), cls-pooled.
+  # A linear-probe workdir (lut_jax.evaluation.linear_probe's layout), cls-pooled, whose
+  # config.json a later lut-eval run replaced: the pooling comes from the probe's record.
   probe_dir = tmp_path / "probe_run"
   ckpt = checkpointing.Checkpointer(str(probe_dir / "checkpoints"), async_save=False)
   ckpt.save(10, {"step": np.int32(10),
@@ -173,7 +175,9 @@ def test_loading_and_cli(tmp_path, monkeypatch):
                  "batch_stats": {"bn": {"mean": np.zeros(32, np.float32),
                                         "var": np.ones(32, np.float32)}}}, force=True)
   ckpt.close()
-  (probe_dir / "config.json").write_text(json.dumps({"linear_probe": {"pool": "cls"}}))
+  (probe_dir / "checkpoints" / features.RESUME_KEY_FILE).write_text(json.dumps(
+      {"mode": "linear_probe", "key": {"pools": ["cls"], "split": "train"}}))
+  (probe_dir / "config.json").write_text(json.dumps({"linear_probe": {"pool": "mean"}}))
 
   out = tmp_path / "out"
   analyze.analyze(analyze.parse_args([

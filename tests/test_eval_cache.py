@@ -166,3 +166,32 @@ def test_linear_probe_refuses_to_resume_against_another_encoder(tmp_path, reads)
   os.remove(os.path.join(workdir, "checkpoints", features.RESUME_KEY_FILE))
   with pytest.raises(errors.WorkdirError, match="no record"):
     linear_probe.run_linear_probe(config, workdir, pretrained=a)
+
+
+def test_linear_probe_refuses_to_resume_under_another_recipe(tmp_path, reads):
+  """An lr sweep in one workdir must not re-report the first run's finished state."""
+  config = lp_config.get_config()
+  config.num_classes = 3
+  config.input.eval_batch_size = 16
+  lp = config.linear_probe
+  lp.epochs, lp.batch_size, lp.warmup_epochs, lp.eval_every_epochs = 2, 16, 1, 1
+  a = tiny_encoder(0)
+  workdir = str(tmp_path / "lp")
+  first = linear_probe.run_linear_probe(config, workdir, pretrained=a)
+  for field, value in (("base_lr", 10 * lp.base_lr), ("epochs", 3)):
+    other = config.copy_and_resolve_references()
+    other.linear_probe[field] = value
+    with pytest.raises(errors.WorkdirError, match=f"a different linear_probe.{field}"):
+      linear_probe.run_linear_probe(other, workdir, pretrained=a)
+  seeded = config.copy_and_resolve_references()
+  seeded.seed = 1
+  with pytest.raises(errors.WorkdirError, match="a different seed"):
+    linear_probe.run_linear_probe(seeded, workdir, pretrained=a)
+  # How often it evaluates is not part of the recipe: that rerun resumes the finished run.
+  resumed = config.copy_and_resolve_references()
+  resumed.linear_probe.eval_every_epochs = 2
+  assert linear_probe.run_linear_probe(resumed, workdir, pretrained=a) == first
+  # In a new workdir the other lr trains its own probe.
+  other = config.copy_and_resolve_references()
+  other.linear_probe.base_lr = 10 * lp.base_lr
+  assert linear_probe.run_linear_probe(other, str(tmp_path / "lp2"), pretrained=a) != first

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lut_jax import checkpointing, config_lib, errors, image_utils, models, variants
+from lut_jax.evaluation import features
 
 
 @dataclasses.dataclass
@@ -597,9 +598,13 @@ def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
     if state["batch_stats"].get("bn"):
       probe["bn_mean"] = state["batch_stats"]["bn"]["mean"]
       probe["bn_var"] = state["batch_stats"]["bn"]["var"]
+    # The pooling the probe was trained with is in its resume record (the workdir's
+    # config.json is the last lut-eval's, which may be another mode's).
     stored = "cls"
-    if os.path.exists(os.path.join(path, config_lib.CONFIG_FILE)):
-      stored = config_lib.load_config(path).get("linear_probe", {}).get("pool", "cls")
+    record = os.path.join(path, checkpointing.CHECKPOINT_DIR, features.RESUME_KEY_FILE)
+    if os.path.exists(record):
+      with open(record) as f:
+        stored = json.load(f)["key"].get("pools", ["cls"])[0]
   else:
     with open(path, "rb") as f:
       head = f.read(6)

@@ -324,8 +324,10 @@ def finetune(
   abstract_state = jax.eval_shape(init_fn, init_key)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
-  # The state depends on the encoder and the training input, not on the eval crop.
-  resume_key = features.features_key(pretrained, input_config, config.input.train_split)
+  # The state depends on the encoder, the training input and the recipe, not on the eval
+  # crop.
+  resume_key = {**features.features_key(pretrained, input_config, config.input.train_split),
+                **features.training_key(config, "finetune", "augment")}
   features.check_resume_key(checkpoint_dir, "finetune", resume_key)
   ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False,
                                     best_metric="top1")

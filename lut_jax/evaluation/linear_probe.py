@@ -198,9 +198,10 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str,
   input_config = eval_config.input_config(config, pretrained)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   # The probe's state depends on the training features of its pool only.
-  features.check_resume_key(checkpoint_dir, "linear_probe", features.features_key(
-      pretrained, input_config, config.input.train_split, pools=(lp.pool,),
-      crop_pct=config.input.crop_pct))
+  features.check_resume_key(checkpoint_dir, "linear_probe", {
+      **features.features_key(pretrained, input_config, config.input.train_split,
+                              pools=(lp.pool,), crop_pct=config.input.crop_pct),
+      **features.training_key(config, "linear_probe")})
   cache = os.path.join(workdir, "features") if config.cache_features else None
   splits = (config.input.train_split, config.input.eval_split)
   pools = ("cls", "mean")

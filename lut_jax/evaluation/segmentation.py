@@ -325,6 +325,7 @@ def segment(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   resume_key = features.features_key(pretrained, input_config, config.input.train_split)
   resume_key["segmentation_input"] = _data_key(config)
+  resume_key.update(features.training_key(config, "segmentation"))
   features.check_resume_key(checkpoint_dir, "segmentation", resume_key)
   ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False,
                                     best_metric="miou")
