@@ -321,16 +321,12 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
         hint="expected folder:<folder> with <folder>/<class>/<image> (or "
         "<folder>/<split>/<class>/<image>)")
   base = split.split("[")[0]
-  root = path
-  if base and tf.io.gfile.isdir(os.path.join(path, base)):
-    root = os.path.join(path, base)
-  elif base != "train":
-    # No <split> sub-folder: the whole folder serves as this split. Fine for training, but
-    # an evaluation on it would reuse the training images, so say so.
-    logging.warning("%s: no sub-folder %r; using the whole folder as split %r", name, base,
-                    split)
+  root, train_root = folders.split_folder(name, path, split, isdir=tf.io.gfile.isdir)
   listing = folders.list_local_folder(root) if _is_local(root) else _list_folder(root)
   listing.warn(name)
+  if train_root is not None:
+    folders.follow_classes(listing, folders.local_class_names(train_root)
+                           if _is_local(train_root) else _class_names(train_root), name, split)
   files, labels = listing.files, listing.labels
   if not files:
     raise errors.DataNotFoundError(
@@ -380,10 +376,14 @@ def _is_local(path: str) -> bool:
   return "://" not in path
 
 
+def _class_names(root: str) -> list[str]:
+  return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
+                if tf.io.gfile.isdir(os.path.join(root, d)))
+
+
 def _list_folder(root: str) -> folders.Listing:
   """Lists a folder through tf.io.gfile (gs:// and other file systems without links)."""
-  classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
-                   if tf.io.gfile.isdir(os.path.join(root, d)))
+  classes = _class_names(root)
   listing = folders.Listing(classes)
   for label, cls in enumerate(classes):
     for dirpath, _, filenames in sorted(tf.io.gfile.walk(os.path.join(root, cls))):

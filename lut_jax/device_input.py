@@ -150,13 +150,11 @@ def _folder(name: str, split: str, image_size: int) -> Split:
         hint="expected folder:<folder> with <folder>/<class>/<image>; folders on object "
              "stores (gs://) need input.backend='tfdata'")
   base = split.split("[")[0]
-  if os.path.isdir(os.path.join(root, base)):
-    root = os.path.join(root, base)
-  elif base != "train":
-    logging.warning("%s: no sub-folder %r; using the whole folder as split %r", name, base,
-                    split)
+  root, train_root = folders.split_folder(name, root, split)
   listing = folders.list_local_folder(root)
   listing.warn(name)
+  if train_root is not None:
+    folders.follow_classes(listing, folders.local_class_names(train_root), name, split)
   _, start, stop = slice_split(split, {base: len(listing.files)})
   images, labels, skipped, grey = [], [], [], True
   for path, label in zip(listing.files[start:stop], listing.labels[start:stop]):

@@ -101,16 +101,11 @@ def _scan(path: str) -> list[os.DirEntry]:
     return sorted(entries, key=lambda e: e.name)
 
 
-def list_local_folder(root: str) -> Listing:
-  """Lists a local folder without following a link twice or into a loop (see the module
-  docstring); the reading order and labels of a folder without links are those of
-  ``lut_jax.datasets``' listing through ``tf.io.gfile`` (sorted class folders, then
-  folders by path and files by name)."""
-  real_root = os.path.realpath(root)
-  # Real paths of the folders listed (or about to be): each is walked once at most. The
-  # class folders are claimed first, so that a deeper link cannot take a class's files.
-  visited = {real_root}
-  listing = Listing([])
+def _class_folders(root: str, real_root: str, visited: set[str],
+                   listing: Listing) -> list[tuple[str, str]]:
+  """``(path, real path)`` of ``root``'s class folders in label order; records their names
+  in ``listing.classes``, the links not followed in ``listing.links``, and claims them in
+  ``visited``."""
   tops = []
   try:
     top_entries = _scan(root)
@@ -130,6 +125,68 @@ def list_local_folder(root: str) -> Listing:
     visited.add(target)
     listing.classes.append(entry.name)
     tops.append((entry.path, target))
+  return tops
+
+
+def local_class_names(root: str) -> list[str]:
+  """The class folders of ``root`` in label order, as :func:`list_local_folder` finds them,
+  without listing their files."""
+  listing = Listing([])
+  _class_folders(root, os.path.realpath(root), {os.path.realpath(root)}, listing)
+  return listing.classes
+
+
+def split_folder(name: str, root: str, split: str, *, isdir=os.path.isdir
+                 ) -> tuple[str, str | None]:
+  """Where split ``split`` (``"val"``, ``"train[:90%]"``) of image folder ``root`` is:
+  ``(folder, train_folder)``.
+
+  ``<root>/<split>/`` when it exists; for other splits than ``train``, ``train_folder`` is
+  ``<root>/train`` when that exists too, whose classes then define every split's labels
+  (:func:`follow_classes`), so that ``val/c`` never takes ``train/b``'s label. Without such
+  a sub-folder, ``train`` is the whole folder and any other split is an error: evaluating
+  on the whole folder would score the training images.
+
+  ``isdir`` tells folders (``tf.io.gfile.isdir`` for object stores).
+  """
+  base = split.split("[")[0]
+  if base and isdir(os.path.join(root, base)):
+    train = os.path.join(root, "train")
+    return os.path.join(root, base), (train if base != "train" and isdir(train) else None)
+  if base in ("", "train"):
+    return root, None
+  raise errors.DataNotFoundError(
+      f"{name!r}: no sub-folder {base!r} in {root} for split {split!r}; the whole folder is "
+      "the train split, and evaluating on it would score the training images",
+      hint=f"add {os.path.join(root, base, '<class>', '<image>')}, or slice the training "
+           "images instead, e.g. train[:90%] to train on and train[90%:] to evaluate")
+
+
+def follow_classes(listing: Listing, classes: list[str], name: str, split: str) -> None:
+  """Relabels ``listing`` (in place) by the class names ``classes`` (the train split's):
+  a class folder the train split does not have is an error, one it lacks is allowed."""
+  unknown = [c for c in listing.classes if c not in classes]
+  if unknown:
+    raise errors.DataError(
+        f"{name!r}: split {split!r} has class folders the train split does not have: "
+        f"{unknown[:5]}", hint="labels follow the train split's class folders; rename or "
+                               "remove these, or add them to the train split")
+  index = {c: i for i, c in enumerate(classes)}
+  listing.labels = [index[listing.classes[label]] for label in listing.labels]
+  listing.classes = list(classes)
+
+
+def list_local_folder(root: str) -> Listing:
+  """Lists a local folder without following a link twice or into a loop (see the module
+  docstring); the reading order and labels of a folder without links are those of
+  ``lut_jax.datasets``' listing through ``tf.io.gfile`` (sorted class folders, then
+  folders by path and files by name)."""
+  real_root = os.path.realpath(root)
+  # Real paths of the folders listed (or about to be): each is walked once at most. The
+  # class folders are claimed first, so that a deeper link cannot take a class's files.
+  visited = {real_root}
+  listing = Listing([])
+  tops = _class_folders(root, real_root, visited, listing)
 
   # (path as listed, label, real path, is a link) of every image file, in reading order.
   found: list[tuple[str, int, str, bool]] = []

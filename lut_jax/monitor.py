@@ -59,8 +59,7 @@ class Monitor:
     self.every_steps = m.every_steps
     self._k, self._temperature = m.knn_k, m.knn_temperature
     self._channels = config.input.channels
-    bank = device_input.load_split(config.input, m.bank_split)
-    queries = device_input.load_split(config.input, m.query_split)
+    bank, queries = (self._load(config, field) for field in ("bank_split", "query_split"))
     if not 0 < self._k <= bank.num_examples:
       raise errors.ConfigError(f"monitor.knn_k must be in [1, {bank.num_examples}] (the "
                                f"bank's size), got {self._k}")
@@ -74,6 +73,17 @@ class Monitor:
                  m.bank_split)
 
     self._model = None
+
+  @staticmethod
+  def _load(config: ml_collections.ConfigDict, field: str) -> device_input.Split:
+    """``config.monitor.<field>``'s split; a split the data set lacks names the field."""
+    split = config.monitor[field]
+    try:
+      return device_input.load_split(config.input, split)
+    except errors.DataNotFoundError as e:
+      raise errors.DataNotFoundError(
+          f"monitor.{field}={split!r}: {e}",
+          hint=(e.hint + "; " if e.hint else "") + "or set monitor.every_steps=0") from e
 
   def _compile(self, model: models.LUTModel) -> None:
     eval_view = lambda images: device_input.eval_images(images, self._channels)  # noqa: E731

@@ -78,6 +78,57 @@ def _check_labels(source: datasets.DataSource, classes: list[str]) -> list[tuple
   return identities
 
 
+# ----------------------------------------------------------------------------- splits
+
+
+def _split_tree(root) -> str:
+  """train/{birds,cats,dogs} and val/{birds,dogs}: val lacks a class."""
+  for cls in ("birds", "cats", "dogs"):
+    _write_pngs(os.path.join(root, "train", cls), cls, 2)
+  for cls in ("birds", "dogs"):
+    _write_pngs(os.path.join(root, "val", cls), cls, 2, start=10)
+  return str(root)
+
+
+@pytest.mark.parametrize("backend", ["tfdata", "device"])
+def test_every_split_of_a_folder_is_labelled_by_the_train_classes(tmp_path, backend):
+  """val/dogs is class 2 as train/dogs is, although it is val's second folder."""
+  root = _split_tree(tmp_path / "data")
+  if backend == "tfdata":
+    source = datasets.get_source(f"folder:{root}", "val")
+    assert source.num_classes == 3
+    _check_labels(source, ["birds", "cats", "dogs"])
+  else:
+    from lut_jax import device_input  # pylint: disable=g-import-not-at-top
+    split = device_input.load_split(
+        _input_config(root, split="val", backend="device", image_size=8))  # no resize
+    assert sorted(split.labels.tolist()) == [0, 0, 2, 2]
+    assert split.images[split.labels == 2][:, 0, 0, 0].tolist() == [CODES["dogs"]] * 2
+  os.makedirs(os.path.join(root, "val", "eels"))
+  _write_pngs(os.path.join(root, "val", "eels"), "fish", 1)
+  with pytest.raises(errors.DataError, match=r"class folders the train split does not have: "
+                                             r"\['eels'\]"):
+    if backend == "tfdata":  # another split string: sources are cached by it
+      datasets.get_source(f"folder:{root}", "val[:5]")
+    else:
+      device_input.load_split(_input_config(root, split="val[:5]", backend="device"))
+
+
+@pytest.mark.parametrize("backend", ["tfdata", "device"])
+def test_an_evaluation_split_a_folder_lacks_is_an_error_not_its_training_images(tmp_path,
+                                                                                 backend):
+  root = _tree(tmp_path / "flat")  # classes directly under the folder: train only
+  from lut_jax import device_input  # pylint: disable=g-import-not-at-top
+  load = ((lambda split: datasets.get_source(f"folder:{root}", split)) if backend == "tfdata"
+          else lambda split: device_input.load_split(
+              _input_config(root, split=split, backend="device")))
+  with pytest.raises(errors.DataNotFoundError,
+                     match=r"no sub-folder 'test' in .* for split 'test\[:10\]'"):
+    load("test[:10]")
+  load("train[:50%]")  # slices of the training images remain the way to hold some out
+  load("train[50%:]")
+
+
 # ----------------------------------------------------------------------------- symlinks
 
 

@@ -65,3 +65,26 @@ def test_monitor_matches_a_separate_extraction():
   z = np.asarray(z) / np.linalg.norm(np.asarray(z), axis=1, keepdims=True)
   assert got["z_std"] == pytest.approx(float(z.std(axis=0).mean()), rel=1e-4)
   assert got["z_rank"] == pytest.approx(_numpy_effective_rank(z), rel=1e-3)
+
+
+def test_a_query_split_the_folder_lacks_is_refused_naming_the_monitor_field(tmp_path):
+  """A class folder has only a train split: the default query split `test[...]` would
+  otherwise have been the training images, so kNN on the bank's own images."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from lut_jax import errors  # pylint: disable=g-import-not-at-top
+  for cls in ("a", "b"):
+    (tmp_path / cls).mkdir()
+    for i in range(4):
+      Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+  config = util.tiny_config(**{"input.dataset": f"folder:{tmp_path}", "input.image_size": 8,
+                               "monitor.every_steps": 1, "monitor.bank_split": "train[:4]",
+                               "monitor.query_split": "test[:4]", "monitor.knn_k": 2})
+  with pytest.raises(errors.DataNotFoundError,
+                     match=r"^monitor.query_split='test\[:4\]': 'folder:.*': no sub-folder "
+                           r"'test'") as e:
+    monitor.Monitor(config)
+  assert "train[90%:]" in e.value.hint and "monitor.every_steps=0" in e.value.hint
+  config = util.tiny_config(**{"input.dataset": f"folder:{tmp_path}", "input.image_size": 8,
+                               "monitor.every_steps": 1, "monitor.bank_split": "train[:6]",
+                               "monitor.query_split": "train[6:]", "monitor.knn_k": 2})
+  assert monitor.Monitor(config).every_steps == 1
