@@ -102,3 +102,30 @@ def test_gelu_approximate_reaches_every_block():
   for out in (latent, pred):
     assert not np.array_equal(out[True], out[False])
     np.testing.assert_allclose(out[True], out[False], atol=2e-2)
+
+
+def test_an_encoder_pre_trained_with_tanh_gelu_keeps_it_downstream():
+  """Evaluation, fine-tuning, segmentation and the timm export rebuild the encoder from its
+  pre-training config: the activation it was trained with comes along."""
+  from lut_jax.analysis import loading  # pylint: disable=g-import-not-at-top
+  from lut_jax.evaluation import export, features, finetune, segmentation_model  # pylint: disable=g-import-not-at-top
+  exact_config = util.tiny_config()
+  tanh_config = util.tiny_config(**{"model.gelu_approximate": True})
+  assert "gelu_approximate" not in features.encoder_config(exact_config.to_dict())
+  encoder_config = features.encoder_config(tanh_config.to_dict())
+  assert encoder_config["gelu_approximate"] is True
+  tanh, exact = models.Encoder(**encoder_config), models.Encoder(
+      **features.encoder_config(exact_config.to_dict()))
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+  params = exact.init(jax.random.key(0), images)
+  assert not np.array_equal(tanh.apply(params, images), exact.apply(params, images))
+  lut = models.build_model(tanh_config.model, image_size=util.IMAGE_SIZE, channels=3,
+                           use_bc=True)
+  np.testing.assert_array_equal(loading.encoder_of(lut).apply(params, images),
+                                tanh.apply(params, images))
+  assert finetune.build_model(encoder_config, num_classes=3, image_size=16,
+                              drop_path_rate=0.0).gelu_approximate
+  assert segmentation_model.build_model(encoder_config, num_classes=3,
+                                        image_size=16).gelu_approximate
+  assert export.timm_kwargs(encoder_config)["act_layer"] == "gelu_tanh"  # timm's GELUTanh
+  assert "act_layer" not in export.timm_kwargs(features.encoder_config(exact_config.to_dict()))

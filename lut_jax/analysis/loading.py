@@ -106,7 +106,8 @@ def encoder_of(model: models.LUTModel) -> models.Encoder:
   ``params["encoder"]``), in float32 and without remat: analysis wants exact numbers and
   has no backward pass to save memory for."""
   return models.Encoder(model.image_size, model.patch_size, model.width, model.depth,
-                        model.num_heads, mlp_ratio=model.mlp_ratio)
+                        model.num_heads, mlp_ratio=model.mlp_ratio,
+                        gelu_approximate=model.gelu_approximate)
 
 
 # ----------------------------------------------------------------------------- workdirs

@@ -71,11 +71,15 @@ def timm_kwargs(encoder_config: dict[str, Any], channels: int = 3) -> dict[str, 
   """``timm.models.vision_transformer.VisionTransformer`` kwargs of our encoder (timm's
   default norm layer is already ``LayerNorm(eps=1e-6)``, ours). ``global_pool="token"``:
   the model's output is the cls token after the final norm, our ``cls`` feature."""
-  return {"img_size": encoder_config["image_size"], "patch_size": encoder_config["patch_size"],
-          "in_chans": channels, "embed_dim": encoder_config["width"],
-          "depth": encoder_config["depth"], "num_heads": encoder_config["num_heads"],
-          "mlp_ratio": encoder_config.get("mlp_ratio", 4.0), "qkv_bias": True,
-          "class_token": True, "num_classes": 0, "global_pool": "token"}
+  kwargs = {"img_size": encoder_config["image_size"],
+            "patch_size": encoder_config["patch_size"], "in_chans": channels,
+            "embed_dim": encoder_config["width"], "depth": encoder_config["depth"],
+            "num_heads": encoder_config["num_heads"],
+            "mlp_ratio": encoder_config.get("mlp_ratio", 4.0), "qkv_bias": True,
+            "class_token": True, "num_classes": 0, "global_pool": "token"}
+  if encoder_config.get("gelu_approximate"):  # trained with tanh GELU: timm's GELUTanh
+    kwargs["act_layer"] = "gelu_tanh"
+  return kwargs
 
 
 def timm_architecture(encoder_config: dict[str, Any]) -> str:

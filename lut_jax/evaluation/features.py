@@ -94,8 +94,11 @@ def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
   model = models.build_model(config.model, image_size=int(config.input.image_size),
                              channels=int(config.input.channels),
                              use_bc=config_lib.uses_bc(config), dtype=config.dtype)
-  return {name: getattr(model, name) for name in ("image_size", "patch_size", "width",
-                                                  "depth", "num_heads", "mlp_ratio")}
+  out = {name: getattr(model, name) for name in ("image_size", "patch_size", "width",
+                                                 "depth", "num_heads", "mlp_ratio")}
+  if model.gelu_approximate:  # only when on: the keys of exact-GELU encoders stay as they were
+    out["gelu_approximate"] = True
+  return out
 
 
 def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:

@@ -63,6 +63,7 @@ class FinetuneViT(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
+  gelu_approximate: bool = False  # as the encoder was pre-trained (model.gelu_approximate)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -73,6 +74,7 @@ class FinetuneViT(nn.Module):
                        self.num_heads, mlp_ratio=self.mlp_ratio,
                        drop_path_rate=self.drop_path_rate, final_norm=self.pool == "cls",
                        dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
+                       gelu_approximate=self.gelu_approximate,
                        name="encoder")(images, deterministic=not train)
     if self.pool == "mean":
       x = jnp.mean(x[:, 1:], axis=1)
@@ -100,7 +102,8 @@ def build_model(encoder_config: dict[str, Any], *, num_classes: int, image_size:
       width=encoder_config["width"], depth=encoder_config["depth"],
       num_heads=encoder_config["num_heads"], mlp_ratio=encoder_config.get("mlp_ratio", 4.0),
       drop_path_rate=drop_path_rate, pool=pool, dtype=dtype, remat=remat,
-      attention_impl=attention_impl)
+      attention_impl=attention_impl,
+      gelu_approximate=encoder_config.get("gelu_approximate", False))
 
 
 def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,

@@ -81,6 +81,7 @@ class SegmentationViT(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
+  gelu_approximate: bool = False  # as the encoder was pre-trained (model.gelu_approximate)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
@@ -90,6 +91,7 @@ class SegmentationViT(nn.Module):
         self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
         mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rate, final_norm=False,
         dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
+        gelu_approximate=self.gelu_approximate,
         output_blocks=tuple(self.feature_blocks), name="encoder")(
             images, deterministic=not train))
     levels = upernet.MultiLevelNeck(tuple(self.rescales), self.norm, self.dtype,
@@ -125,7 +127,7 @@ def build_model(encoder_config: dict[str, Any], *, num_classes: int, image_size:
       num_classes=num_classes, image_size=image_size, patch_size=patch,
       width=encoder_config["width"], depth=encoder_config["depth"],
       num_heads=encoder_config["num_heads"], mlp_ratio=encoder_config.get("mlp_ratio", 4.0),
-      **kwargs)
+      gelu_approximate=encoder_config.get("gelu_approximate", False), **kwargs)
 
 
 def init_variables(model: SegmentationViT, key: jax.Array, pretrained_params: Any,
