@@ -142,12 +142,18 @@ def test_features_key_names_the_checkpoint_step(tmp_path):
   assert features.key_hash(other_step) != features.key_hash(key)
 
 
-def test_linear_probe_refuses_to_resume_against_another_encoder(tmp_path, reads):
+def _tiny_probe_config():
+  """A 2-epoch linear probe of the 3-class synthetic split, one eval per epoch."""
   config = lp_config.get_config()
   config.num_classes = 3
   config.input.eval_batch_size = 16
   lp = config.linear_probe
   lp.epochs, lp.batch_size, lp.warmup_epochs, lp.eval_every_epochs = 2, 16, 1, 1
+  return config
+
+
+def test_linear_probe_refuses_to_resume_against_another_encoder(tmp_path, reads):
+  config = _tiny_probe_config()
   a, b = tiny_encoder(0), tiny_encoder(1)
   workdir = str(tmp_path / "lp")
   first = linear_probe.run_linear_probe(config, workdir, pretrained=a)
@@ -170,11 +176,8 @@ def test_linear_probe_refuses_to_resume_against_another_encoder(tmp_path, reads)
 
 def test_linear_probe_refuses_to_resume_under_another_recipe(tmp_path, reads):
   """An lr sweep in one workdir must not re-report the first run's finished state."""
-  config = lp_config.get_config()
-  config.num_classes = 3
-  config.input.eval_batch_size = 16
+  config = _tiny_probe_config()
   lp = config.linear_probe
-  lp.epochs, lp.batch_size, lp.warmup_epochs, lp.eval_every_epochs = 2, 16, 1, 1
   a = tiny_encoder(0)
   workdir = str(tmp_path / "lp")
   first = linear_probe.run_linear_probe(config, workdir, pretrained=a)
