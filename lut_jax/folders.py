@@ -144,8 +144,8 @@ def split_folder(name: str, root: str, split: str, *, isdir=os.path.isdir
   ``<root>/<split>/`` when it exists; for other splits than ``train``, ``train_folder`` is
   ``<root>/train`` when that exists too, whose classes then define every split's labels
   (:func:`follow_classes`), so that ``val/c`` never takes ``train/b``'s label. Without such
-  a sub-folder, ``train`` is the whole folder and any other split is an error: evaluating
-  on the whole folder would score the training images.
+  a sub-folder the whole folder is the split (a released evaluation set's layout); a run
+  that reads two splits checks that they are not the same images (:func:`same_images`).
 
   ``isdir`` tells folders (``tf.io.gfile.isdir`` for object stores).
   """
@@ -153,13 +153,32 @@ def split_folder(name: str, root: str, split: str, *, isdir=os.path.isdir
   if base and isdir(os.path.join(root, base)):
     train = os.path.join(root, "train")
     return os.path.join(root, base), (train if base != "train" and isdir(train) else None)
-  if base in ("", "train"):
-    return root, None
-  raise errors.DataNotFoundError(
-      f"{name!r}: no sub-folder {base!r} in {root} for split {split!r}; the whole folder is "
-      "the train split, and evaluating on it would score the training images",
-      hint=f"add {os.path.join(root, base, '<class>', '<image>')}, or slice the training "
-           "images instead, e.g. train[:90%] to train on and train[90%:] to evaluate")
+  if base not in ("", "train"):
+    logging.info("%s: no sub-folder %r; the whole folder is split %r", name, base, split)
+  return root, None
+
+
+def check_distinct_splits(dataset: str, splits: dict[str, str]) -> None:
+  """Raises ``DataError`` when two of ``splits`` (``{field: split}``: a monitor's bank and
+  queries, a probe's train and eval splits) of image folder ``dataset`` are differently
+  named splits that both read the whole folder (neither has its own sub-folder), so one
+  would score the other's images. Slices of one split name (``train[:90%]`` and
+  ``train[90%:]``) are the user's own hold-out and pass, as do other data sets."""
+  if not dataset.startswith(FOLDER_PREFIX):
+    return
+  root = dataset[len(FOLDER_PREFIX):]
+  if not os.path.isdir(root):
+    return  # reported where the data is read
+  first: dict[str, tuple[str, str]] = {}  # folder -> (field, split) of the first to read it
+  for field, split in splits.items():
+    folder, _ = split_folder(dataset, root, split)
+    other = first.setdefault(folder, (field, split))
+    if other[1].split("[")[0] != split.split("[")[0]:
+      raise errors.DataError(
+          f"{other[0]}={other[1]!r} and {field}={split!r} of {dataset} are the same images: "
+          "there is no sub-folder for each, so both read the whole folder",
+          hint=f"add {os.path.join(root, '<split>', '<class>', '<image>')} folders, or hold "
+               "images out by slicing one split, e.g. train[:90%] and train[90%:]")
 
 
 def follow_classes(listing: Listing, classes: list[str], name: str, split: str) -> None:

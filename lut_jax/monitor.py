@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lut_jax import device_input, errors, losses, models
+from lut_jax import device_input, errors, folders, losses, models
 from lut_jax.analysis import spectrum
 from lut_jax.evaluation import knn
 
@@ -59,6 +59,10 @@ class Monitor:
     self.every_steps = m.every_steps
     self._k, self._temperature = m.knn_k, m.knn_temperature
     self._channels = config.input.channels
+    # A class folder without split sub-folders is one set of images: the default queries
+    # (test[...]) would be the bank's own images.
+    folders.check_distinct_splits(config.input.dataset, {
+        "monitor.bank_split": m.bank_split, "monitor.query_split": m.query_split})
     bank, queries = (self._load(config, field) for field in ("bank_split", "query_split"))
     if not 0 < self._k <= bank.num_examples:
       raise errors.ConfigError(f"monitor.knn_k must be in [1, {bank.num_examples}] (the "

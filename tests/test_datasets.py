@@ -114,19 +114,21 @@ def test_every_split_of_a_folder_is_labelled_by_the_train_classes(tmp_path, back
       device_input.load_split(_input_config(root, split="val[:5]", backend="device"))
 
 
-@pytest.mark.parametrize("backend", ["tfdata", "device"])
-def test_an_evaluation_split_a_folder_lacks_is_an_error_not_its_training_images(tmp_path,
-                                                                                 backend):
-  root = _tree(tmp_path / "flat")  # classes directly under the folder: train only
-  from lut_jax import device_input  # pylint: disable=g-import-not-at-top
-  load = ((lambda split: datasets.get_source(f"folder:{root}", split)) if backend == "tfdata"
-          else lambda split: device_input.load_split(
-              _input_config(root, split=split, backend="device")))
-  with pytest.raises(errors.DataNotFoundError,
-                     match=r"no sub-folder 'test' in .* for split 'test\[:10\]'"):
-    load("test[:10]")
-  load("train[:50%]")  # slices of the training images remain the way to hold some out
-  load("train[50%:]")
+def test_two_split_names_that_both_read_the_whole_folder_are_refused(tmp_path):
+  """Classes directly under the folder: every split is the whole folder (a released
+  evaluation set's layout), so a run that fits on `train` and scores on `test` would score
+  its own images; slices of one split are the user's hold-out."""
+  flat = _tree(tmp_path / "flat")
+  assert datasets.get_source(f"folder:{flat}", "test").num_examples == 8  # one split: fine
+  with pytest.raises(errors.DataError, match=r"input.train_split='train' and "
+                                             r"input.eval_split='test\[:4\]' of folder:.* "
+                                             r"are the same images"):
+    folders.check_distinct_splits(f"folder:{flat}", {"input.train_split": "train",
+                                                      "input.eval_split": "test[:4]"})
+  folders.check_distinct_splits(f"folder:{flat}", {"bank": "train[:50%]",
+                                                    "queries": "train[50%:]"})
+  split_root = _split_tree(tmp_path / "split")  # train/ and val/: two sets of images
+  folders.check_distinct_splits(f"folder:{split_root}", {"train": "train", "eval": "val"})
 
 
 # ----------------------------------------------------------------------------- symlinks

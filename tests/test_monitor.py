@@ -67,7 +67,7 @@ def test_monitor_matches_a_separate_extraction():
   assert got["z_rank"] == pytest.approx(_numpy_effective_rank(z), rel=1e-3)
 
 
-def test_a_query_split_the_folder_lacks_is_refused_naming_the_monitor_field(tmp_path):
+def test_queries_from_the_bank_s_own_images_are_refused_naming_the_monitor_fields(tmp_path):
   """A class folder has only a train split: the default query split `test[...]` would
   otherwise have been the training images, so kNN on the bank's own images."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -79,11 +79,11 @@ def test_a_query_split_the_folder_lacks_is_refused_naming_the_monitor_field(tmp_
   config = util.tiny_config(**{"input.dataset": f"folder:{tmp_path}", "input.image_size": 8,
                                "monitor.every_steps": 1, "monitor.bank_split": "train[:4]",
                                "monitor.query_split": "test[:4]", "monitor.knn_k": 2})
-  with pytest.raises(errors.DataNotFoundError,
-                     match=r"^monitor.query_split='test\[:4\]': 'folder:.*': no sub-folder "
-                           r"'test'") as e:
+  with pytest.raises(errors.DataError,
+                     match=r"^monitor.bank_split='train\[:4\]' and monitor.query_split="
+                           r"'test\[:4\]' of folder:.* are the same images") as e:
     monitor.Monitor(config)
-  assert "train[90%:]" in e.value.hint and "monitor.every_steps=0" in e.value.hint
+  assert "train[90%:]" in e.value.hint
   config = util.tiny_config(**{"input.dataset": f"folder:{tmp_path}", "input.image_size": 8,
                                "monitor.every_steps": 1, "monitor.bank_split": "train[:6]",
                                "monitor.query_split": "train[6:]", "monitor.knn_k": 2})

@@ -180,6 +180,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     # these fails here, before the work directory is touched.
     from lut_jax import checkpointing  # pylint: disable=g-import-not-at-top (imports JAX)
     checkpointing.locate_pretrained(config.pretrained)
+  if config.mode in ("knn", "linear_probe", "finetune"):  # scored on other images than fitted
+    folders.check_distinct_splits(config.input.dataset, {
+        "input.train_split": config.input.train_split,
+        "input.eval_split": config.input.eval_split})
   if config.input.eval_batch_size <= 0:
     fail(f"input.eval_batch_size must be positive, got {config.input.eval_batch_size}")
   # Fine-tuning and segmentation run bfloat16 for "bfloat16" and float32 otherwise, so a
