@@ -32,14 +32,23 @@ def main(process_id: int, num_processes: int, port: int, out: str, steps: int) -
   batch_sharding = sharding.batch_sharding(mesh)
   per_process = config.input.batch_size // jax.process_count()
   lo = jax.process_index() * per_process
-  losses = []
-  for step in range(steps):
+  def global_batch(step):
     full = util.synthetic_batch(step, config.input.batch_size)
     # Each process feeds only its own slice of the global batch.
-    local = {k: v[lo:lo + per_process] for k, v in full.items()}
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-             for k, v in local.items()}
-    state, metrics = training.step(state, batch, train_step.step_key(jax.random.key(1), step))
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v[lo:lo + per_process])
+            for k, v in full.items()}
+
+  key = lambda step: train_step.step_key(jax.random.key(1), step)  # noqa: E731
+  # Compiled first, then every process waits at the coordination service's barrier: gloo
+  # gives the first collective 30 s to find all peers, less than one process may still
+  # spend compiling on a loaded 2-core machine while the other is already waiting.
+  step_fn = training.step.lower(state, global_batch(0), key(0)).compile()
+  if num_processes > 1:
+    from jax._src import distributed  # noqa: PLC0415  (the barrier has no public API)
+    distributed.global_state.client.wait_at_barrier("step_compiled", 600_000)
+  losses = []
+  for step in range(steps):
+    state, metrics = step_fn(state, global_batch(step), key(step))
     losses.append({k: float(v) for k, v in metrics.items()})
   if jax.process_index() == 0:
     with open(out, "w") as f:
