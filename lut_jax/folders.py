@@ -145,7 +145,8 @@ def split_folder(name: str, root: str, split: str, *, isdir=os.path.isdir
   ``<root>/train`` when that exists too, whose classes then define every split's labels
   (:func:`follow_classes`), so that ``val/c`` never takes ``train/b``'s label. Without such
   a sub-folder the whole folder is the split (a released evaluation set's layout); a run
-  that reads two splits checks that they are not the same images (:func:`same_images`).
+  that reads two splits checks that they are not the same images
+  (:func:`check_distinct_splits`).
 
   ``isdir`` tells folders (``tf.io.gfile.isdir`` for object stores).
   """
