@@ -76,6 +76,8 @@ class DataSource:
     num_classes: label classes, or None when the dataset has no labels.
     num_skipped: files left out: undecodable, or listed twice (folder sources).
     description: where the data comes from, for logs.
+    reader: how it is read (``"tfds"``, ``"idx"``, ``"folder"``): two readers of one data
+      set may hold its examples in different orders.
     skipped_by_reason: ``(reason, count)`` pairs of what was left out, for the summary
       line; directory links that were not followed count as links, not files.
   """
@@ -90,6 +92,7 @@ class DataSource:
   skipped_by_reason: tuple[tuple[str, int], ...] = ()
   _explain: Callable[[tf.errors.OpError], errors.DataError | None] | None = (
       dataclasses.field(default=None, repr=False))
+  reader: str = ""
 
   def share(self, process_index: int, process_count: int) -> Share:
     """This process's disjoint part of the split (all parts together cover it)."""
@@ -258,7 +261,8 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> DataSource:
     return Share(builder.info.splits[sub].num_examples, False, read)
 
   return DataSource(name, split, total, num_classes, 0,
-                    f"tfds {name} {builder.info.version} at {builder.data_dir}", share)
+                    f"tfds {name} {builder.info.version} at {builder.data_dir}", share,
+                    reader="tfds")
 
 
 def _not_prepared_message(name: str, builder) -> str:
@@ -308,7 +312,8 @@ def _fashion_mnist_source(split: str, data_dir: str | None) -> DataSource:
 
   share = lambda p, n: _random_access_share(stop - start, start, load, p, n)  # noqa
   return DataSource("fashion_mnist", split, stop - start, 10, 0,
-                    f"Fashion-MNIST idx files in {idx_dir} ({base} split)", share)
+                    f"Fashion-MNIST idx files in {idx_dir} ({base} split)", share,
+                    reader="idx")
 
 
 # ----------------------------------------------------------------------------- folders
@@ -369,7 +374,7 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
                          ("duplicate", len(listing.duplicates)),
                          ("link", len(listing.links)),
                          ("unreadable", len(listing.unreadable))),
-      _explain=explain)
+      _explain=explain, reader="folder")
 
 
 def _is_local(path: str) -> bool:

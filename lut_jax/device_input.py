@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import re
 from typing import Any, Iterator
@@ -68,6 +69,15 @@ class Split:
   @property
   def num_examples(self) -> int:
     return int(self.images.shape[0])
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """SHA-256 of the examples and labels in their order: what a step's batch is drawn
+    from, wherever the files live."""
+    digest = hashlib.sha256(str(self.images.shape).encode())
+    digest.update(np.ascontiguousarray(self.images).data)
+    digest.update(np.ascontiguousarray(self.labels).data)
+    return digest.hexdigest()
 
 
 _SLICE = re.compile(r"^(?P<base>[\w-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")

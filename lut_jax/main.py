@@ -39,6 +39,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  explicit = [f"--{f}" for f in ("num_processes", "process_id") if flags.FLAGS[f].present]
+  if explicit and not _COORDINATOR.value:
+    # Without a coordinator they would be ignored, and N copies would each train alone.
+    raise errors.ConfigError(f"{' and '.join(explicit)} need --coordinator_address",
+                             hint="pass --coordinator_address=host:port of process 0, or "
+                                  "--distributed for cluster auto-detection")
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)

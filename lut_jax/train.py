@@ -118,6 +118,49 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
         hint="use a new --workdir, or restore the saved values (see its config.json)")
 
 
+INPUT_RECORD_FILE = "input_record.json"
+
+
+def _input_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What fixes the examples of every step besides the config (see check_input_record)."""
+  if config.input.backend == "device":
+    split = device_input.load_split(config.input)  # cached: the loop reads the same
+    return {"backend": "device", "num_examples": split.num_examples,
+            "data_sha256": split.fingerprint}
+  from lut_jax import datasets  # local: TensorFlow only where data is read
+  source = datasets.source_for(config.input)
+  return {"backend": "tfdata", "num_examples": source.num_examples, "reader": source.reader,
+          "process_count": jax.process_count()}
+
+
+def check_input_record(config: ml_collections.ConfigDict, workdir: str, *,
+                       resuming: bool) -> None:
+  """Records in ``workdir`` what the run's input is read from, or checks it on resume.
+
+  A resumed step must see the examples the uninterrupted run would have seen, and the
+  config alone does not fix them: ``input.data_dir`` may change (the data moved), and
+  with it the reader (Fashion-MNIST from a tfds copy or from the idx files: two orders);
+  a folder may have gained files; and on the tf.data path each process reads its own
+  share of every epoch, so a step's examples (and an epoch's steps) depend on the process
+  count. The device path's batches depend only on ``(seed, step)`` and the data, which
+  its fingerprint covers.
+  """
+  path = epath.Path(workdir) / INPUT_RECORD_FILE
+  now = _input_record(config)
+  if resuming and path.exists():
+    before = json.loads(path.read_text())
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in {**before, **now}
+               if before.get(k) != now.get(k)]
+    if changed:
+      raise errors.WorkdirError(
+          f"{workdir} was trained on other input ({'; '.join(changed)}); resuming would "
+          "not give its steps the examples of the uninterrupted run",
+          hint="resume on the same data and process count, or start a new --workdir")
+    return
+  if jax.process_index() == 0:  # a fresh run, or one from before this record existed
+    path.write_text(json.dumps(now, indent=1) + "\n")
+
+
 def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Optional[int]:
   """Examples in the training split. With real data the source is always built here, so
   an unknown data set or split is reported before anything is written to the workdir."""
@@ -185,6 +228,8 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   else:
     state = training.init(init_key)
   start_step = int(jax.device_get(state.step))
+  if data_fn is None:
+    check_input_record(config, workdir, resuming=start_step > 0)
 
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   # Written at every start: the checks above allow only RESUME_MAY_CHANGE fields to differ,

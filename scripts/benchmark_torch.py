@@ -49,6 +49,23 @@ from lut_jax import flops, variants  # noqa: E402  pylint: disable=g-import-not-
 from tests import torch_reference as ref  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+# The config fields this step reads. An override of any other field (a JAX-only speed lever
+# such as model.remat, or math the reference does not have such as model.gelu_approximate)
+# leaves this step as it is: the record lists those overrides, so a row is never read as
+# the reference running a lever it did not run.
+READS = ("model.variant", "model.decoder_width", "model.decoder_depth",
+         "model.decoder_num_heads", "model.head_depth", "model.pred_depth",
+         "model.head_hidden_dim", "model.head_norm", "model.head_activation", "optim.base_lr",
+         "optim.weight_decay", "optim.b1", "optim.b2", "ema.momentum", "loss.w_mae",
+         "loss.w_bc", "loss.norm_pix", "loss.mask_ratio", "input.image_size",
+         "input.channels", "input.batch_size")
+
+
+def ignored_overrides(overrides: list[str]) -> list[str]:
+  """The ``key=value`` overrides whose key this step does not read (see ``READS``)."""
+  return [o for o in overrides if o.partition("=")[0] not in READS]
+
+
 def load_config(args: argparse.Namespace, method: str):
   """The same config ``scripts/benchmark.py`` builds (no JAX import: no validation here)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -170,7 +187,12 @@ def run(args: argparse.Namespace, method: str) -> dict[str, Any]:
       "threads": torch.get_num_threads(), "torch": torch.__version__,
       "num_params": sum(p.numel() for p in student.parameters()),
       "loadavg_start": os.getloadavg()[0],
+      "overrides_ignored": ignored_overrides(args.override),
   }
+  if rec["overrides_ignored"]:
+    print(f"[{rec['framework']}] {method}: the reference step does not implement "
+          f"{', '.join(rec['overrides_ignored'])}; it runs without them", file=sys.stderr,
+          flush=True)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
   start = time.perf_counter()

@@ -78,6 +78,14 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert "no_such_file.py" in _error_line(result)
 
 
+@pytest.mark.parametrize("flag", ["--num_processes=2", "--process_id=1"])
+def test_process_flags_without_a_coordinator_are_refused(tmp_path, flag):
+  # Ignored, they would have each of N launched copies train alone on all the data.
+  line = _error_line(_pretrain(tmp_path / "run", flag))
+  assert flag.split("=")[0] in line and "--coordinator_address" in line
+  assert not (tmp_path / "run").exists()
+
+
 def test_workdir_that_is_a_file(tmp_path):
   path = tmp_path / "file"
   path.write_text("not a directory")

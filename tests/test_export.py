@@ -99,6 +99,31 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     features.load_pretrained(workdir, step=7)
 
 
+def test_a_step_the_source_cannot_give_is_refused(tmp_path):
+  """A checkpoint step asked of an exported encoder, or of a ``checkpoints/<step>`` that is
+  another step, would silently evaluate other weights than the ones asked for."""
+  workdir = str(tmp_path / "run")
+  make_pretraining_workdir(workdir)
+  written = export.export(workdir, str(tmp_path / "enc"), timm_format="none")
+  assert features.load_pretrained(written["encoder"], step=-1).step is None
+  with pytest.raises(errors.ConfigError, match=f"step {STEP} was asked for.*one set of "):
+    features.load_pretrained(written["encoder"], step=STEP)
+  with pytest.raises(errors.ConfigError, match=f"step {STEP} was asked for"):
+    export.export(written["encoder"], str(tmp_path / "again"), step=STEP)
+  step_dir = os.path.join(workdir, "checkpoints", str(STEP))
+  assert features.load_pretrained(step_dir, step=STEP).step == STEP
+  with pytest.raises(errors.ConfigError, match=f"names checkpoint {STEP}"):
+    features.load_pretrained(step_dir, step=STEP + 1)
+  # The teacher exists only in a run: asked of an export, it is refused, not replaced.
+  from lut_jax.analysis import loading  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match="which='target_params'"):
+    loading.load(written["encoder"], which="target_params")
+  state = make_pretraining_workdir(str(tmp_path / "run2"))
+  teacher = loading.load(str(tmp_path / "run2"), which="target_params")
+  np.testing.assert_array_equal(teacher.encoder_params["cls_token"],
+                                np.asarray(state.params["encoder"]["cls_token"]) + 1.0)
+
+
 # Runs in a fresh interpreter: importing torchvision (which timm does) after TensorFlow
 # segfaults with the wheels on these machines, and other tests load TensorFlow.
 _TIMM_FORWARD = """

@@ -204,6 +204,19 @@ def test_two_processes_get_disjoint_covering_shares():
 
 
 @needs_fmnist
+def test_a_step_holds_other_examples_on_another_process_count():
+  """Why a tf.data run must resume on its own process count (train.check_input_record):
+  the global batch of the same step is made of other examples."""
+  config = _input_config(split="train[:48]")
+  one = _take(input_pipeline.create_pretrain_iterator(config, seed=0, with_ids=True), 4)
+  two = [_take(input_pipeline.create_pretrain_iterator(
+      config, seed=0, process_index=p, process_count=2, with_ids=True), 4) for p in range(2)]
+  for step in range(4):
+    global_two = np.concatenate([two[0][step]["id"], two[1][step]["id"]])
+    assert set(one[step]["id"]) != set(global_two)
+
+
+@needs_fmnist
 def test_sharded_global_batches_match_numpy():
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from lut_jax import checkpointing, config_lib, errors, loop, train, workdir_lock
@@ -76,6 +77,37 @@ def test_resume_refuses_any_change_outside_the_allow_list(tmp_path, field, value
   util.override(config, {field: value})
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.") + ": "):
     train.check_resume_config(config, str(tmp_path))
+
+
+def _image_folder(root, shade: int = 128):
+  for cls in ("a", "b"):
+    os.makedirs(root / cls)
+    for i in range(4):
+      Image.fromarray(np.full((16, 16, 3), shade + i, np.uint8)).save(root / cls / f"{i}.png")
+  return f"folder:{root}"
+
+
+@pytest.mark.parametrize("backend", ["tfdata", "device"])
+def test_resume_on_other_input_is_refused(tmp_path, monkeypatch, backend):
+  """What the config does not fix: the data behind a path, and (tf.data) the process count,
+  which decides each step's examples (tests/test_input_pipeline.py shows it)."""
+  config = util.tiny_config(total_steps=3, **{"input.backend": backend, "input.split": "train",
+                                              "input.dataset": _image_folder(tmp_path / "a")})
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  train.check_input_record(config, workdir, resuming=False)  # a fresh run records its input
+  record = json.loads((tmp_path / "run" / train.INPUT_RECORD_FILE).read_text())
+  assert record["backend"] == backend and record["num_examples"] == 8
+  train.check_input_record(config, workdir, resuming=True)  # the same input: resumes
+  if backend == "tfdata":
+    assert (record["reader"], record["process_count"]) == ("folder", 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(errors.WorkdirError, match="process_count: 1 -> 2"):
+      train.check_input_record(config, workdir, resuming=True)
+  else:  # other pixels under the same layout: another fingerprint
+    util.override(config, {"input.dataset": _image_folder(tmp_path / "b", shade=64)})
+    with pytest.raises(errors.WorkdirError, match="data_sha256"):
+      train.check_input_record(config, workdir, resuming=True)
 
 
 def test_restart_rewrites_config_json_with_allowed_changes(tmp_path):

@@ -566,6 +566,12 @@ def load_located(kind: str, location: str, step: Optional[int] = None, *,
                  label: Optional[str] = None, which: str = "params",
                  **torch_kwargs) -> LoadedModel:
   """:func:`load` of what :func:`lut_jax.checkpointing.locate_pretrained` found."""
+  if which != "params" and kind != "workdir":
+    # Only a run keeps the EMA teacher: analysing the online weights under its name would
+    # report the wrong network.
+    raise errors.ConfigError(f"{location}: which={which!r} reads a pre-training work "
+                             f"directory's teacher; a {kind} source holds one network",
+                             hint="pass the work directory, or which='params'")
   if kind in ("torch", "safetensors"):
     return load_torch(location, label=label, **torch_kwargs)
   if kind == "timm":

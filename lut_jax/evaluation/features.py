@@ -115,13 +115,24 @@ def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
       checkpoint file (reference LUT/MAE or timm ViT), a timm folder or ``.safetensors``
       file, or ``hf-hub:org/name`` (see :func:`lut_jax.checkpointing.locate_pretrained`).
     step: pre-training checkpoint step (None or negative: the one in ``path``, else the
-      latest); ignored for other sources.
+      latest). Only a work directory has steps to choose from.
 
   Raises:
-    errors.UserError: (or FileNotFoundError) ``path`` is none of these, or holds an
-      architecture the encoder cannot represent.
+    errors.UserError: (or FileNotFoundError) ``path`` is none of these, holds an
+      architecture the encoder cannot represent, or ``step`` names a step it cannot give.
   """
   kind, path, path_step = checkpointing.locate_pretrained(path)
+  if step is not None and step >= 0:
+    # Silently reading other weights than the step asked for would evaluate the wrong model.
+    if kind != "workdir":
+      raise errors.ConfigError(
+          f"step {step} was asked for, but {path} holds one set of weights (a "
+          f"{_KIND_NAMES.get(kind, 'exported encoder')}), not a run's checkpoints",
+          hint="drop the step (pretrained_step=-1 / --step=-1), or pass the pre-training "
+               "work directory")
+    if path_step is not None and step != path_step:
+      raise errors.ConfigError(f"step {step} was asked for, but {path} names checkpoint "
+                               f"{path_step}", hint="pass the work directory, or drop the step")
   if kind == "encoder":
     encoder, params = checkpointing.load_encoder(path)
     config = json.loads((epath.Path(path) / checkpointing.ENCODER_CONFIG_FILE).read_text())
