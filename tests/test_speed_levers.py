@@ -2,6 +2,8 @@
 the tanh GELU is the published tanh formula, and the teacher's low-precision residual
 stream touches the teacher only, within bf16 rounding."""
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -129,3 +131,19 @@ def test_an_encoder_pre_trained_with_tanh_gelu_keeps_it_downstream():
                                         image_size=16).gelu_approximate
   assert export.timm_kwargs(encoder_config)["act_layer"] == "gelu_tanh"  # timm's GELUTanh
   assert "act_layer" not in export.timm_kwargs(features.encoder_config(exact_config.to_dict()))
+
+
+def test_a_tanh_gelu_timm_folder_reads_back_with_tanh_gelu(tmp_path):
+  """lut-export writes act_layer="gelu_tanh"; lut-eval reads such a folder back with the
+  activation it names (timm's config.json is the only place that says it)."""
+  from lut_jax.evaluation import export, features  # pylint: disable=g-import-not-at-top
+  encoder_config = features.encoder_config(
+      util.tiny_config(**{"model.gelu_approximate": True}).to_dict())
+  tanh = models.Encoder(**encoder_config)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+  params = tanh.init(jax.random.key(0), images)["params"]
+  folder = os.path.dirname(export.write_timm_folder(str(tmp_path), params, encoder_config, 3))
+  loaded = features.load_pretrained(folder)
+  assert loaded.kind == "timm" and loaded.config["gelu_approximate"] is True
+  np.testing.assert_allclose(loaded.encoder.apply({"params": loaded.params}, images),
+                             tanh.apply({"params": params}, images), atol=1e-6)

@@ -352,9 +352,11 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label:
                      key: Optional[str] = None, num_heads: Optional[int] = None,
                      decoder_num_heads: int = 16, image_size: Optional[int] = None,
                      encoder_only: bool = False, source: Optional[str] = None,
-                     norm_pix: bool = True, mask_ratio: float = 0.75) -> LoadedModel:
+                     norm_pix: bool = True, mask_ratio: float = 0.75,
+                     gelu_approximate: bool = False) -> LoadedModel:
   """The model of a reference/timm-named ``state_dict`` read from ``path`` (the name its
-  errors give); the architecture is read from the tensor shapes."""
+  errors give); the architecture is read from the tensor shapes, the activation (which
+  they do not show) from ``gelu_approximate`` (encoder only)."""
   from lut_jax import convert  # local: only these sources need the converter
 
   for name, ndim in (("patch_embed.proj.weight", 4), ("blocks.0.mlp.fc1.weight", 2)):
@@ -409,7 +411,8 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label:
       raise errors.DataError(f"{path}: {e}", e.hint) from e
     return LoadedModel(encoder=encoder_of(model), encoder_params=params["encoder"],
                        model=model, params=params, **common)
-  encoder = models.Encoder(image_size, patch, width, depth, num_heads, mlp_ratio=mlp_ratio)
+  encoder = models.Encoder(image_size, patch, width, depth, num_heads, mlp_ratio=mlp_ratio,
+                           gelu_approximate=gelu_approximate)
   # The decoder, mask token and heads are skipped by name; anything else (register tokens,
   # layer scale, a pre-norm, an fc_norm) is a tensor our encoder would silently lack.
   try:
@@ -435,12 +438,16 @@ _NEUTRAL_TIMM_ARGS: dict[str, Optional[tuple[Any, ...]]] = {
     "no_embed_class": (False,), "reg_tokens": (0,), "pre_norm": (False,),
     "final_norm": (True,), "fc_norm": (None, False), "init_values": (None,),
     "qk_norm": (False,), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
-    "act_layer": (None, "gelu"), "norm_layer": (None, "layernorm"),
+    "act_layer": (None, "gelu", "gelu_tanh"), "norm_layer": (None, "layernorm"),
 }
+# act_layer values and the encoder's gelu_approximate that computes them.
+_TIMM_GELU_APPROXIMATE = {None: False, "gelu": False, "gelu_tanh": True}
 
 
 def timm_encoder_args(path: str, config: Mapping[str, Any]) -> dict[str, Any]:
-  """``{"num_heads", "image_size"}`` of a timm ``config.json`` (None where it does not say),
+  """``{"num_heads", "image_size", "gelu_approximate"}`` of a timm ``config.json`` (None
+  where it does not say; ``act_layer="gelu_tanh"``, as ``lut-export`` writes for a tanh-GELU
+  encoder, is ``gelu_approximate``),
   or a user error naming ``path`` when it is not a ViT that our encoder computes exactly.
 
   Both layouts timm reads are accepted: ``{"architecture", "model_args", "pretrained_cfg"}``
@@ -477,7 +484,8 @@ def timm_encoder_args(path: str, config: Mapping[str, Any]) -> dict[str, Any]:
       logging.warning("%s was trained on images normalised with mean %s, std %s; lut_jax "
                       "feeds ImageNet-normalised images", path, mean, std)
   return {"num_heads": model_args.get("num_heads"),
-          "image_size": int(size) if size else None}
+          "image_size": int(size) if size else None,
+          "gelu_approximate": _TIMM_GELU_APPROXIMATE[model_args.get("act_layer")]}
 
 
 def load_timm(directory: str, *, label: Optional[str] = None, kind: str = "timm",
@@ -506,6 +514,7 @@ def load_timm(directory: str, *, label: Optional[str] = None, kind: str = "timm"
   return _from_state_dict(
       f"{name}/{checkpointing.TIMM_WEIGHTS_FILE}", state_dict, kind=kind,
       num_heads=args["num_heads"], image_size=args["image_size"], encoder_only=True,
+      gelu_approximate=args["gelu_approximate"],
       source=name, label=label or os.path.basename(name.rstrip("/")))
 
 

@@ -143,6 +143,8 @@ def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
     encoder, params = loaded.encoder, loaded.encoder_params
     config = {name: getattr(encoder, name) for name in ("image_size", "patch_size", "width",
                                                         "depth", "num_heads", "mlp_ratio")}
+    if encoder.gelu_approximate:  # only when on, as encoder_config writes it
+      config["gelu_approximate"] = True
     path, step = loaded.source, None
     source = f"{_KIND_NAMES[kind]} {path}"
   else:
