@@ -67,6 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ft.b2 = 0.999
   ft.grad_clip_norm = 0.0  # 0 disables clipping
   ft.drop_path = 0.1
+  # The position table is trained from the sin-cos one (layer 0's lr, no weight decay), as
+  # the reference's timm ViT does; False keeps it fixed as in pre-training.
+  ft.learn_pos_embed = True
   ft.mixup_alpha = 0.8
   ft.cutmix_alpha = 1.0
   ft.mixup_prob = 1.0

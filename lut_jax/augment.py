@@ -80,7 +80,13 @@ def decode(image: tf.Tensor, channels: int) -> tf.Tensor:
   """
   if image.dtype == tf.string:
     # Always decode to RGB: libpng's own grey conversion uses BT.709 weights, not 601.
-    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    # JPEGs with libjpeg's accurate integer DCT, as PIL (the reference's loader) decodes
+    # them: decode_image uses the fast DCT, a few grey levels off on most pixels.
+    encoded = image
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
   image = tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
   in_channels = image.shape[-1]
   if in_channels is None:

@@ -19,6 +19,16 @@ def check_image_size(image_size: int) -> None:
     raise errors.ConfigError(f"input.image_size must be >= {MIN_IMAGE_SIZE} (reflect padding "
                              f"and the blur kernel need it), got {image_size}")
 
+
+def eval_crop_pct(image_size: int, crop_pct: float | None = None) -> float:
+  """The eval view's centre crop: ``crop_pct`` when it is given (> 0), else the reference's
+  rule by size: 224/256 up to 224 px (shorter side to 256, centre 224), the whole image
+  above (e.g. 384 px fine-tuning)."""
+  if crop_pct is not None and crop_pct > 0:
+    return float(crop_pct)
+  return 224 / 256 if image_size <= 224 else 1.0
+
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 

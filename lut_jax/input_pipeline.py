@@ -397,7 +397,7 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
     split: the split to read (tfds syntax, e.g. ``"test"`` or ``"train[:10%]"``).
     batch_size: global batch size; each process loads ``batch_size / process_count``.
     crop_pct: the shorter side is resized to ``int(S / crop_pct)`` before the ``S x S``
-      centre crop. None: the reference's rule, 224/256 for ``S <= 224`` else 1.0. Use 1.0
+      centre crop. None or -1: the reference's rule, 224/256 for ``S <= 224`` else 1.0. Use 1.0
       to keep whole images (e.g. 28 px Fashion-MNIST, whose train views are not rescaled).
     sharding: as in ``create_pretrain_iterator``; None yields numpy.
     process_index, process_count: override ``jax.process_index/count()``.
@@ -416,8 +416,7 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
   _check_input(input_config)
   local_batch = _local_batch_size(batch_size, count)
   size, channels = input_config.image_size, input_config.channels
-  if crop_pct is None:
-    crop_pct = 224 / 256 if size <= 224 else 1.0
+  crop_pct = image_utils.eval_crop_pct(size, crop_pct)
   if not 0.0 < crop_pct <= 1.0:
     raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
   source = datasets.get_source(input_config.dataset, split, input_config.get("data_dir", None))

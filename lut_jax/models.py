@@ -326,6 +326,9 @@ class Encoder(nn.Module):
   fine-tuning normalises the pooled token instead); ``drop_path_rate`` is for fine-tuning.
   ``output_blocks`` (0-based block indices; segmentation's multi-level features) returns
   the tokens after each of those blocks instead, a list, without the final LayerNorm.
+  ``learned_pos_embed`` makes the position table a parameter ``pos_embed`` (cls row first),
+  initialised to the fixed sin-cos table: pre-training keeps it fixed, the reference's
+  fine-tuning trains it.
   """
 
   image_size: int
@@ -342,6 +345,7 @@ class Encoder(nn.Module):
   output_blocks: tuple[int, ...] = ()
   remat_policy: str = ""
   gelu_approximate: bool = False
+  learned_pos_embed: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, keep_ids: Optional[jax.Array] = None,
@@ -350,7 +354,11 @@ class Encoder(nn.Module):
     if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"encoder expects NHWC images of {self.image_size}x{self.image_size} "
                        f"pixels, got shape {images.shape}")
-    pos_embed = jnp.asarray(sincos_pos_embed_2d(self.width, self.image_size // self.patch_size))
+    grid = self.image_size // self.patch_size
+    pos_embed = jnp.asarray(sincos_pos_embed_2d(self.width, grid))
+    if self.learned_pos_embed:
+      pos_embed = self.param("pos_embed", lambda _, shape: pos_embed.reshape(shape),
+                             (1, 1 + grid * grid, self.width))[0]
     x = PatchEmbed(self.patch_size, self.width, dtype=self.dtype, name="patch_embed")(images)
     # The residual stream stays float32 whatever the compute dtype: only the matmuls and
     # attention run in bf16 (their outputs are added to float32 x), as with torch autocast.

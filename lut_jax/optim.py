@@ -1,7 +1,8 @@
 """Optimizers and schedules of pre-training, fine-tuning and the linear probe (optax pieces).
 
 * Peak learning rate ``base_lr * global_batch / 256`` everywhere (the linear rule; the LUT
-  reference code uses ``base_lr * sqrt(batch) / 4``, which equals it only at batch 4096),
+  reference code uses ``base_lr * sqrt(batch) / 4`` in pre-training, equal only at batch
+  4096, and ``/ 8`` in fine-tuning, equal at batch 1024),
   then per-step linear warmup and cosine decay to ``min_lr``.
 * Weight decay only on tensors of rank >= 2 (never on biases or normalisation parameters);
   fine-tuning also skips the cls token and positions (MAE's ``no_weight_decay()``).
@@ -24,7 +25,7 @@ import optax
 Schedule = Callable[[Any], Any]
 
 # MAE's fine-tuning ``no_weight_decay()``: these names are never decayed there (``pos_embed``
-# is a fixed sin-cos table here, so only the cls token is a parameter).
+# is a parameter only in fine-tuning, ``finetune.learn_pos_embed``).
 FINETUNE_NO_DECAY = ("cls_token", "pos_embed")
 
 

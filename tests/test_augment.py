@@ -5,9 +5,11 @@ are checked against numpy/scipy/skimage re-statements of its formulas (torch is 
 Statistical tests use fixed seeds; each states its tolerance in sigmas of the binomial.
 """
 
+import io
 import math
 
 import numpy as np
+from PIL import Image
 import pytest
 import scipy.ndimage
 import skimage.color
@@ -61,6 +63,18 @@ def test_decode_grey_rgb_and_jpeg():
   decoded = augment.decode(jpeg, channels=3).numpy()
   assert decoded.shape == (40, 50, 3)
   assert np.abs(decoded - rgb / 255.0).mean() < 0.02  # JPEG at q95: small error
+
+
+def test_jpeg_decodes_as_pil_does():
+  """The reference reads images with PIL; its JPEG decoder (libjpeg's accurate integer DCT)
+  is the one to match, to the pixel, and TF's default (fast DCT) is not it."""
+  buffer = io.BytesIO()
+  Image.fromarray(_photo("astronaut")).save(buffer, format="JPEG", quality=90)
+  pil = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+  ours = augment.decode(tf.constant(buffer.getvalue()), channels=3).numpy()
+  np.testing.assert_array_equal(np.round(ours * 255.0).astype(np.uint8), pil)
+  fast = tf.io.decode_image(buffer.getvalue(), channels=3).numpy()
+  assert (fast != pil).mean() > 0.01  # what decode_image alone would give
 
 
 @pytest.mark.parametrize("name,size,expected", [

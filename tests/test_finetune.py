@@ -62,10 +62,30 @@ def test_init_params_copies_the_pretrained_encoder_and_drops_its_norm():
   flat, src = (traverse_util.flatten_dict(params["encoder"]),
                traverse_util.flatten_dict(pretrained))
   assert set(src) - set(flat) == {("norm", "scale"), ("norm", "bias")}
+  assert set(flat) - set(src) == {("pos_embed",)}  # the reference trains the position table
   for k, v in flat.items():
-    np.testing.assert_array_equal(v, src[k])
+    np.testing.assert_array_equal(
+        v, models.sincos_pos_embed_2d(WIDTH, IMAGE // PATCH)[None] if k == ("pos_embed",)
+        else src[k])
   with pytest.raises(ValueError, match="does not fit"):
     finetune.init_params(tiny_model(width=64, num_heads=2), jax.random.key(0), pretrained, 3)
+
+
+def test_the_position_table_starts_fixed_and_is_trained():
+  """As the reference's timm ViT: ``pos_embed`` starts at the sin-cos table pre-training
+  used (so the first forward equals the fixed-table model's) and then gets gradients."""
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, IMAGE, IMAGE, 3)), jnp.float32)
+  learned, fixed = tiny_model(drop_path_rate=0.0), tiny_model(drop_path_rate=0.0,
+                                                               learned_pos_embed=False)
+  params = tiny_params()
+  without = {**params, "encoder": {k: v for k, v in params["encoder"].items()
+                                   if k != "pos_embed"}}
+  np.testing.assert_array_equal(learned.apply({"params": params}, images, train=False),
+                                fixed.apply({"params": without}, images, train=False))
+  grads = jax.grad(lambda p: learned.apply({"params": p}, images, train=False).sum())(params)
+  assert np.abs(grads["encoder"]["pos_embed"]).max() > 0
+  assert "pos_embed" not in jax.eval_shape(
+      functools.partial(fixed.init, train=False), jax.random.key(0), images)["params"]["encoder"]
 
 
 def _mae_get_layer_id_for_vit(name: str, num_layers: int) -> int:

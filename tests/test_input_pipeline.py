@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from lut_jax import augment
 from lut_jax import datasets
 from lut_jax import idx
+from lut_jax import image_utils
 from lut_jax import input_pipeline
 
 FMNIST_DIR = idx.FASHION_MNIST_DIR
@@ -250,6 +251,26 @@ def test_eval_dataset_labels_padding_and_mask():
   np.testing.assert_allclose(image[:50] * STD + MEAN,
                              np.repeat(images[:50, ..., None], 3, -1) / 255.0, atol=1e-5)
   assert len(list(ev)) == 4  # re-iterable
+
+
+def test_eval_view_crops_by_size_as_the_reference(tmp_path):
+  """The default eval crop (-1) is the reference's: shorter side to S / 0.875 and a centre
+  crop up to 224 px, the whole image (shorter side to S) above, e.g. at 384 px."""
+  from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
+  assert {p.crop_pct for n, p in eval_config.PRESETS.items() if n != "fashion_mnist"} == {-1}
+  for size, expected in ((28, 224 / 256), (224, 224 / 256), (240, 1.0), (384, 1.0)):
+    assert image_utils.eval_crop_pct(size) == image_utils.eval_crop_pct(size, -1) == expected
+  assert image_utils.eval_crop_pct(384, 0.9) == 0.9  # a given crop wins
+  photo = skimage.data.astronaut()[:300, :260]  # 300 x 260: the shorter side is 260
+  os.makedirs(tmp_path / "a")
+  tf.io.write_file(str(tmp_path / "a" / "x.png"), tf.io.encode_png(photo))
+  config = _input_config(dataset=f"folder:{tmp_path}", image_size=240)
+  got = next(iter(input_pipeline.create_eval_dataset(config, "train", batch_size=1,
+                                                     crop_pct=-1)))["image"][0]
+  image = tf.image.convert_image_dtype(tf.constant(photo), tf.float32)
+  for crop_pct, same in ((1.0, True), (224 / 256, False)):
+    expected = augment.eval_view(image, 240, crop_pct).numpy()
+    assert np.allclose(got, expected, atol=1e-6) == same
 
 
 @needs_fmnist

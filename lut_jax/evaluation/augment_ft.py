@@ -9,7 +9,9 @@ RandAugment follows timm's increasing-magnitude variant: two ops drawn uniformly
 replacement) from the 15 below, each applied with probability 0.5 at magnitude
 ``N(9, 0.5)`` clipped to [0, 10]; signed ops flip their sign with probability 0.5. The ops
 work on float images in [0, 1] instead of PIL's uint8 (no rounding between ops); geometric
-ops use bilinear sampling and fill with the ImageNet mean colour, as timm.
+ops fill with the ImageNet mean colour, as timm, but sample bilinearly where timm (with
+the recipe's ``interpolation="bicubic"``) samples bicubically: TensorFlow's projective
+transform has no bicubic mode.
 
 Every random draw is a ``tf.random.stateless_*`` op keyed by (seed, epoch, example id), so
 a resumed run sees the same pixels (see :mod:`lut_jax.input_pipeline`). Mixup / cutmix are

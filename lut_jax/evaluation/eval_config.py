@@ -40,7 +40,9 @@ class DatasetPreset:
   source: str
   train_split: str
   eval_split: str
-  crop_pct: float = 224 / 256  # ImageNet's eval view: shorter side to S / 0.875, centre crop
+  # The eval view's centre crop; -1: the reference's rule by image size
+  # (image_utils.eval_crop_pct: 224/256 up to 224 px, the whole image above).
+  crop_pct: float = -1.0
 
 
 # Datasets by short name. iNaturalist and the fine-grained (FGVC) sets are the transfer sets
@@ -109,7 +111,8 @@ def base_config(mode: str, dataset: str = "fashion_mnist") -> ml_collections.Con
   c.input.data_dir = ml_collections.config_dict.placeholder(str)
   c.input.image_size = -1  # -1: the pre-trained encoder's image size
   c.input.channels = -1  # -1: the pre-trained encoder's input channels
-  # Eval resize: shorter side to int(S / crop_pct), then centre crop S.
+  # Eval resize: shorter side to int(S / crop_pct), then centre crop S; -1: by S (224/256 up
+  # to 224 px, 1.0 above, as the reference).
   c.input.crop_pct = preset.crop_pct
   c.input.eval_batch_size = 256  # feature extraction / evaluation batch (global)
   c.input.num_parallel_calls = -1

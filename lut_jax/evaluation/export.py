@@ -109,8 +109,8 @@ def timm_config(encoder_config: dict[str, Any], channels: int = 3) -> dict[str, 
           "input_size": [channels, size, size],
           "fixed_input_size": True,
           "interpolation": "bicubic",
-          # input_pipeline.create_eval_dataset's default centre crop.
-          "crop_pct": 224 / 256 if size <= 224 else 1.0,
+          # The evaluation's default centre crop.
+          "crop_pct": image_utils.eval_crop_pct(size),
           "crop_mode": "center",
           "mean": [round(float(v), 6) for v in mean],
           "std": [round(float(v), 6) for v in std],

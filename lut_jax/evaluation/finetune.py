@@ -64,6 +64,7 @@ class FinetuneViT(nn.Module):
   remat: bool = False
   attention_impl: Optional[str] = None
   gelu_approximate: bool = False  # as the encoder was pre-trained (model.gelu_approximate)
+  learned_pos_embed: bool = True  # finetune.learn_pos_embed
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -75,6 +76,7 @@ class FinetuneViT(nn.Module):
                        drop_path_rate=self.drop_path_rate, final_norm=self.pool == "cls",
                        dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
                        gelu_approximate=self.gelu_approximate,
+                       learned_pos_embed=self.learned_pos_embed,
                        name="encoder")(images, deterministic=not train)
     if self.pool == "mean":
       x = jnp.mean(x[:, 1:], axis=1)
@@ -88,11 +90,13 @@ class FinetuneViT(nn.Module):
 
 def build_model(encoder_config: dict[str, Any], *, num_classes: int, image_size: int,
                 drop_path_rate: float, pool: str = "mean", dtype: Any = jnp.float32,
-                remat: bool = False, attention_impl: Optional[str] = None) -> FinetuneViT:
+                remat: bool = False, attention_impl: Optional[str] = None,
+                learned_pos_embed: bool = True) -> FinetuneViT:
   """The fine-tuning model for an encoder config (``features.PretrainedEncoder.config``).
 
-  ``image_size`` may differ from pre-training: the sin-cos positions are recomputed for the
-  new grid (they are a fixed function of it, never learned).
+  ``image_size`` may differ from pre-training: the sin-cos positions are computed for the
+  new grid (the reference interpolates the pre-training table bicubically instead). With
+  ``learned_pos_embed`` (the reference's fine-tuning) they start there and are trained.
   """
   if image_size % encoder_config["patch_size"]:
     raise ValueError(f"image size {image_size} is not divisible by patch size "
@@ -103,7 +107,8 @@ def build_model(encoder_config: dict[str, Any], *, num_classes: int, image_size:
       num_heads=encoder_config["num_heads"], mlp_ratio=encoder_config.get("mlp_ratio", 4.0),
       drop_path_rate=drop_path_rate, pool=pool, dtype=dtype, remat=remat,
       attention_impl=attention_impl,
-      gelu_approximate=encoder_config.get("gelu_approximate", False))
+      gelu_approximate=encoder_config.get("gelu_approximate", False),
+      learned_pos_embed=learned_pos_embed)
 
 
 def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
@@ -124,11 +129,14 @@ def copy_pretrained_encoder(encoder_params: Any, pretrained_params: Any) -> Any:
   the pre-trained one, in the target's dtype.
 
   The pre-trained final ``norm`` is dropped when the target has none (MAE's global-pool
-  head, segmentation's multi-level features); any other missing, extra or mis-shaped
-  tensor is an error.
+  head, segmentation's multi-level features); a learned ``pos_embed`` the pre-trained
+  encoder lacks (its table was fixed) keeps its initial value, that same sin-cos table;
+  any other missing, extra or mis-shaped tensor is an error.
   """
   target = traverse_util.flatten_dict(encoder_params)
   source = traverse_util.flatten_dict(jax.tree.map(np.asarray, pretrained_params))
+  if ("pos_embed",) in target and ("pos_embed",) not in source:
+    source[("pos_embed",)] = target[("pos_embed",)]
   if "norm" not in encoder_params:
     source = {k: v for k, v in source.items() if k[0] != "norm"}
   missing, unexpected = sorted(set(target) - set(source)), sorted(set(source) - set(target))
@@ -310,7 +318,7 @@ def finetune(
   dtype = jnp.bfloat16 if config.get("dtype", "float32") == "bfloat16" else jnp.float32
   model = build_model(pretrained.config, num_classes=num_classes, image_size=image_size,
                       drop_path_rate=ft.drop_path, pool=ft.pool, dtype=dtype,
-                      remat=ft.get("remat", False))
+                      remat=ft.get("remat", False), learned_pos_embed=ft.learn_pos_embed)
   schedule = optim.learning_rate_schedule(
       peak_lr=optim.peak_learning_rate(ft.base_lr, ft.batch_size), warmup_steps=warmup_steps,
       total_steps=total_steps, min_lr=ft.min_lr)

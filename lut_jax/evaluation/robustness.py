@@ -303,6 +303,7 @@ def load_finetuned(workdir: str, checkpoint: str = "best", dtype: str = "",
       key["encoder"], num_classes=int(params["head"]["kernel"].shape[-1]),
       image_size=int(key["image_size"]), drop_path_rate=0.0,
       pool="mean" if "fc_norm" in params else "cls",
+      learned_pos_embed="pos_embed" in params["encoder"],
       dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
   logging.info("Fine-tuned classifier %s, step %d (eval top-1 %s), %d classes at %d px, %s",
                workdir, step, "n/a" if top1 is None else f"{top1:.2f}", model.num_classes,
@@ -459,8 +460,8 @@ def validate_config(config: ml_collections.ConfigDict, fail: Callable[[str], Non
       fail(f"robustness.{name}.dataset and .split must be set")
     if not (spec.crop_pct == -1 or 0 < spec.crop_pct <= 1):
       fail(f"robustness.{name}.crop_pct must be in (0, 1] or -1, got {spec.crop_pct}")
-  if not 0 < config.input.crop_pct <= 1:
-    fail(f"input.crop_pct must be in (0, 1], got {config.input.crop_pct}")
+  if not (config.input.crop_pct == -1 or 0 < config.input.crop_pct <= 1):
+    fail(f"input.crop_pct must be in (0, 1] or -1, got {config.input.crop_pct}")
   c = config.robustness.imagenet_c
   known = BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
   chosen = corruptions(c.corruptions)
