@@ -171,6 +171,10 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   # model) or each view's "batch" statistics (BYOL's target; not the reference). Short runs
   # leave the running averages near their initial values; docs/results.md measures both.
   c.model.teacher_bn = "running"
+  # Examples per batch-norm statistics group in the heads (0: the whole batch, or micro-batch
+  # with optim.accum_steps). The reference computes them per micro-batch of its command:
+  # configs/pretrain.py sets its 1024 (8 GPUs x 128).
+  c.model.head_bn_group_size = 0
   c.model.remat = False
   # What a rematerialised block keeps (a jax.checkpoint_policies name; "" = nothing).
   c.model.remat_policy = ""
@@ -280,6 +284,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"got {config.keep_checkpoint_every_steps}")
   if config.optim.accum_steps < 1:
     fail(f"optim.accum_steps must be >= 1, got {config.optim.accum_steps}")
+  group, micro = config.model.head_bn_group_size, config.input.batch_size // config.optim.accum_steps
+  if group < 0 or 0 < group < micro and micro % group:
+    fail(f"model.head_bn_group_size must be 0 or divide the (micro-)batch of {micro}, got "
+         f"{group}")
   o = config.optim
   if not o.base_lr > 0:
     fail(f"optim.base_lr must be > 0, got {o.base_lr}")

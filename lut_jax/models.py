@@ -63,12 +63,18 @@ class BatchNorm(nn.Module):
   the running variance is updated with the *unbiased* batch variance, and ``momentum`` is
   PyTorch's (weight of the new batch, 0.1). Under ``jax.jit`` with a batch-sharded input
   the mean and variance are over the global batch, which is what SyncBatchNorm computes.
+
+  ``group_size`` > 0 splits a larger batch into consecutive groups of that many examples,
+  each normalised by its own statistics, the running averages updated once per group in
+  order: what SyncBatchNorm computes when the batch is fed as that many micro-batches (the
+  reference's ImageNet command: 8 GPUs x 128 examples per micro-batch, 4 per step).
   """
 
   momentum: float = 0.1
   epsilon: float = 1e-5
   use_affine: bool = True
   dtype: Optional[Dtype] = None
+  group_size: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
@@ -76,19 +82,27 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
     x32 = x.astype(jnp.float32)
+    n = x.shape[0]
+    groups = n // self.group_size if 0 < self.group_size < n else 1
+    if groups > 1 and n % self.group_size:
+      raise ValueError(f"batch norm group size {self.group_size} does not divide the batch "
+                       f"of {n}")
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      mean = jnp.mean(x32, axis=0)
-      var = jnp.mean(jnp.square(x32 - mean), axis=0)
+      xg = x32.reshape(groups, n // groups, features)
+      mean = jnp.mean(xg, axis=1, keepdims=True)
+      var = jnp.mean(jnp.square(xg - mean), axis=1, keepdims=True)
       # Batch statistics with an immutable ``batch_stats`` normalise without updating the
       # running averages (the teacher with ``teacher_bn="batch"``).
       if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
-        n = x.shape[0]
-        unbiased = var * (n / max(n - 1, 1))
-        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        size = n // groups
+        unbiased = var[:, 0] * (size / max(size - 1, 1))
+        for g in range(groups):  # one update per group, in order, as per micro-batch
+          ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean[g, 0]
+          ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased[g]
+      x32 = xg
+    y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
     if self.use_affine:
       y = y * self.param("scale", nn.initializers.ones, (features,), jnp.float32)
       y = y + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -446,6 +460,7 @@ class MLPHead(nn.Module):
   norm: str = "batch"
   activation: str = "relu"
   dtype: Dtype = jnp.float32
+  bn_group_size: int = 0  # see BatchNorm.group_size
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -455,7 +470,8 @@ class MLPHead(nn.Module):
                    kernel_init=dense_init, name=f"linear_{i}")(x)
       if not last:
         if self.norm == "batch":
-          x = BatchNorm(dtype=self.dtype, name=f"norm_{i}")(x, use_running_average=not train)
+          x = BatchNorm(dtype=self.dtype, group_size=self.bn_group_size,
+                        name=f"norm_{i}")(x, use_running_average=not train)
         elif self.norm == "layer":
           x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"norm_{i}")(x)
         x = ACTIVATIONS[self.activation](x)
@@ -499,6 +515,7 @@ class LUTModel(nn.Module):
   head_norm: str
   head_activation: str
   teacher_bn: str = "running"  # see TEACHER_BN
+  head_bn_group_size: int = 0  # examples per batch-norm statistics group; 0: the batch
   mlp_ratio: float = 4.0  # the ViT architecture's, not a config field
   dtype: Dtype = jnp.float32
   remat: bool = False
@@ -524,7 +541,7 @@ class LUTModel(nn.Module):
     if self.use_bc:
       head = functools.partial(MLPHead, hidden_dim=self.head_hidden_dim, out_dim=self.width,
                                norm=self.head_norm, activation=self.head_activation,
-                               dtype=self.dtype)
+                               dtype=self.dtype, bn_group_size=self.head_bn_group_size)
       self.head = head(depth=self.head_depth)
       self.predictor = head(depth=self.pred_depth)
 
@@ -644,7 +661,7 @@ def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bo
       decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_num_heads, use_bc=use_bc,
       head_depth=m.head_depth, pred_depth=m.pred_depth, head_hidden_dim=m.head_hidden_dim,
       head_norm=m.head_norm, head_activation=m.head_activation, teacher_bn=m.teacher_bn,
-      dtype=dtype, remat=m.remat, remat_policy=m.remat_policy,
+      head_bn_group_size=m.head_bn_group_size, dtype=dtype, remat=m.remat, remat_policy=m.remat_policy,
       gelu_approximate=m.gelu_approximate,
       teacher_residual_in_compute_dtype=m.teacher_residual_in_compute_dtype,
       attention_impl=m.attention_impl or default_attention_impl(dtype))

@@ -55,6 +55,7 @@ def _error_line(result, prog="lut_jax"):
     (["--config.ema.momentum=1.5"], "ema.momentum must be in [0, 1]"),
     (["--config.input.image_size=8"], "image_size"),
     (["--config.loss.mask_ratio=0.3"], "mask_ratio"),
+    (["--config.model.head_bn_group_size=5"], "head_bn_group_size must be 0 or divide"),
     (["--config.optim.warmup_steps=10"], "optim.warmup_steps"),
     (["--config.input.dataset=no_such_dataset_xyz"], "no_such_dataset_xyz"),
     (["--config.input.split=no_such_split"], "no_such_split"),

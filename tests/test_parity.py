@@ -180,3 +180,31 @@ def test_mae_forward_matches_reference(data):
                                           patch_size=model.patch_size, norm_pix=False),
                ref.reconstruction_loss(pred, view1, mask1, model.patch_size, norm_pix=False),
                "MAE loss without norm-pix")
+
+
+@pytest.mark.parametrize("group_size", [4, 0, 12, 32])
+def test_grouped_batch_norm_is_torch_batch_norm_per_micro_batch(group_size):
+  """``BatchNorm(group_size=g)`` on a batch of 12 equals torch's BatchNorm1d in train mode
+  fed the batch as consecutive micro-batches of g (outputs, running mean and variance);
+  0, or a group at least the batch, is one batch."""
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(12, 5)) * 3 + 1).astype(np.float32)
+  scale, bias = rng.normal(size=5).astype(np.float32), rng.normal(size=5).astype(np.float32)
+  torch_bn = torch.nn.BatchNorm1d(5, eps=1e-5, momentum=0.1).train()
+  with torch.no_grad():
+    torch_bn.weight.copy_(torch.from_numpy(scale))
+    torch_bn.bias.copy_(torch.from_numpy(bias))
+  micro = group_size if 0 < group_size < len(x) else len(x)
+  with torch.no_grad():
+    expected = torch.cat([torch_bn(torch.from_numpy(x[i:i + micro]))
+                          for i in range(0, len(x), micro)])
+  bn = models.BatchNorm(group_size=group_size)
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": variables["batch_stats"]}
+  y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  assert_close(y, expected, "outputs")
+  assert_close(updates["batch_stats"]["mean"], torch_bn.running_mean, "running mean")
+  assert_close(updates["batch_stats"]["var"], torch_bn.running_var, "running variance")
+  with pytest.raises(ValueError, match="does not divide"):
+    models.BatchNorm(group_size=5).init(jax.random.key(0), x, use_running_average=False)
