@@ -425,9 +425,12 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label:
 
 # ----------------------------------------------------------------------------- timm, Hub
 
+# timm act_layer values our encoder computes, and the gelu_approximate that computes each.
+_TIMM_GELU_APPROXIMATE = {None: False, "gelu": False, "gelu_tanh": True}
 # timm VisionTransformer kwargs (a config.json's model_args) that do not change what the
-# encoder computes in inference (None), or the values that do not: any other key or value
-# is an architecture our encoder cannot represent exactly.
+# encoder computes in inference (None), or the values it can compute (read elsewhere where
+# they matter, as act_layer): any other key or value is an architecture our encoder cannot
+# represent exactly.
 _NEUTRAL_TIMM_ARGS: dict[str, Optional[tuple[Any, ...]]] = {
     "img_size": None, "patch_size": None, "in_chans": None, "embed_dim": None, "depth": None,
     "num_heads": None, "mlp_ratio": None, "num_classes": None, "global_pool": None,
@@ -438,10 +441,8 @@ _NEUTRAL_TIMM_ARGS: dict[str, Optional[tuple[Any, ...]]] = {
     "no_embed_class": (False,), "reg_tokens": (0,), "pre_norm": (False,),
     "final_norm": (True,), "fc_norm": (None, False), "init_values": (None,),
     "qk_norm": (False,), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
-    "act_layer": (None, "gelu", "gelu_tanh"), "norm_layer": (None, "layernorm"),
+    "act_layer": tuple(_TIMM_GELU_APPROXIMATE), "norm_layer": (None, "layernorm"),
 }
-# act_layer values and the encoder's gelu_approximate that computes them.
-_TIMM_GELU_APPROXIMATE = {None: False, "gelu": False, "gelu_tanh": True}
 
 
 def timm_encoder_args(path: str, config: Mapping[str, Any]) -> dict[str, Any]:
