@@ -284,7 +284,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"got {config.keep_checkpoint_every_steps}")
   if config.optim.accum_steps < 1:
     fail(f"optim.accum_steps must be >= 1, got {config.optim.accum_steps}")
-  group, micro = config.model.head_bn_group_size, config.input.batch_size // config.optim.accum_steps
+  group = config.model.head_bn_group_size
+  micro = config.input.batch_size // config.optim.accum_steps
   if group < 0 or 0 < group < micro and micro % group:
     fail(f"model.head_bn_group_size must be 0 or divide the (micro-)batch of {micro}, got "
          f"{group}")

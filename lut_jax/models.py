@@ -661,7 +661,8 @@ def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bo
       decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_num_heads, use_bc=use_bc,
       head_depth=m.head_depth, pred_depth=m.pred_depth, head_hidden_dim=m.head_hidden_dim,
       head_norm=m.head_norm, head_activation=m.head_activation, teacher_bn=m.teacher_bn,
-      head_bn_group_size=m.head_bn_group_size, dtype=dtype, remat=m.remat, remat_policy=m.remat_policy,
+      head_bn_group_size=m.head_bn_group_size, dtype=dtype, remat=m.remat,
+      remat_policy=m.remat_policy,
       gelu_approximate=m.gelu_approximate,
       teacher_residual_in_compute_dtype=m.teacher_residual_in_compute_dtype,
       attention_impl=m.attention_impl or default_attention_impl(dtype))
