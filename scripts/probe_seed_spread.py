@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from absl import flags  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import compare_lut_mae  # noqa: E402  pylint: disable=g-import-not-at-top
-from lut_jax import idx  # noqa: E402  pylint: disable=g-import-not-at-top
+from lut_jax import device_input  # noqa: E402  pylint: disable=g-import-not-at-top
 from lut_jax.evaluation import features  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -34,17 +34,18 @@ def main() -> None:
   p.add_argument("--json_out", default=None)
   args = p.parse_args()
   flags.FLAGS(sys.argv[:1])  # the comparison script's flag defaults (90 probe epochs)
-  directory = idx.find_fashion_mnist() or idx.FASHION_MNIST_DIR
-  splits = {name: idx.load_fashion_mnist(directory, name) for name in ("train", "test")}
+  # The splits the comparison probes, read the way it reads them.
+  input_config = compare_lut_mae.pretrain_config("lut", 0).input
+  splits = {name: device_input.load_split(input_config, name) for name in ("train", "test")}
   results = {}
   for path in args.checkpoints:
     encoder = features.load_pretrained(path)
     feats = {name: compare_lut_mae._features(encoder.encoder, encoder.params,  # pylint: disable=protected-access
-                                             images[..., None], encoder.channels)
-             for name, (images, _) in splits.items()}
+                                             split.images, encoder.channels)
+             for name, split in splits.items()}
     for pool in ("cls", "mean"):
-      top1 = [compare_lut_mae.probe(feats["train"][pool], splits["train"][1],
-                                    feats["test"][pool], splits["test"][1], seed)["linear"]
+      top1 = [compare_lut_mae.probe(feats["train"][pool], splits["train"].labels,
+                                    feats["test"][pool], splits["test"].labels, seed)["linear"]
               for seed in range(args.seeds)]
       results[f"{path}:{pool}"] = top1
       print(path, pool, top1, flush=True)
