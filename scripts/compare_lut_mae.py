@@ -18,6 +18,8 @@ with matplotlib, ``<plots>_knn.png`` (monitor kNN vs epoch) and ``<plots>_collap
 Everything is resumable: a rerun resumes unfinished pre-training (a preempted run stops the
 script; rerun it) and reuses finished runs' probe results, but only with the same settings
 (another budget, ablation or probe in the same ``--workdir`` is refused: use a new one).
+``--reprobe`` probes finished runs again where only the probe differs (e.g. after a change
+of ``configs/linear_probe.py``'s recipe), keeping their pre-training and its monitor.
 ``--set=key.sub=value`` applies config overrides to every run (ablations); a key the config
 does not have is refused.
 Size a GPU run by timing a short one first (``--total_steps=50``): the JSON records each
@@ -58,6 +60,9 @@ _SET = flags.DEFINE_multi_string("set", [], "key=value config override for every
 _PROBE_TRAIN = flags.DEFINE_string("probe_train_split", "train", "Probe training split.")
 _PROBE_EVAL = flags.DEFINE_string("probe_eval_split", "test", "Probe evaluation split.")
 _LP_EPOCHS = flags.DEFINE_integer("lp_epochs", 90, "Linear-probe epochs.")
+_REPROBE = flags.DEFINE_bool("reprobe", False, "Probe finished runs again when their saved "
+                             "probe settings differ from this command's (pre-training is "
+                             "still checked and kept).")
 _EPOCHS = flags.DEFINE_float("epochs", 0, "If > 0: pre-training length in epochs of the "
                              "60k images (overrides --total_steps).")
 _DEADLINE = flags.DEFINE_float("deadline_s", 0, "If > 0: runs not started this many seconds "
@@ -88,18 +93,26 @@ def _features(encoder, params, images, channels) -> dict[str, np.ndarray]:
   return {pool: np.concatenate([c[pool] for c in chunks]) for pool in _POOLS}
 
 
-def probe(train_feats, train_labels, test_feats, test_labels, seed: int) -> dict:
-  """kNN and linear-probe top-1 of one feature kind."""
-  lp = lp_config.get_config().linear_probe
+def probe_recipe(**overrides) -> dict:
+  """The linear probe's recipe: ``configs/linear_probe.py``'s Fashion-MNIST one (the one
+  home of its defaults), with ``overrides`` of its ``linear_probe`` fields."""
+  lp = config_lib.override(lp_config.get_config().unlock().linear_probe, overrides)
+  return {key: lp[key] for key in ("optimizer", "base_lr", "batch_size", "warmup_epochs",
+                                   "weight_decay", "momentum")}
+
+
+def probe(train_feats, train_labels, test_feats, test_labels, seed: int,
+          recipe: dict | None = None) -> dict:
+  """kNN and linear-probe top-1 of one feature kind (linear probe: ``recipe``, default
+  :func:`probe_recipe`, for ``--lp_epochs``)."""
+  recipe = recipe or probe_recipe()
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
   out = {"knn": knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels,
                                  num_classes=num_classes)["top1"]}
   _, acc = linear_probe.train_linear_probe(
       train_feats, train_labels, test_feats, test_labels, num_classes=num_classes,
-      epochs=_LP_EPOCHS.value, batch_size=lp.batch_size, base_lr=lp.base_lr,
-      warmup_epochs=min(lp.warmup_epochs, _LP_EPOCHS.value), weight_decay=lp.weight_decay,
-      optimizer=lp.optimizer, momentum=lp.momentum, seed=seed,
-      eval_every_epochs=_LP_EPOCHS.value)
+      epochs=_LP_EPOCHS.value, seed=seed, eval_every_epochs=_LP_EPOCHS.value,
+      **{**recipe, "warmup_epochs": min(recipe["warmup_epochs"], _LP_EPOCHS.value)})
   out["linear"] = acc["top1"]
   return out
 
@@ -107,17 +120,22 @@ def probe(train_feats, train_labels, test_feats, test_labels, seed: int) -> dict
 def _finished(method: str, run_dir: str, done_file: str, config, settings: dict) -> dict:
   """A finished run's saved results, if they are this command's: same pre-training config
   (the resume rule) and probe settings. Otherwise a one-line exit: reusing them would put
-  another budget's or ablation's numbers in this comparison's table."""
+  another budget's or ablation's numbers in this comparison's table. With ``--reprobe``,
+  saved results whose probe settings differ are returned for probing again."""
   with open(done_file) as f:
     saved = json.load(f)
   try:
     if method != "random":
       train.check_resume_config(config, run_dir)
     if saved.get("settings", settings) != settings:  # files before "settings": not checked
+      if _REPROBE.value:
+        logging.info("%s: probed with %s; probing again with %s.", run_dir,
+                     saved["settings"], settings)
+        return saved
       raise ValueError(f"probed with {saved['settings']}, this command asks for {settings}")
   except (ValueError, errors.UserError) as e:
     sys.exit(f"compare_lut_mae.py: {run_dir} was finished by another comparison: {e}. Use a "
-             "new --workdir (or the same settings) to reuse it.")
+             "new --workdir, the same settings, or --reprobe to probe it again.")
   return saved
 
 
@@ -128,26 +146,32 @@ def run(method: str, seed: int, splits) -> dict:
   run_dir = os.path.join(_WORKDIR.value, f"{method}_s{seed}")
   done_file = os.path.join(run_dir, "probe_results.json")
   settings = {"variant": config.model.variant, "train_split": _PROBE_TRAIN.value,
-              "eval_split": _PROBE_EVAL.value, "lp_epochs": _LP_EPOCHS.value}
-  if os.path.exists(done_file):
-    return _finished(method, run_dir, done_file, config, settings)
+              "eval_split": _PROBE_EVAL.value, "lp_epochs": _LP_EPOCHS.value,
+              "lp_recipe": probe_recipe()}
   out = {"method": method, "seed": seed, "pretrain_seconds": 0.0, "settings": settings}
+  reprobe = os.path.exists(done_file)
+  if reprobe:
+    saved = _finished(method, run_dir, done_file, config, settings)
+    if saved.get("settings", settings) == settings:
+      return saved
+    out.update({k: saved[k] for k in ("pretrain_seconds", "monitor") if k in saved})
   if method == "random":
     training = build.build_training(config, sharding.create_mesh(config.mesh.fsdp),
                                     total_steps=1, warmup_steps=0)
     init_key = jax.random.split(jax.random.key(seed), 3)[0]  # pre-training's init key
     encoder = training.model.bind({"params": {}}).encoder.clone(parent=None)
     params = training.init(init_key).params["encoder"]
-  else:
+  elif not reprobe:
     t0 = time.time()
     done = int(jax.device_get(train.pretrain(config, run_dir).step))
     if done < config.total_steps:  # preempted: probing it would record an unfinished run
       sys.exit(f"compare_lut_mae.py: {method} seed {seed} stopped at step {done} of "
                f"{config.total_steps} (preempted); rerun the same command to resume.")
     out["pretrain_seconds"] = time.time() - t0
+    out["monitor"] = monitor.read_history(run_dir)
+  if method != "random":
     pretrained = features.load_pretrained(run_dir)
     encoder, params = pretrained.encoder, pretrained.params
-    out["monitor"] = monitor.read_history(run_dir)
   (train_images, train_labels), (test_images, test_labels) = splits
   train_f = _features(encoder, params, train_images, config.input.channels)
   test_f = _features(encoder, params, test_images, config.input.channels)
@@ -163,7 +187,7 @@ def run(method: str, seed: int, splits) -> dict:
 def raw_pixels(splits) -> dict:
   (train_images, train_labels), (test_images, test_labels) = splits
   flat = lambda x: np.asarray(x, np.float32).reshape(len(x), -1) / 255.0  # noqa: E731
-  return {"method": "pixels", "seed": 0,
+  return {"method": "pixels", "seed": 0, "settings": {"lp_recipe": probe_recipe()},
           "pixels": probe(flat(train_images), train_labels, flat(test_images), test_labels, 0)}
 
 
@@ -172,6 +196,17 @@ def _mean_std(values) -> str:
   if len(values) == 1:
     return f"{values[0]:.2f}"
   return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def _recipe_text(results: list[dict]) -> str:
+  """The linear probe's recipe the runs were probed with (older files did not record it)."""
+  recipes = {json.dumps(r["settings"]["lp_recipe"], sort_keys=True) for r in results
+             if "lp_recipe" in r.get("settings", {})}
+  if len(recipes) != 1:
+    return "recipe not recorded" if not recipes else "MIXED recipes: rerun with --reprobe"
+  recipe = json.loads(recipes.pop())
+  return (f"{recipe['optimizer'].upper()} base lr {recipe['base_lr']:g}, batch "
+          f"{recipe['batch_size']}, warmup {recipe['warmup_epochs']:g} epochs")
 
 
 def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) -> str:
@@ -191,7 +226,8 @@ def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) ->
       + (f", overrides {_SET.value}" if _SET.value else "") + f"; seeds {_SEEDS.value}.",
       f"* Probes of the final online encoder on whole images: trained on "
       f"`{_PROBE_TRAIN.value}`, evaluated on `{_PROBE_EVAL.value}`; kNN k=20, T=0.07; linear "
-      f"probe as `configs/linear_probe.py` ({_LP_EPOCHS.value} epochs). Mean ± sample std "
+      f"probe as `configs/linear_probe.py` ({_recipe_text(results)}, {_LP_EPOCHS.value} "
+      "epochs). Mean ± sample std "
       "over seeds.", "",
       "| encoder | kNN cls | kNN mean | linear cls | linear mean | pre-train s/run |",
       "|---|---:|---:|---:|---:|---:|",

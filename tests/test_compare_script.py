@@ -1,5 +1,6 @@
 """scripts/compare_lut_mae.py: a preempted pre-training is resumed, never probed as finished;
-a finished run is reused only by a comparison with its own settings."""
+a finished run is reused only by a comparison with its own settings, and probed again
+(without pre-training) only when asked."""
 
 import json
 import os
@@ -62,9 +63,27 @@ def test_a_preempted_run_stops_the_comparison_and_the_rerun_finishes_it_and_no_o
 
   # Another budget or probe in the same workdir: refused, not answered with these results.
   for extra, expected in ((["--total_steps=4"], "total_steps: 3 -> 4"),
-                          (["--lp_epochs=2"], "'lp_epochs': 1}, this command asks for")):
+                          (["--lp_epochs=2"], "'lp_epochs': 1, 'lp_recipe': {")):
     other = compare("0", *extra)
     assert other.returncode == 1, other.stderr[-3000:]
     last = other.stderr.strip().splitlines()[-1]
     assert last.startswith(f"compare_lut_mae.py: {run_dir} was finished by another "
                            "comparison: ") and expected in last, last
+
+  # Another probe with --reprobe: probed again, pre-training and its record kept.
+  with open(run_dir / "probe_results.json") as f:
+    before = json.load(f)
+  checkpoints = sorted(os.listdir(run_dir / "checkpoints"))
+  again = compare("0", "--lp_epochs=2", "--reprobe")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "probing again" in again.stderr and "start step" not in again.stderr
+  with open(run_dir / "probe_results.json") as f:
+    after = json.load(f)
+  assert after["settings"] == {**before["settings"], "lp_epochs": 2}
+  assert after["settings"]["lp_recipe"]["optimizer"] in ("lars", "sgd")
+  assert (after["pretrain_seconds"], after["monitor"]) == (
+      before["pretrain_seconds"], before["monitor"])
+  assert sorted(os.listdir(run_dir / "checkpoints")) == checkpoints
+  # ... and another budget is still refused with --reprobe.
+  other = compare("0", "--total_steps=4", "--reprobe")
+  assert other.returncode == 1 and "total_steps: 3 -> 4" in other.stderr, other.stderr[-3000:]
