@@ -127,12 +127,13 @@ def _finished(method: str, run_dir: str, done_file: str, config, settings: dict)
   try:
     if method != "random":
       train.check_resume_config(config, run_dir)
-    if saved.get("settings", settings) != settings:  # files before "settings": not checked
+    if saved.get("settings") != settings:  # older files have none: not this recipe's
       if _REPROBE.value:
         logging.info("%s: probed with %s; probing again with %s.", run_dir,
-                     saved["settings"], settings)
+                     saved.get("settings", "unrecorded settings"), settings)
         return saved
-      raise ValueError(f"probed with {saved['settings']}, this command asks for {settings}")
+      raise ValueError(f"probed with {saved.get('settings', 'unrecorded settings')}, this "
+                       f"command asks for {settings}")
   except (ValueError, errors.UserError) as e:
     sys.exit(f"compare_lut_mae.py: {run_dir} was finished by another comparison: {e}. Use a "
              "new --workdir, the same settings, or --reprobe to probe it again.")
@@ -152,9 +153,10 @@ def run(method: str, seed: int, splits) -> dict:
   reprobe = os.path.exists(done_file)
   if reprobe:
     saved = _finished(method, run_dir, done_file, config, settings)
-    if saved.get("settings", settings) == settings:
+    if saved.get("settings") == settings:
       return saved
-    out.update({k: saved[k] for k in ("pretrain_seconds", "monitor") if k in saved})
+    out.update({k: saved[k] for k in ("pretrain_seconds", "monitor") if k in saved},
+               reprobed=True)
   if method == "random":
     training = build.build_training(config, sharding.create_mesh(config.mesh.fsdp),
                                     total_steps=1, warmup_steps=0)
@@ -211,6 +213,7 @@ def _recipe_text(results: list[dict]) -> str:
 
 def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) -> str:
   config = pretrain_config("lut", 0)
+  reprobed = sum(bool(r.get("reprobed")) for r in results)
   epochs = _TOTAL_STEPS.value * _BATCH.value / 60000
   lines = [
       f"## {' vs '.join(m.upper() for m in _METHODS.value)}, Fashion-MNIST, "
@@ -218,7 +221,9 @@ def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) ->
       f"{len(_SEEDS.value)} seeds [{_TAG.value}]", "",
       f"Written by `scripts/compare_lut_mae.py` on {datetime.date.today().isoformat()}.", "",
       f"* Command: `python scripts/compare_lut_mae.py {' '.join(argv)}`",
-      f"* Machine: {machine}; total wall time {wall / 60:.1f} min.",
+      f"* Machine: {machine}; total wall time {wall / 60:.1f} min"
+      + (f" (probes only for {reprobed} runs probed again with `--reprobe`; their pre-training "
+         "seconds are their first run's)" if reprobed else "") + ".",
       f"* Pre-training: `configs/fashion_mnist.py` (device input path), ViT "
       f"`{_VARIANT.value}`, batch {_BATCH.value}, {_TOTAL_STEPS.value} steps, warmup "
       f"{config.optim.warmup_steps}, base lr {config.optim.base_lr:g}, EMA "
