@@ -3,8 +3,8 @@ stable: the same encoders, several probe seeds, one or more recipes.
 
   python scripts/probe_seed_spread.py runs/mae4800/mae_s0 runs/mae4800/lut_s0 --seeds=4
   python scripts/probe_seed_spread.py runs/mae4800/mae_s0 --train_split='train[:50000]' \
-      --eval_split='train[50000:]' --recipe=base_lr=2.0 --recipe=base_lr=0.5 \
-      --recipe=optimizer=sgd,base_lr=0.1
+      --eval_split='train[50000:]' --recipe=optimizer=lars,base_lr=2.0 \
+      --recipe=optimizer=lars,base_lr=0.5 --recipe=optimizer=sgd,base_lr=0.1
 
 For each encoder (any source ``lut-eval`` reads), pooling (cls, mean) and recipe, trains
 the comparison's linear probe (``scripts/compare_lut_mae.py``'s ``probe``: 90 epochs of
