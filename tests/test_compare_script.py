@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from configs import linear_probe as lp_config
 from lut_jax import idx
 from tests import util
 
@@ -80,7 +81,10 @@ def test_a_preempted_run_stops_the_comparison_and_the_rerun_finishes_it_and_no_o
   with open(run_dir / "probe_results.json") as f:
     after = json.load(f)
   assert after["settings"] == {**before["settings"], "lp_epochs": 2}
-  assert after["settings"]["lp_recipe"]["optimizer"] in ("lars", "sgd")
+  lp = lp_config.get_config().linear_probe  # the recorded recipe is the config's
+  assert after["settings"]["lp_recipe"] == {
+      k: lp[k] for k in ("optimizer", "base_lr", "batch_size", "warmup_epochs",
+                         "weight_decay", "momentum")}
   assert (after["pretrain_seconds"], after["monitor"]) == (
       before["pretrain_seconds"], before["monitor"])
   assert sorted(os.listdir(run_dir / "checkpoints")) == checkpoints
