@@ -2,8 +2,8 @@
 
 Weights are random (biases, norms, tokens and BatchNorm statistics included), converted
 with lut_jax.convert, and both sides get the same images and masking noise. float32 with
-`highest` matmul precision (tests/conftest.py); every output must agree to a relative
-error below 1e-5.
+`highest` matmul precision (tests/conftest.py); every output, and the gradient of the
+loss with respect to every parameter, must agree to a relative error below 1e-5.
 """
 
 import copy
@@ -208,3 +208,79 @@ def test_grouped_batch_norm_is_torch_batch_norm_per_micro_batch(group_size):
   assert_close(updates["batch_stats"]["var"], torch_bn.running_var, "running variance")
   with pytest.raises(ValueError, match="does not divide"):
     models.BatchNorm(group_size=5).init(jax.random.key(0), x, use_running_average=False)
+
+
+def grads_as_ours(module: "torch.nn.Module", model: models.LUTModel) -> dict:
+  """The ``.grad`` of every parameter of ``module``, converted to our parameter tree (the
+  same converter as the weights: layouts transposed, names mapped)."""
+  state = module.state_dict()
+  named = dict(module.named_parameters())
+  as_state = {k: (named[k].grad if k in named else v) for k, v in state.items()}
+  assert all(as_state[k] is not None for k in named), "a parameter got no gradient"
+  grads, _ = convert.params_from_torch_state_dict(as_state, model, check_pos_embed=False)
+  return grads
+
+
+def assert_grads_close(ours, theirs, what: str):
+  """Leaf by leaf: every parameter's gradient agrees to RTOL of its own scale."""
+  flat_ours = dict(jax.tree_util.tree_flatten_with_path(ours)[0])
+  flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
+  assert flat_ours.keys() == flat_theirs.keys()
+  worst = max((rel_err(flat_ours[k], flat_theirs[k]), jax.tree_util.keystr(k))
+              for k in flat_ours)
+  assert worst[0] < RTOL, f"{what}: gradient of {worst[1]}: relative error {worst[0]:.2e}"
+
+
+def test_lut_gradients_match_reference(data):
+  """d(total loss)/d(every student parameter) equals PyTorch autograd on the reference:
+  the reconstruction and BC losses, through the visible tokens, both views' heads and
+  train-mode batch norm; the teacher gets no gradient."""
+  view1, view2, noise = data
+  model = util.tiny_model()
+  student = reference_for(model).train()
+  ref.randomize_(student, torch.Generator().manual_seed(8))
+  teacher = copy.deepcopy(student)
+  ref.randomize_(teacher, torch.Generator().manual_seed(9))
+  teacher.eval()
+  params, stats = convert.params_from_torch_state_dict(student.state_dict(), model)
+  t_params, t_stats = convert.params_from_torch_state_dict(teacher.state_dict(), model)
+  keep1, keep2, ids_restore, mask1, _ = ref.masks_from_noise(noise, MASK_RATIO)
+  with torch.no_grad():
+    z1, z2 = teacher.forward_teacher(view1, view2)
+  out = student.forward_student(view1, view2, keep1, keep2, ids_restore)
+  total = (W_MAE * ref.reconstruction_loss(out["pred"], view1, mask1, model.patch_size)
+           + W_BC * ref.bc_loss(out["q1"], out["q2"], z1, z2))
+  total.backward()
+
+  masks = masking.masks_from_noise(jnp.asarray(noise.numpy()), MASK_RATIO)
+  v1, v2 = nhwc(view1), nhwc(view2)
+  oz1, oz2 = model.apply({"params": t_params, "batch_stats": t_stats}, v1, v2,
+                         method="teacher")
+
+  def loss_fn(p):
+    o, _ = model.apply({"params": p, "batch_stats": stats}, v1, v2, masks.keep1, masks.keep2,
+                       masks.ids_restore, method="student", mutable=["batch_stats"])
+    rec = losses.reconstruction_loss(o["pred"], v1, masks.mask1, patch_size=model.patch_size)
+    return losses.total_loss(rec, losses.bc_loss(o["q1"], o["q2"], oz1, oz2),
+                             w_mae=W_MAE, w_bc=W_BC)
+
+  o_total, grads = jax.value_and_grad(loss_fn)(params)
+  assert_close(o_total, total, "total loss")
+  assert_grads_close(grads, grads_as_ours(student, model), "LUT")
+
+
+def test_mae_gradients_match_reference(data):
+  view1, _, noise = data
+  model = util.tiny_model(use_bc=False)
+  mae = reference_for(model).train()
+  ref.randomize_(mae, torch.Generator().manual_seed(10))
+  params, _ = convert.params_from_torch_state_dict(mae.state_dict(), model)
+  keep1, _, ids_restore, mask1, _ = ref.masks_from_noise(noise, MASK_RATIO)
+  ref.reconstruction_loss(mae.forward_mae(view1, keep1, ids_restore), view1, mask1,
+                          model.patch_size).backward()
+  masks = masking.masks_from_noise(jnp.asarray(noise.numpy()), MASK_RATIO)
+  v1 = nhwc(view1)
+  grads = jax.grad(lambda p: losses.reconstruction_loss(
+      model.apply({"params": p}, v1, masks.keep1, masks.ids_restore, method="mae"), v1,
+      masks.mask1, patch_size=model.patch_size))(params)
+  assert_grads_close(grads, grads_as_ours(mae, model), "MAE")
