@@ -3,7 +3,9 @@
 Weights are random (biases, norms, tokens and BatchNorm statistics included), converted
 with lut_jax.convert, and both sides get the same images and masking noise. float32 with
 `highest` matmul precision (tests/conftest.py); every output, and the gradient of the
-loss with respect to every parameter, must agree to a relative error below 1e-5.
+loss with respect to every parameter, must agree to a relative error below 1e-5. One whole
+train step (AdamW, EMA of the target) is checked against the reference's iteration to
+float32 resolution of the updated parameters.
 """
 
 import copy
@@ -19,10 +21,13 @@ pytest.importorskip("timm")
 
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
+from lut_jax import build  # noqa: E402
 from lut_jax import convert  # noqa: E402
 from lut_jax import losses  # noqa: E402
 from lut_jax import masking  # noqa: E402
 from lut_jax import models  # noqa: E402
+from lut_jax import sharding  # noqa: E402
+from lut_jax import train_state  # noqa: E402
 from tests import util  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
@@ -284,3 +289,105 @@ def test_mae_gradients_match_reference(data):
       model.apply({"params": p}, v1, masks.keep1, masks.ids_restore, method="mae"), v1,
       masks.mask1, patch_size=model.patch_size))(params)
   assert_grads_close(grads, grads_as_ours(mae, model), "MAE")
+
+
+def assert_updates_close(ours, theirs, old, what: str):
+  """New parameters from one update, leaf by leaf: equal to within 2 float32 spacings of
+  the parameter (the precision the update is stored at; an update of ~1e-4 is resolved to
+  ~1e-3 of itself) plus 1e-5 of the update; and the update is not zero."""
+  for (path, o), t, p in zip(jax.tree_util.tree_flatten_with_path(ours)[0],
+                             jax.tree.leaves(theirs), jax.tree.leaves(old)):
+    o, t, p = (np.asarray(a, np.float32) for a in (o, t, p))
+    allowed = 2 * np.spacing(np.maximum(np.abs(t), np.abs(p))) + 1e-5 * np.abs(t - p)
+    worst = float(np.max(np.abs(o - t) / allowed))
+    assert worst <= 1, f"{what}: {jax.tree_util.keystr(path)} off by {worst:.1f}x the tolerance"
+  moved = [np.mean(np.asarray(t) != np.asarray(p))
+           for t, p in zip(jax.tree.leaves(theirs), jax.tree.leaves(old))]
+  assert np.mean(moved) > 0.5, f"{what}: the reference update left most parameters unchanged"
+
+
+@pytest.mark.parametrize("method", ["lut", "mae"])
+def test_train_step_matches_reference_engine(method):
+  """The first jitted step against the reference's training iteration written out in
+  PyTorch: the losses' gradient, AdamW (bias-corrected first step) with weight decay on
+  rank >= 2 parameters only at the peak learning rate, then the EMA of the teacher's
+  weights and batch-norm buffers. Compared: each parameter's update, the new running
+  statistics, each target parameter's change. (The schedules' closed forms are
+  tests/test_train_step.py's.)"""
+  config = util.tiny_config(method)
+  total, warmup, batch_size = 10, 0, 16
+  training = build.build_training(config, sharding.create_mesh(1, jax.devices()[:1]),
+                                  total_steps=total, warmup_steps=warmup)
+  model = training.model
+  student = reference_for(model).train()
+  ref.randomize_(student, torch.Generator().manual_seed(11))
+  # Copies: converted arrays may share memory with the tensors the PyTorch step updates.
+  snapshot = lambda module: jax.tree.map(  # noqa: E731
+      np.array, convert.params_from_torch_state_dict(module.state_dict(), model))
+  params, stats = snapshot(student)
+  state = train_state.create_train_state(model, training.abstract_state.tx, None,
+                                         {"params": params, "batch_stats": stats})
+  if method == "lut":
+    teacher = copy.deepcopy(student)
+    ref.randomize_(teacher, torch.Generator().manual_seed(12))  # a target that has drifted
+    teacher.eval()
+    t_params, t_stats = snapshot(teacher)
+    state = state.replace(target_params=t_params, target_batch_stats=t_stats)
+  state = jax.device_put(state, training.state_shardings)
+  batch = util.synthetic_batch(0, batch_size)
+  key = jax.random.key(3)
+  after, metrics = jax.device_get(training.step(state, batch, key))
+
+  # The reference's iteration on the same masks (the step draws them from its key).
+  masks = masking.random_masks(key, batch_size, model.num_patches, config.loss.mask_ratio,
+                               two_views=method == "lut")
+  keep1, ids_restore, mask1 = (torch.tensor(np.asarray(a)) for a in
+                               (masks.keep1, masks.ids_restore, masks.mask1))
+  view1, view2 = (torch.from_numpy(batch[k]).permute(0, 3, 1, 2) for k in ("view1", "view2"))
+  lr = config.optim.base_lr * batch_size / 256  # the peak, by our linear rule (docs/method.md)
+  decay = [p for p in student.parameters() if p.ndim > 1]
+  no_decay = [p for p in student.parameters() if p.ndim <= 1]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                          betas=(config.optim.b1, config.optim.b2), eps=1e-8)
+  norm_pix = config.loss.norm_pix
+  if method == "lut":
+    with torch.no_grad():
+      z1, z2 = teacher.forward_teacher(view1, view2)
+    keep2 = torch.tensor(np.asarray(masks.keep2))
+    out = student.forward_student(view1, view2, keep1, keep2, ids_restore)
+    loss = (config.loss.w_mae * ref.reconstruction_loss(out["pred"], view1, mask1,
+                                                         model.patch_size, norm_pix)
+            + config.loss.w_bc * ref.bc_loss(out["q1"], out["q2"], z1, z2))
+  else:
+    loss = config.loss.w_mae * ref.reconstruction_loss(
+        student.forward_mae(view1, keep1, ids_restore), view1, mask1, model.patch_size,
+        norm_pix)
+  loss.backward()
+  grads = grads_as_ours(student, model)
+  opt.step()
+  assert_close(metrics["loss"], loss, "loss")
+  new_params, new_stats = convert.params_from_torch_state_dict(student.state_dict(), model)
+  # Adam's first update is lr * g / (|g| + eps): where |g| is near eps it amplifies float32
+  # noise in g (the key bias of attention has a zero gradient in exact arithmetic, so both
+  # libraries update it by noise). Compared where |g| > 1000 eps, the rest held at the old
+  # value on both sides.
+  well_conditioned = jax.tree.map(lambda g: np.abs(g) > 1e-5, grads)
+  assert np.mean([np.mean(m) for m in jax.tree.leaves(well_conditioned)]) > 0.9
+  keep_old = lambda new, old: jax.tree.map(np.where, well_conditioned, new, old)  # noqa: E731
+  assert_updates_close(keep_old(after.params, params), keep_old(new_params, params), params,
+                       f"{method} parameter update")
+  if method == "mae":
+    return
+  assert_grads_close(after.batch_stats, new_stats, "student running statistics")
+  tau = config.ema.momentum  # its value at step 0
+  assert metrics["momentum"] == pytest.approx(tau, abs=1e-7)
+  with torch.no_grad():
+    online = student.state_dict()
+    for name, value in teacher.state_dict().items():
+      if value.is_floating_point():
+        value.mul_(tau).add_(online[name], alpha=1 - tau)
+  new_t_params, new_t_stats = convert.params_from_torch_state_dict(teacher.state_dict(), model)
+  assert_updates_close(keep_old(after.target_params, t_params), keep_old(new_t_params, t_params),
+                       t_params, "target parameters' EMA step")
+  assert_grads_close(after.target_batch_stats, new_t_stats, "target running statistics")
