@@ -21,6 +21,11 @@ ml_collections (no TensorFlow, no CLU).
 ``--framework=torch|both`` runs ``scripts/benchmark_torch.py`` (the PyTorch reference step,
 ``tests/torch_reference.py``) in a child process with the same shapes and reports the ratio
 ours / PyTorch in images/s.
+
+``--alternate=model.gelu_approximate=true`` (repeatable) compiles the baseline and each
+variant in one process and alternates their timed windows, reporting each variant's paired
+speed-up over the baseline: on a machine whose speed drifts between runs (shared CPUs), the
+way to measure a lever of a few percent.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -85,8 +90,9 @@ def load_config_module(path: str):
   return module
 
 
-def make_config(args: argparse.Namespace, method: str, batch: int):
-  """The pre-training config of ``args.config`` with the benchmark's overrides applied."""
+def make_config(args: argparse.Namespace, method: str, batch: int, extra: Sequence[str] = ()):
+  """The pre-training config of ``args.config`` with the benchmark's overrides applied
+  (``--override``, then ``extra``)."""
   from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   module = load_config_module(args.config)
@@ -106,7 +112,7 @@ def make_config(args: argparse.Namespace, method: str, batch: int):
   # without the data set's size.
   config.total_steps, config.total_epochs = 100_000, None
   config.optim.warmup_steps, config.optim.warmup_epochs = 1_000, None
-  bench_common.apply_overrides(config, args.override)
+  bench_common.apply_overrides(config, list(args.override) + list(extra))
   config_lib.validate(config)
   return config.lock()
 
@@ -168,13 +174,34 @@ def device_memory() -> dict[str, Any]:
           if k in stats}
 
 
-def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, warmup: int,
-            repeats: int) -> dict[str, Any]:
-  """Builds, compiles and times one configuration; returns its result record."""
+class Stepper:
+  """A compiled step with its own state, batch and keys; ``window(n)`` runs ``n`` steps and
+  blocks once at the end, returning (wall seconds, process CPU seconds)."""
+
+  def __init__(self, compiled, state, batch_arrays, keys):
+    self.compiled, self.state, self.batch, self.keys = compiled, state, batch_arrays, keys
+    self.metrics, self.index = None, 0
+
+  def window(self, steps: int) -> tuple[float, float]:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    start, cpu_start = time.perf_counter(), time.process_time()  # CPU: all threads
+    for _ in range(steps):
+      self.state, self.metrics = self.compiled(self.state, self.batch,
+                                               self.keys[self.index % len(self.keys)])
+      self.index += 1
+    jax.block_until_ready((self.state, self.metrics))  # the only sync: end of the window
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def prepare(args: argparse.Namespace, method: str, batch: int, *, warmup: int,
+            extra: Sequence[str] = ()) -> tuple[dict[str, Any], Stepper]:
+  """Builds and compiles one configuration and runs its warmup; returns its record (so far)
+  and its :class:`Stepper`."""
   import jax  # pylint: disable=g-import-not-at-top
   from lut_jax import build, flops, sharding, train_step  # pylint: disable=g-import-not-at-top
 
-  config = make_config(args, method, batch)
+  config = make_config(args, method, batch, extra)
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(batch, mesh, accum_steps=config.optim.accum_steps)
   total_steps, warmup_steps = build.run_length(config)
@@ -187,6 +214,7 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
       "attention": training.model.attention_impl or "xla", "remat": bool(config.model.remat),
       "remat_policy": config.model.remat_policy,
       "fsdp": int(config.mesh.fsdp), "mesh": dict(mesh.shape),
+      "overrides": list(args.override) + list(extra),
       "num_params": int(sum(x.size for x in jax.tree.leaves(training.abstract_state.params))),
       "loadavg_start": os.getloadavg()[0],
   }
@@ -194,11 +222,9 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
   state = training.init(jax.random.key(0))
   batch_arrays = synthetic_batch(config, mesh, jax.random.key(1))
   base_key = jax.random.key(2)
-  total = warmup + steps * repeats
-  # Every step's key made ahead of time, so the timed loop dispatches nothing but steps.
-  keys = [train_step.step_key(base_key, i) for i in range(total)]
+  # Keys made ahead of time, so the timed loop dispatches nothing but steps.
+  keys = [train_step.step_key(base_key, i) for i in range(64)]
   jax.block_until_ready((state, batch_arrays, keys))
-
   start = time.perf_counter()
   lowered = training.step.lower(state, batch_arrays, keys[0])
   rec["lower_s"] = time.perf_counter() - start
@@ -233,30 +259,26 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
   except Exception:  # pylint: disable=broad-except
     pass
 
-  metrics = None
-  start = time.perf_counter()
-  for i in range(warmup):
-    state, metrics = compiled(state, batch_arrays, keys[i])
-    if i == 0:
-      jax.block_until_ready((state, metrics))
-      rec["first_step_s"] = time.perf_counter() - start
-  jax.block_until_ready((state, metrics))
-  rec["warmup_s"] = time.perf_counter() - start
+  stepper = Stepper(compiled, state, batch_arrays, keys)
+  if warmup:
+    rec["first_step_s"] = stepper.window(1)[0]
+    rec["warmup_s"] = rec["first_step_s"] + stepper.window(warmup - 1)[0]
+  return rec, stepper
 
-  windows = []
-  i = warmup
-  cpu_start = time.process_time()  # all threads of this process (XLA's pool included)
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = compiled(state, batch_arrays, keys[i])
-      i += 1
-    jax.block_until_ready((state, metrics))  # the only sync: end of the window
-    windows.append(time.perf_counter() - start)
+
+def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, warmup: int,
+            repeats: int) -> dict[str, Any]:
+  """Builds, compiles and times one configuration; returns its result record."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  rec, stepper = prepare(args, method, batch, warmup=warmup)
+  timed = [stepper.window(steps) for _ in range(repeats)]
+  windows = [wall for wall, _ in timed]
   # CPU time per step: with a host backend it hardly depends on what else runs (unlike
   # wall time on a shared machine); spin-waiting threads inflate it, though.
-  rec["cpu_ms_per_step"] = (time.process_time() - cpu_start) / (steps * repeats) * 1e3
-  rec["loss_last"] = float(metrics["loss"]) if metrics is not None else None
+  rec["cpu_ms_per_step"] = sum(cpu for _, cpu in timed) / (steps * repeats) * 1e3
+  rec["loss_last"] = float(stepper.metrics["loss"]) if stepper.metrics is not None else None
+
   per_step = sorted(w / steps for w in windows)
   median = per_step[len(per_step) // 2]
   rec["window_ms_per_step"] = [w / steps * 1e3 for w in windows]
@@ -265,22 +287,57 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
   # The fastest window: on a shared machine, other load only ever adds time.
   rec["best_ms_per_step"] = per_step[0] * 1e3
   rec["best_images_per_s"] = batch / per_step[0]
-  rec["model_tflops"] = analytic["model_total"] * batch / median / 1e12
+  rec["model_tflops"] = rec["analytic_gflop_per_image"] * 1e9 * batch / median / 1e12
   rec["memory"] = device_memory()
   rec["loadavg_end"] = os.getloadavg()[0]
   if args.profile_dir:  # after the timed windows, so tracing never slows those
     profile_dir = os.path.join(args.profile_dir, f"{method}_b{batch}")
     with jax.profiler.trace(profile_dir):
-      for step in range(args.profile_steps):
-        state, metrics = compiled(state, batch_arrays, keys[step % total])
-      jax.block_until_ready((state, metrics))
+      stepper.window(args.profile_steps)
     # The optimised HLO names the fusions that the trace's kernels come from.
     with open(os.path.join(profile_dir, "optimized_hlo.txt"), "w") as f:
-      f.write(compiled.as_text())
+      f.write(stepper.compiled.as_text())
     rec["profile_dir"] = profile_dir
-  del state, batch_arrays, metrics, compiled
+  del stepper
   gc.collect()
   return rec
+
+
+def run_alternating(args: argparse.Namespace, method: str) -> list[dict[str, Any]]:
+  """The baseline (``--override`` only) and each ``--alternate`` variant compiled in this
+  process, then timed in rounds of one window each, the order reversed every other round:
+  whatever drifts on the machine (other load, clock, thermal state) hits every variant
+  alike. Each variant's ratios to the baseline are medians of the per-round ratios."""
+  labels = ["baseline"] + list(args.alternate)
+  prepared = [prepare(args, method, args.batch, warmup=args.warmup,
+                      extra=[] if label == "baseline" else label.split(","))
+              for label in labels]
+  timed: list[list[tuple[float, float]]] = [[] for _ in labels]
+  for r in range(args.repeats):
+    order = range(len(labels)) if r % 2 == 0 else reversed(range(len(labels)))
+    for i in order:
+      timed[i].append(prepared[i][1].window(args.steps))
+  median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+  records = []
+  for label, (rec, _), windows in zip(labels, prepared, timed):
+    wall = median([w for w, _ in windows]) / args.steps
+    rec.update(
+        alternate=label, ms_per_step=wall * 1e3, images_per_s=args.batch / wall,
+        cpu_ms_per_step=median([c for _, c in windows]) / args.steps * 1e3,
+        window_ms_per_step=[w / args.steps * 1e3 for w, _ in windows],
+        window_cpu_ms_per_step=[c / args.steps * 1e3 for _, c in windows],
+        # > 1: the variant is faster than the baseline, paired round by round.
+        speedup_wall=median([b[0] / w[0] for b, w in zip(timed[0], windows)]),
+        speedup_cpu=median([b[1] / w[1] for b, w in zip(timed[0], windows)]),
+        loadavg_end=os.getloadavg()[0])
+    records.append(rec)
+    print(f"[jax] {method} {label}: {rec['images_per_s']:.1f} images/s, "
+          f"{rec['ms_per_step']:.2f} ms/step, {rec['cpu_ms_per_step']:.1f} CPU ms/step; "
+          f"vs baseline x{rec['speedup_wall']:.3f} wall, x{rec['speedup_cpu']:.3f} CPU "
+          f"(medians of {args.repeats} paired windows)", flush=True)
+  del prepared
+  gc.collect()
+  return records
 
 
 def add_mfu(rec: dict[str, Any], env: dict[str, Any]) -> None:
@@ -406,6 +463,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--fsdp", type=int, default=None, help="mesh.fsdp (default: the config's)")
   p.add_argument("--override", action="append", default=[],
                  help="extra config override key=value (repeatable), e.g. model.decoder_depth=4")
+  p.add_argument("--alternate", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                 help="a variant to compare with the baseline (--override alone) in this "
+                      "process, windows alternating (repeatable; comma-separated overrides): "
+                      "for effects of a few percent on a shared or noisy machine. Holds "
+                      "every variant's state in memory at once")
   p.add_argument("--find_max_batch", action="store_true",
                  help="double the batch from --batch until out of memory; report the largest")
   p.add_argument("--max_batch", type=int, default=65536, help="upper limit of that search")
@@ -440,6 +502,10 @@ def main(argv=None) -> dict[str, Any]:
       out.setdefault("max_batch", []).append(search)
       print(f"[jax] {method}: largest fitting batch {search['largest_fitting_batch']}"
             + (" (search limit reached)" if search["hit_limit"] else ""), flush=True)
+      save(out, args.json_out)
+      continue
+    if args.alternate:
+      results.extend(run_alternating(args, method))
       save(out, args.json_out)
       continue
     jax_rec = None

@@ -1,0 +1,40 @@
+"""scripts/benchmark.py: the compiled step's timing modes (not the speeds: those belong in
+docs/benchmarks.md)."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
+
+TINY = ["--config=configs/fashion_mnist.py", "--variant=mu/4", "--image_size=16", "--batch=8",
+        "--method=mae", "--dtype=float32", "--steps=2", "--warmup=1", "--repeats=3",
+        "--no-measure_peak"]
+
+
+def test_alternate_times_baseline_and_variants_in_paired_rounds(tmp_path):
+  path = tmp_path / "alt.json"
+  out = benchmark.main(TINY + ["--alternate=model.decoder_depth=1",
+                               "--alternate=model.gelu_approximate=true,model.decoder_depth=1",
+                               f"--json_out={path}"])
+  base, shallow, both = out["results"]
+  assert [r["alternate"] for r in out["results"]] == [
+      "baseline", "model.decoder_depth=1", "model.gelu_approximate=true,model.decoder_depth=1"]
+  # Each variant is its own compiled config: the override reached the model.
+  assert base["overrides"] == [] and both["overrides"] == [
+      "model.gelu_approximate=true", "model.decoder_depth=1"]
+  assert shallow["num_params"] == both["num_params"] < base["num_params"]
+  for rec in out["results"]:
+    assert len(rec["window_ms_per_step"]) == len(rec["window_cpu_ms_per_step"]) == 3
+    assert min(rec["window_ms_per_step"]) > 0
+    assert rec["ms_per_step"] == sorted(rec["window_ms_per_step"])[1]
+  assert base["speedup_wall"] == base["speedup_cpu"] == 1.0
+  # A variant's speed-up is the median of its per-round ratios to the baseline's window.
+  paired = sorted(b / v for b, v in zip(base["window_ms_per_step"],
+                                        shallow["window_ms_per_step"]))
+  assert shallow["speedup_wall"] == pytest.approx(paired[1])
+  assert json.loads(path.read_text())["results"][2]["alternate"] == both["alternate"]
