@@ -481,7 +481,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "DIR/<method>_b<batch> (summarise with scripts/trace_summary.py)")
   p.add_argument("--profile_steps", type=int, default=3)
   p.add_argument("--json_out", default=None, help="write all results here as JSON")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.alternate and (args.framework != "jax" or args.find_max_batch or args.profile_dir):
+    p.error("--alternate times our step only: drop --framework=torch/both, --find_max_batch "
+            "and --profile_dir (run those separately)")
+  return args
 
 
 def main(argv=None) -> dict[str, Any]:

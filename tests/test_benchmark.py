@@ -38,3 +38,10 @@ def test_alternate_times_baseline_and_variants_in_paired_rounds(tmp_path):
                                         shallow["window_ms_per_step"]))
   assert shallow["speedup_wall"] == pytest.approx(paired[1])
   assert json.loads(path.read_text())["results"][2]["alternate"] == both["alternate"]
+
+
+@pytest.mark.parametrize("other", ["--framework=both", "--find_max_batch", "--profile_dir=x"])
+def test_alternate_refuses_the_modes_it_does_not_run(other, capsys):
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(TINY + ["--alternate=model.decoder_depth=1", other])
+  assert "--alternate times our step only" in capsys.readouterr().err
