@@ -335,8 +335,8 @@ def test_train_steps_match_reference_engine(method):
     teacher = copy.deepcopy(student)
     ref.randomize_(teacher, torch.Generator().manual_seed(12))  # a target that has drifted
     teacher.eval()
-    t_params, _ = snapshot(teacher)
-    state = state.replace(target_params=t_params, target_batch_stats=snapshot(teacher)[1])
+    t_params, t_stats = snapshot(teacher)
+    state = state.replace(target_params=t_params, target_batch_stats=t_stats)
   state = jax.device_put(state, training.state_shardings)
 
   peak = config.optim.base_lr * batch_size / 256  # our linear rule (docs/method.md)
