@@ -22,7 +22,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from lut_jax import config_lib, errors, workdir_lock
+from lut_jax import config_lib, errors, host_memory, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]), or a packaged config's name (e.g. fashion_mnist).",
                                           lock_config=True)
@@ -78,6 +78,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``lut-eval``)."""
+  host_memory.restart_with_huge_page_malloc()  # first: it replaces the process
   sys.argv = config_lib.resolve_config_args(sys.argv)  # packaged configs by name
   errors.run_app(main, prog="lut-eval", uses_tensorflow=True)
 

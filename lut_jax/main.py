@@ -19,7 +19,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from lut_jax import config_lib, errors, train
+from lut_jax import config_lib, errors, host_memory, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]), or a packaged config's name (e.g. fashion_mnist).",
                                           lock_config=True)
@@ -58,6 +58,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``lut-pretrain``)."""
+  host_memory.restart_with_huge_page_malloc()  # first: it replaces the process
   sys.argv = config_lib.resolve_config_args(sys.argv)  # packaged configs by name
   errors.run_app(main, uses_tensorflow=True)
 

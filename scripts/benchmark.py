@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))  # bench_common
 import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top
+from lut_jax import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Dense peak FLOP/s per chip, from the vendors' data sheets: (device-kind substring, dtype).
 # float32 on NVIDIA means TF32 tensor cores (JAX's default matmul precision on GPU).
@@ -390,6 +391,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
       "cpu_cores": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
       "hostname": platform.node(), "versions": versions(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
   env["peak_flops"] = {dt: peak_flops(dev.device_kind, dt) for dt in ("bfloat16", "float32")}
   if args.measure_peak or (args.measure_peak is None and dev.platform == "cpu"):
@@ -547,4 +549,5 @@ def save(out: dict[str, Any], path: Optional[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_page_malloc()  # what lut-pretrain runs with
   main()

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common
 
 import bench_common  # noqa: E402
-from lut_jax import build, config_lib, sharding, train, train_step  # noqa: E402
+from lut_jax import build, config_lib, host_memory, sharding, train, train_step  # noqa: E402
 
 
 def load_config(spec: str, batch_size: int, overrides=()):
@@ -108,4 +108,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_page_malloc()  # what lut-pretrain runs with
   main()

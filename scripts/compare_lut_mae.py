@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fashion_mnist  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import linear_probe as lp_config  # noqa: E402
-from lut_jax import build, config_lib, device_input, errors, monitor, sharding, train  # noqa: E402
+from lut_jax import (build, config_lib, device_input, errors, host_memory, monitor,  # noqa: E402
+                     sharding, train)
 from lut_jax.evaluation import features, knn, linear_probe  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Base directory of the runs.")
@@ -371,4 +372,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_page_malloc()  # what lut-pretrain runs with
   app.run(main)
