@@ -76,7 +76,8 @@ def restart_with_huge_page_malloc() -> None:
   Call it first thing in a command-line entry point: the process is replaced (same PID,
   same arguments and open files), so nothing done before the call survives.
   """
-  if not sys.platform.startswith("linux") or not getattr(sys, "orig_argv", None):
+  if (not sys.platform.startswith("linux") or not sys.executable
+      or not getattr(sys, "orig_argv", None)):
     return
   env = environment_with_huge_pages(os.environ, transparent_huge_page_mode(), glibc_version())
   if env is None:
