@@ -84,5 +84,9 @@ def restart_with_huge_page_malloc() -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  # argv[0] as a path: Python finds its prefix (a venv's) from it.
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  try:
+    # argv[0] as a path: Python finds its prefix (a venv's) from it.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as e:  # an optimisation only: go on in this process
+    print(f"lut_jax: note: could not restart with {TUNABLE}=1 ({e}); continuing without it",
+          file=sys.stderr, flush=True)

@@ -38,6 +38,37 @@ def test_when_the_tools_restart(thp, glibc, environ, expected):
     assert env["PATH"] == "/bin" and env[host_memory.RESTARTED_ENV] == "1"
 
 
+def test_the_restart_replaces_the_process_with_the_same_command(monkeypatch):
+  monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "madvise")
+  monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(sys, "platform", "linux")
+  monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "utf8", "/bin/lut-pretrain", "--a=b"])
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv(host_memory.RESTARTED_ENV, raising=False)
+  calls = []
+  monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
+  host_memory.restart_with_huge_page_malloc()
+  (path, argv, env), = calls
+  assert path == sys.executable
+  assert argv == [sys.executable, "-X", "utf8", "/bin/lut-pretrain", "--a=b"]
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_a_failed_restart_goes_on_without_it(monkeypatch, capsys):
+  monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "madvise")
+  monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(sys, "platform", "linux")
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv(host_memory.RESTARTED_ENV, raising=False)
+
+  def refuse(*_):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(os, "execve", refuse)
+  host_memory.restart_with_huge_page_malloc()  # returns instead of raising
+  assert "could not restart with glibc.malloc.hugetlb=1" in capsys.readouterr().err
+
+
 CHILD = textwrap.dedent("""
     import json, os, sys
     from lut_jax import host_memory
