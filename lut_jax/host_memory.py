@@ -14,7 +14,8 @@ pages hold the buffers, never what is computed.
 It does nothing where it cannot help: not Linux with glibc >= 2.35, or transparent huge
 pages set to ``never`` (nothing to ask for) or ``always`` (already given). To opt out, set
 the tunable yourself: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``. Code that calls the
-trainer from Python gets it by starting Python with the tunable set.
+trainer from Python gets it by starting Python with the tunable set; ``train.pretrain``
+logs a warning on a CPU where it is missing (:func:`missing_huge_pages_note`).
 
 This module imports only the standard library.
 """
@@ -68,6 +69,17 @@ def environment_with_huge_pages(environ: Mapping[str, str], thp_mode: Optional[s
   env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))
   env[RESTARTED_ENV] = "1"
   return env
+
+
+def missing_huge_pages_note() -> Optional[str]:
+  """One line for a process that was started without the tunable where it would help (code
+  that calls the trainer from Python), else None."""
+  if not sys.platform.startswith("linux") or environment_with_huge_pages(
+      os.environ, transparent_huge_page_mode(), glibc_version()) is None:
+    return None
+  return (f"this process runs without {TUNABLE}=1: on a CPU, XLA's per-step buffers cost a "
+          f"page fault per 4 KiB; start Python with GLIBC_TUNABLES={TUNABLE}=1 (the lut-* "
+          f"commands restart themselves with it)")
 
 
 def restart_with_huge_page_malloc() -> None:

@@ -21,9 +21,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from lut_jax import (build, checkpointing, config_lib, device_input, errors, image_utils, loop,
-                     monitor as monitor_lib, reconstruction, sharding, train_state, train_step,
-                     workdir_lock, writers)
+from lut_jax import (build, checkpointing, config_lib, device_input, errors, host_memory,
+                     image_utils, loop, monitor as monitor_lib, reconstruction, sharding,
+                     train_state, train_step, workdir_lock, writers)
 
 
 @flax.struct.dataclass
@@ -192,6 +192,8 @@ def pretrain(
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.optim.accum_steps,
                             process_count=jax.process_count())
+  if jax.default_backend() == "cpu" and (note := host_memory.missing_huge_pages_note()):
+    logging.warning(note)
   num_examples = _num_examples(config, real_data=data_fn is None)
   total_steps, warmup_steps = build.run_length(config, num_examples)
   monitor = monitor_lib.Monitor(config) if config.monitor.every_steps > 0 else None

@@ -69,6 +69,20 @@ def test_a_failed_restart_goes_on_without_it(monkeypatch, capsys):
   assert "could not restart with glibc.malloc.hugetlb=1" in capsys.readouterr().err
 
 
+def test_a_process_started_without_the_tunable_is_told_how_to_get_it(monkeypatch):
+  monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "madvise")
+  monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(sys, "platform", "linux")
+  monkeypatch.delenv(host_memory.RESTARTED_ENV, raising=False)
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in host_memory.missing_huge_pages_note()
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  assert host_memory.missing_huge_pages_note() is None
+  monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "always")
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  assert host_memory.missing_huge_pages_note() is None
+
+
 CHILD = textwrap.dedent("""
     import json, os, sys
     from lut_jax import host_memory
