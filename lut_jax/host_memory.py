@@ -36,14 +36,11 @@ THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 def glibc_version() -> Optional[tuple[int, int]]:
   """(major, minor) of the C library when it is glibc, else None."""
   try:
-    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-  except (AttributeError, ValueError, OSError):
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # e.g. "glibc 2.36"
+    major, minor = version.split(".")[:2]
+    return (int(major), int(minor)) if name == "glibc" else None
+  except (AttributeError, ValueError, OSError):  # no such name (None), another C library
     return None
-  if name != "glibc":
-    return None
-  major, _, minor = version.partition(".")
-  return (int(major), int(minor.split(".")[0])) if major.isdigit() and minor[:1].isdigit() \
-      else None
 
 
 def transparent_huge_page_mode() -> Optional[str]:
@@ -71,11 +68,17 @@ def environment_with_huge_pages(environ: Mapping[str, str], thp_mode: Optional[s
   return env
 
 
+def _restart_environment() -> Optional[dict[str, str]]:
+  """:func:`environment_with_huge_pages` for this process and machine."""
+  if not sys.platform.startswith("linux"):
+    return None
+  return environment_with_huge_pages(os.environ, transparent_huge_page_mode(), glibc_version())
+
+
 def missing_huge_pages_note() -> Optional[str]:
   """One line for a process that was started without the tunable where it would help (code
   that calls the trainer from Python), else None."""
-  if not sys.platform.startswith("linux") or environment_with_huge_pages(
-      os.environ, transparent_huge_page_mode(), glibc_version()) is None:
+  if _restart_environment() is None:
     return None
   return (f"this process runs without {TUNABLE}=1: on a CPU, XLA's per-step buffers cost a "
           f"page fault per 4 KiB; start Python with GLIBC_TUNABLES={TUNABLE}=1 (the lut-* "
@@ -88,11 +91,8 @@ def restart_with_huge_page_malloc() -> None:
   Call it first thing in a command-line entry point: the process is replaced (same PID,
   same arguments and open files), so nothing done before the call survives.
   """
-  if (not sys.platform.startswith("linux") or not sys.executable
-      or not getattr(sys, "orig_argv", None)):
-    return
-  env = environment_with_huge_pages(os.environ, transparent_huge_page_mode(), glibc_version())
-  if env is None:
+  env = _restart_environment()
+  if env is None or not sys.executable or not getattr(sys, "orig_argv", None):
     return
   sys.stdout.flush()
   sys.stderr.flush()
