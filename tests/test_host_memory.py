@@ -10,9 +10,9 @@ import pytest
 
 from lut_jax import host_memory
 
-GLIBC = host_memory.glibc_version()
-THP = host_memory.transparent_huge_page_mode()
-HELPS = GLIBC is not None and GLIBC >= (2, 35) and THP == "madvise"
+# Whether a restart helps on this machine, by the module's own rule.
+HELPS = host_memory.environment_with_huge_pages(
+    {}, host_memory.transparent_huge_page_mode(), host_memory.glibc_version()) is not None
 
 
 @pytest.mark.parametrize("thp, glibc, environ, expected", [
@@ -38,13 +38,19 @@ def test_when_the_tools_restart(thp, glibc, environ, expected):
     assert env["PATH"] == "/bin" and env[host_memory.RESTARTED_ENV] == "1"
 
 
-def test_the_restart_replaces_the_process_with_the_same_command(monkeypatch):
+@pytest.fixture
+def machine_where_it_helps(monkeypatch):
+  """Linux, glibc 2.36, transparent huge pages on madvise, started without the tunable."""
   monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "madvise")
   monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
   monkeypatch.setattr(sys, "platform", "linux")
-  monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "utf8", "/bin/lut-pretrain", "--a=b"])
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   monkeypatch.delenv(host_memory.RESTARTED_ENV, raising=False)
+
+
+@pytest.mark.usefixtures("machine_where_it_helps")
+def test_the_restart_replaces_the_process_with_the_same_command(monkeypatch):
+  monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "utf8", "/bin/lut-pretrain", "--a=b"])
   calls = []
   monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
   host_memory.restart_with_huge_page_malloc()
@@ -54,13 +60,8 @@ def test_the_restart_replaces_the_process_with_the_same_command(monkeypatch):
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
+@pytest.mark.usefixtures("machine_where_it_helps")
 def test_a_failed_restart_goes_on_without_it(monkeypatch, capsys):
-  monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "madvise")
-  monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
-  monkeypatch.setattr(sys, "platform", "linux")
-  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-  monkeypatch.delenv(host_memory.RESTARTED_ENV, raising=False)
-
   def refuse(*_):
     raise PermissionError(13, "Permission denied")
 
@@ -69,12 +70,8 @@ def test_a_failed_restart_goes_on_without_it(monkeypatch, capsys):
   assert "could not restart with glibc.malloc.hugetlb=1" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("machine_where_it_helps")
 def test_a_process_started_without_the_tunable_is_told_how_to_get_it(monkeypatch):
-  monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "madvise")
-  monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
-  monkeypatch.setattr(sys, "platform", "linux")
-  monkeypatch.delenv(host_memory.RESTARTED_ENV, raising=False)
-  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in host_memory.missing_huge_pages_note()
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
   assert host_memory.missing_huge_pages_note() is None
@@ -86,7 +83,7 @@ def test_a_process_started_without_the_tunable_is_told_how_to_get_it(monkeypatch
 CHILD = textwrap.dedent("""
     import json, os, sys
     from lut_jax import host_memory
-    print("started", flush=True)
+    print("started", os.getpid(), flush=True)
     host_memory.restart_with_huge_page_malloc()
     print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
                       "prefix": sys.prefix, "pid": os.getpid()}))
@@ -102,13 +99,15 @@ def test_the_restart_keeps_arguments_interpreter_and_pid(tmp_path):
                        capture_output=True, text=True, check=True, timeout=60).stdout
   lines = out.splitlines()
   record = json.loads(lines[-1])
+  started = [line for line in lines if line.startswith("started ")]
+  assert {int(line.split()[1]) for line in started} == {record["pid"]}  # the same process
   assert record["argv"] == ["--config=x y", "-v"]
   assert record["prefix"] == sys.prefix  # the same (virtual) environment
   if HELPS:
-    assert lines.count("started") == 2  # it ran once more, in the same process
+    assert len(started) == 2  # it ran once more, in the same process
     assert record["tunables"] == "glibc.malloc.hugetlb=1"
   else:
-    assert lines.count("started") == 1 and record["tunables"] is None
+    assert len(started) == 1 and record["tunables"] is None
 
 
 PAGE_FAULTS = textwrap.dedent("""
