@@ -1,35 +1,53 @@
-"""Host memory on transparent huge pages: the command-line tools restart once to get it.
+"""Host memory for XLA:CPU's per-step buffers: the command-line tools restart once to tune it.
 
 XLA:CPU allocates an executable's temporary buffer with ``malloc`` on every call, and for
 the train step that buffer is large (hundreds of MB for the embedded default's batch).
-glibc serves a request that large with a fresh ``mmap`` and unmaps it on ``free``, so every
-step touches each 4 KiB page of it anew and the kernel zero-fills it one page fault at a
-time: on a CPU, time the step does not spend computing (docs/benchmarks.md measures it).
-glibc's ``glibc.malloc.hugetlb=1`` tunable makes ``malloc`` ask for transparent huge pages
-(``madvise``) for such mappings, 2 MiB per fault instead of 4 KiB. Tunables are read only
-when a process starts, so :func:`restart_with_huge_page_malloc` re-executes the process
-with the tunable added to ``GLIBC_TUNABLES``, before any work is done. It changes which
-pages hold the buffers, never what is computed.
+By default glibc serves a request that large with a fresh ``mmap`` and unmaps it on
+``free``, so every step the kernel maps the buffer anew and zero-fills it, one page fault
+per page: on a CPU, time the step does not spend computing (docs/benchmarks.md measures
+it). Four glibc tunables remove that cost:
 
-It does nothing where it cannot help: not Linux with glibc >= 2.35, or transparent huge
-pages set to ``never`` (nothing to ask for) or ``always`` (already given). To opt out, set
-the tunable yourself: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``. Code that calls the
-trainer from Python gets it by starting Python with the tunable set; ``train.pretrain``
-logs a warning on a CPU where it is missing (:func:`missing_huge_pages_note`).
+* ``glibc.malloc.arena_max=1``, ``glibc.malloc.mmap_max=0`` and a ``trim_threshold`` of
+  1 TiB keep the buffer mapped from one step to the next. The request comes from one of
+  XLA's worker threads, and a thread's own arena cannot serve it (glibc caps those heaps
+  at 64 MiB and falls back to ``mmap``), so all threads share the main heap, which grows
+  instead of mapping, and is never given back to the system: a freed buffer waits for the
+  next step. The price: the process keeps its high-water mark of host memory resident.
+* ``glibc.malloc.hugetlb=1`` (glibc >= 2.35, transparent huge pages on ``madvise``)
+  backs the heap with 2 MiB pages: fewer TLB misses in the step's kernels.
+
+Tunables are read only when a process starts, so :func:`restart_with_tuned_malloc`
+re-executes the process with them added to ``GLIBC_TUNABLES``, before any work is done. It
+changes where the buffers live, never what is computed.
+
+It is for runs on the CPU only, decided before JAX starts, so from the environment:
+``JAX_PLATFORMS`` naming ``cpu`` first, or no accelerator plug-in installed. On a GPU or
+TPU host the step's buffers live on the accelerator, and one arena for all threads could
+slow a many-threaded input pipeline. Not Linux with glibc >= 2.26: nothing to do. Each
+tunable you set yourself in ``GLIBC_TUNABLES`` keeps your value; ``LUT_JAX_MALLOC_TUNED=0``
+(any value) keeps glibc's defaults altogether. Code that calls the trainer from Python gets
+the tuning by starting Python with the variable set; ``train.pretrain`` logs a warning on a
+CPU where it is missing (:func:`missing_tuning_note`).
 
 This module imports only the standard library.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import sys
 from typing import Mapping, Optional
 
-TUNABLE = "glibc.malloc.hugetlb"
-# Set on the restarted process: a loader that drops GLIBC_TUNABLES (secure mode) must not
-# make the restart repeat forever.
-RESTARTED_ENV = "LUT_JAX_HUGE_PAGE_RESTART"
+# Keep the step's buffers mapped between steps (glibc >= 2.26, where tunables began).
+KEEP_MAPPED = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_max": "0",
+               "glibc.malloc.trim_threshold": str(2 ** 40)}
+HUGE_PAGES = {"glibc.malloc.hugetlb": "1"}  # glibc >= 2.35
+# Set on the restarted process, so that a loader that drops GLIBC_TUNABLES (secure mode)
+# cannot make the restart repeat forever; set by hand, the opt-out.
+TUNED_ENV = "LUT_JAX_MALLOC_TUNED"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -54,39 +72,74 @@ def transparent_huge_page_mode() -> Optional[str]:
   return text[start + 1:end] if 0 <= start < end else None
 
 
-def environment_with_huge_pages(environ: Mapping[str, str], thp_mode: Optional[str],
-                                glibc: Optional[tuple[int, int]]) -> Optional[dict[str, str]]:
+def accelerator_plugin_installed() -> bool:
+  """Whether JAX would find a GPU or TPU plug-in: what it imports at start (modules in the
+  ``jax_plugins`` namespace package or its entry-point group), or ``libtpu``."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return True
+  spec = importlib.util.find_spec("jax_plugins")
+  if spec is not None and any(pkgutil.iter_modules(spec.submodule_search_locations or [])):
+    return True
+  return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
+def runs_on_cpu(environ: Mapping[str, str], accelerator_plugin: bool) -> bool:
+  """Whether JAX will run on the CPU, as far as the environment tells before it starts.
+
+  A plug-in installed on a machine without its accelerator counts as "not the CPU": the
+  tuning is then skipped, which costs speed, never correctness.
+  """
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not accelerator_plugin
+
+
+def tuned_environment(environ: Mapping[str, str], *, thp_mode: Optional[str],
+                      glibc: Optional[tuple[int, int]],
+                      accelerator_plugin: bool) -> Optional[dict[str, str]]:
   """The environment to restart with, or None when a restart would not help."""
-  if glibc is None or glibc < (2, 35) or thp_mode != "madvise":
-    return None  # older glibc ignores the tunable; "always" already uses huge pages
+  if TUNED_ENV in environ or glibc is None or glibc < (2, 26):
+    return None  # restarted already or opted out; no tunables to set
+  if not runs_on_cpu(environ, accelerator_plugin):
+    return None
+  wanted = dict(KEEP_MAPPED)
+  if glibc >= (2, 35) and thp_mode == "madvise":  # "always" already uses huge pages
+    wanted.update(HUGE_PAGES)
   tunables = environ.get("GLIBC_TUNABLES", "")
-  if RESTARTED_ENV in environ or TUNABLE in tunables:
-    return None  # restarted already, or the user chose a value
+  chosen = {item.split("=")[0] for item in tunables.split(":")}
+  added = [f"{name}={value}" for name, value in wanted.items() if name not in chosen]
+  if not added:
+    return None  # the user chose every value
   env = dict(environ)
-  env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))
-  env[RESTARTED_ENV] = "1"
+  env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, *added]))
+  env[TUNED_ENV] = "1"
   return env
 
 
 def _restart_environment() -> Optional[dict[str, str]]:
-  """:func:`environment_with_huge_pages` for this process and machine."""
+  """:func:`tuned_environment` for this process and machine."""
   if not sys.platform.startswith("linux"):
     return None
-  return environment_with_huge_pages(os.environ, transparent_huge_page_mode(), glibc_version())
+  return tuned_environment(os.environ, thp_mode=transparent_huge_page_mode(),
+                           glibc=glibc_version(),
+                           accelerator_plugin=accelerator_plugin_installed())
 
 
-def missing_huge_pages_note() -> Optional[str]:
-  """One line for a process that was started without the tunable where it would help (code
+def missing_tuning_note() -> Optional[str]:
+  """One line for a process that was started without the tuning where it would help (code
   that calls the trainer from Python), else None."""
-  if _restart_environment() is None:
+  env = _restart_environment()
+  if env is None:
     return None
-  return (f"this process runs without {TUNABLE}=1: on a CPU, XLA's per-step buffers cost a "
-          f"page fault per 4 KiB; start Python with GLIBC_TUNABLES={TUNABLE}=1 (the lut-* "
-          f"commands restart themselves with it)")
+  return (f"this process runs with glibc's default malloc: on a CPU, XLA maps and "
+          f"zero-fills its per-step buffers anew on every step; start Python with "
+          f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (the lut-* commands restart themselves "
+          f"with it)")
 
 
-def restart_with_huge_page_malloc() -> None:
-  """Re-executes this process with huge-page ``malloc`` where that helps; else returns.
+def restart_with_tuned_malloc() -> None:
+  """Re-executes this process with the tuned ``malloc`` where that helps; else returns.
 
   Call it first thing in a command-line entry point: the process is replaced (same PID,
   same arguments and open files), so nothing done before the call survives.
@@ -100,5 +153,5 @@ def restart_with_huge_page_malloc() -> None:
     # argv[0] as a path: Python finds its prefix (a venv's) from it.
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
   except OSError as e:  # an optimisation only: go on in this process
-    print(f"lut_jax: note: could not restart with {TUNABLE}=1 ({e}); continuing without it",
-          file=sys.stderr, flush=True)
+    print(f"lut_jax: note: could not restart with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} "
+          f"({e}); continuing with glibc's defaults", file=sys.stderr, flush=True)

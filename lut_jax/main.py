@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``lut-pretrain``)."""
-  host_memory.restart_with_huge_page_malloc()  # first: it replaces the process
+  host_memory.restart_with_tuned_malloc()  # first: it replaces the process
   sys.argv = config_lib.resolve_config_args(sys.argv)  # packaged configs by name
   errors.run_app(main, uses_tensorflow=True)
 

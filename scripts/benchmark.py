@@ -25,7 +25,9 @@ ours / PyTorch in images/s.
 ``--alternate=model.gelu_approximate=true`` (repeatable) compiles the baseline and each
 variant in one process and alternates their timed windows, reporting each variant's paired
 speed-up over the baseline: on a machine whose speed drifts between runs (shared CPUs), the
-way to measure a lever of a few percent.
+way to measure a lever of a few percent. ``--alternate_env=GLIBC_TUNABLES=`` does the same
+for an environment variable that only a process's start reads: the baseline and each
+variant then run in child processes of their own, alive side by side, timed in turn.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -175,24 +177,80 @@ def device_memory() -> dict[str, Any]:
           if k in stats}
 
 
+class Window(NamedTuple):
+  """One timed window: wall seconds, process CPU seconds (all threads), minor page faults."""
+  wall: float
+  cpu: float
+  minor_faults: int
+
+
+def minor_page_faults() -> int:
+  """This process's minor page faults so far (0 where the system does not count them)."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Windows
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Stepper:
   """A compiled step with its own state, batch and keys; ``window(n)`` runs ``n`` steps and
-  blocks once at the end, returning (wall seconds, process CPU seconds)."""
+  blocks once at the end, returning its :class:`Window`."""
 
   def __init__(self, compiled, state, batch_arrays, keys):
     self.compiled, self.state, self.batch, self.keys = compiled, state, batch_arrays, keys
     self.metrics, self.index = None, 0
 
-  def window(self, steps: int) -> tuple[float, float]:
+  def window(self, steps: int) -> Window:
     import jax  # pylint: disable=g-import-not-at-top
 
+    faults = minor_page_faults()
     start, cpu_start = time.perf_counter(), time.process_time()  # CPU: all threads
     for _ in range(steps):
       self.state, self.metrics = self.compiled(self.state, self.batch,
                                                self.keys[self.index % len(self.keys)])
       self.index += 1
     jax.block_until_ready((self.state, self.metrics))  # the only sync: end of the window
-    return time.perf_counter() - start, time.process_time() - cpu_start
+    return Window(time.perf_counter() - start, time.process_time() - cpu_start,
+                  minor_page_faults() - faults)
+
+
+class ChildStepper:
+  """A :class:`Stepper` in a child process with its own environment (``--alternate_env``):
+  for what only a process's start reads (``GLIBC_TUNABLES``, ``XLA_FLAGS``). The child
+  compiles and warms up, then runs one window per request on its stdin."""
+
+  def __init__(self, args: argparse.Namespace, method: str, env: dict[str, str]):
+    spec = json.dumps({**vars(args), "method": method})
+    self.proc = subprocess.Popen(
+        [sys.executable, str(pathlib.Path(__file__).resolve()), f"--serve_windows={spec}"],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.rec = json.loads(self._reply("READY "))
+
+  def _reply(self, prefix: str) -> str:
+    for line in self.proc.stdout:
+      if line.startswith(prefix):
+        return line[len(prefix):]
+    raise RuntimeError(f"benchmark child process exited with {self.proc.wait()} "
+                       "(its error is above)")
+
+  def window(self, steps: int) -> Window:
+    self.proc.stdin.write(f"{steps}\n")
+    self.proc.stdin.flush()
+    return Window(*json.loads(self._reply("WINDOW ")))
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def serve_windows(spec: str) -> None:
+  """The child side of :class:`ChildStepper`."""
+  args = argparse.Namespace(**json.loads(spec))
+  rec, stepper = prepare(args, args.method, args.batch, warmup=args.warmup)
+  print("READY " + json.dumps(rec, default=str), flush=True)
+  for line in sys.stdin:
+    print("WINDOW " + json.dumps(stepper.window(int(line))), flush=True)
 
 
 def prepare(args: argparse.Namespace, method: str, batch: int, *, warmup: int,
@@ -262,8 +320,8 @@ def prepare(args: argparse.Namespace, method: str, batch: int, *, warmup: int,
 
   stepper = Stepper(compiled, state, batch_arrays, keys)
   if warmup:
-    rec["first_step_s"] = stepper.window(1)[0]
-    rec["warmup_s"] = rec["first_step_s"] + stepper.window(warmup - 1)[0]
+    rec["first_step_s"] = stepper.window(1).wall
+    rec["warmup_s"] = rec["first_step_s"] + stepper.window(warmup - 1).wall
   return rec, stepper
 
 
@@ -274,10 +332,11 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
 
   rec, stepper = prepare(args, method, batch, warmup=warmup)
   timed = [stepper.window(steps) for _ in range(repeats)]
-  windows = [wall for wall, _ in timed]
+  windows = [w.wall for w in timed]
   # CPU time per step: with a host backend it hardly depends on what else runs (unlike
   # wall time on a shared machine); spin-waiting threads inflate it, though.
-  rec["cpu_ms_per_step"] = sum(cpu for _, cpu in timed) / (steps * repeats) * 1e3
+  rec["cpu_ms_per_step"] = sum(w.cpu for w in timed) / (steps * repeats) * 1e3
+  rec["minor_faults_per_step"] = sum(w.minor_faults for w in timed) / (steps * repeats)
   rec["loss_last"] = float(stepper.metrics["loss"]) if stepper.metrics is not None else None
 
   per_step = sorted(w / steps for w in windows)
@@ -305,36 +364,54 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
 
 
 def run_alternating(args: argparse.Namespace, method: str) -> list[dict[str, Any]]:
-  """The baseline (``--override`` only) and each ``--alternate`` variant compiled in this
-  process, then timed in rounds of one window each, the order reversed every other round:
-  whatever drifts on the machine (other load, clock, thermal state) hits every variant
-  alike. Each variant's ratios to the baseline are medians of the per-round ratios."""
-  labels = ["baseline"] + list(args.alternate)
-  prepared = [prepare(args, method, args.batch, warmup=args.warmup,
-                      extra=[] if label == "baseline" else label.split(","))
-              for label in labels]
-  timed: list[list[tuple[float, float]]] = [[] for _ in labels]
-  for r in range(args.repeats):
-    order = range(len(labels)) if r % 2 == 0 else reversed(range(len(labels)))
-    for i in order:
-      timed[i].append(prepared[i][1].window(args.steps))
+  """The baseline and each variant timed in rounds of one window each, the order reversed
+  every other round: whatever drifts on the machine (other load, clock, thermal state) hits
+  every variant alike. Each variant's ratios to the baseline are medians of the per-round
+  ratios. Config variants (``--alternate``) are compiled in this process; environment
+  variants (``--alternate_env``) each run in a child process, and so does the baseline."""
+  children: list[ChildStepper] = []
+  if args.alternate_env:
+    labels = ["baseline"] + list(args.alternate_env)
+    # The marker keeps each child in exactly the environment given (no malloc restart).
+    base_env = {**os.environ, host_memory.TUNED_ENV: "1"}
+    for label in labels:
+      name, _, value = label.partition("=")
+      children.append(ChildStepper(args, method,
+                                   base_env if label == "baseline" else {**base_env, name: value}))
+    prepared = [(child.rec, child) for child in children]
+  else:
+    labels = ["baseline"] + list(args.alternate)
+    prepared = [prepare(args, method, args.batch, warmup=args.warmup,
+                        extra=[] if label == "baseline" else label.split(","))
+                for label in labels]
+  timed: list[list[Window]] = [[] for _ in labels]
+  try:
+    for r in range(args.repeats):
+      order = range(len(labels)) if r % 2 == 0 else reversed(range(len(labels)))
+      for i in order:
+        timed[i].append(prepared[i][1].window(args.steps))
+  finally:
+    for child in children:
+      child.close()
   median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
   records = []
   for label, (rec, _), windows in zip(labels, prepared, timed):
-    wall = median([w for w, _ in windows]) / args.steps
+    wall = median([w.wall for w in windows]) / args.steps
     rec.update(
         alternate=label, ms_per_step=wall * 1e3, images_per_s=args.batch / wall,
-        cpu_ms_per_step=median([c for _, c in windows]) / args.steps * 1e3,
-        window_ms_per_step=[w / args.steps * 1e3 for w, _ in windows],
-        window_cpu_ms_per_step=[c / args.steps * 1e3 for _, c in windows],
+        cpu_ms_per_step=median([w.cpu for w in windows]) / args.steps * 1e3,
+        minor_faults_per_step=median([w.minor_faults for w in windows]) / args.steps,
+        window_ms_per_step=[w.wall / args.steps * 1e3 for w in windows],
+        window_cpu_ms_per_step=[w.cpu / args.steps * 1e3 for w in windows],
         # > 1: the variant is faster than the baseline, paired round by round.
-        speedup_wall=median([b[0] / w[0] for b, w in zip(timed[0], windows)]),
-        speedup_cpu=median([b[1] / w[1] for b, w in zip(timed[0], windows)]),
+        speedup_wall=median([b.wall / w.wall for b, w in zip(timed[0], windows)]),
+        speedup_cpu=median([b.cpu / w.cpu for b, w in zip(timed[0], windows)]),
         loadavg_end=os.getloadavg()[0])
     records.append(rec)
     print(f"[jax] {method} {label}: {rec['images_per_s']:.1f} images/s, "
-          f"{rec['ms_per_step']:.2f} ms/step, {rec['cpu_ms_per_step']:.1f} CPU ms/step; "
-          f"vs baseline x{rec['speedup_wall']:.3f} wall, x{rec['speedup_cpu']:.3f} CPU "
+          f"{rec['ms_per_step']:.2f} ms/step, {rec['cpu_ms_per_step']:.1f} CPU ms/step, "
+          f"{rec['minor_faults_per_step']:.0f} page faults/step; vs baseline "
+          f"x{rec['speedup_wall']:.3f} wall, x{rec['speedup_cpu']:.3f} CPU "
           f"(medians of {args.repeats} paired windows)", flush=True)
   del prepared
   gc.collect()
@@ -470,6 +547,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "process, windows alternating (repeatable; comma-separated overrides): "
                       "for effects of a few percent on a shared or noisy machine. Holds "
                       "every variant's state in memory at once")
+  p.add_argument("--alternate_env", action="append", default=[], metavar="NAME=VALUE",
+                 help="like --alternate, for an environment variable read when a process "
+                      "starts (GLIBC_TUNABLES, XLA_FLAGS; an empty VALUE sets it empty): "
+                      "the baseline (this environment) and each variant run in child "
+                      "processes of their own, windows alternating")
+  p.add_argument("--serve_windows", default=None, help=argparse.SUPPRESS)  # a child's spec
   p.add_argument("--find_max_batch", action="store_true",
                  help="double the batch from --batch until out of memory; report the largest")
   p.add_argument("--max_batch", type=int, default=65536, help="upper limit of that search")
@@ -484,14 +567,24 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--profile_steps", type=int, default=3)
   p.add_argument("--json_out", default=None, help="write all results here as JSON")
   args = p.parse_args(argv)
-  if args.alternate and (args.framework != "jax" or args.find_max_batch or args.profile_dir):
+  if args.alternate and args.alternate_env:
+    p.error("--alternate and --alternate_env: choose one (config variants are compiled in "
+            "one process, environment variants each need their own)")
+  if (args.alternate or args.alternate_env) and (
+      args.framework != "jax" or args.find_max_batch or args.profile_dir):
     p.error("--alternate times our step only: drop --framework=torch/both, --find_max_batch "
             "and --profile_dir (run those separately)")
+  for variant in args.alternate_env:
+    if not variant.partition("=")[0] or "=" not in variant:
+      p.error(f"--alternate_env={variant}: expected NAME=VALUE")
   return args
 
 
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.serve_windows:
+    serve_windows(args.serve_windows)
+    return {}
   # MAE first: a device's peak-memory counter covers the whole process, and the LUT step
   # needs more, so each method's reported peak is then its own.
   methods = ("mae", "lut") if args.method == "both" else (args.method,)
@@ -510,7 +603,7 @@ def main(argv=None) -> dict[str, Any]:
             + (" (search limit reached)" if search["hit_limit"] else ""), flush=True)
       save(out, args.json_out)
       continue
-    if args.alternate:
+    if args.alternate or args.alternate_env:
       results.extend(run_alternating(args, method))
       save(out, args.json_out)
       continue
@@ -549,5 +642,5 @@ def save(out: dict[str, Any], path: Optional[str]) -> None:
 
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_page_malloc()  # what lut-pretrain runs with
+  host_memory.restart_with_tuned_malloc()  # what lut-pretrain runs with
   main()

@@ -108,5 +108,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_page_malloc()  # what lut-pretrain runs with
+  host_memory.restart_with_tuned_malloc()  # what lut-pretrain runs with
   main()

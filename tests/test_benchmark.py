@@ -40,6 +40,35 @@ def test_alternate_times_baseline_and_variants_in_paired_rounds(tmp_path):
   assert json.loads(path.read_text())["results"][2]["alternate"] == both["alternate"]
 
 
+def test_alternate_env_runs_each_environment_in_its_own_process(tmp_path):
+  """Each variant's variable reaches its own child's program: an XLA flag that makes every
+  program dump its HLO into a folder, a different folder for each variant."""
+  dumps = [tmp_path / "a", tmp_path / "b"]
+  out = benchmark.main(TINY + [f"--alternate_env=XLA_FLAGS=--xla_dump_to={d}" for d in dumps])
+  base, *variants = out["results"]
+  assert [r["alternate"] for r in out["results"]] == [
+      "baseline", *(f"XLA_FLAGS=--xla_dump_to={d}" for d in dumps)]
+  assert all(any(d.iterdir()) for d in dumps)
+  for rec in out["results"]:
+    assert len(rec["window_ms_per_step"]) == 3 and rec["minor_faults_per_step"] >= 0
+    assert rec["num_params"] == base["num_params"]  # the same config in every child
+  assert base["speedup_wall"] == 1.0
+  paired = sorted(b / v for b, v in zip(base["window_ms_per_step"],
+                                        variants[0]["window_ms_per_step"]))
+  assert variants[0]["speedup_wall"] == pytest.approx(paired[1])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--alternate_env=NOVALUE"], "expected NAME=VALUE"),
+    (["--alternate_env==x"], "expected NAME=VALUE"),
+    (["--alternate_env=A=1", "--alternate=model.decoder_depth=1"], "choose one"),
+])
+def test_alternate_env_refuses_malformed_variants(bad, message, capsys):
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(TINY + bad)
+  assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("other", ["--framework=both", "--find_max_batch", "--profile_dir=x"])
 def test_alternate_refuses_the_modes_it_does_not_run(other, capsys):
   with pytest.raises(SystemExit):

@@ -1,5 +1,6 @@
-"""The command-line tools' restart with huge-page malloc (lut_jax/host_memory.py)."""
+"""The command-line tools' restart with tuned malloc (lut_jax/host_memory.py)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,42 +11,69 @@ import pytest
 
 from lut_jax import host_memory
 
-# Whether a restart helps on this machine, by the module's own rule.
-HELPS = host_memory.environment_with_huge_pages(
-    {}, host_memory.transparent_huge_page_mode(), host_memory.glibc_version()) is not None
+KEEP_MAPPED = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+               "glibc.malloc.trim_threshold=1099511627776")
+TUNED = KEEP_MAPPED + ":glibc.malloc.hugetlb=1"
+CPU_ONLY = {"accelerator_plugin": False}
 
 
-@pytest.mark.parametrize("thp, glibc, environ, expected", [
-    ("madvise", (2, 36), {}, "glibc.malloc.hugetlb=1"),
-    # Other tunables are kept, ours appended.
-    ("madvise", (2, 36), {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
-     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
-    # The user's own value (the opt-out) wins.
-    ("madvise", (2, 36), {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, None),
-    ("madvise", (2, 36), {host_memory.RESTARTED_ENV: "1"}, None),  # restarted already
-    ("always", (2, 36), {}, None),  # huge pages without asking
-    ("never", (2, 36), {}, None),  # none to ask for
-    (None, (2, 36), {}, None),  # no such setting (not Linux, a container hiding it)
-    ("madvise", (2, 31), {}, None),  # the tunable is new in glibc 2.35
-    ("madvise", None, {}, None),  # musl and other C libraries
+
+@pytest.mark.parametrize("machine, environ, expected", [
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {}, TUNED),
+    # Other tunables are kept, ours appended; a value the user chose wins.
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {"GLIBC_TUNABLES": "glibc.rtld.x=2"},
+     "glibc.rtld.x=2:" + TUNED),
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
+     {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc.malloc.hugetlb=0:" + KEEP_MAPPED),
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
+     {"GLIBC_TUNABLES": TUNED.replace("arena_max=1", "arena_max=4")}, None),  # all chosen
+    # Restarted already, or opted out.
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.TUNED_ENV: "1"}, None),
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.TUNED_ENV: "0"}, None),
+    # Huge pages only where malloc has to ask for them and can.
+    (dict(thp_mode="always", glibc=(2, 36), **CPU_ONLY), {}, KEEP_MAPPED),
+    (dict(thp_mode="never", glibc=(2, 36), **CPU_ONLY), {}, KEEP_MAPPED),
+    (dict(thp_mode=None, glibc=(2, 36), **CPU_ONLY), {}, KEEP_MAPPED),  # setting unreadable
+    (dict(thp_mode="madvise", glibc=(2, 31), **CPU_ONLY), {}, KEEP_MAPPED),  # hugetlb: 2.35
+    (dict(thp_mode="madvise", glibc=(2, 17), **CPU_ONLY), {}, None),  # tunables: 2.26
+    (dict(thp_mode="madvise", glibc=None, **CPU_ONLY), {}, None),  # musl and others
+    # Runs on an accelerator: glibc's defaults.
+    (dict(thp_mode="madvise", glibc=(2, 36), accelerator_plugin=True), {}, None),
+    (dict(thp_mode="madvise", glibc=(2, 36), accelerator_plugin=True),
+     {"JAX_PLATFORMS": "cpu"}, TUNED),
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {"JAX_PLATFORMS": "cuda,cpu"}, None),
 ])
-def test_when_the_tools_restart(thp, glibc, environ, expected):
-  env = host_memory.environment_with_huge_pages({"PATH": "/bin", **environ}, thp, glibc)
+def test_when_the_tools_restart(machine, environ, expected):
+  env = host_memory.tuned_environment({"PATH": "/bin", **environ}, **machine)
   if expected is None:
     assert env is None
   else:
     assert env["GLIBC_TUNABLES"] == expected
-    assert env["PATH"] == "/bin" and env[host_memory.RESTARTED_ENV] == "1"
+    assert env["PATH"] == "/bin" and env[host_memory.TUNED_ENV] == "1"
+
+
+def test_accelerator_plugins_are_found_where_jax_looks(tmp_path, monkeypatch):
+  if host_memory.accelerator_plugin_installed():
+    pytest.skip("this machine has an accelerator plug-in installed")
+  plugin = tmp_path / "jax_plugins" / "xla_someaccelerator"
+  plugin.mkdir(parents=True)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert not host_memory.accelerator_plugin_installed()  # a folder, not yet a module
+  (plugin / "__init__.py").write_text("")  # a namespace-package plug-in, as JAX's CUDA one
+  importlib.invalidate_caches()
+  assert host_memory.accelerator_plugin_installed()
 
 
 @pytest.fixture
 def machine_where_it_helps(monkeypatch):
-  """Linux, glibc 2.36, transparent huge pages on madvise, started without the tunable."""
+  """Linux, glibc 2.36, transparent huge pages on madvise, no accelerator plug-in, started
+  with glibc's defaults."""
   monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "madvise")
   monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(host_memory, "accelerator_plugin_installed", lambda: False)
   monkeypatch.setattr(sys, "platform", "linux")
-  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-  monkeypatch.delenv(host_memory.RESTARTED_ENV, raising=False)
+  for name in ("GLIBC_TUNABLES", host_memory.TUNED_ENV, "JAX_PLATFORMS"):
+    monkeypatch.delenv(name, raising=False)
 
 
 @pytest.mark.usefixtures("machine_where_it_helps")
@@ -53,11 +81,11 @@ def test_the_restart_replaces_the_process_with_the_same_command(monkeypatch):
   monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "utf8", "/bin/lut-pretrain", "--a=b"])
   calls = []
   monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
-  host_memory.restart_with_huge_page_malloc()
+  host_memory.restart_with_tuned_malloc()
   (path, argv, env), = calls
   assert path == sys.executable
   assert argv == [sys.executable, "-X", "utf8", "/bin/lut-pretrain", "--a=b"]
-  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert env["GLIBC_TUNABLES"] == TUNED
 
 
 @pytest.mark.usefixtures("machine_where_it_helps")
@@ -66,25 +94,25 @@ def test_a_failed_restart_goes_on_without_it(monkeypatch, capsys):
     raise PermissionError(13, "Permission denied")
 
   monkeypatch.setattr(os, "execve", refuse)
-  host_memory.restart_with_huge_page_malloc()  # returns instead of raising
-  assert "could not restart with glibc.malloc.hugetlb=1" in capsys.readouterr().err
+  host_memory.restart_with_tuned_malloc()  # returns instead of raising
+  assert f"could not restart with GLIBC_TUNABLES={TUNED}" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("machine_where_it_helps")
-def test_a_process_started_without_the_tunable_is_told_how_to_get_it(monkeypatch):
-  assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in host_memory.missing_huge_pages_note()
-  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-  assert host_memory.missing_huge_pages_note() is None
-  monkeypatch.setattr(host_memory, "transparent_huge_page_mode", lambda: "always")
+def test_a_process_started_without_the_tuning_is_told_how_to_get_it(monkeypatch):
+  assert f"GLIBC_TUNABLES={TUNED} " in host_memory.missing_tuning_note()
+  monkeypatch.setenv("GLIBC_TUNABLES", TUNED)
+  assert host_memory.missing_tuning_note() is None
+  monkeypatch.setattr(host_memory, "accelerator_plugin_installed", lambda: True)
   monkeypatch.delenv("GLIBC_TUNABLES")
-  assert host_memory.missing_huge_pages_note() is None
+  assert host_memory.missing_tuning_note() is None
 
 
 CHILD = textwrap.dedent("""
     import json, os, sys
     from lut_jax import host_memory
     print("started", os.getpid(), flush=True)
-    host_memory.restart_with_huge_page_malloc()
+    host_memory.restart_with_tuned_malloc()
     print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
                       "prefix": sys.prefix, "pid": os.getpid()}))
 """)
@@ -94,7 +122,11 @@ def test_the_restart_keeps_arguments_interpreter_and_pid(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(CHILD)
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", host_memory.RESTARTED_ENV)}
+         if k not in ("GLIBC_TUNABLES", host_memory.TUNED_ENV)}
+  expected = host_memory.tuned_environment(
+      env, thp_mode=host_memory.transparent_huge_page_mode(),
+      glibc=host_memory.glibc_version(),
+      accelerator_plugin=host_memory.accelerator_plugin_installed())
   out = subprocess.run([sys.executable, str(script), "--config=x y", "-v"], env=env,
                        capture_output=True, text=True, check=True, timeout=60).stdout
   lines = out.splitlines()
@@ -103,9 +135,9 @@ def test_the_restart_keeps_arguments_interpreter_and_pid(tmp_path):
   assert {int(line.split()[1]) for line in started} == {record["pid"]}  # the same process
   assert record["argv"] == ["--config=x y", "-v"]
   assert record["prefix"] == sys.prefix  # the same (virtual) environment
-  if HELPS:
+  if sys.platform.startswith("linux") and expected is not None:
     assert len(started) == 2  # it ran once more, in the same process
-    assert record["tunables"] == "glibc.malloc.hugetlb=1"
+    assert record["tunables"] == expected["GLIBC_TUNABLES"]
   else:
     assert len(started) == 1 and record["tunables"] is None
 
@@ -114,7 +146,7 @@ PAGE_FAULTS = textwrap.dedent("""
     import resource, jax, jax.numpy as jnp
     double = jax.jit(lambda x: x * 2)
     x = jnp.ones((16 * 1024 * 1024,), jnp.float32)  # a 64 MiB result, allocated per call
-    for _ in range(2):
+    for _ in range(20):  # with the heap kept, until it holds every result still in flight
       double(x).block_until_ready()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):
@@ -123,16 +155,18 @@ PAGE_FAULTS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not HELPS, reason="needs glibc >= 2.35 and transparent huge pages on "
-                                      "madvise")
-def test_huge_page_malloc_removes_most_page_faults_of_xla_buffers():
-  """What the restart is for: XLA's per-call buffers stop costing a fault per 4 KiB."""
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and (host_memory.glibc_version() or (0, 0)) >= (2, 26)),
+    reason="needs Linux with glibc >= 2.26")
+def test_tuned_malloc_keeps_xla_buffers_mapped_between_calls():
+  """What the restart is for: XLA's per-call buffers stop costing a page fault per page."""
   faults = {}
-  for value in (0, 1):
-    env = {**os.environ, "GLIBC_TUNABLES": f"glibc.malloc.hugetlb={value}",
-           "JAX_PLATFORMS": "cpu"}
+  for name, tunables in (("default", ""), ("kept mapped", KEEP_MAPPED)):
+    env = {**os.environ, "GLIBC_TUNABLES": tunables, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", PAGE_FAULTS], env=env, capture_output=True,
                          text=True, check=True, timeout=120).stdout
-    faults[value] = float(out.split()[-1])
-  assert faults[0] > 0.5 * 64 * 1024 // 4  # about one per 4 KiB page of the result
-  assert faults[1] < faults[0] / 4, faults
+    faults[name] = float(out.split()[-1])
+  # glibc's defaults: the result is mapped afresh per call, a fault per page (4 KiB, or
+  # 2 MiB where transparent huge pages are "always").
+  assert faults["default"] >= 64 * 1024 // 2048, faults
+  assert faults["kept mapped"] < 2, faults  # the heap's pages are reused
