@@ -21,13 +21,17 @@ re-executes the process with them added to ``GLIBC_TUNABLES``, before any work i
 changes where the buffers live, never what is computed.
 
 It is for runs on the CPU only, decided before JAX starts, so from the environment:
-``JAX_PLATFORMS`` naming ``cpu`` first, or no accelerator plug-in installed. On a GPU or
-TPU host the step's buffers live on the accelerator, and one arena for all threads could
-slow a many-threaded input pipeline. Not Linux with glibc >= 2.26: nothing to do. Each
-tunable you set yourself in ``GLIBC_TUNABLES`` keeps your value; ``LUT_JAX_MALLOC_TUNED=0``
-(any value) keeps glibc's defaults altogether. Code that calls the trainer from Python gets
-the tuning by starting Python with the variable set; ``train.pretrain`` logs a warning on a
-CPU where it is missing (:func:`missing_tuning_note`).
+``JAX_PLATFORMS`` decides when it is set (``cpu`` first: tuned); otherwise any sign of an
+accelerator plug-in (installed where JAX looks for one, or named by ``PJRT_NAMES_AND_LIBRARY_PATHS``
+or ``TPU_LIBRARY_PATH``) leaves glibc's defaults. On a GPU or TPU host the step's buffers
+live on the accelerator, and one arena for all threads could slow a many-threaded input
+pipeline. Not Linux with glibc >= 2.26: nothing to do. A tunable you set yourself (in
+``GLIBC_TUNABLES`` or as glibc's older ``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``,
+``MALLOC_TRIM_THRESHOLD_``) keeps your value; ``LUT_JAX_MALLOC_TUNING=0`` keeps glibc's
+defaults altogether. Code that calls the trainer from Python gets the tuning by starting
+Python with ``GLIBC_TUNABLES`` as :func:`missing_tuning_note` prints it; ``train.pretrain``
+logs that note on a CPU where the tuning is missing, and one line saying it is on where it
+is (:func:`applied_tuning_note`).
 
 This module imports only the standard library.
 """
@@ -45,9 +49,16 @@ from typing import Mapping, Optional
 KEEP_MAPPED = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_max": "0",
                "glibc.malloc.trim_threshold": str(2 ** 40)}
 HUGE_PAGES = {"glibc.malloc.hugetlb": "1"}  # glibc >= 2.35
-# Set on the restarted process, so that a loader that drops GLIBC_TUNABLES (secure mode)
-# cannot make the restart repeat forever; set by hand, the opt-out.
+# glibc's older spellings of the same settings: set there, they are the user's choice too.
+ALIASES = {"glibc.malloc.arena_max": "MALLOC_ARENA_MAX",
+           "glibc.malloc.mmap_max": "MALLOC_MMAP_MAX_",
+           "glibc.malloc.trim_threshold": "MALLOC_TRIM_THRESHOLD_"}
+OPT_OUT_ENV = "LUT_JAX_MALLOC_TUNING"  # "0": keep glibc's defaults
+# Set on the restarted process (and so inherited by its children), so that a loader that
+# drops GLIBC_TUNABLES (secure mode) cannot make the restart repeat forever.
 TUNED_ENV = "LUT_JAX_MALLOC_TUNED"
+# Besides installed plug-ins, JAX loads accelerator plug-ins named by these.
+ACCELERATOR_ENV = ("PJRT_NAMES_AND_LIBRARY_PATHS", "TPU_LIBRARY_PATH")
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -92,15 +103,20 @@ def runs_on_cpu(environ: Mapping[str, str], accelerator_plugin: bool) -> bool:
   platforms = environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  return not accelerator_plugin
+  return not (accelerator_plugin or any(environ.get(name) for name in ACCELERATOR_ENV))
+
+
+def _skips_tuning(environ: Mapping[str, str]) -> bool:
+  """Restarted already, or opted out."""
+  return TUNED_ENV in environ or environ.get(OPT_OUT_ENV, "").strip() == "0"
 
 
 def tuned_environment(environ: Mapping[str, str], *, thp_mode: Optional[str],
                       glibc: Optional[tuple[int, int]],
                       accelerator_plugin: bool) -> Optional[dict[str, str]]:
   """The environment to restart with, or None when a restart would not help."""
-  if TUNED_ENV in environ or glibc is None or glibc < (2, 26):
-    return None  # restarted already or opted out; no tunables to set
+  if _skips_tuning(environ) or glibc is None or glibc < (2, 26):
+    return None  # no tunables to set before glibc 2.26
   if not runs_on_cpu(environ, accelerator_plugin):
     return None
   wanted = dict(KEEP_MAPPED)
@@ -108,19 +124,20 @@ def tuned_environment(environ: Mapping[str, str], *, thp_mode: Optional[str],
     wanted.update(HUGE_PAGES)
   tunables = environ.get("GLIBC_TUNABLES", "")
   chosen = {item.split("=")[0] for item in tunables.split(":")}
+  chosen |= {name for name, alias in ALIASES.items() if alias in environ}
   added = [f"{name}={value}" for name, value in wanted.items() if name not in chosen]
   if not added:
     return None  # the user chose every value
   env = dict(environ)
-  env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, *added]))
+  env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables.strip(":"), *added]))
   env[TUNED_ENV] = "1"
   return env
 
 
 def _restart_environment() -> Optional[dict[str, str]]:
   """:func:`tuned_environment` for this process and machine."""
-  if not sys.platform.startswith("linux"):
-    return None
+  if not sys.platform.startswith("linux") or _skips_tuning(os.environ):
+    return None  # before the plug-in scan: the restarted process skips it
   return tuned_environment(os.environ, thp_mode=transparent_huge_page_mode(),
                            glibc=glibc_version(),
                            accelerator_plugin=accelerator_plugin_installed())
@@ -136,6 +153,15 @@ def missing_tuning_note() -> Optional[str]:
           f"zero-fills its per-step buffers anew on every step; start Python with "
           f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (the lut-* commands restart themselves "
           f"with it)")
+
+
+def applied_tuning_note() -> Optional[str]:
+  """One line for a process that runs with the tuning (restarted into it), else None."""
+  if os.environ.get(TUNED_ENV) != "1":
+    return None
+  return (f"malloc tuned for XLA:CPU's per-step buffers (GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '')}): they stay mapped between steps, and host "
+          f"memory stays at its peak; {OPT_OUT_ENV}=0 turns this off")
 
 
 def restart_with_tuned_malloc() -> None:

@@ -192,8 +192,11 @@ def pretrain(
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.optim.accum_steps,
                             process_count=jax.process_count())
-  if jax.default_backend() == "cpu" and (note := host_memory.missing_tuning_note()):
-    logging.warning(note)
+  if jax.default_backend() == "cpu":
+    if note := host_memory.missing_tuning_note():
+      logging.warning(note)
+    elif note := host_memory.applied_tuning_note():
+      logging.info(note)
   num_examples = _num_examples(config, real_data=data_fn is None)
   total_steps, warmup_steps = build.run_length(config, num_examples)
   monitor = monitor_lib.Monitor(config) if config.monitor.every_steps > 0 else None

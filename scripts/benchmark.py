@@ -218,30 +218,47 @@ class Stepper:
 class ChildStepper:
   """A :class:`Stepper` in a child process with its own environment (``--alternate_env``):
   for what only a process's start reads (``GLIBC_TUNABLES``, ``XLA_FLAGS``). The child
-  compiles and warms up, then runs one window per request on its stdin."""
+  compiles and warms up, then runs one window per request on its stdin. Its other output
+  is passed on to stderr."""
 
   def __init__(self, args: argparse.Namespace, method: str, env: dict[str, str]):
     spec = json.dumps({**vars(args), "method": method})
     self.proc = subprocess.Popen(
         [sys.executable, str(pathlib.Path(__file__).resolve()), f"--serve_windows={spec}"],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self.rec = json.loads(self._reply("READY "))
+    try:
+      self.rec = json.loads(self._reply("READY "))
+    except BaseException:
+      self.close()
+      raise
 
   def _reply(self, prefix: str) -> str:
     for line in self.proc.stdout:
       if line.startswith(prefix):
         return line[len(prefix):]
+      sys.stderr.write(line)
     raise RuntimeError(f"benchmark child process exited with {self.proc.wait()} "
                        "(its error is above)")
 
   def window(self, steps: int) -> Window:
-    self.proc.stdin.write(f"{steps}\n")
-    self.proc.stdin.flush()
+    try:
+      self.proc.stdin.write(f"{steps}\n")
+      self.proc.stdin.flush()
+    except BrokenPipeError:
+      raise RuntimeError(f"benchmark child process exited with {self.proc.wait()} "
+                         "(its error is above)") from None
     return Window(*json.loads(self._reply("WINDOW ")))
 
   def close(self) -> None:
-    self.proc.stdin.close()
-    self.proc.wait()
+    try:
+      self.proc.stdin.close()
+    except BrokenPipeError:
+      pass  # it exited already
+    try:
+      self.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
 
 
 def serve_windows(spec: str) -> None:
@@ -370,22 +387,22 @@ def run_alternating(args: argparse.Namespace, method: str) -> list[dict[str, Any
   ratios. Config variants (``--alternate``) are compiled in this process; environment
   variants (``--alternate_env``) each run in a child process, and so does the baseline."""
   children: list[ChildStepper] = []
-  if args.alternate_env:
-    labels = ["baseline"] + list(args.alternate_env)
-    # The marker keeps each child in exactly the environment given (no malloc restart).
-    base_env = {**os.environ, host_memory.TUNED_ENV: "1"}
-    for label in labels:
-      name, _, value = label.partition("=")
-      children.append(ChildStepper(args, method,
-                                   base_env if label == "baseline" else {**base_env, name: value}))
-    prepared = [(child.rec, child) for child in children]
-  else:
-    labels = ["baseline"] + list(args.alternate)
-    prepared = [prepare(args, method, args.batch, warmup=args.warmup,
-                        extra=[] if label == "baseline" else label.split(","))
-                for label in labels]
-  timed: list[list[Window]] = [[] for _ in labels]
   try:
+    if args.alternate_env:
+      labels = ["baseline"] + list(args.alternate_env)
+      # The marker keeps each child in exactly the environment given (no malloc restart).
+      base_env = {**os.environ, host_memory.TUNED_ENV: "1"}
+      for label in labels:
+        name, _, value = label.partition("=")
+        children.append(ChildStepper(
+            args, method, base_env if label == "baseline" else {**base_env, name: value}))
+      prepared = [(child.rec, child) for child in children]
+    else:
+      labels = ["baseline"] + list(args.alternate)
+      prepared = [prepare(args, method, args.batch, warmup=args.warmup,
+                          extra=[] if label == "baseline" else label.split(","))
+                  for label in labels]
+    timed: list[list[Window]] = [[] for _ in labels]
     for r in range(args.repeats):
       order = range(len(labels)) if r % 2 == 0 else reversed(range(len(labels)))
       for i in order:
@@ -572,8 +589,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             "one process, environment variants each need their own)")
   if (args.alternate or args.alternate_env) and (
       args.framework != "jax" or args.find_max_batch or args.profile_dir):
-    p.error("--alternate times our step only: drop --framework=torch/both, --find_max_batch "
-            "and --profile_dir (run those separately)")
+    p.error("--alternate and --alternate_env time our step only: drop --framework=torch/both, "
+            "--find_max_batch and --profile_dir (run those separately)")
   for variant in args.alternate_env:
     if not variant.partition("=")[0] or "=" not in variant:
       p.error(f"--alternate_env={variant}: expected NAME=VALUE")

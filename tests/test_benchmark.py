@@ -2,6 +2,7 @@
 docs/benchmarks.md)."""
 
 import json
+import os
 import pathlib
 import sys
 
@@ -58,6 +59,27 @@ def test_alternate_env_runs_each_environment_in_its_own_process(tmp_path):
   assert variants[0]["speedup_wall"] == pytest.approx(paired[1])
 
 
+def _children_of_this_process() -> list[str]:
+  found = []
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:  # exited meanwhile
+      continue
+    if int(fields[1]) == os.getpid() and fields[0] != "Z":  # parent, state
+      found.append(stat.parent.name)
+  return found
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_alternate_env_reports_a_child_that_fails_and_leaves_none_behind():
+  """The second child dies at start (an XLA flag that does not exist): the run stops with
+  one error, and the first child, already compiled and waiting, is closed too."""
+  with pytest.raises(RuntimeError, match="benchmark child process exited with"):
+    benchmark.main(TINY + ["--alternate_env=XLA_FLAGS=--xla_no_such_flag_for_this_test=1"])
+  assert _children_of_this_process() == []
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--alternate_env=NOVALUE"], "expected NAME=VALUE"),
     (["--alternate_env==x"], "expected NAME=VALUE"),
@@ -73,4 +95,4 @@ def test_alternate_env_refuses_malformed_variants(bad, message, capsys):
 def test_alternate_refuses_the_modes_it_does_not_run(other, capsys):
   with pytest.raises(SystemExit):
     benchmark.parse_args(TINY + ["--alternate=model.decoder_depth=1", other])
-  assert "--alternate times our step only" in capsys.readouterr().err
+  assert "time our step only" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """The command-line tools' restart with tuned malloc (lut_jax/host_memory.py)."""
 
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,9 +29,14 @@ CPU_ONLY = {"accelerator_plugin": False}
      {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc.malloc.hugetlb=0:" + KEEP_MAPPED),
     (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
      {"GLIBC_TUNABLES": TUNED.replace("arena_max=1", "arena_max=4")}, None),  # all chosen
-    # Restarted already, or opted out.
+    # glibc's older spellings are the user's choice too; a stray ":" is dropped.
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
+     {"MALLOC_ARENA_MAX": "4", "MALLOC_TRIM_THRESHOLD_": "0", "GLIBC_TUNABLES": "a=1:"},
+     "a=1:glibc.malloc.mmap_max=0:glibc.malloc.hugetlb=1"),
+    # Restarted already, or opted out (only "0" opts out).
     (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.TUNED_ENV: "1"}, None),
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.TUNED_ENV: "0"}, None),
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.OPT_OUT_ENV: "0"}, None),
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.OPT_OUT_ENV: "1"}, TUNED),
     # Huge pages only where malloc has to ask for them and can.
     (dict(thp_mode="always", glibc=(2, 36), **CPU_ONLY), {}, KEEP_MAPPED),
     (dict(thp_mode="never", glibc=(2, 36), **CPU_ONLY), {}, KEEP_MAPPED),
@@ -42,6 +49,11 @@ CPU_ONLY = {"accelerator_plugin": False}
     (dict(thp_mode="madvise", glibc=(2, 36), accelerator_plugin=True),
      {"JAX_PLATFORMS": "cpu"}, TUNED),
     (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {"JAX_PLATFORMS": "cuda,cpu"}, None),
+    # Plug-ins JAX loads from a path in the environment.
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
+     {"PJRT_NAMES_AND_LIBRARY_PATHS": "cuda:/opt/pjrt_cuda.so"}, None),
+    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {"TPU_LIBRARY_PATH": "/lib/libtpu.so"},
+     None),
 ])
 def test_when_the_tools_restart(machine, environ, expected):
   env = host_memory.tuned_environment({"PATH": "/bin", **environ}, **machine)
@@ -50,6 +62,15 @@ def test_when_the_tools_restart(machine, environ, expected):
   else:
     assert env["GLIBC_TUNABLES"] == expected
     assert env["PATH"] == "/bin" and env[host_memory.TUNED_ENV] == "1"
+
+
+def test_the_restarted_process_says_it_is_tuned(monkeypatch):
+  monkeypatch.delenv(host_memory.TUNED_ENV, raising=False)
+  assert host_memory.applied_tuning_note() is None
+  monkeypatch.setenv(host_memory.TUNED_ENV, "1")
+  monkeypatch.setenv("GLIBC_TUNABLES", TUNED)
+  note = host_memory.applied_tuning_note()
+  assert TUNED in note and f"{host_memory.OPT_OUT_ENV}=0" in note
 
 
 def test_accelerator_plugins_are_found_where_jax_looks(tmp_path, monkeypatch):
@@ -64,6 +85,21 @@ def test_accelerator_plugins_are_found_where_jax_looks(tmp_path, monkeypatch):
   assert host_memory.accelerator_plugin_installed()
 
 
+def test_tpu_and_entry_point_plugins_count_as_accelerators(monkeypatch):
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name: object() if name == "libtpu" else real_find_spec(name))
+  assert host_memory.accelerator_plugin_installed()
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name: None if name in ("libtpu", "jax_plugins") else
+                      real_find_spec(name))
+  monkeypatch.setattr(importlib.metadata, "entry_points",
+                      lambda group: ["xla_cuda"] if group == "jax_plugins" else [])
+  assert host_memory.accelerator_plugin_installed()
+  monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+  assert not host_memory.accelerator_plugin_installed()
+
+
 @pytest.fixture
 def machine_where_it_helps(monkeypatch):
   """Linux, glibc 2.36, transparent huge pages on madvise, no accelerator plug-in, started
@@ -72,7 +108,8 @@ def machine_where_it_helps(monkeypatch):
   monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
   monkeypatch.setattr(host_memory, "accelerator_plugin_installed", lambda: False)
   monkeypatch.setattr(sys, "platform", "linux")
-  for name in ("GLIBC_TUNABLES", host_memory.TUNED_ENV, "JAX_PLATFORMS"):
+  for name in ("GLIBC_TUNABLES", host_memory.TUNED_ENV, host_memory.OPT_OUT_ENV, "JAX_PLATFORMS",
+               *host_memory.ACCELERATOR_ENV, *host_memory.ALIASES.values()):
     monkeypatch.delenv(name, raising=False)
 
 
@@ -122,11 +159,14 @@ def test_the_restart_keeps_arguments_interpreter_and_pid(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(CHILD)
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", host_memory.TUNED_ENV)}
-  expected = host_memory.tuned_environment(
-      env, thp_mode=host_memory.transparent_huge_page_mode(),
-      glibc=host_memory.glibc_version(),
-      accelerator_plugin=host_memory.accelerator_plugin_installed())
+         if k not in ("GLIBC_TUNABLES", host_memory.TUNED_ENV, *host_memory.ALIASES.values())}
+  # On Linux with glibc >= 2.26, no accelerator in sight and no opt-out, it restarts.
+  glibc = host_memory.glibc_version()
+  restarts = (sys.platform.startswith("linux") and glibc is not None and glibc >= (2, 26)
+              and not host_memory.accelerator_plugin_installed()
+              and env.get("JAX_PLATFORMS", "cpu").startswith("cpu")
+              and not any(env.get(name) for name in host_memory.ACCELERATOR_ENV)
+              and env.get(host_memory.OPT_OUT_ENV) != "0")
   out = subprocess.run([sys.executable, str(script), "--config=x y", "-v"], env=env,
                        capture_output=True, text=True, check=True, timeout=60).stdout
   lines = out.splitlines()
@@ -135,9 +175,9 @@ def test_the_restart_keeps_arguments_interpreter_and_pid(tmp_path):
   assert {int(line.split()[1]) for line in started} == {record["pid"]}  # the same process
   assert record["argv"] == ["--config=x y", "-v"]
   assert record["prefix"] == sys.prefix  # the same (virtual) environment
-  if sys.platform.startswith("linux") and expected is not None:
+  if restarts:
     assert len(started) == 2  # it ran once more, in the same process
-    assert record["tunables"] == expected["GLIBC_TUNABLES"]
+    assert "glibc.malloc.arena_max=1" in record["tunables"]
   else:
     assert len(started) == 1 and record["tunables"] is None
 
