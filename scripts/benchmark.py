@@ -234,9 +234,10 @@ class ChildStepper:
 
   def _reply(self, prefix: str) -> str:
     for line in self.proc.stdout:
-      if line.startswith(prefix):
-        return line[len(prefix):]
-      sys.stderr.write(line)
+      before, found, reply = line.partition(prefix)  # native output may precede it
+      sys.stderr.write(before if found else line)
+      if found:
+        return reply
     raise RuntimeError(f"benchmark child process exited with {self.proc.wait()} "
                        "(its error is above)")
 
