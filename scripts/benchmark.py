@@ -44,7 +44,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -381,6 +381,21 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
   return rec
 
 
+def child_environments(variants: Sequence[str],
+                       environ: Mapping[str, str]) -> list[dict[str, str]]:
+  """The baseline's and each ``NAME=VALUE`` variant's environment for ``--alternate_env``.
+
+  The malloc marker keeps each child in exactly the environment given (no restart), and
+  the children, alive at the same time, split the accelerator memory JAX would give one
+  process (``XLA_PYTHON_CLIENT_MEM_FRACTION``, default 0.75); a CPU ignores it.
+  """
+  share = float(environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")) / (len(variants) + 1)
+  base = {**environ, host_memory.TUNED_ENV: "1",
+          "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{share:.3f}"}
+  return [base] + [{**base, name: value}
+                   for name, _, value in (v.partition("=") for v in variants)]
+
+
 def run_alternating(args: argparse.Namespace, method: str) -> list[dict[str, Any]]:
   """The baseline and each variant timed in rounds of one window each, the order reversed
   every other round: whatever drifts on the machine (other load, clock, thermal state) hits
@@ -391,12 +406,8 @@ def run_alternating(args: argparse.Namespace, method: str) -> list[dict[str, Any
   try:
     if args.alternate_env:
       labels = ["baseline"] + list(args.alternate_env)
-      # The marker keeps each child in exactly the environment given (no malloc restart).
-      base_env = {**os.environ, host_memory.TUNED_ENV: "1"}
-      for label in labels:
-        name, _, value = label.partition("=")
-        children.append(ChildStepper(
-            args, method, base_env if label == "baseline" else {**base_env, name: value}))
+      for env in child_environments(args.alternate_env, os.environ):
+        children.append(ChildStepper(args, method, env))
       prepared = [(child.rec, child) for child in children]
     else:
       labels = ["baseline"] + list(args.alternate)
@@ -569,7 +580,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="like --alternate, for an environment variable read when a process "
                       "starts (GLIBC_TUNABLES, XLA_FLAGS; an empty VALUE sets it empty): "
                       "the baseline (this environment) and each variant run in child "
-                      "processes of their own, windows alternating")
+                      "processes of their own, windows alternating; on an accelerator they "
+                      "split its memory")
   p.add_argument("--serve_windows", default=None, help=argparse.SUPPRESS)  # a child's spec
   p.add_argument("--find_max_batch", action="store_true",
                  help="double the batch from --batch until out of memory; report the largest")

@@ -80,6 +80,16 @@ def test_alternate_env_reports_a_child_that_fails_and_leaves_none_behind():
   assert _children_of_this_process() == []
 
 
+def test_alternate_env_children_share_the_accelerator_memory():
+  base, flags = benchmark.child_environments(
+      ["XLA_FLAGS=--a=1 --b"], {"PATH": "/bin", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"})
+  assert base["PATH"] == flags["PATH"] == "/bin" and "XLA_FLAGS" not in base
+  assert flags["XLA_FLAGS"] == "--a=1 --b"  # split at the first "=" only
+  fraction = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+  assert base[fraction] == flags[fraction] == "0.450"
+  assert base["LUT_JAX_MALLOC_TUNED"] == "1"  # no malloc restart inside a child
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--alternate_env=NOVALUE"], "expected NAME=VALUE"),
     (["--alternate_env==x"], "expected NAME=VALUE"),
