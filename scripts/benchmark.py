@@ -238,16 +238,18 @@ class ChildStepper:
       sys.stderr.write(before if found else line)
       if found:
         return reply
-    raise RuntimeError(f"benchmark child process exited with {self.proc.wait()} "
-                       "(its error is above)")
+    raise self._exited()
+
+  def _exited(self) -> RuntimeError:
+    return RuntimeError(f"benchmark child process exited with {self.proc.wait()} "
+                        "(its error is above)")
 
   def window(self, steps: int) -> Window:
     try:
       self.proc.stdin.write(f"{steps}\n")
       self.proc.stdin.flush()
     except BrokenPipeError:
-      raise RuntimeError(f"benchmark child process exited with {self.proc.wait()} "
-                         "(its error is above)") from None
+      raise self._exited() from None
     return Window(*json.loads(self._reply("WINDOW ")))
 
   def close(self) -> None:
