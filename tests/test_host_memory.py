@@ -16,44 +16,38 @@ from lut_jax import host_memory
 KEEP_MAPPED = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                "glibc.malloc.trim_threshold=1099511627776")
 TUNED = KEEP_MAPPED + ":glibc.malloc.hugetlb=1"
-CPU_ONLY = {"accelerator_plugin": False}
-
+# The machine of most rows: glibc 2.36, huge pages on madvise, no accelerator plug-in.
+MACHINE = dict(thp_mode="madvise", glibc=(2, 36), accelerator_plugin=False)
 
 
 @pytest.mark.parametrize("machine, environ, expected", [
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {}, TUNED),
+    (MACHINE, {}, TUNED),
     # Other tunables are kept, ours appended; a value the user chose wins.
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {"GLIBC_TUNABLES": "glibc.rtld.x=2"},
-     "glibc.rtld.x=2:" + TUNED),
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
-     {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc.malloc.hugetlb=0:" + KEEP_MAPPED),
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
-     {"GLIBC_TUNABLES": TUNED.replace("arena_max=1", "arena_max=4")}, None),  # all chosen
+    (MACHINE, {"GLIBC_TUNABLES": "glibc.rtld.x=2"}, "glibc.rtld.x=2:" + TUNED),
+    (MACHINE, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+     "glibc.malloc.hugetlb=0:" + KEEP_MAPPED),
+    (MACHINE, {"GLIBC_TUNABLES": TUNED.replace("arena_max=1", "arena_max=4")}, None),  # all chosen
     # glibc's older spellings are the user's choice too; a stray ":" is dropped.
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
-     {"MALLOC_ARENA_MAX": "4", "MALLOC_TRIM_THRESHOLD_": "0", "GLIBC_TUNABLES": "a=1:"},
+    (MACHINE, {"MALLOC_ARENA_MAX": "4", "MALLOC_TRIM_THRESHOLD_": "0", "GLIBC_TUNABLES": "a=1:"},
      "a=1:glibc.malloc.mmap_max=0:glibc.malloc.hugetlb=1"),
     # Restarted already, or opted out (only "0" opts out).
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.TUNED_ENV: "1"}, None),
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.OPT_OUT_ENV: "0"}, None),
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {host_memory.OPT_OUT_ENV: "1"}, TUNED),
+    (MACHINE, {host_memory.TUNED_ENV: "1"}, None),
+    (MACHINE, {host_memory.OPT_OUT_ENV: "0"}, None),
+    (MACHINE, {host_memory.OPT_OUT_ENV: "1"}, TUNED),
     # Huge pages only where malloc has to ask for them and can.
-    (dict(thp_mode="always", glibc=(2, 36), **CPU_ONLY), {}, KEEP_MAPPED),
-    (dict(thp_mode="never", glibc=(2, 36), **CPU_ONLY), {}, KEEP_MAPPED),
-    (dict(thp_mode=None, glibc=(2, 36), **CPU_ONLY), {}, KEEP_MAPPED),  # setting unreadable
-    (dict(thp_mode="madvise", glibc=(2, 31), **CPU_ONLY), {}, KEEP_MAPPED),  # hugetlb: 2.35
-    (dict(thp_mode="madvise", glibc=(2, 17), **CPU_ONLY), {}, None),  # tunables: 2.26
-    (dict(thp_mode="madvise", glibc=None, **CPU_ONLY), {}, None),  # musl and others
+    ({**MACHINE, "thp_mode": "always"}, {}, KEEP_MAPPED),
+    ({**MACHINE, "thp_mode": "never"}, {}, KEEP_MAPPED),
+    ({**MACHINE, "thp_mode": None}, {}, KEEP_MAPPED),  # setting unreadable
+    ({**MACHINE, "glibc": (2, 31)}, {}, KEEP_MAPPED),  # hugetlb: 2.35
+    ({**MACHINE, "glibc": (2, 17)}, {}, None),  # tunables: 2.26
+    ({**MACHINE, "glibc": None}, {}, None),  # musl and others
     # Runs on an accelerator: glibc's defaults.
-    (dict(thp_mode="madvise", glibc=(2, 36), accelerator_plugin=True), {}, None),
-    (dict(thp_mode="madvise", glibc=(2, 36), accelerator_plugin=True),
-     {"JAX_PLATFORMS": "cpu"}, TUNED),
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {"JAX_PLATFORMS": "cuda,cpu"}, None),
+    ({**MACHINE, "accelerator_plugin": True}, {}, None),
+    ({**MACHINE, "accelerator_plugin": True}, {"JAX_PLATFORMS": "cpu"}, TUNED),
+    (MACHINE, {"JAX_PLATFORMS": "cuda,cpu"}, None),
     # Plug-ins JAX loads from a path in the environment.
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY),
-     {"PJRT_NAMES_AND_LIBRARY_PATHS": "cuda:/opt/pjrt_cuda.so"}, None),
-    (dict(thp_mode="madvise", glibc=(2, 36), **CPU_ONLY), {"TPU_LIBRARY_PATH": "/lib/libtpu.so"},
-     None),
+    (MACHINE, {"PJRT_NAMES_AND_LIBRARY_PATHS": "cuda:/opt/pjrt_cuda.so"}, None),
+    (MACHINE, {"TPU_LIBRARY_PATH": "/lib/libtpu.so"}, None),
 ])
 def test_when_the_tools_restart(machine, environ, expected):
   env = host_memory.tuned_environment({"PATH": "/bin", **environ}, **machine)
