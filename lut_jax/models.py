@@ -135,9 +135,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+    x = Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
     x = gelu(x, self.gelu_approximate)
-    return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+    return Dense(out_dim, dtype=self.dtype, name="fc2")(x)
 
 
 def attention_padding(length: int, implementation: Optional[str]) -> int:
@@ -186,9 +186,23 @@ def _softmax_with_custom_gradient():
   return jax.softmax_custom_jvp(True)
 
 
-class SplitDense(nn.Module):
-  """``nn.Dense(features)`` (same parameters, same initialisation) whose output comes back
-  in ``parts`` equal slices, each from its own product with a slice of the kernel.
+def _matmul_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``x @ kernel`` as one 2-D product: every leading axis of ``x`` flattened into rows.
+
+  Why not ``dot_general`` on ``(batch, tokens, width)`` directly: the weight gradient of that
+  product contracts two axes, and XLA:CPU lowers it with a transposed copy of the output
+  gradient and a product of two transposed operands (at half the speed of a plain product;
+  docs/benchmarks.md). Flattened, the weight gradient is one ``x^T g``. The reshapes are free
+  (row-major, contiguous), and a batch sharded over devices stays sharded over the rows.
+  """
+  rows = x.reshape(-1, x.shape[-1])
+  return jnp.dot(rows, kernel).reshape(x.shape[:-1] + (kernel.shape[-1],))
+
+
+class Dense(nn.Module):
+  """``nn.Dense`` (same parameters, names and initialisation) computed by :func:`_matmul_rows`;
+  ``parts > 1`` returns the output as that many equal slices, each from its own product with
+  a slice of the kernel (the fused ``qkv`` projection).
 
   Slicing the kernel instead of the output keeps q, k and v contiguous: no strided copies
   of the activations forward, and the backward assembles the small weight gradient instead
@@ -196,16 +210,21 @@ class SplitDense(nn.Module):
   """
 
   features: int
-  parts: int
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
+  parts: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
+  def __call__(self, x: jax.Array) -> Union[jax.Array, list[jax.Array]]:
     kernel = self.param("kernel", dense_init, (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return [jnp.dot(x, w) + b
-            for w, b in zip(jnp.split(kernel, self.parts, axis=1), jnp.split(bias, self.parts))]
+    outputs = []
+    for i, w in enumerate(jnp.split(kernel, self.parts, axis=1)):
+      y = _matmul_rows(x, w)
+      outputs.append(y if bias is None else y + jnp.split(bias, self.parts)[i])
+    return outputs if self.parts > 1 else outputs[0]
 
 
 class Attention(nn.Module):
@@ -230,7 +249,7 @@ class Attention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     q, k, v = (t.reshape(batch, length, self.num_heads, head_dim)  # (B, T, N, H) each
-               for t in SplitDense(3 * width, 3, dtype=self.dtype, name="qkv")(x))
+               for t in Dense(3 * width, dtype=self.dtype, parts=3, name="qkv")(x))
     if self.is_mutable_collection("intermediates"):
       logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / np.sqrt(head_dim)
       if valid_length is not None:
@@ -243,7 +262,7 @@ class Attention(nn.Module):
       out = dot_product_attention(q, k, v, valid_length=valid_length,
                                   implementation=self.implementation)
     out = out.reshape(batch, length, width)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+    return Dense(width, dtype=self.dtype, name="proj")(out)
 
 
 class DropPath(nn.Module):
@@ -429,7 +448,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
     grid = int(round(self.num_patches ** 0.5))
-    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name="decoder_embed")(latent)
+    x = Dense(self.width, dtype=self.dtype, name="decoder_embed")(latent)
     x = x.astype(jnp.float32)  # float32 residual stream, as in the encoder
     mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
     num_masked = self.num_patches - (x.shape[1] - 1)
@@ -445,8 +464,7 @@ class Decoder(nn.Module):
                          gelu_approximate=self.gelu_approximate)
     x = apply_blocks(blocks, x, True, attention_impl=self.attention_impl)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="decoder_norm")(x)
-    x = nn.Dense(self.patch_size ** 2 * self.channels, dtype=self.dtype, kernel_init=dense_init,
-                 name="decoder_pred")(x)
+    x = Dense(self.patch_size ** 2 * self.channels, dtype=self.dtype, name="decoder_pred")(x)
     return x[:, 1:]
 
 
@@ -478,8 +496,8 @@ class MLPHead(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(self.depth):
       last = i == self.depth - 1
-      x = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=False, dtype=self.dtype,
-                   kernel_init=dense_init, name=f"linear_{i}")(x)
+      x = Dense(self.out_dim if last else self.hidden_dim, use_bias=False, dtype=self.dtype,
+                name=f"linear_{i}")(x)
       if not last:
         if self.norm == "batch":
           x = BatchNorm(dtype=self.dtype, group_size=self.bn_group_size,
