@@ -220,10 +220,9 @@ class Dense(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    outputs = []
-    for i, w in enumerate(jnp.split(kernel, self.parts, axis=1)):
-      y = _matmul_rows(x, w)
-      outputs.append(y if bias is None else y + jnp.split(bias, self.parts)[i])
+    outputs = [_matmul_rows(x, w) for w in jnp.split(kernel, self.parts, axis=1)]
+    if bias is not None:
+      outputs = [y + b for y, b in zip(outputs, jnp.split(bias, self.parts))]
     return outputs if self.parts > 1 else outputs[0]
 
 
