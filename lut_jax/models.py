@@ -200,7 +200,8 @@ def _matmul_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class Dense(nn.Module):
-  """``nn.Dense`` (same parameters, names and initialisation) computed by :func:`_matmul_rows`;
+  """``nn.Dense`` with the reference's Xavier-uniform kernel (``dense_init``): same parameters,
+  names and initialisation, computed by :func:`_matmul_rows`;
   ``parts > 1`` returns the output as that many equal slices, each from its own product with
   a slice of the kernel (the fused ``qkv`` projection).
 
