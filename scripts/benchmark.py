@@ -362,6 +362,8 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
   per_step = sorted(w / steps for w in windows)
   median = per_step[len(per_step) // 2]
   rec["window_ms_per_step"] = [w / steps * 1e3 for w in windows]
+  rec["window_cpu_ms_per_step"] = [w.cpu / steps * 1e3 for w in timed]
+  rec["window_minor_faults_per_step"] = [w.minor_faults / steps for w in timed]
   rec["ms_per_step"] = median * 1e3
   rec["images_per_s"] = batch / median
   # The fastest window: on a shared machine, other load only ever adds time.

@@ -17,6 +17,19 @@ TINY = ["--config=configs/fashion_mnist.py", "--variant=mu/4", "--image_size=16"
         "--no-measure_peak"]
 
 
+def test_a_plain_run_records_every_window_and_their_means():
+  (rec,) = benchmark.main(TINY)["results"]
+  windows = len(rec["window_ms_per_step"])
+  assert windows == 3
+  assert len(rec["window_cpu_ms_per_step"]) == len(rec["window_minor_faults_per_step"]) == 3
+  # The record's CPU time and faults per step are the means over the windows (all the
+  # same number of steps), not a median: each window's own value says which one was slow.
+  assert rec["cpu_ms_per_step"] == pytest.approx(sum(rec["window_cpu_ms_per_step"]) / windows)
+  assert rec["minor_faults_per_step"] == pytest.approx(
+      sum(rec["window_minor_faults_per_step"]) / windows)
+  assert min(rec["window_cpu_ms_per_step"]) > 0
+
+
 def test_alternate_times_baseline_and_variants_in_paired_rounds(tmp_path):
   path = tmp_path / "alt.json"
   out = benchmark.main(TINY + ["--alternate=model.decoder_depth=1",
