@@ -354,16 +354,17 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
   timed = [stepper.window(steps) for _ in range(repeats)]
   windows = [w.wall for w in timed]
   # CPU time per step: with a host backend it hardly depends on what else runs (unlike
-  # wall time on a shared machine); spin-waiting threads inflate it, though.
-  rec["cpu_ms_per_step"] = sum(w.cpu for w in timed) / (steps * repeats) * 1e3
-  rec["minor_faults_per_step"] = sum(w.minor_faults for w in timed) / (steps * repeats)
+  # wall time on a shared machine); spin-waiting threads inflate it, though. Each window's
+  # own value is kept too, so a slow window can be told from a uniformly slow run.
+  rec["window_cpu_ms_per_step"] = [w.cpu / steps * 1e3 for w in timed]
+  rec["window_minor_faults_per_step"] = [w.minor_faults / steps for w in timed]
+  rec["cpu_ms_per_step"] = sum(rec["window_cpu_ms_per_step"]) / repeats
+  rec["minor_faults_per_step"] = sum(rec["window_minor_faults_per_step"]) / repeats
   rec["loss_last"] = float(stepper.metrics["loss"]) if stepper.metrics is not None else None
 
   per_step = sorted(w / steps for w in windows)
   median = per_step[len(per_step) // 2]
   rec["window_ms_per_step"] = [w / steps * 1e3 for w in windows]
-  rec["window_cpu_ms_per_step"] = [w.cpu / steps * 1e3 for w in timed]
-  rec["window_minor_faults_per_step"] = [w.minor_faults / steps for w in timed]
   rec["ms_per_step"] = median * 1e3
   rec["images_per_s"] = batch / median
   # The fastest window: on a shared machine, other load only ever adds time.
