@@ -176,6 +176,25 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                         implementation=implementation)
 
 
+def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """XLA attention on ``(B, T, N, H)`` inputs, computed on head-major ``(B, N, T, H)``
+  copies of q, k and v; the math of ``jax.nn.dot_product_attention``'s XLA path (float32
+  logits, scale, float32 softmax, probabilities cast back to the inputs' dtype).
+
+  Why a second form: in it both products are plain batched matrix products, so XLA:CPU
+  multiplies the probabilities by v as they are; ``jax.nn``'s form, lowered by XLA:CPU,
+  first copies the probabilities into transposed layout and transposes the product back.
+  Its forward is faster on CPU, its derivative slower (docs/benchmarks.md), so only forwards
+  without gradients (the teacher) use it.
+  """
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  logits = jnp.einsum("bnth,bnsh->bnts", q, k,
+                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+  logits *= jnp.array(1 / np.sqrt(q.shape[-1]), dtype=logits.dtype)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+  return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs, v), 1, 2)
+
+
 def _softmax_with_custom_gradient():
   """Tracing context in which ``jax.nn.softmax`` (inside the XLA attention) uses its
   custom derivative, ``y * (g - sum(g * y))``, instead of differentiating
@@ -242,8 +261,11 @@ class Attention(nn.Module):
   implementation: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, valid_length: Optional[int] = None) -> jax.Array:
-    """``valid_length``: the tokens after it are padding (see ``dot_product_attention``)."""
+  def __call__(self, x: jax.Array, valid_length: Optional[int] = None,
+               forward_only: bool = False) -> jax.Array:
+    """``valid_length``: the tokens after it are padding (see ``dot_product_attention``).
+    ``forward_only``: no gradient will be taken of this call (the teacher); XLA's attention
+    then runs as :func:`head_major_attention`."""
     batch, length, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -258,6 +280,8 @@ class Attention(nn.Module):
       valid = length if valid_length is None else valid_length
       self.sow("intermediates", "attention", probs[:, :, :valid, :valid])  # no padding rows
       out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+    elif forward_only and self.implementation in (None, "xla") and valid_length is None:
+      out = head_major_attention(q, k, v)
     else:
       out = dot_product_attention(q, k, v, valid_length=valid_length,
                                   implementation=self.implementation)
@@ -292,14 +316,14 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
-               valid_length: Optional[int] = None) -> jax.Array:
+               valid_length: Optional[int] = None, forward_only: bool = False) -> jax.Array:
     # The residual stream x keeps its own dtype (float32 normally; the teacher's may be the
     # compute dtype): LayerNorm statistics are float32 either way, the branches come back in
     # the compute dtype and the add promotes.
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
     drop = DropPath(self.drop_path)
     y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
-                  name="attn")(norm(name="norm1")(x), valid_length)
+                  name="attn")(norm(name="norm1")(x), valid_length, forward_only)
     x = x + drop(y, deterministic=deterministic)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
             gelu_approximate=self.gelu_approximate, name="mlp")(norm(name="norm2")(x))
@@ -318,15 +342,15 @@ def block_stack(num_blocks: int, prefix: str, *, remat: bool, remat_policy: str 
   in the backward pass, trading compute for memory) when ``remat``, keeping what
   ``remat_policy`` (a :data:`REMAT_POLICIES` name) saves."""
   policy = getattr(jax.checkpoint_policies, remat_policy) if remat_policy else None
-  block_cls = nn.remat(Block, static_argnums=(2, 3), policy=policy) if remat else Block
+  block_cls = nn.remat(Block, static_argnums=(2, 3, 4), policy=policy) if remat else Block
   rates = list(drop_path) if drop_path is not None else [0.0] * num_blocks
   return [block_cls(drop_path=rates[i], name=f"{prefix}_{i}", **block_kwargs)
           for i in range(num_blocks)]
 
 
 def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool, *,
-                 attention_impl: Optional[str], outputs_of: Sequence[int] = ()
-                 ) -> Union[jax.Array, list[jax.Array]]:
+                 attention_impl: Optional[str], outputs_of: Sequence[int] = (),
+                 forward_only: bool = False) -> Union[jax.Array, list[jax.Array]]:
   """Runs ``blocks`` on ``(batch, tokens, width)``; returns the last block's output, or with
   ``outputs_of`` the outputs of those blocks (0-based, in that order). Where the attention
   kernel needs an even length (cuDNN), the sequence is padded once for the whole stack and
@@ -338,7 +362,7 @@ def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool,
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
   outputs = {}
   for i, block in enumerate(blocks):
-    x = block(x, deterministic, length if pad else None)
+    x = block(x, deterministic, length if pad else None, forward_only)
     if i in outputs_of:
       outputs[i] = x[:, :length] if pad else x
   if outputs_of:
@@ -371,6 +395,9 @@ class Encoder(nn.Module):
   fine-tuning normalises the pooled token instead); ``drop_path_rate`` is for fine-tuning.
   ``output_blocks`` (0-based block indices; segmentation's multi-level features) returns
   the tokens after each of those blocks instead, a list, without the final LayerNorm.
+  Calls whose outputs are never differentiated (the teacher, feature extraction) pass
+  ``forward_only=True``: the same function, computed in forms that are faster without a
+  backward pass (:func:`head_major_attention`); gradients through it stay correct.
   ``learned_pos_embed`` makes the position table a parameter ``pos_embed`` (cls row first),
   initialised to the fixed sin-cos table: pre-training keeps it fixed, the reference's
   fine-tuning trains it.
@@ -394,8 +421,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, keep_ids: Optional[jax.Array] = None,
-               *, deterministic: bool = True, residual_dtype: Dtype = jnp.float32
-               ) -> Union[jax.Array, list[jax.Array]]:
+               *, deterministic: bool = True, residual_dtype: Dtype = jnp.float32,
+               forward_only: bool = False) -> Union[jax.Array, list[jax.Array]]:
     if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"encoder expects NHWC images of {self.image_size}x{self.image_size} "
                        f"pixels, got shape {images.shape}")
@@ -421,7 +448,7 @@ class Encoder(nn.Module):
                          dtype=self.dtype, attention_impl=self.attention_impl,
                          gelu_approximate=self.gelu_approximate)
     x = apply_blocks(blocks, x, deterministic, attention_impl=self.attention_impl,
-                     outputs_of=self.output_blocks)
+                     outputs_of=self.output_blocks, forward_only=forward_only)
     if not self.final_norm or self.output_blocks:
       return x
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
@@ -581,9 +608,11 @@ class LUTModel(nn.Module):
       return self.mae(view1, keep1, ids_restore)
     return self.student(view1, view2, keep1, keep2, ids_restore), self.teacher(view1, view2)
 
-  def encode(self, images: jax.Array, keep_ids: Optional[jax.Array] = None) -> jax.Array:
-    """Encoder tokens ``(batch, 1 + kept, width)``, cls first."""
-    return self.encoder(images, keep_ids)
+  def encode(self, images: jax.Array, keep_ids: Optional[jax.Array] = None,
+             forward_only: bool = False) -> jax.Array:
+    """Encoder tokens ``(batch, 1 + kept, width)``, cls first (``forward_only``: see
+    :class:`Encoder`)."""
+    return self.encoder(images, keep_ids, forward_only=forward_only)
 
   def mae(self, view1: jax.Array, keep1: jax.Array, ids_restore: jax.Array) -> jax.Array:
     """Pixel prediction ``(batch, num_patches, p*p*C)`` of the masked view 1."""
@@ -631,7 +660,7 @@ class LUTModel(nn.Module):
     # dtype (bf16: half the memory traffic of the step's largest forward); the student's
     # stays float32 as under torch autocast.
     residual = self.dtype if self.teacher_residual_in_compute_dtype else jnp.float32
-    return self.encoder(images, residual_dtype=residual)
+    return self.encoder(images, residual_dtype=residual, forward_only=True)
 
 
 def default_attention_impl(dtype: Dtype) -> Optional[str]:

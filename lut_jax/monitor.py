@@ -93,7 +93,8 @@ class Monitor:
     eval_view = lambda images: device_input.eval_images(images, self._channels)  # noqa: E731
 
     def online(params, images):
-      tokens = model.apply({"params": params}, eval_view(images), method=models.LUTModel.encode)
+      tokens = model.apply({"params": params}, eval_view(images), forward_only=True,
+                           method=models.LUTModel.encode)
       return tokens[:, 0].astype(jnp.float32), models.mean_patch_token(tokens)
 
     def teacher(params, batch_stats, images):

@@ -155,3 +155,52 @@ def test_sown_attention_maps_leave_the_stack_padding_out(monkeypatch):
   for g, w in zip(got, want):
     assert g.shape == w.shape == (2, model.num_heads, 17, 17)
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_major_attention_matches_numpy_and_jax_values_and_gradients(dtype):
+  """The teacher's form of XLA attention: numpy's values, and where it is differentiated
+  anyway (it is only a speed choice), ``jax.nn.dot_product_attention``'s gradients."""
+  q, k, v = (t.astype(dtype) for t in random_qkv(7, seed=3))
+  got = models.head_major_attention(q, k, v)
+  assert got.shape == q.shape and got.dtype == dtype
+  want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(got, numpy_attention(q, k, v), rtol=1e-5, atol=1e-6)
+  else:  # the same float32 logits and softmax, rounded to bf16 at the same two places
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2e-2, atol=2e-2)
+    return
+  weights = jax.random.normal(jax.random.key(9), q.shape)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+           for f in (models.head_major_attention, jax.nn.dot_product_attention)]
+  for g, w in zip(*grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_only_forward_only_calls_take_the_head_major_form(monkeypatch):
+  """The teacher (and feature extraction) run the head-major form, the student does not;
+  the encoder computes the same function either way."""
+  calls = []
+  head_major = models.head_major_attention
+  monkeypatch.setattr(models, "head_major_attention",
+                      lambda *a: calls.append(a[0].shape) or head_major(*a))
+  model = util.tiny_model()
+  variables = train_state.init_variables(model, jax.random.key(1))
+  images = jax.random.normal(jax.random.key(0), (2, util.IMAGE_SIZE, util.IMAGE_SIZE, 3))
+  calls.clear()
+
+  def encode(forward_only):
+    return model.apply(variables, images, method=lambda m, x: m.encoder(
+        x, forward_only=forward_only))
+
+  want = encode(False)
+  assert not calls
+  np.testing.assert_allclose(encode(True), want, rtol=1e-5, atol=1e-6)
+  assert len(calls) == model.depth
+  calls.clear()
+  keep = jnp.array([[0, 5, 9, 14], [3, 4, 8, 15]])
+  model.apply(variables, images, images, keep, keep, jnp.tile(jnp.arange(16), (2, 1)),
+              method=models.LUTModel.student, mutable=["batch_stats"])
+  assert not calls
+  model.apply(variables, images, images, method=models.LUTModel.teacher)
+  assert calls == [(4, 17, model.num_heads, model.width // model.num_heads)] * model.depth

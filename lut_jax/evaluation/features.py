@@ -181,7 +181,7 @@ def make_feature_fn(encoder: models.Encoder, pools: Sequence[str] = POOLS):
 
   @jax.jit
   def feature_fn(params, images):
-    tokens = encoder.apply({"params": params}, images)
+    tokens = encoder.apply({"params": params}, images, forward_only=True)
     return {pool: pool_tokens(tokens, pool) for pool in pools}
 
   return feature_fn
