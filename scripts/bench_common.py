@@ -24,6 +24,21 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+def minor_page_faults() -> int:
+  """This process's minor page faults so far (0 where the system does not count them)."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Windows
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def median(values: Sequence[float]) -> float:
+  """The middle value (the upper one of an even count): the benchmarks' one summary of their
+  timed windows, robust to a window with a one-off cost."""
+  return sorted(values)[len(values) // 2]
+
+
 def apply_overrides(config, items: Iterable[str]):
   """Applies ``key.sub=value`` strings to an (unlocked) ConfigDict, like ``--config.x=y``;
   an unknown key raises ``ValueError`` (config_lib.override)."""

@@ -43,3 +43,15 @@ def test_overrides_the_reference_does_not_run_are_recorded():
   assert rec["overrides_ignored"] == ["model.remat=true", "model.gelu_approximate=true"]
   # A field it reads does change the reference's model: one more decoder block.
   assert rec["num_params"] > base["num_params"]
+
+
+def test_cpu_time_is_recorded_per_window_and_summarised_as_ours():
+  """The reference's record has the fields ours has, with the same median, so
+  scripts/benchmark.py's per-CPU-second ratio compares like with like."""
+  args = _args()
+  args.repeats = 3
+  rec = benchmark_torch.run(args, "mae")
+  assert len(rec["window_cpu_ms_per_step"]) == len(rec["window_minor_faults_per_step"]) == 3
+  assert min(rec["window_cpu_ms_per_step"]) > 0
+  assert rec["cpu_ms_per_step"] == sorted(rec["window_cpu_ms_per_step"])[1]
+  assert rec["ms_per_step"] == sorted(rec["window_ms_per_step"])[1]
