@@ -155,7 +155,7 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
       m.encoder, m.encoder_params, x, batch_size=args.batch_size, apply_fn=attn_fn)
   out["attention_distance"] = attention_distance.summarize(distances)
 
-  encode = jax.jit(lambda p, im: m.encoder.apply({"params": p}, im)[:, 1:])
+  encode = jax.jit(lambda p, im: m.encoder.apply({"params": p}, im, forward_only=True)[:, 1:])
   tokens = _batched(encode, m.encoder_params, x, args.batch_size)
   out["spectrum"] = spectrum.summarize(tokens)
 
