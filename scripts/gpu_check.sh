@@ -120,11 +120,14 @@ want() { [[ ",$STAGES," == *",$1,"* ]]; }
 have_torch() { python3 -c "import torch, timm" 2>/dev/null; }
 
 # 1. float32 parity tests on the GPU (conftest's JAX_PLATFORMS default is cpu: override it),
-# and the speed levers' own tests (exactness of remat policies, scope of the others).
+# the speed levers' own tests (exactness of remat policies, scope of the others), and the
+# model's own forms of its products (2-D linear layers, the teacher's head-major attention).
 if want parity; then
   if [[ "${SKIP_PARITY:-0}" != 1 ]] && have_torch; then
     stage parity 60 150 env JAX_PLATFORMS="$PARITY_PLATFORM" python3 -m pytest -q \
-        -p no:cacheprovider tests/test_parity.py tests/test_speed_levers.py \
+        -p no:cacheprovider tests/test_parity.py tests/test_speed_levers.py tests/test_dense.py \
+        "tests/test_attention.py::test_head_major_attention_matches_numpy_and_jax_values_and_gradients" \
+        "tests/test_attention.py::test_only_forward_only_calls_take_the_head_major_form" \
         --junitxml="$WORK/parity.xml"
   else
     log "SKIP parity: torch/timm not importable (or SKIP_PARITY=1)"
