@@ -39,6 +39,26 @@ def median(values: Sequence[float]) -> float:
   return sorted(values)[len(values) // 2]
 
 
+def record_windows(rec: dict[str, Any], wall_s: Sequence[float], cpu_ms_per_step: Sequence[float],
+                   faults_per_step: Sequence[float], *, steps: int, batch: int) -> float:
+  """Records the timed windows of ``steps`` steps each in ``rec``, the same fields for both
+  frameworks: per window (wall and CPU ms per step, minor faults per step), their medians
+  (one window may pay a one-off cost the steady state does not, such as the heap growing),
+  and the fastest window (on a shared machine other load only ever adds time). Returns the
+  median seconds per step."""
+  step_s, best_s = median(wall_s) / steps, min(wall_s) / steps
+  rec["window_cpu_ms_per_step"] = list(cpu_ms_per_step)
+  rec["window_minor_faults_per_step"] = list(faults_per_step)
+  rec["cpu_ms_per_step"] = median(cpu_ms_per_step)
+  rec["minor_faults_per_step"] = sum(faults_per_step) / len(faults_per_step)
+  rec["window_ms_per_step"] = [w / steps * 1e3 for w in wall_s]
+  rec["ms_per_step"] = step_s * 1e3
+  rec["images_per_s"] = batch / step_s
+  rec["best_ms_per_step"] = best_s * 1e3
+  rec["best_images_per_s"] = batch / best_s
+  return step_s
+
+
 def apply_overrides(config, items: Iterable[str]):
   """Applies ``key.sub=value`` strings to an (unlocked) ConfigDict, like ``--config.x=y``;
   an unknown key raises ``ValueError`` (config_lib.override)."""

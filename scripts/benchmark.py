@@ -343,26 +343,15 @@ def run_one(args: argparse.Namespace, method: str, batch: int, *, steps: int, wa
 
   rec, stepper = prepare(args, method, batch, warmup=warmup)
   timed = [stepper.window(steps) for _ in range(repeats)]
-  windows = [w.wall for w in timed]
   # CPU time per step: with a host backend it hardly depends on what else runs (unlike
-  # wall time on a shared machine); spin-waiting threads inflate it, though. The median
-  # window, as for wall time: one window may pay a one-off cost the steady state does not
-  # (the heap growing to its final size: first-touch faults of new pages, which cost a
-  # virtual machine's kernel several ms per 2 MB page; docs/benchmarks.md). Each window's
-  # own CPU time and faults are kept, so such a window shows.
-  rec["window_cpu_ms_per_step"] = [w.cpu / steps * 1e3 for w in timed]
-  rec["window_minor_faults_per_step"] = [w.minor_faults / steps for w in timed]
-  rec["cpu_ms_per_step"] = bench_common.median(rec["window_cpu_ms_per_step"])
-  rec["minor_faults_per_step"] = sum(rec["window_minor_faults_per_step"]) / repeats
+  # wall time on a shared machine); spin-waiting threads inflate it, though. A window that
+  # pays a one-off cost (the heap growing to its final size: first-touch faults of new
+  # pages, several ms per 2 MB page in a virtual machine's kernel; docs/benchmarks.md)
+  # shows in the per-window fields and not in the medians.
+  step_s = bench_common.record_windows(
+      rec, [w.wall for w in timed], [w.cpu / steps * 1e3 for w in timed],
+      [w.minor_faults / steps for w in timed], steps=steps, batch=batch)
   rec["loss_last"] = float(stepper.metrics["loss"]) if stepper.metrics is not None else None
-
-  step_s, best_s = bench_common.median(windows) / steps, min(windows) / steps
-  rec["window_ms_per_step"] = [w / steps * 1e3 for w in windows]
-  rec["ms_per_step"] = step_s * 1e3
-  rec["images_per_s"] = batch / step_s
-  # The fastest window: on a shared machine, other load only ever adds time.
-  rec["best_ms_per_step"] = best_s * 1e3
-  rec["best_images_per_s"] = batch / best_s
   rec["model_tflops"] = rec["analytic_gflop_per_image"] * 1e9 * batch / step_s / 1e12
   rec["memory"] = device_memory()
   rec["loadavg_end"] = os.getloadavg()[0]

@@ -211,17 +211,10 @@ def run(args: argparse.Namespace, method: str) -> dict[str, Any]:
     windows.append(time.perf_counter() - start)
     cpu_windows.append((time.process_time() - cpu_start) / args.steps * 1e3)
     faults.append((bench_common.minor_page_faults() - faults_start) / args.steps)
-  # As scripts/benchmark.py records ours: each window's CPU time and faults, the median.
-  rec["window_cpu_ms_per_step"], rec["window_minor_faults_per_step"] = cpu_windows, faults
-  rec["cpu_ms_per_step"] = bench_common.median(cpu_windows)
-  rec["minor_faults_per_step"] = sum(faults) / len(faults)
+  # The same fields as scripts/benchmark.py records for ours.
+  step_s = bench_common.record_windows(rec, windows, cpu_windows, faults, steps=args.steps,
+                                       batch=batch)
   rec["loss_last"] = float(loss.detach())
-  step_s, best_s = bench_common.median(windows) / args.steps, min(windows) / args.steps
-  rec["window_ms_per_step"] = [w / args.steps * 1e3 for w in windows]
-  rec["ms_per_step"] = step_s * 1e3
-  rec["images_per_s"] = batch / step_s
-  rec["best_ms_per_step"] = best_s * 1e3  # other load on the machine only adds time
-  rec["best_images_per_s"] = batch / best_s
   shape_ = flops.shape_from_config(config)
   analytic = flops.step_flops(shape_, "lut" if use_bc else "mae")
   rec["analytic_gflop_per_image"] = analytic["model_total"] / 1e9
