@@ -224,8 +224,68 @@ def load_split(input_config: Any, split: str | None = None) -> Split:
                      input_config.channels)
 
 
-@functools.lru_cache(maxsize=4)
+_SELECTOR = re.compile(r"^(?P<split>[^{]+)\{(?P<body>[^}]*)\}$")
+
+
+def select_examples(split: str, labels: np.ndarray) -> tuple[str, np.ndarray | None]:
+  """Splits ``"train{classes=0-4,per_class=:400}"`` into the split to read (``"train"``)
+  and the indices of the selected examples, in file order (``None``: no selector).
+
+  ``classes=A-B`` (or ``A,B`` with ``;``: ``classes=0;3;7``) keeps those labels;
+  ``per_class=START:STOP`` keeps, of each class, its examples ``START..STOP-1`` counted in
+  file order. So ``train{per_class=:400}`` is a fixed, class-balanced subset and
+  ``train{per_class=400:500}`` a disjoint held-out one. ``labels`` may be ``None`` to only
+  parse.
+  """
+  match = _SELECTOR.match(split.replace(" ", ""))
+  if match is None:
+    return split, None
+  keep = None if labels is None else np.ones(len(labels), bool)
+  for item in filter(None, match["body"].split(",")):
+    key, _, value = item.partition("=")
+    try:
+      if key == "classes":
+        wanted = set()
+        for part in value.split(";"):
+          low, _, high = part.partition("-")
+          wanted.update(range(int(low), int(high or low) + 1))
+        if labels is not None:
+          keep &= np.isin(labels, sorted(wanted))
+      elif key == "per_class":
+        start, _, stop = value.partition(":")
+        start, stop = int(start or 0), (int(stop) if stop else None)
+        if labels is not None:
+          rank = np.zeros(len(labels), np.int64)  # index of each example within its class
+          for c in np.unique(labels):
+            rank[labels == c] = np.arange(np.sum(labels == c))
+          keep &= (rank >= start) & (rank < (np.inf if stop is None else stop))
+      else:
+        raise ValueError(key)
+    except ValueError:
+      raise errors.DataError(
+          f"bad example selector {item!r} in split {split!r}",
+          hint="e.g. 'train{per_class=:400}' or 'train{classes=0-4,per_class=:400}'"
+      ) from None
+  return match["split"], None if keep is None else np.flatnonzero(keep)
+
+
+@functools.lru_cache(maxsize=8)
 def _load_split(dataset: str, split: str, data_dir: str | None, image_size: int,
+                channels: int) -> Split:
+  """:func:`_read_split`, then the examples ``split``'s selector keeps (see
+  :func:`select_examples`)."""
+  base, _ = select_examples(split, None)
+  data = _read_split(dataset, base, data_dir, image_size, channels)
+  if base == split:
+    return data
+  _, kept = select_examples(split, data.labels)
+  if len(kept) == 0:
+    raise errors.DataError(f"{dataset!r} split {split!r} selects no examples")
+  return Split(data.images[kept], data.labels[kept], f"{data.description} {split}")
+
+
+@functools.lru_cache(maxsize=4)
+def _read_split(dataset: str, split: str, data_dir: str | None, image_size: int,
                 channels: int) -> Split:
   """``input_config``'s data set (``split`` or ``input_config.split``) as uint8 arrays at
   ``image_size``, with the stored channels (1 for grey sources; views add the rest).

@@ -65,7 +65,7 @@ _REPROBE = flags.DEFINE_bool("reprobe", False, "Probe finished runs again when t
                              "probe settings differ from this command's (pre-training is "
                              "still checked and kept).")
 _EPOCHS = flags.DEFINE_float("epochs", 0, "If > 0: pre-training length in epochs of the "
-                             "60k images (overrides --total_steps).")
+                             "pre-training split (overrides --total_steps).")
 _DEADLINE = flags.DEFINE_float("deadline_s", 0, "If > 0: runs not started this many seconds "
                                "after the start are skipped (and reported so).")
 _FROM_JSON = flags.DEFINE_string("from_json", "", "Only render --results / --plots from a "
@@ -84,6 +84,18 @@ def pretrain_config(method: str, seed: int):
   config.image_summary_every_steps = _TOTAL_STEPS.value
   config.monitor.every_steps = _MONITOR_EVERY.value
   return config_lib.override(config, config_lib.parse_overrides(_SET.value)).lock()
+
+
+def pretrain_data(config) -> dict:
+  """What the runs pre-train on: the data set, its split and its number of examples (what
+  an epoch is)."""
+  split = device_input.load_split(config.input)
+  return {"dataset": config.input.dataset, "split": config.input.split,
+          "examples": split.num_examples}
+
+
+def _data_text(data: dict) -> str:
+  return f"`{data['dataset']}` `{data['split']}` ({data['examples']:,} images)"
 
 
 def _features(encoder, params, images, channels) -> dict[str, np.ndarray]:
@@ -165,12 +177,13 @@ def run(method: str, seed: int, splits) -> dict:
     encoder = training.model.bind({"params": {}}).encoder.clone(parent=None)
     params = training.init(init_key).params["encoder"]
   elif not reprobe:
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     done = int(jax.device_get(train.pretrain(config, run_dir).step))
     if done < config.total_steps:  # preempted: probing it would record an unfinished run
       sys.exit(f"compare_lut_mae.py: {method} seed {seed} stopped at step {done} of "
                f"{config.total_steps} (preempted); rerun the same command to resume.")
     out["pretrain_seconds"] = time.time() - t0
+    out["pretrain_cpu_seconds"] = time.process_time() - cpu0  # all threads of this process
     out["monitor"] = monitor.read_history(run_dir)
   if method != "random":
     pretrained = features.load_pretrained(run_dir)
@@ -212,12 +225,14 @@ def _recipe_text(results: list[dict]) -> str:
           f"{recipe['batch_size']}, warmup {recipe['warmup_epochs']:g} epochs")
 
 
-def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) -> str:
+def markdown(results: list[dict], machine: str, wall: float, argv: list[str],
+             data: dict) -> str:
   config = pretrain_config("lut", 0)
   reprobed = sum(bool(r.get("reprobed")) for r in results)
-  epochs = _TOTAL_STEPS.value * _BATCH.value / 60000
+  epochs = _TOTAL_STEPS.value * _BATCH.value / data["examples"]
   lines = [
-      f"## {' vs '.join(m.upper() for m in _METHODS.value)}, Fashion-MNIST, "
+      f"## {' vs '.join(m.upper() for m in _METHODS.value)}, {data['dataset']} "
+      f"{data['split']} ({data['examples']:,} images), "
       f"{_TOTAL_STEPS.value} steps ({epochs:.1f} epochs), "
       f"{len(_SEEDS.value)} seeds [{_TAG.value}]", "",
       f"Written by `scripts/compare_lut_mae.py` on {datetime.date.today().isoformat()}.", "",
@@ -225,7 +240,8 @@ def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) ->
       f"* Machine: {machine}; total wall time {wall / 60:.1f} min"
       + (f" (probes only for {reprobed} runs probed again with `--reprobe`; their pre-training "
          "seconds are their first run's)" if reprobed else "") + ".",
-      f"* Pre-training: `configs/fashion_mnist.py` (device input path), ViT "
+      f"* Pre-training on {_data_text(data)}: `configs/fashion_mnist.py` (device input "
+      f"path), ViT "
       f"`{_VARIANT.value}`, batch {_BATCH.value}, {_TOTAL_STEPS.value} steps, warmup "
       f"{config.optim.warmup_steps}, base lr {config.optim.base_lr:g}, EMA "
       f"{config.ema.momentum} -> 1, w_bc {config.loss.w_bc} (MAE 0)"
@@ -262,7 +278,7 @@ def markdown(results: list[dict], machine: str, wall: float, argv: list[str]) ->
   return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], prefix: str) -> None:
+def plot(results: list[dict], prefix: str, data: dict) -> None:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -270,7 +286,7 @@ def plot(results: list[dict], prefix: str) -> None:
   except ImportError:
     logging.warning("matplotlib not installed: no curves (the JSON has the data).")
     return
-  steps_per_epoch = 60000 / _BATCH.value
+  steps_per_epoch = data["examples"] / _BATCH.value
   for name, keys in (("knn", ("knn_cls",)), ("collapse", ("z_std", "z_rank"))):
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -319,19 +335,21 @@ def machine() -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  if _EPOCHS.value > 0:
-    flags.FLAGS.total_steps = max(1, round(_EPOCHS.value * 60000 / _BATCH.value))
   if _FROM_JSON.value:
     saved = json.load(open(_FROM_JSON.value))
     outputs = {f.name: f.value for f in (_RESULTS, _PLOTS, _TAG)}
     flags.FLAGS(["compare"] + saved["argv"], known_only=True)  # the run's own settings,
     for name, value in outputs.items():  # written where this command says
       setattr(flags.FLAGS, name, value)
-    text = markdown(saved["results"], saved["machine"], saved["wall_seconds"], saved["argv"])
+    # Files written before the data set was recorded all came from Fashion-MNIST's train.
+    data = saved.get("data", {"dataset": "fashion_mnist", "split": "train",
+                              "examples": 60_000})
+    text = markdown(saved["results"], saved["machine"], saved["wall_seconds"], saved["argv"],
+                    data)
     if _RESULTS.value:
       write_section(_RESULTS.value, _TAG.value, text)
     if _PLOTS.value:
-      plot(saved["results"], _PLOTS.value)
+      plot(saved["results"], _PLOTS.value, data)
     print(text)
     return
   t0 = time.time()
@@ -341,6 +359,9 @@ def main(argv: list[str]) -> None:
     except (ValueError, TypeError) as e:
       sys.exit(f"compare_lut_mae.py: {method} config: {e}")
   config = pretrain_config("lut", 0)
+  data = pretrain_data(config)
+  if _EPOCHS.value > 0:  # configs are made on demand: every run sees the new step count
+    flags.FLAGS.total_steps = max(1, round(_EPOCHS.value * data["examples"] / _BATCH.value))
   splits = [(s.images, s.labels) for s in (
       device_input.load_split(config.input, split)
       for split in (_PROBE_TRAIN.value, _PROBE_EVAL.value))]
@@ -352,7 +373,7 @@ def main(argv: list[str]) -> None:
     os.makedirs(_WORKDIR.value, exist_ok=True)
     with open(os.path.join(_WORKDIR.value, "compare_results.json"), "w") as f:
       json.dump({"results": results, "machine": machine_text, "argv": sys.argv[1:],
-                 "wall_seconds": time.time() - t0}, f, indent=1)
+                 "data": data, "wall_seconds": time.time() - t0}, f, indent=1)
 
   add(raw_pixels(splits))
   for seed in map(int, _SEEDS.value):
@@ -363,11 +384,11 @@ def main(argv: list[str]) -> None:
       add(run(method, seed, splits))
   add(run("random", int(_SEEDS.value[0]), splits))
   wall = time.time() - t0
-  text = markdown(results, machine_text, wall, sys.argv[1:])
+  text = markdown(results, machine_text, wall, sys.argv[1:], data)
   if _RESULTS.value:
     write_section(_RESULTS.value, _TAG.value, text)
   if _PLOTS.value:
-    plot(results, _PLOTS.value)
+    plot(results, _PLOTS.value, data)
   print(text)
 
 

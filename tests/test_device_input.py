@@ -75,6 +75,32 @@ def test_bad_split_is_a_data_error(split):
     device_input.slice_split(split, {"train": 10})
 
 
+def test_example_selectors_keep_the_classes_and_per_class_ranges_in_file_order():
+  labels = np.asarray([2, 0, 2, 1, 0, 2, 1, 1, 0, 2])
+  # By hand: the n-th example of its class, in file order.
+  rank = [0, 0, 1, 0, 1, 2, 1, 2, 2, 3]
+  for split, keep in [
+      ("train{per_class=:2}", [r < 2 for r in rank]),
+      ("train{per_class=2:3}", [r == 2 for r in rank]),
+      ("train{classes=0-1}", [l in (0, 1) for l in labels]),
+      ("train{classes=2,per_class=1:}", [l == 2 and r >= 1 for l, r in zip(labels, rank)]),
+      ("train{classes=0;2}", [l != 1 for l in labels])]:
+    base, kept = device_input.select_examples(split, labels)
+    assert base == "train"
+    np.testing.assert_array_equal(kept, np.flatnonzero(keep), err_msg=split)
+  assert device_input.select_examples("test[:5]", labels) == ("test[:5]", None)
+  with pytest.raises(errors.DataError, match="bad example selector 'cls=1'"):
+    device_input.select_examples("train{cls=1}", labels)
+  # A class-balanced subset of the real data set: 30 of each class, none of the held-out.
+  small = device_input.load_split(_input(), "train{per_class=:30}")
+  held = device_input.load_split(_input(), "train{per_class=30:40}")
+  assert np.bincount(small.labels).tolist() == [30] * 10
+  assert np.bincount(held.labels).tolist() == [10] * 10
+  _, all_labels = idx.load_fashion_mnist(idx.find_fashion_mnist(), "train")
+  first = np.concatenate([np.flatnonzero(all_labels == c)[:30] for c in range(10)])
+  np.testing.assert_array_equal(small.labels, all_labels[np.sort(first)])
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_crop_flip_matches_the_tf_op(channels):
   rng = np.random.default_rng(channels)
