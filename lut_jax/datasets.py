@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from lut_jax import errors, folders, idx
+from lut_jax import errors, folders, idx, tfds_open
 
 FOLDER_PREFIX = folders.FOLDER_PREFIX
 _HASH_BUCKETS = 2**62  # ids from tfds record names: collisions are vanishingly unlikely
@@ -217,16 +217,7 @@ def _random_access_share(n: int, start: int, load: Callable[[tf.Tensor], dict],
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None) -> DataSource:
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    # tfds's own message lists every dataset it knows (thousands of lines).
-    raise errors.DataError(
-        f"unknown dataset {name!r}: input.dataset must be a tfds image dataset name "
-        "(e.g. 'imagenet2012', 'fashion_mnist', 'cifar10'; see `tfds.list_builders()`) or "
-        "'folder:/path/to/images' (one sub-folder per class)") from None
-  if not builder.is_prepared():
-    raise errors.DataNotFoundError(_not_prepared_message(name, builder))
+  builder = tfds_open.prepared_builder(name, data_dir)
   if "image" not in builder.info.features:
     raise errors.DataError(f"tfds dataset {name!r} has no 'image' feature "
                            f"(features: {list(builder.info.features)})")
@@ -263,19 +254,6 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> DataSource:
   return DataSource(name, split, total, num_classes, 0,
                     f"tfds {name} {builder.info.version} at {builder.data_dir}", share,
                     reader="tfds")
-
-
-def _not_prepared_message(name: str, builder) -> str:
-  if name.startswith("imagenet2012"):
-    return (
-        f"ImageNet ({name}) is not prepared under {builder.data_dir}. It needs tfds's "
-        "manual download: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
-        "image-net.org, put them in <data_dir>/downloads/manual/, then run "
-        f"`tfds build {name} --data_dir=<data_dir>` (or pass input.data_dir). "
-        "Alternatively point input.dataset at an image folder: 'folder:/path/to/train_dir'.")
-  return (f"tfds dataset {name!r} is not prepared under {builder.data_dir}; run "
-          f"`tfds build {name} --data_dir=<data_dir>` on a machine with internet access and "
-          "set input.data_dir to that directory.")
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST

@@ -194,13 +194,14 @@ def _folder(name: str, split: str, image_size: int) -> Split:
 def _tfds(name: str, split: str, data_dir: str | None) -> Split:
   """Any prepared tfds split in a random-access format, read without TensorFlow."""
   try:
-    import tensorflow_datasets as tfds  # local: optional, and only for this route
+    from lut_jax import tfds_open  # local: tensorflow_datasets is optional on this route
   except ImportError:
     raise errors.DataError(
         f"input.backend='device' reads {name!r} through tensorflow_datasets, which is not "
         "installed", hint="pip install tensorflow-datasets, or use fashion_mnist") from None
+  builder = tfds_open.prepared_builder(name, data_dir, random_access=True)
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    source = builder.as_data_source(split=split)
   except Exception as e:  # noqa: BLE001  tfds raises many kinds; all mean "cannot read"
     raise errors.DataError(
         f"cannot read tfds {name!r} split {split!r} without TensorFlow: {e}".split("\n")[0],
