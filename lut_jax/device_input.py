@@ -150,8 +150,9 @@ def _folder(name: str, split: str, image_size: int) -> Split:
   """A local image folder (``<folder>/<class>/**/<image>``, or ``<folder>/<split>/<class>/...``
   when a sub-folder named like the split exists, as on the tf.data path), decoded with
   pillow, each image resized at load time (shorter side to ``image_size``, bicubic, centre
-  crop). Files that do not decode are skipped with one warning."""
-  from PIL import Image  # local: only folders need it
+  crop). Files are decoded by :mod:`lut_jax.image_decode`, as on the tf.data path; those
+  that do not decode are skipped with one warning."""
+  from lut_jax import image_decode  # local: only folders need pillow
 
   root = name[len(folders.FOLDER_PREFIX):]
   if not os.path.isdir(root):
@@ -169,13 +170,12 @@ def _folder(name: str, split: str, image_size: int) -> Split:
   images, labels, skipped, grey = [], [], [], True
   for path, label in zip(listing.files[start:stop], listing.labels[start:stop]):
     try:
-      with Image.open(path) as im:
-        grey = grey and im.mode in ("1", "L", "I", "I;16")
-        fitted = _resize_one(im.convert("RGB"), image_size)
-    except (OSError, ValueError, Image.DecompressionBombError):
+      image = image_decode.open_image(path)
+    except image_decode.DECODE_ERRORS:
       skipped.append(path)
       continue
-    images.append(np.asarray(fitted, np.uint8))
+    grey = grey and image.mode == "L"
+    images.append(np.asarray(_resize_one(image, image_size).convert("RGB"), np.uint8))
     labels.append(label)
   if skipped:
     logging.warning("%s: skipped %d files that cannot be decoded as images, e.g. %s", name,
