@@ -45,9 +45,12 @@ def open_image(source: str | bytes | BinaryIO) -> Image.Image:
     if im.mode == "I" or im.mode.startswith("I;16"):
       grey = np.rint(np.asarray(im, np.float64) / 257)  # 65535 -> 255
       return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+    if im.mode in ("L", "RGB"):  # most files: as decoded, without convert's copy
+      im.load()
+      return im
     # Alpha is dropped: the palette's colours stand (and pillow need not warn about it).
     im.info.pop("transparency", None)
-    return im.convert("L" if im.mode in _GREY_MODES else "RGB")  # a loaded copy
+    return im.convert("L" if im.mode in _GREY_MODES else "RGB")
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
