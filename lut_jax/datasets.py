@@ -20,7 +20,9 @@ everything that stops a source from being built raises ``errors.DataError`` (a
 
 A source hands each process its *share* of the split (disjoint, covering; sizes differ by at
 most one) as elements ``{"image", "label", "id"}``: ``image`` is encoded bytes or a uint8
-HWC array (``augment.decode`` takes both), ``label`` int64 (-1 if the dataset has none), and
+HWC array (``augment.decode`` takes both; folder files come decoded by
+:mod:`lut_jax.image_decode`, as on the device path), ``label`` int64 (-1 if the dataset has
+none), and
 ``id`` an int64 that names the example independently of shuffling, process count and read
 order (its global index, or a hash of tfds's record id). The input pipeline keys each
 example's augmentation on it.
@@ -42,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from lut_jax import errors, folders, idx
+from lut_jax import errors, folders, idx, image_decode, tfds_open
 
 FOLDER_PREFIX = folders.FOLDER_PREFIX
 _HASH_BUCKETS = 2**62  # ids from tfds record names: collisions are vanishingly unlikely
@@ -217,16 +219,7 @@ def _random_access_share(n: int, start: int, load: Callable[[tf.Tensor], dict],
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None) -> DataSource:
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    # tfds's own message lists every dataset it knows (thousands of lines).
-    raise errors.DataError(
-        f"unknown dataset {name!r}: input.dataset must be a tfds image dataset name "
-        "(e.g. 'imagenet2012', 'fashion_mnist', 'cifar10'; see `tfds.list_builders()`) or "
-        "'folder:/path/to/images' (one sub-folder per class)") from None
-  if not builder.is_prepared():
-    raise errors.DataNotFoundError(_not_prepared_message(name, builder))
+  builder = tfds_open.prepared_builder(name, data_dir)
   if "image" not in builder.info.features:
     raise errors.DataError(f"tfds dataset {name!r} has no 'image' feature "
                            f"(features: {list(builder.info.features)})")
@@ -263,19 +256,6 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> DataSource:
   return DataSource(name, split, total, num_classes, 0,
                     f"tfds {name} {builder.info.version} at {builder.data_dir}", share,
                     reader="tfds")
-
-
-def _not_prepared_message(name: str, builder) -> str:
-  if name.startswith("imagenet2012"):
-    return (
-        f"ImageNet ({name}) is not prepared under {builder.data_dir}. It needs tfds's "
-        "manual download: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
-        "image-net.org, put them in <data_dir>/downloads/manual/, then run "
-        f"`tfds build {name} --data_dir=<data_dir>` (or pass input.data_dir). "
-        "Alternatively point input.dataset at an image folder: 'folder:/path/to/train_dir'.")
-  return (f"tfds dataset {name!r} is not prepared under {builder.data_dir}; run "
-          f"`tfds build {name} --data_dir=<data_dir>` on a machine with internet access and "
-          "set input.data_dir to that directory.")
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
@@ -358,7 +338,7 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
   labels_t = tf.constant(np.asarray(labels, np.int64))
 
   def load(index: tf.Tensor) -> dict:
-    return {"image": tf.io.read_file(tf.gather(files_t, index)),
+    return {"image": _decode_file(tf.io.read_file(tf.gather(files_t, index))),
             "label": tf.gather(labels_t, index), "id": index}
 
   def explain(error: tf.errors.OpError) -> errors.DataError | None:
@@ -375,6 +355,21 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
                          ("link", len(listing.links)),
                          ("unreadable", len(listing.unreadable))),
       _explain=explain, reader="folder")
+
+
+def _decode_file(encoded: tf.Tensor) -> tf.Tensor:
+  """An image file's bytes -> uint8 ``(H, W, 3)``, decoded by the device path's function
+  (:mod:`lut_jax.image_decode`: bit depth, EXIF orientation, palettes, alpha, CMYK), so that
+  both paths read a folder alike. Python, in the map's threads: pillow's decoders release
+  the GIL."""
+  image = tf.numpy_function(_decode_rgb, [encoded], tf.uint8, stateful=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
+  # numpy_function passes a string as bytes inside tf.data, as a 0-d array when eager.
+  return image_decode.decode_rgb(data if isinstance(data, bytes) else data.item())
 
 
 def _is_local(path: str) -> bool:
@@ -456,7 +451,7 @@ def _decodable(files: list[str]) -> np.ndarray:
                                            tf.constant(files)))
 
   def check(index, path):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = _decode_file(tf.io.read_file(path))
     shape = tf.shape(image)
     return index, tf.logical_and(shape[0] > 0, shape[1] > 0)
 

@@ -150,8 +150,9 @@ def _folder(name: str, split: str, image_size: int) -> Split:
   """A local image folder (``<folder>/<class>/**/<image>``, or ``<folder>/<split>/<class>/...``
   when a sub-folder named like the split exists, as on the tf.data path), decoded with
   pillow, each image resized at load time (shorter side to ``image_size``, bicubic, centre
-  crop). Files that do not decode are skipped with one warning."""
-  from PIL import Image  # local: only folders need it
+  crop). Files are decoded by :mod:`lut_jax.image_decode`, as on the tf.data path; those
+  that do not decode are skipped with one warning."""
+  from lut_jax import image_decode  # local: only folders need pillow
 
   root = name[len(folders.FOLDER_PREFIX):]
   if not os.path.isdir(root):
@@ -169,13 +170,12 @@ def _folder(name: str, split: str, image_size: int) -> Split:
   images, labels, skipped, grey = [], [], [], True
   for path, label in zip(listing.files[start:stop], listing.labels[start:stop]):
     try:
-      with Image.open(path) as im:
-        grey = grey and im.mode in ("1", "L", "I", "I;16")
-        fitted = _resize_one(im.convert("RGB"), image_size)
-    except (OSError, ValueError, Image.DecompressionBombError):
+      image = image_decode.open_image(path)
+    except image_decode.DECODE_ERRORS:
       skipped.append(path)
       continue
-    images.append(np.asarray(fitted, np.uint8))
+    grey = grey and image.mode == "L"
+    images.append(np.asarray(_resize_one(image, image_size).convert("RGB"), np.uint8))
     labels.append(label)
   if skipped:
     logging.warning("%s: skipped %d files that cannot be decoded as images, e.g. %s", name,
@@ -194,13 +194,14 @@ def _folder(name: str, split: str, image_size: int) -> Split:
 def _tfds(name: str, split: str, data_dir: str | None) -> Split:
   """Any prepared tfds split in a random-access format, read without TensorFlow."""
   try:
-    import tensorflow_datasets as tfds  # local: optional, and only for this route
+    from lut_jax import tfds_open  # local: tensorflow_datasets is optional on this route
   except ImportError:
     raise errors.DataError(
         f"input.backend='device' reads {name!r} through tensorflow_datasets, which is not "
         "installed", hint="pip install tensorflow-datasets, or use fashion_mnist") from None
+  builder = tfds_open.prepared_builder(name, data_dir, random_access=True)
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    source = builder.as_data_source(split=split)
   except Exception as e:  # noqa: BLE001  tfds raises many kinds; all mean "cannot read"
     raise errors.DataError(
         f"cannot read tfds {name!r} split {split!r} without TensorFlow: {e}".split("\n")[0],

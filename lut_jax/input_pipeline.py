@@ -431,8 +431,9 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
     return {"image": augment.eval_view(image, size, crop_pct),
             "label": tf.cast(element["label"], tf.int32), "mask": tf.constant(True)}
 
-  if share.random_access:
-    ds = tf.data.Dataset.range(share.num_examples).map(share.read)
+  if share.random_access:  # parallel: reading a folder's file decodes it
+    ds = tf.data.Dataset.range(share.num_examples).map(
+        share.read, num_parallel_calls=parallel, deterministic=True)
   else:
     ds = share.read()
   ds = ds.map(view, num_parallel_calls=parallel, deterministic=True)

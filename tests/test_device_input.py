@@ -275,11 +275,13 @@ def test_device_augment_with_the_device_backend_is_a_config_error():
     device_input.check_backend(_input(backend="gpu"))
 
 
-def test_tfds_splits_load_through_the_data_source_route():
+def test_tfds_splits_load_through_the_data_source_route(monkeypatch):
   """Any fixed-size tfds split reaches the device path through ``tfds.data_source``
   (array_record, no TensorFlow ops): tfds' own records and labels (slicing is tfds' own;
   its mock ignores it)."""
   device_input._load_split.cache_clear()  # pylint: disable=protected-access
+  # The mock's records stand in for a prepared copy (only prepared data sets are opened).
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
   with tfds.testing.mock_data(num_examples=12):
     records = tfds.data_source("mnist", split="train")
     want = np.stack([records[i]["image"] for i in range(len(records))])
