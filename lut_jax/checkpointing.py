@@ -12,6 +12,9 @@ crash or preemption mid-save never damages the last finished checkpoint. On top 
 * a restore that fails (damaged files, a bad manifest, non-finite values) falls back to the
   next older step, logging one line per damaged step; damaged steps are moved aside to
   ``damaged_<step>`` (never deleted), so later saves of that step number cannot collide;
+* a resume sets aside to ``foreign_<step>`` a step whose own ``config.json`` is another
+  run's (copied in), and every load of weights refuses NaN or infinite ones
+  (:func:`check_finite`);
 * a save that fails (disk full, permissions) is reported as a one-line
   :class:`lut_jax.errors.WorkdirError` naming the step, and its temporary directory is
   removed so a full disk is not filled further.
@@ -24,14 +27,16 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from lut_jax import config_lib, errors, loop
+from lut_jax import config_lib, errors
 
 MANIFEST = "sha256.json"  # inside each step directory: copying a step copies it
 
@@ -160,28 +165,38 @@ class Checkpointer:
     verify_checksums(epath.Path(self.directory) / str(step))
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
-  def restore_newest_intact(self, abstract_state: Any) -> tuple[Any, int]:
+  def restore_newest_intact(self, abstract_state: Any, config_changes: Optional[
+      Callable[[Any], list[str]]] = None) -> tuple[Any, int]:
     """``(state, step)`` of the newest step that restores cleanly, all finite.
 
     A damaged step is logged in one line and moved aside to ``damaged_<step>``; older
-    steps are tried in turn. Raises ``WorkdirError`` if none restores.
+    steps are tried in turn. With ``config_changes`` (a step's saved config -> how it
+    differs from this run's), a step whose own ``config.json`` differs is another run's:
+    moved aside to ``foreign_<step>`` the same way. Raises ``WorkdirError`` if none
+    restores.
     """
-    failures, damaged = [], []
-    check_finite = jax.jit(loop.all_finite)
+    failures, aside = [], {}  # aside: {step: (name prefix, why)}
     for step in reversed(self.all_steps()):
       try:
+        step_dir = epath.Path(self.directory) / str(step)
+        if config_changes is not None and (step_dir / config_lib.CONFIG_FILE).exists():
+          changed = config_changes(config_lib.load_config(os.fspath(step_dir)))
+          if changed:  # a step copied in from another run: never continue it
+            why = f"another run's ({'; '.join(changed)})"
+            failures.append(f"step {step}: {why}")
+            aside[step] = ("foreign", f": it is {why}")
+            continue
         state = self.restore(abstract_state, step)
-        if not check_finite(state):
-          raise ValueError("it holds NaN or infinite values")
+        check_finite(state, f"checkpoint step {step}")
       except Exception as e:  # noqa: BLE001 - any failure to read a step means damage
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         logging.error("Checkpoint step %d in %s is damaged (%s); trying the previous one.",
                       step, self.directory, reason)
         failures.append(f"step {step}: {reason}")
-        damaged.append(step)
+        aside[step] = ("damaged", "")
         continue
-      if damaged:
-        self._move_damaged_aside(damaged)
+      if aside:
+        self._move_aside(aside)
       return state, step
     raise errors.WorkdirError(
         f"no checkpoint in {self.directory} restores: " + "; ".join(failures),
@@ -198,13 +213,14 @@ class Checkpointer:
     logging.info("%s: resumed at step %d", name, step)
     return state.replace(tx=abstract.tx)
 
-  def _move_damaged_aside(self, steps: list[int]) -> None:
+  def _move_aside(self, steps: dict[int, tuple[str, str]]) -> None:
     if jax.process_index() == 0:
       root = epath.Path(self.directory)
-      for step in steps:
-        target = root / f"damaged_{step}_{int(time.time())}"
+      for step, (prefix, why) in steps.items():
+        target = root / f"{prefix}_{step}_{int(time.time())}"
         (root / str(step)).rename(target)
-        logging.warning("Moved damaged checkpoint step %d to %s (not deleted).", step, target)
+        logging.warning("Moved %s checkpoint step %d to %s (not deleted)%s.", prefix, step,
+                        target, why)
     self.manager.reload()
 
   def best(self) -> Optional[tuple[int, dict[str, float]]]:
@@ -231,15 +247,44 @@ class Checkpointer:
 
 def verify_checksums(step_dir: epath.Path) -> None:
   """Raises ``ValueError`` when a file of ``step_dir`` differs from its SHA-256 manifest
-  (a bit flip, a truncation, a missing or extra file). Steps without one pass: saved by a
-  run that stopped before hashing them, or with checksums off."""
+  (a bit flip, a truncation, a missing or extra file); a missing ``config.json`` alone is a
+  warning. Steps without a manifest pass: saved by a run that stopped before hashing them,
+  or with checksums off."""
   if not (step_dir / MANIFEST).exists():
     return
   expected = json.loads((step_dir / MANIFEST).read_text())
   actual = _digest_files(step_dir)
   bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+  if bad == [config_lib.CONFIG_FILE] and bad[0] not in actual:
+    # The arrays are intact: only the record of the config is gone, and the work
+    # directory's config.json (which a resume checks) says the same.
+    logging.warning("Checkpoint step %s has lost its %s, but its arrays match their "
+                    "checksums: restoring it as a step of the run in %s.", step_dir,
+                    config_lib.CONFIG_FILE, step_dir.parent.parent)
+    return
   if bad:
     raise ValueError(f"{len(bad)} file(s) differ from their checksums, e.g. {bad[0]}")
+
+
+def check_finite(tree: Any, what: str, hint: str = "") -> None:
+  """Raises ``NonFiniteError`` naming ``what`` and the first leaves of ``tree`` that hold
+  NaN or infinity. Every load of weights (resume, evaluation, analysis, export) checks
+  them: checksums only say the files are as written, and a step that was never hashed (a
+  run killed before its manifest) or weights made elsewhere can hold NaN, which would
+  train on silently or score as if correct."""
+  leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else np.result_type(x),
+                              jnp.inexact)]
+  finite = jax.device_get(_leaves_finite([x for _, x in leaves]))
+  bad = [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, finite) if not ok]
+  if bad:
+    raise errors.NonFiniteError(
+        f"{what} holds NaN or infinite values in {len(bad)} of {len(leaves)} arrays: "
+        + ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else ""), hint=hint)
+
+
+# One dispatch for a whole tree, sharded or not (the output is a few replicated booleans).
+_leaves_finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])
 
 
 def _digest_files(step_dir: epath.Path) -> dict[str, str]:
@@ -312,6 +357,7 @@ def load_encoder(directory: str) -> tuple[Any, Any]:
   encoder_config = json.loads((root / ENCODER_CONFIG_FILE).read_text())
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(root / "params")
+  check_finite(params, f"exported encoder {root}")
   return Encoder(**encoder_config), params
 
 
@@ -425,12 +471,14 @@ def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
   if step not in steps:
     raise errors.WorkdirError(f"no checkpoint of step {step} in {checkpoint_dir}; it has "
                               f"{steps}")
+  # The flag of each tool that reads these steps: evaluation, export, analysis.
+  intact_hint = (f"pick an intact step of {steps}: --config.pretrained_step=STEP (lut-eval), "
+                 "--step=STEP (lut-export) or WORKDIR/checkpoints/STEP (lut-analyze)")
   try:  # the same verification a resume makes: damaged weights are never evaluated
     verify_checksums(root / str(step))
   except ValueError as e:
-    raise errors.WorkdirError(
-        f"checkpoint step {step} in {checkpoint_dir} is damaged: {e}",
-        hint=f"pick an intact step (it has {steps})") from e
+    raise errors.WorkdirError(f"checkpoint step {step} in {checkpoint_dir} is damaged: {e}",
+                              hint=intact_hint) from e
   if sharding is None:
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)),
                                           jax.sharding.PartitionSpec())
@@ -463,6 +511,7 @@ def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
           partial_restore=True))
   finally:
     logging.set_verbosity(verbosity)
+  check_finite(restored, f"checkpoint step {step} in {checkpoint_dir}", hint=intact_hint)
   return {name: _subtree(restored, name) for name in subtrees}, step
 
 

@@ -37,7 +37,8 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
   from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
   eval_config.validate(config)
-  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0,
+                                kind=workdir_lock.EVALUATION):
     results = _run_mode(config, workdir)
     # After the run: a run refused for its work directory (another encoder or recipe)
     # leaves the config of the run that is there.

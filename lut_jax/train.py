@@ -90,6 +90,17 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def config_changes(saved: ml_collections.ConfigDict,
+                   config: ml_collections.ConfigDict) -> list[str]:
+  """``["field: saved -> now", ...]``: where ``config`` differs from a run's ``saved``
+  config outside ``RESUME_MAY_CHANGE`` (empty: it continues that run)."""
+  now = _flat(json.loads(config.to_json_best_effort()))
+  before = _flat(json.loads(saved.to_json_best_effort()))
+  may_change = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)  # noqa: E731
+  return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in {**now, **before}
+          if not may_change(k) and now.get(k) != before.get(k)]
+
+
 def check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
                          adopt: bool = False) -> None:
   """Raises ``ConfigError`` when a resumed run's config differs from the saved one outside
@@ -106,11 +117,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
         "be checked against the one they were trained with",
         hint="pass --adopt_checkpoint if this config is the checkpoints' own (it is then "
              "saved), or use a new --workdir") from None
-  now = _flat(json.loads(config.to_json_best_effort()))
-  before = _flat(json.loads(saved.to_json_best_effort()))
-  may_change = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)  # noqa: E731
-  changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in {**now, **before}
-             if not may_change(k) and now.get(k) != before.get(k)]
+  changed = config_changes(saved, config)
   if changed:
     raise config_lib.ConfigError(
         f"{workdir} holds a run with a different config ({'; '.join(changed)}); resuming "
@@ -200,7 +207,8 @@ def pretrain(
   num_examples = _num_examples(config, real_data=data_fn is None)
   total_steps, warmup_steps = build.run_length(config, num_examples)
   monitor = monitor_lib.Monitor(config) if config.monitor.every_steps > 0 else None
-  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0,
+                                kind=workdir_lock.PRETRAINING):
     return _train(config, workdir, data_fn, mesh=mesh, total_steps=total_steps,
                   warmup_steps=warmup_steps, adopt_checkpoint=adopt_checkpoint,
                   num_examples=num_examples, monitor=monitor)
@@ -226,8 +234,10 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:
     check_resume_config(config, workdir, adopt=adopt_checkpoint)
+    # Each step's own config.json is checked too: a step copied in from another run.
     state, step = ckpt.restore_newest_intact(
-        checkpointing.abstract_like(abstract_state, training.state_shardings))
+        checkpointing.abstract_like(abstract_state, training.state_shardings),
+        config_changes=lambda saved: config_changes(saved, config))
     logging.info("Resuming from %s step %d", ckpt.directory, step)
     state = state.replace(tx=abstract_state.tx)
   else:

@@ -11,6 +11,10 @@ taken over with one warning line; a lock held by a live process, or by another h
 multi-process run takes the lock: the others write into the same run.
 
 On object stores (``gs://...``) there is no atomic create: the check is best effort.
+
+A lock taken for a ``kind`` of run (pre-training, evaluation) also refuses a directory that
+holds a run of the other kind, before writing anything: an evaluation saving its
+``config.json`` over a pre-training run's would make that run unresumable and unreadable.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from typing import Optional
 from absl import logging
 from etils import epath
 
-from lut_jax import errors
+from lut_jax import checkpointing, config_lib, errors
 
 LOCK_FILE = "lut_jax.lock"
+PRETRAINING, EVALUATION = "pre-training", "evaluation"  # the kinds of run
 # A lock file that cannot be parsed is a writer caught between create and write unless it
 # is older than this; then it is debris of a crash.
 _UNREADABLE_STALE_S = 10.0
@@ -43,13 +48,32 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-class WorkdirLock:
-  """Context manager holding ``WORKDIR/lut_jax.lock`` for the duration of a run."""
+def run_kind(workdir: epath.Path) -> Optional[str]:
+  """The kind of run ``workdir`` holds, by its ``config.json`` (an evaluation config has a
+  ``mode``), else by its checkpoint steps' (only pre-training saves one in each); None if
+  it holds none that can be read."""
+  for pattern in ("", f"{checkpointing.CHECKPOINT_DIR}/*/"):
+    for path in workdir.glob(pattern + config_lib.CONFIG_FILE):
+      try:
+        config = json.loads(path.read_text())
+      except (OSError, ValueError):
+        continue
+      if isinstance(config, dict):
+        return EVALUATION if "mode" in config else PRETRAINING
+  return None
 
-  def __init__(self, workdir: str, command: str = "", *, enabled: bool = True):
+
+class WorkdirLock:
+  """Context manager holding ``WORKDIR/lut_jax.lock`` for the duration of a run; with a
+  ``kind`` (:data:`PRETRAINING`, :data:`EVALUATION`), only in a directory that holds no run
+  of another kind."""
+
+  def __init__(self, workdir: str, command: str = "", *, enabled: bool = True,
+               kind: str = ""):
     self.path = epath.Path(workdir) / LOCK_FILE
     self.command = command or " ".join(sys.argv)
     self.enabled = enabled
+    self.kind = kind
     self._owner = {"host": socket.gethostname(), "pid": os.getpid(),
                    "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     self._held = False
@@ -67,6 +91,11 @@ class WorkdirLock:
     workdir = self.path.parent
     if workdir.exists() and not workdir.is_dir():
       raise errors.WorkdirError(f"--workdir {workdir} is a file, not a directory")
+    found = run_kind(workdir) if self.kind else None
+    if found not in (None, self.kind):
+      raise errors.WorkdirError(f"--workdir {workdir} holds a run of another kind ({found}); "
+                                f"this {self.kind} run would write over its files",
+                                hint="use another --workdir")
     try:
       workdir.mkdir(parents=True, exist_ok=True)
       self._acquire()

@@ -95,3 +95,36 @@ def test_eval_main_knn_and_linear_probe_on_a_fashion_mnist_subset(tmp_path):
     saved = json.load(open(os.path.join(workdir, f"{config.mode}_results.json")))
     assert saved.pop("source")["pretrained"] == os.path.abspath(pretrain)
     assert saved == results
+
+
+@pytest.mark.parametrize("where", ["queries", "one bank entry", "infinite queries"])
+def test_non_finite_features_score_zero_not_hundred(where):
+  # Each query is a copy of a bank entry: finite, it scores 100%. NaN compares false with
+  # every vote, so a scorer that counts "no class above the true one" called it correct.
+  rng = np.random.default_rng(0)
+  bank = rng.normal(size=(20, 8)).astype(np.float32)
+  labels = rng.integers(0, 3, size=20).astype(np.int32)
+  queries = bank[:6].copy()
+  assert knn.knn_accuracy(bank, labels, queries, labels[:6], num_classes=3, k=3)["top1"] == 100
+  if where == "queries":
+    queries[:] = np.nan
+  elif where == "one bank entry":
+    bank[15] = np.nan
+  else:
+    queries[:, 0] = np.inf
+  acc = knn.knn_accuracy(bank, labels, queries, labels[:6], num_classes=3, k=3)
+  assert acc == {"top1": 0.0, "top5": 0.0}
+
+
+def test_topk_correct_counts_an_example_with_a_non_finite_logit_as_wrong():
+  from lut_jax.evaluation import common  # pylint: disable=g-import-not-at-top
+  nan, inf = float("nan"), float("inf")
+  logits = np.array([[3.0, 1.0, 0.0],    # right: top-1 and top-2
+                     [nan, nan, nan],    # all NaN: wrong
+                     [0.0, 5.0, nan],    # the true class is the best finite one: wrong
+                     [-inf, 1.0, 0.0],   # an infinity: wrong
+                     [1.0, 2.0, 0.0]],   # right at top-2 only
+                    np.float32)
+  labels = np.array([0, 1, 1, 1, 0], np.int32)
+  out = common.topk_correct(logits, labels, ks=(1, 2))
+  assert (float(out["top1"]), float(out["top2"])) == (1.0, 2.0)

@@ -58,3 +58,14 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
   for a, b in zip(jax.tree.leaves((whole.params, whole.batch_stats)),
                   jax.tree.leaves((resumed.params, resumed.batch_stats))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_eval_features_score_zero():
+  # A diverged encoder's NaN features: the probe's logits are NaN, which must not count as
+  # correct (they did: no logit is greater than a NaN true one).
+  x, y = _separable(1, 256)
+  xt, yt = _separable(2, 64)
+  _, results = linear_probe.train_linear_probe(
+      x, y, np.full_like(xt, np.nan), yt, num_classes=4, epochs=1, batch_size=64,
+      base_lr=0.1, warmup_epochs=0, optimizer="sgd", eval_every_epochs=1)
+  assert results["top1"] == 0.0 and results["top5"] == 0.0, results

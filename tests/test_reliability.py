@@ -4,6 +4,7 @@ changed config on resume, a full disk. Each test failed before its fix."""
 import errno
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -247,5 +248,126 @@ def test_evaluation_refuses_a_damaged_checkpoint_step(tmp_path):
                                                   ["params/encoder"])
   assert step == 3 and subtrees["params/encoder"]
   _flip_bit(str(tmp_path / "checkpoints" / "3"))
-  with pytest.raises(errors.WorkdirError, match="step 3 .* is damaged: .* checksums"):
+  with pytest.raises(errors.WorkdirError, match="step 3 .* is damaged: .* checksums") as info:
     checkpointing.restore_subtrees(str(tmp_path / "checkpoints"), ["params/encoder"])
+  assert "--config.pretrained_step" in info.value.hint  # how to pick another, in lut-eval
+
+
+# ----------------- issue 29: NaN weights, runs of another kind, foreign and config-less steps
+
+
+def _nan_patch_kernel(tree):
+  """``tree`` with a NaN in every patch-embedding kernel (a diverged or damaged encoder)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(x).at[0, 0, 0, 0].set(jnp.nan)
+      if jax.tree_util.keystr(path).endswith("['patch_embed']['proj']['kernel']") else x, tree)
+
+
+def _run_with_nan_newest_step(path):
+  """A pre-training workdir whose newest step holds NaN in the online encoder; saved (and
+  hashed) normally, as by a run killed before its manifest and then damaged."""
+  from tests import test_export  # pylint: disable=g-import-not-at-top
+  state = test_export.make_pretraining_workdir(path)
+  ckpt = checkpointing.Checkpointer(os.path.join(path, "checkpoints"), async_save=False,
+                                    run_config=config_lib.config_json(config_lib.load_config(path)))
+  ckpt.save(test_export.STEP + 1, state.replace(params=_nan_patch_kernel(state.params)),
+            force=True)
+  ckpt.close()
+  return state
+
+
+@pytest.mark.parametrize("source", ["workdir", "exported encoder", "timm folder"])
+def test_loading_non_finite_weights_is_refused(tmp_path, source):
+  from lut_jax.evaluation import export, features  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / "run")
+  state = _run_with_nan_newest_step(run)
+  path = run
+  if source != "workdir":  # the same NaN encoder, exported / converted
+    params = _nan_patch_kernel(jax.device_get(state.params["encoder"]))
+    encoder_config = features.encoder_config(config_lib.load_config(run))
+    path = str(tmp_path / "weights")
+    if source == "exported encoder":
+      checkpointing.export_encoder(path, params, encoder_config)
+    else:
+      os.makedirs(path)
+      export.write_timm_folder(path, params, encoder_config)
+  with pytest.raises(errors.NonFiniteError, match=r"NaN or infinite values in 1 of \d+ "
+                     r"arrays: .*\['patch_embed'\]\['proj'\]\['kernel'\]"):
+    features.load_pretrained(path)
+  if source == "workdir":  # the step before is intact
+    assert features.load_pretrained(run, 5).step == 5
+
+
+def test_knn_of_a_run_whose_newest_step_holds_nan_is_refused(tmp_path):
+  # The reproduction: it scored 100% on every pool and wrote knn_results.json.
+  from configs import knn as knn_config  # pylint: disable=g-import-not-at-top
+  from lut_jax import eval_main  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / "run")
+  _run_with_nan_newest_step(run)
+  config = knn_config.get_config()
+  config.pretrained = run
+  with pytest.raises(errors.NonFiniteError, match=r"step 6 in .* holds NaN") as info:
+    eval_main.evaluate(config, str(tmp_path / "knn"))
+  assert "--config.pretrained_step" in info.value.hint
+  assert not (tmp_path / "knn" / "knn_results.json").exists()
+
+
+def _files(root):
+  return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_evaluation_never_writes_into_a_pretraining_run_nor_the_reverse(tmp_path):
+  from configs import knn as knn_config  # pylint: disable=g-import-not-at-top
+  from lut_jax import eval_main  # pylint: disable=g-import-not-at-top
+  from tests import test_export  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  test_export.make_pretraining_workdir(str(run))
+  before = _files(run)
+  config = knn_config.get_config()
+  config.pretrained = str(run)
+  with pytest.raises(errors.WorkdirError, match=r"another kind \(pre-training\)"):
+    eval_main.evaluate(config, str(run))  # it saved its config.json over the run's
+  assert _files(run) == before
+  # Without its top-level config.json, the steps' copies still say what the run is.
+  (run / "config.json").unlink()
+  with pytest.raises(errors.WorkdirError, match=r"another kind \(pre-training\)"):
+    eval_main.evaluate(config, str(run))
+  evaluation = tmp_path / "knn"
+  config_lib.save_config(config, str(evaluation))
+  before = _files(evaluation)
+  with pytest.raises(errors.WorkdirError, match=r"another kind \(evaluation\)"):
+    _run(util.tiny_config(total_steps=3), evaluation)
+  assert _files(evaluation) == before
+
+
+def test_a_foreign_step_is_set_aside_and_not_trained_on(tmp_path):
+  config = util.tiny_config(total_steps=6, checkpoint_every_steps=3)
+  state = _run(config, tmp_path)
+  reference = jax.device_get(state.params)
+  # As if stopped after step 3, and another run's step 6 (another seed, other weights)
+  # copied in: it was resumed as this run's, finished.
+  shutil.rmtree(tmp_path / "checkpoints" / "6")
+  other = util.override(util.tiny_config(total_steps=6, checkpoint_every_steps=3), {"seed": 7})
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), async_save=False,
+                                    run_config=config_lib.config_json(other))
+  ckpt.save(6, state.replace(params=jax.tree.map(lambda x: x + 1.0, state.params)))
+  ckpt.close()
+  resumed = jax.device_get(_run(config, tmp_path).params)  # from step 3
+  for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(x, y)
+  names = os.listdir(tmp_path / "checkpoints")
+  assert any(n.startswith("foreign_6_") for n in names), names  # moved aside, not deleted
+  assert "6" in names  # saved again, by this run
+
+
+def test_a_step_that_lost_only_its_config_json_restores(tmp_path, caplog):
+  config = util.tiny_config(total_steps=3, checkpoint_every_steps=3)
+  _run(config, tmp_path)
+  step_dir = tmp_path / "checkpoints" / "3"
+  (step_dir / config_lib.CONFIG_FILE).unlink()  # its arrays still verify
+  _, step = checkpointing.restore_subtrees(str(tmp_path / "checkpoints"), ["params/encoder"])
+  assert step == 3
+  state = _run(config, tmp_path)  # resumes at 3: nothing left to train, nothing set aside
+  assert int(state.step) == 3
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  assert "lost its config.json" in caplog.text

@@ -583,14 +583,19 @@ def load_located(kind: str, location: str, step: Optional[int] = None, *,
                              f"directory's teacher; a {kind} source holds one network",
                              hint="pass the work directory, or which='params'")
   if kind in ("torch", "safetensors"):
-    return load_torch(location, label=label, **torch_kwargs)
-  if kind == "timm":
-    return load_timm(location, label=label)
-  if kind == "hf-hub":
-    return load_hf_hub(location, label=label)
-  if kind == "encoder":
+    loaded = load_torch(location, label=label, **torch_kwargs)
+  elif kind == "timm":
+    loaded = load_timm(location, label=label)
+  elif kind == "hf-hub":
+    loaded = load_hf_hub(location, label=label)
+  elif kind == "encoder":  # checkpointing.load_encoder checks finiteness
     return load_exported_encoder(location, label=label)
-  return load_workdir(location, step=step, which=which, label=label)
+  else:  # checkpointing.restore_subtrees checks finiteness
+    return load_workdir(location, step=step, which=which, label=label)
+  # Converted weights get the check checkpointing's loaders make (check_finite).
+  checkpointing.check_finite(
+      loaded.params if loaded.params is not None else loaded.encoder_params, loaded.source)
+  return loaded
 
 
 # ----------------------------------------------------------------------------- probes
@@ -639,6 +644,7 @@ def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
     for name in ("kernel", "bias"):
       if name not in probe:
         raise errors.DataError(f"{path}: a probe needs {name!r}; it has {sorted(probe)}")
+    checkpointing.check_finite(probe, path)  # a workdir's is checked by restore_subtrees
     stored = str(probe.get("pool", "mean"))
   probe["pool"] = pool or stored
   if probe["pool"] not in ("mean", "cls"):

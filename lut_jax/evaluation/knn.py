@@ -46,7 +46,11 @@ def knn_votes(bank: jax.Array, bank_labels: jax.Array, queries: jax.Array, *,
   top_sims, top_ids = jax.lax.top_k(sims, k)
   weights = jnp.exp(top_sims / temperature)
   onehot = jax.nn.one_hot(bank_labels[top_ids], num_classes, dtype=jnp.float32)  # (Q, k, C)
-  return jnp.einsum("qk,qkc->qc", weights, onehot)
+  votes = jnp.einsum("qk,qkc->qc", weights, onehot)
+  # A query with a non-finite similarity (its feature, or any bank feature) gets NaN votes,
+  # which score as wrong (common.topk_correct): whether top_k picks a NaN neighbour is the
+  # backend's choice, and a vote that skipped it would score a broken encoder.
+  return jnp.where(jnp.all(jnp.isfinite(sims), axis=-1, keepdims=True), votes, jnp.nan)
 
 
 def knn_classify(train_features: Any, train_labels: Any, test_features: Any, *,
