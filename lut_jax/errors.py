@@ -21,6 +21,7 @@ import errno
 import importlib.util
 import logging
 import os
+import re
 import sys
 import traceback
 import types
@@ -89,6 +90,23 @@ def describe_os_error(e: OSError, action: str = "") -> str:
   return f"{doing}{e.strerror or e}{where}"
 
 
+def os_error_in(e: Optional[BaseException]) -> Optional[OSError]:
+  """The OS error that caused ``e``, if any: an ``OSError`` in its chain of causes (Orbax
+  wraps its background errors), or one TensorStore reports in its own error's message (a
+  ``ValueError``: ``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``,
+  how a full disk reaches an Orbax save)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno is not None:
+      return e
+    code = re.search(r"\[os_error_code='?(\d+)", str(e))
+    if code:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def as_user_error(e: BaseException) -> Optional[UserError]:
   """``e`` as a :class:`UserError` when it is one the user can fix, else None (a bug)."""
   if isinstance(e, UserError):
@@ -152,6 +170,7 @@ def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax", *,
     flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
   _show_flags_in_help(sys.modules[main.__module__])
   absl_logging.get_absl_handler().addFilter(_quiet_orbax)
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
   def parse_flags(argv: list[str]) -> list[str]:
     fail = lambda e: exit_with(e, prog, debug=debug_requested(argv))  # noqa: E731
@@ -200,8 +219,27 @@ def _show_flags_in_help(module: types.ModuleType) -> None:
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
   """Drops Orbax's INFO chatter (dozens of lines per checkpoint save or restore) so progress
-  stays readable; its warnings and errors still show."""
-  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+  stays readable, and the tracebacks of a save that failed for the disk (full,
+  read-only...), which the checkpointer reports in one line: Orbax logs one from each of its
+  threads, asyncio one for each of its writes that failed after the first. Other warnings
+  and errors still show."""
+  if record.levelno < logging.WARNING:
+    return "/orbax/" not in record.pathname
+  error = record.exc_info[1] if record.exc_info else None
+  return not (os_error_in(error) and any(
+      "/orbax/" in frame.filename for frame in traceback.extract_tb(error.__traceback__)))
+
+
+def _quiet_closed_loop(hook: Callable[..., None]) -> Callable[..., None]:
+  """``hook`` (``sys.unraisablehook``) without the "Event loop is closed" errors of a failed
+  Orbax save: Orbax closes the event loop of a save at its first failed write, and each
+  TensorStore write still in flight then reports its completion to that loop (dozens of
+  tracebacks on a full disk); nothing waits for them any more."""
+  def quiet(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  return quiet
 
 
 def _flag_message(e: BaseException) -> str:

@@ -8,6 +8,8 @@ and nothing written where the input was refused early.
 import json
 import os
 import pathlib
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -124,6 +126,54 @@ def test_workdir_in_use_by_a_live_run(tmp_path):
   finally:
     other.kill()
     other.wait()
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+  """``mount(size)``: a fresh tmpfs of that size (e.g. ``"2600k"``); skips the test where
+  mounting is not allowed (not root, a container without the capability)."""
+  mounted = []
+
+  def mount(size):
+    path = tmp_path / f"fs{len(mounted)}"
+    path.mkdir()
+    if shutil.which("mount") is None:
+      pytest.skip("no mount command")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                            capture_output=True, text=True, check=False)
+    if result.returncode:
+      pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    mounted.append(path)
+    return path
+
+  yield mount
+  for path in mounted:
+    subprocess.run(["umount", path], check=False)
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes(small_file_system):
+  # The reproduction: a file system that holds two checkpoint steps of this model (1.1 MB
+  # each) but not a third.
+  fs = small_file_system("2600k")
+  workdir = fs / "run"
+  result = _pretrain(workdir, timeout=600)
+  line = _error_line(result)
+  # Not one of the errors Orbax logs from each of its threads (TensorFlow may still warn
+  # that it could not flush the TensorBoard events file).
+  assert "RESOURCE_EXHAUSTED: Error writing" not in result.stderr, result.stderr[-3000:]
+  found = re.search(rf"saving checkpoint step (\d+) in {workdir}/checkpoints failed: no space "
+                    r"left on device \((\d+\.\d) MB free\).* last saved step \((\d+)\)", line)
+  assert found, line
+  failed, last_good = int(found.group(1)), int(found.group(3))
+  assert failed == last_good + 1 and last_good >= 1
+  names = os.listdir(workdir / "checkpoints")
+  assert sorted(names) == [str(s) for s in range(1, last_good + 1)], names  # no partial save
+
+  subprocess.run(["mount", "-o", "remount,size=64m", fs], check=True)  # space freed
+  result = _pretrain(workdir, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resuming from {workdir}/checkpoints step {last_good}" in result.stderr
+  assert "4" in os.listdir(workdir / "checkpoints")
 
 
 def test_diverging_run_stops_with_one_line_and_keeps_good_checkpoints(tmp_path):
