@@ -169,6 +169,7 @@ def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax", *,
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
   _show_flags_in_help(sys.modules[main.__module__])
+  _report_config_file_errors()
   absl_logging.get_absl_handler().addFilter(_quiet_orbax)
   sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
@@ -177,19 +178,13 @@ def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax", *,
     try:
       rest = flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - flags, config files: all the user's to fix
-      # config_flags raises the config file's own errors (ValueError, KeyError, ...) and
-      # its override errors (a misspelt key is an AttributeError) while parsing.
+      # A config file's own errors arrive as UserErrors (_report_config_file_errors);
+      # config_flags raises its override errors (a misspelt key is an AttributeError).
       cause = e.__cause__ if isinstance(e, flags.Error) and e.__cause__ else e
-      if not isinstance(cause, (flags.Error, ValueError, KeyError, AttributeError, TypeError,
-                                OSError, SyntaxError, ImportError)):
+      if not isinstance(cause, (UserError, flags.Error, ValueError, KeyError, AttributeError,
+                                TypeError, OSError)):
         raise
       fail(as_user_error(cause) or ConfigError(_flag_message(cause)))
-    for name in flags.FLAGS:
-      # A config file that failed to load is only reported when first used; report it now.
-      value = flags.FLAGS[name].value
-      if type(value).__name__ == "_ErrorConfig":
-        fail(ConfigError(f"--{name}: cannot load the config file: "
-                         f"{_flag_message(vars(value)['_error'])}"))
     return rest
 
   def run_main(argv: list[str]) -> None:
@@ -215,6 +210,44 @@ def _show_flags_in_help(module: types.ModuleType) -> None:
   wrapper = sys.modules["__main__"]
   if not wrapper.__doc__:
     wrapper.__doc__ = module.__doc__
+
+
+def _report_config_file_errors() -> None:
+  """Makes every config-file flag (``--config``) report whatever its file raises, while it
+  loads or in ``get_config`` (a NameError, a SyntaxError, a missing file...), as one
+  :class:`UserError`: ``--config FILE: <ErrorType>: <message>``, the original as its cause
+  (``--debug`` shows its traceback)."""
+  from absl import flags  # local: the rest of this module needs only the stdlib
+
+  def reporting(name: str, parse: Callable[[str], object]) -> Callable[[str], object]:
+    def load(argument: str) -> object:
+      path = str(argument).split(":", 1)[0]
+      try:
+        config = parse(argument)
+        # An OSError (the file missing or unreadable) is only raised when the config is
+        # first used: raise it now.
+        error = vars(config).get("_error") if type(config).__name__ == "_ErrorConfig" else None
+      except Exception as e:  # noqa: BLE001 - the config file is the user's code
+        error = e
+        # It re-raises a TypeError or ValueError as a new one whose message is the
+        # traceback: report the original.
+        if isinstance(e, (TypeError, ValueError)) and type(e.__context__) is type(e):
+          error = e.__context__
+      if error is None:
+        return config
+      if not os.path.exists(path):  # instead of its list of every path it tried
+        error = FileNotFoundError("no such file")
+      # Not a ValueError: absl would recast it as a flag error with the cause dropped.
+      raise UserError(f"--{name} {path}: {type(error).__name__}: "
+                      f"{' '.join(str(error).split())}",
+                      hint=getattr(error, "hint", "")) from error
+    return load
+
+  for name in flags.FLAGS:
+    parser = flags.FLAGS[name].parser
+    # By name, as _ErrorConfig: ml_collections does not export its class.
+    if type(parser).__name__ == "ConfigFileFlagParser":
+      parser.parse = reporting(name, parser.parse)
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
@@ -243,12 +276,9 @@ def _quiet_closed_loop(hook: Callable[..., None]) -> Callable[..., None]:
 
 
 def _flag_message(e: BaseException) -> str:
-  """The informative part of a flag error, on one line (config_flags embeds whole
-  tracebacks in its messages, and a misspelt key's message is the repr of a string)."""
+  """The informative part of a flag error, on one line (a misspelt key's message is the
+  repr of a string)."""
   text = str(e).strip()
-  if "Traceback (most recent call last)" in text:
-    head, tail = text.split("Traceback (most recent call last)", 1)
-    text = head.strip() + " " + tail.strip().splitlines()[-1].split(": ", 1)[-1]
   if isinstance(e, AttributeError):  # ConfigDict: "'\\'bse_lr\\'\\nDid you mean ...?'"
     try:
       text = ast.literal_eval(text)

@@ -81,6 +81,46 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert "no_such_file.py" in _error_line(result)
 
 
+# Config files that fail to load: what each one raises, as the one line names it.
+_BROKEN_CONFIGS = {
+    "raises": ("def get_config(arg=None):\n  raise RuntimeError('no preset for this host')\n",
+               "RuntimeError: no preset for this host"),
+    "name_error": ("def get_config(arg=None):\n  return undefined_name\n",
+                   "NameError: name 'undefined_name' is not defined"),
+    "value_error": ("def get_config(arg=None):\n  raise ValueError('bad preset')\n",
+                    "ValueError: bad preset"),
+    "syntax_error": ("def get_config(:\n  pass\n", "SyntaxError: invalid syntax"),
+    "import_error": ("import no_such_module_xyz\n", "ModuleNotFoundError: No module named "
+                     "'no_such_module_xyz'"),
+    "missing": (None, "FileNotFoundError: no such file"),
+}
+
+
+@pytest.mark.parametrize("module,prog,kind", [
+    *[("lut_jax.main", "lut_jax", kind) for kind in sorted(_BROKEN_CONFIGS)],
+    ("lut_jax.eval_main", "lut-eval", "name_error"),
+    ("lut_jax.eval_main", "lut-eval", "missing"),
+])
+def test_a_config_file_that_fails_to_load_is_one_line(tmp_path, module, prog, kind):
+  source, expected = _BROKEN_CONFIGS[kind]
+  config = tmp_path / "my_config.py"
+  if source is not None:
+    config.write_text(source)
+  result = _run(module, f"--config={config}:arg", f"--workdir={tmp_path / 'run'}")
+  line = _error_line(result, prog)
+  assert line.startswith(f"{prog}: error: --config {config}: {expected}"), line
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_config_file_keeps_its_traceback_with_debug(tmp_path):
+  config = tmp_path / "my_config.py"
+  config.write_text(_BROKEN_CONFIGS["name_error"][0])
+  result = _run("lut_jax.main", f"--config={config}", f"--workdir={tmp_path}", "--debug")
+  assert result.returncode == 2
+  assert f'File "{config}", line 2, in get_config' in result.stderr  # the user's own line
+  assert result.stderr.strip().splitlines()[-1].startswith(f"lut_jax: error: --config {config}")
+
+
 @pytest.mark.parametrize("flag", ["--num_processes=2", "--process_id=1"])
 def test_process_flags_without_a_coordinator_are_refused(tmp_path, flag):
   # Ignored, they would have each of N launched copies train alone on all the data.
