@@ -16,16 +16,19 @@ crash or preemption mid-save never damages the last finished checkpoint. On top 
   run's (copied in), and every load of weights refuses NaN or infinite ones
   (:func:`check_finite`);
 * a save that fails (disk full, permissions) is reported as a one-line
-  :class:`lut_jax.errors.WorkdirError` naming the step, and its temporary directory is
-  removed so a full disk is not filled further.
+  :class:`lut_jax.errors.WorkdirError` naming the step (and on a full disk the space left),
+  and its temporary directory is removed so a full disk is not filled further.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -129,16 +132,22 @@ class Checkpointer:
       self._raise_save_error(self._pending, e)
 
   def _raise_save_error(self, step: Optional[int], e: Exception):
-    os_error = _os_error_in(e)
+    os_error = errors.os_error_in(e)
     if os_error is None:
       raise e
     # The temporary directory of a failed save is never a checkpoint; on a full disk it
-    # is what keeps the disk full.
+    # is what keeps the disk full. Its other writes finish (and fail) first.
+    with contextlib.suppress(Exception):
+      self.manager.wait_until_finished()
     if step is not None:
       for tmp in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
         tmp.rmtree(missing_ok=True)
+    free = ""
+    if os_error.errno == errno.ENOSPC and "://" not in self.directory:
+      with contextlib.suppress(OSError):
+        free = f" ({shutil.disk_usage(self.directory).free / 2**20:.1f} MB free)"
     raise errors.WorkdirError(errors.describe_os_error(
-        os_error, f"saving checkpoint step {step} in {self.directory} failed"),
+        os_error, f"saving checkpoint step {step} in {self.directory} failed") + free,
         hint="free space or fix permissions, then rerun the same command: it resumes from "
              f"the last saved step ({self.latest_step()})") from e
 
@@ -302,17 +311,6 @@ def _digest_files(step_dir: epath.Path) -> dict[str, str]:
             digest.update(chunk)
         out[str(path.relative_to(step_dir))] = digest.hexdigest()
   return out
-
-
-def _os_error_in(e: BaseException) -> Optional[OSError]:
-  """The ``OSError`` that caused ``e`` (Orbax wraps its background errors), if any."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    if isinstance(e, OSError) and e.errno is not None:
-      return e
-    seen.add(id(e))
-    e = e.__cause__ or e.__context__
-  return None
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

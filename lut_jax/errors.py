@@ -21,6 +21,7 @@ import errno
 import importlib.util
 import logging
 import os
+import re
 import sys
 import traceback
 import types
@@ -89,6 +90,23 @@ def describe_os_error(e: OSError, action: str = "") -> str:
   return f"{doing}{e.strerror or e}{where}"
 
 
+def os_error_in(e: Optional[BaseException]) -> Optional[OSError]:
+  """The OS error that caused ``e``, if any: an ``OSError`` in its chain of causes (Orbax
+  wraps its background errors), or one TensorStore reports in its own error's message (a
+  ``ValueError``: ``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``,
+  how a full disk reaches an Orbax save)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno is not None:
+      return e
+    code = re.search(r"\[os_error_code='?(\d+)", str(e))
+    if code:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def as_user_error(e: BaseException) -> Optional[UserError]:
   """``e`` as a :class:`UserError` when it is one the user can fix, else None (a bug)."""
   if isinstance(e, UserError):
@@ -151,26 +169,22 @@ def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax", *,
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
   _show_flags_in_help(sys.modules[main.__module__])
+  _report_config_file_errors()
   absl_logging.get_absl_handler().addFilter(_quiet_orbax)
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
   def parse_flags(argv: list[str]) -> list[str]:
     fail = lambda e: exit_with(e, prog, debug=debug_requested(argv))  # noqa: E731
     try:
       rest = flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - flags, config files: all the user's to fix
-      # config_flags raises the config file's own errors (ValueError, KeyError, ...) and
-      # its override errors (a misspelt key is an AttributeError) while parsing.
+      # A config file's own errors arrive as UserErrors (_report_config_file_errors);
+      # config_flags raises its override errors (a misspelt key is an AttributeError).
       cause = e.__cause__ if isinstance(e, flags.Error) and e.__cause__ else e
-      if not isinstance(cause, (flags.Error, ValueError, KeyError, AttributeError, TypeError,
-                                OSError, SyntaxError, ImportError)):
+      if not isinstance(cause, (UserError, flags.Error, ValueError, KeyError, AttributeError,
+                                TypeError, OSError)):
         raise
       fail(as_user_error(cause) or ConfigError(_flag_message(cause)))
-    for name in flags.FLAGS:
-      # A config file that failed to load is only reported when first used; report it now.
-      value = flags.FLAGS[name].value
-      if type(value).__name__ == "_ErrorConfig":
-        fail(ConfigError(f"--{name}: cannot load the config file: "
-                         f"{_flag_message(vars(value)['_error'])}"))
     return rest
 
   def run_main(argv: list[str]) -> None:
@@ -198,19 +212,73 @@ def _show_flags_in_help(module: types.ModuleType) -> None:
     wrapper.__doc__ = module.__doc__
 
 
+def _report_config_file_errors() -> None:
+  """Makes every config-file flag (``--config``) report whatever its file raises, while it
+  loads or in ``get_config`` (a NameError, a SyntaxError, a missing file...), as one
+  :class:`UserError`: ``--config FILE: <ErrorType>: <message>``, the original as its cause
+  (``--debug`` shows its traceback)."""
+  from absl import flags  # local: the rest of this module needs only the stdlib
+
+  def reporting(name: str, parse: Callable[[str], object]) -> Callable[[str], object]:
+    def load(argument: str) -> object:
+      path = str(argument).split(":", 1)[0]
+      try:
+        config = parse(argument)
+        # An OSError (the file missing or unreadable) is only raised when the config is
+        # first used: raise it now.
+        error = vars(config).get("_error") if type(config).__name__ == "_ErrorConfig" else None
+      except Exception as e:  # noqa: BLE001 - the config file is the user's code
+        error = e
+        # It re-raises a TypeError or ValueError as a new one whose message is the
+        # traceback: report the original.
+        if isinstance(e, (TypeError, ValueError)) and type(e.__context__) is type(e):
+          error = e.__context__
+      if error is None:
+        return config
+      if not os.path.exists(path):  # instead of its list of every path it tried
+        error = FileNotFoundError("no such file")
+      # Not a ValueError: absl would recast it as a flag error with the cause dropped.
+      raise UserError(f"--{name} {path}: {type(error).__name__}: "
+                      f"{' '.join(str(error).split())}",
+                      hint=getattr(error, "hint", "")) from error
+    return load
+
+  for name in flags.FLAGS:
+    parser = flags.FLAGS[name].parser
+    # By name, as _ErrorConfig: ml_collections does not export its class.
+    if type(parser).__name__ == "ConfigFileFlagParser":
+      parser.parse = reporting(name, parser.parse)
+
+
 def _quiet_orbax(record: logging.LogRecord) -> bool:
   """Drops Orbax's INFO chatter (dozens of lines per checkpoint save or restore) so progress
-  stays readable; its warnings and errors still show."""
-  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+  stays readable, and the tracebacks of a save that failed for the disk (full,
+  read-only...), which the checkpointer reports in one line: Orbax logs one from each of its
+  threads, asyncio one for each of its writes that failed after the first. Other warnings
+  and errors still show."""
+  if record.levelno < logging.WARNING:
+    return "/orbax/" not in record.pathname
+  error = record.exc_info[1] if record.exc_info else None
+  return not (os_error_in(error) and any(
+      "/orbax/" in frame.filename for frame in traceback.extract_tb(error.__traceback__)))
+
+
+def _quiet_closed_loop(hook: Callable[..., None]) -> Callable[..., None]:
+  """``hook`` (``sys.unraisablehook``) without the "Event loop is closed" errors of a failed
+  Orbax save: Orbax closes the event loop of a save at its first failed write, and each
+  TensorStore write still in flight then reports its completion to that loop (dozens of
+  tracebacks on a full disk); nothing waits for them any more."""
+  def quiet(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  return quiet
 
 
 def _flag_message(e: BaseException) -> str:
-  """The informative part of a flag error, on one line (config_flags embeds whole
-  tracebacks in its messages, and a misspelt key's message is the repr of a string)."""
+  """The informative part of a flag error, on one line (a misspelt key's message is the
+  repr of a string)."""
   text = str(e).strip()
-  if "Traceback (most recent call last)" in text:
-    head, tail = text.split("Traceback (most recent call last)", 1)
-    text = head.strip() + " " + tail.strip().splitlines()[-1].split(": ", 1)[-1]
   if isinstance(e, AttributeError):  # ConfigDict: "'\\'bse_lr\\'\\nDid you mean ...?'"
     try:
       text = ast.literal_eval(text)

@@ -6,6 +6,7 @@ any model runs, so that what the user sees (stderr, exit status) is what is chec
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -56,15 +57,56 @@ def _timm_state_dict(width=32, depth=2, image_size=16, patch_size=4):
 # ----------------------------------------------------------------------------- lut-analyze
 
 
-def test_truncated_pth(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_truncated_pth(tmp_path, zip_format):
   torch = _torch()
   full = tmp_path / "full.pth"
-  torch.save(convert.torch_tensors(_timm_state_dict()), full)
+  torch.save(convert.torch_tensors(_timm_state_dict()), full,
+             _use_new_zipfile_serialization=zip_format)
   data = full.read_bytes()
   (tmp_path / "x.pth").write_bytes(data[:len(data) // 2])
   line = _error_line(ANALYZE, _run(ANALYZE, "--checkpoint", "x.pth", "--out", "out",
                                    cwd=tmp_path))
   assert "x.pth: not a PyTorch checkpoint (truncated or corrupt" in line, line
+
+
+class _Payload:
+  """Unpickling it calls ``function(*args)``: what a malicious checkpoint does."""
+
+  def __init__(self, function, *args):
+    self.call = (function, args)
+
+  def __reduce__(self):
+    return self.call
+
+
+@pytest.mark.parametrize("writer,payload,named", [
+    ("torch.save", "open", "io.open"),  # a GLOBAL outside the allow-list
+    ("torch.save", "os.system", f"{os.name}.system"),  # a module torch blocks outright
+    # torch's legacy (non-zip) format: refused at the first unsafe GLOBAL, the tensors'
+    ("pickle protocol 2", "open", "torch.storage._load_from_bytes"),
+    # pickle's default protocol, which torch's reader stops at before any GLOBAL
+    ("pickle.dump", "os.system", f"{os.name}.system"),
+])
+def test_pth_with_a_pickled_payload_is_refused_without_running_it(tmp_path, writer, payload,
+                                                                  named):
+  torch = _torch()
+  touched = tmp_path / "touched"
+  call = ((open, str(touched), "w") if payload == "open" else
+          (os.system, f"touch {touched}"))
+  checkpoint = {"model": convert.torch_tensors(_timm_state_dict()), "x": _Payload(*call)}
+  with open(tmp_path / "x.pth", "wb") as f:
+    if writer == "torch.save":
+      torch.save(checkpoint, f)
+    else:
+      pickle.dump(checkpoint, f, **({"protocol": 2} if writer.endswith("2") else {}))
+  line = _error_line(ANALYZE, _run(ANALYZE, "--checkpoint", "x.pth", "--out", "out",
+                                   cwd=tmp_path))
+  assert not touched.exists()
+  assert (f"x.pth: holds Python objects that are not plain tensors (e.g. {named}); they "
+          "will not be unpickled") in line, line
+  # No advice to lower the protection (torch's own message suggests weights_only=False).
+  assert "weights_only" not in line and "safe_globals" not in line, line
 
 
 def test_text_file_named_pth(tmp_path):

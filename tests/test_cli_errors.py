@@ -8,6 +8,8 @@ and nothing written where the input was refused early.
 import json
 import os
 import pathlib
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,6 +81,46 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert "no_such_file.py" in _error_line(result)
 
 
+# Config files that fail to load: what each one raises, as the one line names it.
+_BROKEN_CONFIGS = {
+    "raises": ("def get_config(arg=None):\n  raise RuntimeError('no preset for this host')\n",
+               "RuntimeError: no preset for this host"),
+    "name_error": ("def get_config(arg=None):\n  return undefined_name\n",
+                   "NameError: name 'undefined_name' is not defined"),
+    "value_error": ("def get_config(arg=None):\n  raise ValueError('bad preset')\n",
+                    "ValueError: bad preset"),
+    "syntax_error": ("def get_config(:\n  pass\n", "SyntaxError: invalid syntax"),
+    "import_error": ("import no_such_module_xyz\n", "ModuleNotFoundError: No module named "
+                     "'no_such_module_xyz'"),
+    "missing": (None, "FileNotFoundError: no such file"),
+}
+
+
+@pytest.mark.parametrize("module,prog,kind", [
+    *[("lut_jax.main", "lut_jax", kind) for kind in sorted(_BROKEN_CONFIGS)],
+    ("lut_jax.eval_main", "lut-eval", "name_error"),
+    ("lut_jax.eval_main", "lut-eval", "missing"),
+])
+def test_a_config_file_that_fails_to_load_is_one_line(tmp_path, module, prog, kind):
+  source, expected = _BROKEN_CONFIGS[kind]
+  config = tmp_path / "my_config.py"
+  if source is not None:
+    config.write_text(source)
+  result = _run(module, f"--config={config}:arg", f"--workdir={tmp_path / 'run'}")
+  line = _error_line(result, prog)
+  assert line.startswith(f"{prog}: error: --config {config}: {expected}"), line
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_config_file_keeps_its_traceback_with_debug(tmp_path):
+  config = tmp_path / "my_config.py"
+  config.write_text(_BROKEN_CONFIGS["name_error"][0])
+  result = _run("lut_jax.main", f"--config={config}", f"--workdir={tmp_path}", "--debug")
+  assert result.returncode == 2
+  assert f'File "{config}", line 2, in get_config' in result.stderr  # the user's own line
+  assert result.stderr.strip().splitlines()[-1].startswith(f"lut_jax: error: --config {config}")
+
+
 @pytest.mark.parametrize("flag", ["--num_processes=2", "--process_id=1"])
 def test_process_flags_without_a_coordinator_are_refused(tmp_path, flag):
   # Ignored, they would have each of N launched copies train alone on all the data.
@@ -124,6 +166,54 @@ def test_workdir_in_use_by_a_live_run(tmp_path):
   finally:
     other.kill()
     other.wait()
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+  """``mount(size)``: a fresh tmpfs of that size (e.g. ``"2600k"``); skips the test where
+  mounting is not allowed (not root, a container without the capability)."""
+  mounted = []
+
+  def mount(size):
+    path = tmp_path / f"fs{len(mounted)}"
+    path.mkdir()
+    if shutil.which("mount") is None:
+      pytest.skip("no mount command")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                            capture_output=True, text=True, check=False)
+    if result.returncode:
+      pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    mounted.append(path)
+    return path
+
+  yield mount
+  for path in mounted:
+    subprocess.run(["umount", path], check=False)
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes(small_file_system):
+  # The reproduction: a file system that holds two checkpoint steps of this model (1.1 MB
+  # each) but not a third.
+  fs = small_file_system("2600k")
+  workdir = fs / "run"
+  result = _pretrain(workdir, timeout=600)
+  line = _error_line(result)
+  # Not one of the errors Orbax logs from each of its threads (TensorFlow may still warn
+  # that it could not flush the TensorBoard events file).
+  assert "RESOURCE_EXHAUSTED: Error writing" not in result.stderr, result.stderr[-3000:]
+  found = re.search(rf"saving checkpoint step (\d+) in {workdir}/checkpoints failed: no space "
+                    r"left on device \((\d+\.\d) MB free\).* last saved step \((\d+)\)", line)
+  assert found, line
+  failed, last_good = int(found.group(1)), int(found.group(3))
+  assert failed == last_good + 1 and last_good >= 1
+  names = os.listdir(workdir / "checkpoints")
+  assert sorted(names) == [str(s) for s in range(1, last_good + 1)], names  # no partial save
+
+  subprocess.run(["mount", "-o", "remount,size=64m", fs], check=True)  # space freed
+  result = _pretrain(workdir, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resuming from {workdir}/checkpoints step {last_good}" in result.stderr
+  assert "4" in os.listdir(workdir / "checkpoints")
 
 
 def test_diverging_run_stops_with_one_line_and_keeps_good_checkpoints(tmp_path):

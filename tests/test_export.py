@@ -4,6 +4,7 @@ import functools
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -342,3 +343,57 @@ def test_hub_push_uploads_the_timm_folder_that_hf_hub_reads_back(tmp_path, monke
   _assert_bit_exact(jax.device_get(state.params["encoder"]), loaded.params)
   with pytest.raises(errors.UserError, match="no timm folder"):
     export.push_to_hub(written["encoder"] + "/params", "org/tiny")
+
+
+def test_hub_push_without_network_is_one_line_and_keeps_the_local_export(tmp_path):
+  """``lut-export --hub_repo`` where the Hub cannot be reached: the local export is written
+  and printed, then one line names the failed upload and where the export is; status 2."""
+  pytest.importorskip("huggingface_hub")
+  workdir = str(tmp_path / "run")
+  make_pretraining_workdir(workdir)
+  out = str(tmp_path / "enc")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "HF_TOKEN": "hf_test"}
+  for name in ("HF_HUB_OFFLINE", "LUT_JAX_DEBUG"):
+    env.pop(name, None)
+  with socket.socket() as hub:  # bound, never listening: every connection is refused
+    hub.bind(("127.0.0.1", 0))
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{hub.getsockname()[1]}"
+    result = subprocess.run(
+        [sys.executable, "-m", "lut_jax.evaluation.export", f"--workdir={workdir}",
+         f"--out={out}", "--hub_repo=org/tiny"], capture_output=True, text=True, env=env,
+        cwd=REPO, check=False, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("lut-export: error: uploading to the Hugging Face Hub (org/tiny) "
+                         "failed: the Hub is unreachable"), line
+  assert f"the local export is complete in {out}" in line, line
+  assert f"timm: {out}/model.safetensors" in result.stdout
+  assert sorted(os.listdir(out)) == ["config.json", "encoder_config.json",
+                                     "model.safetensors", "params"]
+
+
+def test_hub_push_failures_of_the_network_are_user_errors_and_bugs_are_not(tmp_path,
+                                                                           monkeypatch):
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+  requests = pytest.importorskip("requests")
+  for name in ("model.safetensors", "config.json"):
+    (tmp_path / name).write_text("{}")
+  failure = []
+
+  class FailingApi:
+    def create_repo(self, repo_id, **_):
+      del repo_id
+
+    def upload_folder(self, **_):
+      raise failure[0]
+
+  monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
+  failure[:] = [requests.exceptions.ConnectionError("Max retries exceeded")]
+  with pytest.raises(errors.UserError, match=r"\(org/tiny\) failed: the Hub is unreachable .*"
+                                             r"ConnectionError: Max retries exceeded; the "
+                                             f"local export is complete in {tmp_path}"):
+    export.push_to_hub(str(tmp_path), "org/tiny")
+  failure[:] = [KeyError("a bug")]
+  with pytest.raises(KeyError):
+    export.push_to_hub(str(tmp_path), "org/tiny")

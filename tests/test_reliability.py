@@ -3,8 +3,12 @@ changed config on resume, a full disk. Each test failed before its fix."""
 
 import errno
 import json
+import logging
 import os
+import re
 import shutil
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -238,6 +242,89 @@ def test_a_failed_save_is_one_error_naming_the_step_and_leaves_no_temp_dir(tmp_p
     ckpt.save(5, {"a": np.ones(2)})
   assert not tmp_dir.exists()
   ckpt.close()
+
+
+# How a full disk reaches an Orbax save: TensorStore's status error (a ValueError, as seen on
+# a full tmpfs), or a plain OSError from a Python-side write.
+_FULL_DISK = {
+    "tensorstore": lambda path: ValueError(
+        f'RESOURCE_EXHAUSTED: Error writing local file "{path}": Failed to write 66506 '
+        "bytes to file 5: No space left on device [os_error_code='28']"),
+    "oserror": lambda path: OSError(errno.ENOSPC, "No space left on device", path),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_FULL_DISK))
+def test_a_full_disk_at_a_background_save_is_one_line_and_a_rerun_resumes(tmp_path,
+                                                                          monkeypatch, kind):
+  # Every array write of step 3 fails inside Orbax's background save, as on a full disk.
+  from orbax.checkpoint._src.serialization import serialization
+  write = serialization.async_serialize_from_host
+
+  async def full_disk(rslices, tensorstore_spec, **kwargs):
+    if "/3.orbax-checkpoint-tmp" in json.dumps(tensorstore_spec, default=str):
+      raise _FULL_DISK[kind](str(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp" / "x"))
+    return await write(rslices, tensorstore_spec, **kwargs)
+
+  monkeypatch.setattr(serialization, "async_serialize_from_host", full_disk)
+  # What the command line prints: its log filter must drop the tracebacks Orbax logs from
+  # each of its threads (and asyncio for each failed write).
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  handler.addFilter(errors._quiet_orbax)  # pylint: disable=protected-access
+  logging.getLogger().addHandler(handler)
+  config = util.tiny_config(total_steps=4, checkpoint_every_steps=1)
+  try:
+    with pytest.raises(errors.WorkdirError) as info:
+      _run(config, tmp_path)
+  finally:
+    logging.getLogger().removeHandler(handler)
+  message = str(info.value)
+  assert "\n" not in message
+  assert re.fullmatch(r"saving checkpoint step 3 in \S+ failed: no space left on device.*"
+                      r" \(\d+\.\d MB free\)", message), message
+  assert f"in {tmp_path / 'checkpoints'} failed" in message
+  assert "last saved step (2)" in info.value.hint
+  assert not [r for r in records if r.exc_info or "RESOURCE_EXHAUSTED" in r.getMessage()]
+  assert not list((tmp_path / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+  assert sorted(_raw_steps(tmp_path)) == [1, 2]
+  for step in (1, 2):  # intact: their manifests verify
+    checkpointing.verify_checksums(checkpointing.absolute(tmp_path / "checkpoints" / str(step)))
+
+  monkeypatch.undo()  # space freed: the same command resumes from step 2
+  starts = []
+  data_fn = util.synthetic_data_fn(config.input.batch_size)
+  state = train.pretrain(config, str(tmp_path), data_fn=lambda s: starts.append(s) or data_fn(s))
+  assert starts == [2] and int(state.step) == 4
+  assert sorted(_raw_steps(tmp_path)) == [2, 3, 4]
+
+
+def test_writes_completing_after_a_failed_save_are_not_reported(monkeypatch):
+  # Orbax closes a save's event loop at its first failed write; a TensorStore write still in
+  # flight then completes into the closed loop, which Python reports as unraisable.
+  import asyncio
+  import tensorstore as ts
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook",
+                      errors._quiet_closed_loop(reported.append))  # pylint: disable=protected-access
+  promise, write = ts.Promise.new()
+
+  async def wait_for_write():
+    await write
+
+  async def save():
+    asyncio.ensure_future(wait_for_write())
+    await asyncio.sleep(0.01)
+
+  loop = asyncio.new_event_loop()
+  loop.set_exception_handler(lambda *_: None)  # not "Task was destroyed but it is pending"
+  loop.run_until_complete(save())
+  loop.close()
+  promise.set_result(None)  # the write completes
+  assert not reported
+  sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("other")))  # still shown
+  assert len(reported) == 1
 
 
 def test_evaluation_refuses_a_damaged_checkpoint_step(tmp_path):

@@ -173,11 +173,19 @@ def read_torch_checkpoint(path: str) -> Any:
         return torch.load(source(), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     reason = _weights_only_reason(e)
-    if reason.startswith("Unsupported global"):
+    # Any object the file pickles (a class, a function to call: what a payload needs) is
+    # first named by a GLOBAL, which the weights-only reader refuses.
+    unpicklable = re.search(r"\bGLOBAL (\S+)", reason)
+    name = unpicklable.group(1) if unpicklable else None
+    if reason.startswith("Unsupported operand"):  # it stopped before any GLOBAL
+      name = _pickled_global(epath.Path(path).read_bytes() if data is None else data)
+    if name:
       raise errors.DataError(
-          f"{path}: torch.load(weights_only=True) refuses to unpickle it ({reason}): it "
-          "holds Python objects besides tensors, containers and argparse.Namespace",
-          hint="save the weights alone, e.g. torch.save(model.state_dict(), path)") from e
+          f"{path}: holds Python objects that are not plain tensors (e.g. "
+          f"{name}); they will not be unpickled: only tensors, containers "
+          "and argparse.Namespace are read",
+          hint="if you made the file, save the weights alone, e.g. "
+               "torch.save(model.state_dict(), path)") from e
     raise _not_a_checkpoint(path, reason) from e
   except OSError as e:
     if errors.as_user_error(e) is not None:  # missing, unreadable: the OS says which
@@ -232,13 +240,37 @@ def _first_line(e: BaseException) -> str:
 
 
 def _weights_only_reason(e: BaseException) -> str:
-  """The one line of torch's long weights-only failure message that says what failed."""
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  for i, line in enumerate(lines):
-    if "WeightsUnpickler error:" in line:
-      rest = line.split("WeightsUnpickler error:", 1)[1].strip()
-      return rest or (lines[i + 1] if i + 1 < len(lines) else _first_line(e))
-  return _first_line(e)
+  """The line of torch's long weights-only failure message that says what failed, without
+  the advice around it (to rerun with ``weights_only=False`` or to allow the object: never
+  for a file of unknown origin)."""
+  for line in str(e).splitlines():
+    line = line.strip().removeprefix("Weights only load failed.").strip()
+    line = line.removeprefix("WeightsUnpickler error:").strip()
+    if line and not re.search(r"weights_only|trust the source", line):
+      return line.split(" Please use `torch.serialization.add_safe_globals", 1)[0]
+  return type(e).__name__
+
+
+def _pickled_global(data: bytes) -> Optional[str]:
+  """A class or function a plain pickle (``pickle.dump``'s default protocol, which the
+  weights-only reader stops at) names, read without running it: the first outside torch
+  and collections (the tensor rebuilders and OrderedDict any pickled tensor names) if any;
+  None if it names none."""
+  import pickletools  # local: only this error path needs it
+
+  names, strings = [], []
+  try:
+    for opcode, arg, _ in pickletools.genops(data):
+      if opcode.name in ("GLOBAL", "INST"):
+        names.append(arg.replace(" ", "."))
+      elif opcode.name == "STACK_GLOBAL":  # module and name were pushed just before
+        names.append(".".join(strings[-2:]))
+      elif isinstance(arg, str):
+        strings.append(arg)
+  except ValueError:  # not a pickle, or cut short: what was read still counts
+    pass
+  return next((n for n in names if not n.startswith(("torch.", "collections."))),
+              names[0] if names else None)
 
 
 def _not_a_checkpoint(path: str, reason: str) -> errors.DataError:

@@ -198,11 +198,34 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool = True) -> str:
     raise errors.UserError(f"{folder}: no timm folder ({' + '.join(names)}) to upload",
                            hint="export with --timm=safetensors")
   api = huggingface_hub.HfApi()
-  api.create_repo(repo_id, private=private, exist_ok=True)
-  # Only the timm files: the Orbax copy beside them is for lut_jax, not for the Hub.
-  api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(names),
-                    commit_message="Upload a lut_jax encoder (timm VisionTransformer)")
+  try:
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    # Only the timm files: the Orbax copy beside them is for lut_jax, not for the Hub.
+    api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(names),
+                      commit_message="Upload a lut_jax encoder (timm VisionTransformer)")
+  except Exception as e:  # noqa: BLE001 - the network's or the Hub's failure, else re-raised
+    reason = _hub_failure(e)
+    if reason is None:
+      raise
+    raise errors.UserError(
+        f"uploading to the Hugging Face Hub ({repo_id}) failed: {reason}; the local export "
+        f"is complete in {folder}",
+        hint="rerun the same command once that is fixed: it exports again, then uploads"
+        ) from e
   return checkpointing.HF_HUB_PREFIX + repo_id
+
+
+def _hub_failure(e: BaseException) -> Optional[str]:
+  """Why the Hub client failed, in one line, when the network or the Hub is to blame: no
+  connection (requests' and httpx's errors, known by name: both clients are optional), or
+  the Hub's answer (``HfHubHTTPError`` and the missing token are ``OSError``, a bad repo id
+  a ``ValueError``). None for anything else (a bug)."""
+  names = {cls.__name__ for cls in type(e).__mro__}
+  if names & {"ConnectionError", "TransportError", "Timeout", "TimeoutError"}:
+    return f"the Hub is unreachable (no network?): {type(e).__name__}: {e}"
+  if isinstance(e, (OSError, ValueError)):
+    return f"{type(e).__name__}: {e}"
+  return None
 
 
 def check_source(path: str) -> Optional[str]:
@@ -269,11 +292,11 @@ def main(argv: list[str]) -> None:
                              f"--timm=safetensors, not {flag_values.timm!r}")
   written = export(flag_values.workdir, flag_values.out, step=step,
                    timm_format=flag_values.timm)
-  if flag_values.hub_repo:
-    written["hub"] = push_to_hub(os.path.dirname(written["timm"]), flag_values.hub_repo,
-                                 private=not flag_values.hub_public)
-  for kind, where in written.items():
+  for kind, where in written.items():  # before the upload, which may fail
     print(f"{kind}: {where}")
+  if flag_values.hub_repo:
+    print("hub: " + push_to_hub(os.path.dirname(written["timm"]), flag_values.hub_repo,
+                                private=not flag_values.hub_public))
 
 
 def _define_flags() -> None:
