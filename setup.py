@@ -75,8 +75,8 @@ setuptools.setup(
     package_dir={"lut_jax.configs": "configs"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["lut-pretrain=lut_jax.main:run",
-                                      "lut-eval=lut_jax.eval_main:run",
-                                      "lut-analyze=lut_jax.analyze:run",
-                                      "lut-export=lut_jax.evaluation.export:run"]},
+    entry_points={"console_scripts": ["lut-pretrain=lut_jax.cli.pretrain:run",
+                                      "lut-eval=lut_jax.cli.evaluate:run",
+                                      "lut-analyze=lut_jax.cli.analyze:run",
+                                      "lut-export=lut_jax.weights.export:run"]},
 )

@@ -1,7 +1,7 @@
 r"""The embedded default: LUT on Fashion-MNIST with a tiny ViT, sized for a laptop CPU.
 
-  python -m lut_jax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
-  python -m lut_jax.main --config=configs/fashion_mnist.py:method=mae --workdir=runs/fmnist_mae
+  python -m lut_jax.cli.pretrain --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
+  python -m lut_jax.cli.pretrain --config=configs/fashion_mnist.py:method=mae --workdir=runs/fmnist_mae
 
 Fashion-MNIST is 28x28 grey; images are replicated to 3 channels (``input.channels``) so
 the colour recipe of view 2 applies unchanged. Patch 4 gives 7x7 = 49 patches, 12 visible

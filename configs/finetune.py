@@ -1,10 +1,10 @@
 r"""End-to-end fine-tuning, MAE's recipe (global-average-pool head, layer-wise lr decay).
 
-  python -m lut_jax.eval_main --config=configs/finetune.py --workdir=runs/fmnist_ft \
+  python -m lut_jax.cli.evaluate --config=configs/finetune.py --workdir=runs/fmnist_ft \
       --config.pretrained=runs/fashion_mnist
-  python -m lut_jax.eval_main --config=configs/finetune.py:dataset=imagenet \
+  python -m lut_jax.cli.evaluate --config=configs/finetune.py:dataset=imagenet \
       --workdir=DIR --config.pretrained=DIR_OF_PRETRAINING
-  python -m lut_jax.eval_main --config=configs/finetune.py:dataset=cub \
+  python -m lut_jax.cli.evaluate --config=configs/finetune.py:dataset=cub \
       --workdir=DIR --config.pretrained=DIR_OF_PRETRAINING --config.input.data_dir=TFDS_DIR
 
 ImageNet (ViT-B/16, the documented recipe): 100 epochs, batch 1024, AdamW (0.9, 0.999),

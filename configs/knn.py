@@ -1,12 +1,12 @@
 r"""kNN evaluation (DINO protocol: k = 20, T = 0.07, cosine on L2-normalised features).
 
-  python -m lut_jax.eval_main --config=configs/knn.py --workdir=runs/fmnist_knn \
+  python -m lut_jax.cli.evaluate --config=configs/knn.py --workdir=runs/fmnist_knn \
       --config.pretrained=runs/fashion_mnist
-  python -m lut_jax.eval_main --config=configs/knn.py:dataset=imagenet --workdir=DIR \
+  python -m lut_jax.cli.evaluate --config=configs/knn.py:dataset=imagenet --workdir=DIR \
       --config.pretrained=gs://bucket/run --config.input.data_dir=...
 
 ``pretrained`` is a pre-training work directory (its latest checkpoint's *online* encoder)
-or an exported encoder directory (``python -m lut_jax.evaluation.export``). Both feature
+or an exported encoder directory (``python -m lut_jax.weights.export``). Both feature
 kinds are evaluated: ``cls`` (the cls token after the final norm) and ``mean`` (mean of the
 patch tokens).
 """

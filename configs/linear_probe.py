@@ -1,8 +1,8 @@
 r"""Linear probe of frozen features, MAE's recipe (BatchNorm without affine + linear, LARS).
 
-  python -m lut_jax.eval_main --config=configs/linear_probe.py --workdir=runs/fmnist_lp \
+  python -m lut_jax.cli.evaluate --config=configs/linear_probe.py --workdir=runs/fmnist_lp \
       --config.pretrained=runs/fashion_mnist
-  python -m lut_jax.eval_main --config=configs/linear_probe.py:dataset=imagenet \
+  python -m lut_jax.cli.evaluate --config=configs/linear_probe.py:dataset=imagenet \
       --workdir=DIR --config.pretrained=DIR_OF_PRETRAINING
 
 ImageNet: the documented recipe (90 epochs, batch 16384, LARS, base lr 0.1 -> peak

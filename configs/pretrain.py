@@ -1,7 +1,7 @@
 r"""LUT / MAE pre-training on ImageNet-1K, the documented recipe.
 
-  python -m lut_jax.main --config=configs/pretrain.py:variant=B/16 --workdir=DIR
-  python -m lut_jax.main --config=configs/pretrain.py:variant=L/16,method=mae --workdir=DIR
+  python -m lut_jax.cli.pretrain --config=configs/pretrain.py:variant=B/16 --workdir=DIR
+  python -m lut_jax.cli.pretrain --config=configs/pretrain.py:variant=L/16,method=mae --workdir=DIR
 
 Arguments after the colon: ``variant`` (S/16, B/16, L/16, H/14, ...), ``method``
 (``lut`` or ``mae``; ``mae`` is the baseline: no second view, no teacher, ``w_bc = 0``).

@@ -1,8 +1,8 @@
 r"""Robustness of a fine-tuned ImageNet classifier: ImageNet-V2, -A, -R, -Sketch and -C.
 
-  python -m lut_jax.eval_main --config=configs/robustness.py --workdir=DIR \
+  python -m lut_jax.cli.evaluate --config=configs/robustness.py --workdir=DIR \
       --config.finetuned=DIR_OF_IMAGENET_FINETUNING --config.input.data_dir=TFDS_DIR
-  python -m lut_jax.eval_main --config=configs/robustness.py --workdir=DIR \
+  python -m lut_jax.cli.evaluate --config=configs/robustness.py --workdir=DIR \
       --config.finetuned=FT_DIR --config.sets=imagenet_a,imagenet_r \
       --config.robustness.imagenet_a.dataset=folder:/data/imagenet-a
 

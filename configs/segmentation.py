@@ -1,8 +1,8 @@
 r"""Semantic-segmentation fine-tuning: UperNet on the pre-trained ViT (BEiT's protocol).
 
-  python -m lut_jax.eval_main --config=configs/segmentation.py --workdir=runs/fmnist_seg \
+  python -m lut_jax.cli.evaluate --config=configs/segmentation.py --workdir=runs/fmnist_seg \
       --config.pretrained=runs/fashion_mnist
-  python -m lut_jax.eval_main --config=configs/segmentation.py:dataset=ade20k \
+  python -m lut_jax.cli.evaluate --config=configs/segmentation.py:dataset=ade20k \
       --workdir=DIR --config.pretrained=DIR_OF_PRETRAINING \
       --config.input.folder=/data/ADEChallengeData2016
 
@@ -10,7 +10,7 @@ Presets (``:dataset=...``):
 
 * ``fashion_seg`` (default): a Fashion-MNIST item on a textured background, 28-px grey
   images, 11 classes (background + the item's), generated in memory
-  (lut_jax/evaluation/segmentation_synthetic.py); 600 steps of batch 16, about three
+  (lut_jax/data/segmentation_synthetic.py); 600 steps of batch 16, about three
   minutes on a 2-core CPU. Every value here is our choice, scaled down from the ADE20K
   recipe.
 * ``ade20k``: the published recipe for MAE's ViT-B (mmsegmentation's
@@ -27,7 +27,7 @@ Presets (``:dataset=...``):
   sweep ``segmentation.lr`` for other encoders.
 * ``scene_parse150``: the same recipe on tfds's ``scene_parse150`` (its annotations are
   the 100-category instance masks, not the 150-class benchmark:
-  lut_jax/evaluation/segmentation_data.py).
+  lut_jax/data/segmentation_data.py).
 * ``folder``: the ADE20K recipe on any folder in the same layout
   (``--config.input.folder`` and ``--config.num_classes`` required).
 """

@@ -141,7 +141,7 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
 
   c.input = ml_collections.ConfigDict()
   # "tfdata": tf.data on the host (any size of data set; needs TensorFlow). "device": the
-  # split in accelerator memory, views made on the device (lut_jax/device_input.py;
+  # split in accelerator memory, views made on the device (lut_jax/data/device_input.py;
   # Fashion-MNIST-sized data; no TensorFlow).
   c.input.backend = "tfdata"
   c.input.dataset = "imagenet2012"  # any tfds image dataset, or "folder:/path/to/images"
@@ -153,7 +153,7 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.input.shuffle_buffer = 10_000
   c.input.prefetch = 2
   c.input.num_parallel_calls = -1  # tf.data.AUTOTUNE
-  # View 2's colour ops and the normalisation on the accelerator (lut_jax/device_augment.py);
+  # View 2's colour ops and the normalisation on the accelerator (lut_jax/data/device_augment.py);
   # the host then yields uint8 crops. Same recipe, same draws; less host CPU per image.
   c.input.device_augment = False
 
@@ -206,7 +206,7 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 0.0  # 0 disables clipping
   c.optim.accum_steps = 1  # micro-batches per optimizer step
 
-  # Measurements of the encoder during the run (lut_jax/monitor.py): kNN top-1 on held-out
+  # Measurements of the encoder during the run (lut_jax/pretrain/monitor.py): kNN top-1 on held-out
   # images and the BC branch's collapse indicators. Reads its splits through the device
   # input path's loader, so only data sets that path reads.
   c.monitor = ml_collections.ConfigDict()
@@ -238,7 +238,10 @@ DTYPES = ("float32", "bfloat16")
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a pre-training config; raises :class:`ConfigError` naming the bad field."""
   # local: avoid importing jax for plain config files
-  from lut_jax import device_input, masking, models, optim
+  from lut_jax.data import device_input
+  from lut_jax.pretrain import masking
+  from lut_jax.models import vit
+  from lut_jax.runtime import optim
 
   def fail(msg, hint=""):
     raise ConfigError(msg, hint)
@@ -306,7 +309,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(f"ema.momentum must be in [0, 1], got {config.ema.momentum}")
   try:
     # Checked without building the model: build.build_training builds it, once.
-    spec = models.check_model_config(config.model, image_size=config.input.image_size,
+    spec = vit.check_model_config(config.model, image_size=config.input.image_size,
                                      dtype=config.dtype)
     masking.check_mask_ratio(config.loss.mask_ratio,
                              (config.input.image_size // spec.patch_size) ** 2,

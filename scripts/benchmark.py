@@ -6,13 +6,13 @@ r"""Throughput of the compiled LUT / MAE train step on synthetic, device-residen
       --framework=both          # ours and the PyTorch reference step, and their ratio
 
 What is timed is the real step: the state, shardings and ``jax.jit`` (donated state) are
-built by :func:`lut_jax.build.build_training`, the function the training loop uses (it is
+built by :func:`lut_jax.pretrain.build.build_training`, the function the training loop uses (it is
 TensorFlow-free, so this runs on the GPU machine, which lacks TensorFlow). One synthetic batch
 is created on the device once; the loop only dispatches steps and blocks once at the end
 of each timed window, so no host synchronisation sits inside it. Compilation is timed
 separately (lower + compile), then ``--warmup`` steps run untimed.
 
-Reported per method: images/s, ms/step, analytic model TFLOP/s (``lut_jax.flops``), MFU
+Reported per method: images/s, ms/step, analytic model TFLOP/s (``lut_jax.models.flops``), MFU
 against the chip's dense peak (table below) and against a measured matmul of the same
 dtype, XLA's cost-analysis FLOPs and the StableHLO matmul FLOPs as cross-checks, peak
 device memory, and the versions. Needs only jax, flax, optax, orbax-checkpoint and
@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))  # bench_common
 import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top
-from lut_jax import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
+from lut_jax.runtime import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Dense peak FLOP/s per chip, from the vendors' data sheets: (device-kind substring, dtype).
 # float32 on NVIDIA means TF32 tensor cores (JAX's default matmul precision on GPU).
@@ -124,7 +124,8 @@ def synthetic_batch(config, mesh, key) -> dict[str, Any]:
   """Normalised-image-like N(0, 1) views, generated on the devices, already sharded."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from lut_jax import config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from lut_jax.runtime import sharding
 
   shape = (config.input.batch_size, config.input.image_size, config.input.image_size,
            config.input.channels)
@@ -269,7 +270,9 @@ def prepare(args: argparse.Namespace, method: str, batch: int, *, warmup: int,
   """Builds and compiles one configuration and runs its warmup; returns its record (so far)
   and its :class:`Stepper`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from lut_jax import build, flops, sharding, train_step  # pylint: disable=g-import-not-at-top
+  from lut_jax.pretrain import build, train_step  # pylint: disable=g-import-not-at-top
+  from lut_jax.models import flops
+  from lut_jax.runtime import sharding
 
   config = make_config(args, method, batch, extra)
   mesh = sharding.create_mesh(config.mesh.fsdp)

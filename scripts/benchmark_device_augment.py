@@ -45,7 +45,7 @@ HBM_TB_S = 3.35  # H100 SXM HBM3 bandwidth, for the memory-bound estimate of fin
 def run_pipeline_row(mode: str, folder: str, batch: int, seconds: float) -> dict:
   """One pipeline row in this (child) process."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   # config.input's fields (lut_jax/config_lib.py) plus the device_augment switch.
   config = ml_collections.ConfigDict(dict(
@@ -66,7 +66,7 @@ def run_device_row(batch: int, iters: int, size: int = 224) -> dict:
   """Times jitted ``finish_batch`` on a uint8 batch on the default JAX backend."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from lut_jax import device_augment  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import device_augment  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   # The ops have no data-dependent control flow (vmapped switches compute every branch), so

@@ -29,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common
 
 import bench_common  # noqa: E402
-from lut_jax import build, config_lib, host_memory, sharding, train, train_step  # noqa: E402
+from lut_jax import config_lib  # noqa: E402
+from lut_jax.pretrain import build, train, train_step
+from lut_jax.runtime import host_memory, sharding
 
 
 def load_config(spec: str, batch_size: int, overrides=()):

@@ -97,10 +97,10 @@ def run_row(row: str, folder: str, batch: int, seconds: float) -> dict:
   """Runs one row in this process (the child); returns its measurement."""
   sys.path.insert(0, str(ROOT))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from lut_jax import augment  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import augment  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from lut_jax import datasets  # pylint: disable=g-import-not-at-top
-  from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   # The fields of config.input (lut_jax/config_lib.py) that the pipeline reads.
   config = ml_collections.ConfigDict(dict(

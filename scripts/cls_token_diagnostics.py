@@ -30,9 +30,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from lut_jax import models  # noqa: E402  pylint: disable=g-import-not-at-top
-from lut_jax.analysis import attention_distance, loading  # noqa: E402  pylint: disable=g-import-not-at-top
-from lut_jax.analysis import images as images_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from lut_jax.analysis import (attention_distance, images as images_lib)  # noqa: E402  pylint: disable=g-import-not-at-top
+from lut_jax.models import vit
+from lut_jax.weights import loading
 
 
 def diagnose(path: str, raw_images: list[np.ndarray], batch_size: int = 128) -> dict:
@@ -46,7 +46,7 @@ def diagnose(path: str, raw_images: list[np.ndarray], batch_size: int = 128) -> 
     to_cls = to_cls + probs[:, :, :, 1:, 0].mean(axis=(2, 3)).sum(axis=1)  # (blocks,)
     self_cls = self_cls + probs[:, :, :, 0, 0].mean(axis=2).sum(axis=1)
     out = tokens(m.encoder_params, chunk)
-    cls, mean = np.asarray(out[:n, 0]), np.asarray(models.mean_patch_token(out[:n]))
+    cls, mean = np.asarray(out[:n, 0]), np.asarray(vit.mean_patch_token(out[:n]))
     cosines.append((cls * mean).sum(-1) / np.linalg.norm(cls, axis=-1)
                    / np.linalg.norm(mean, axis=-1))
   count = len(x)

@@ -43,9 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fashion_mnist  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import linear_probe as lp_config  # noqa: E402
-from lut_jax import (build, config_lib, device_input, errors, host_memory, monitor,  # noqa: E402
-                     sharding, train)
-from lut_jax.evaluation import features, knn, linear_probe  # noqa: E402
+from lut_jax import config_lib, errors  # noqa: E402
+from lut_jax.data import device_input
+from lut_jax.evaluation import features, knn, linear_probe
+from lut_jax.pretrain import build, monitor, train
+from lut_jax.runtime import host_memory, sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Base directory of the runs.")
 _RESULTS = flags.DEFINE_string("results", "", "Markdown file for the results section.")

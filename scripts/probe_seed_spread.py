@@ -29,8 +29,9 @@ from absl import flags  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import compare_lut_mae  # noqa: E402  pylint: disable=g-import-not-at-top
-from lut_jax import config_lib, device_input  # noqa: E402  pylint: disable=g-import-not-at-top
-from lut_jax.evaluation import features  # noqa: E402  pylint: disable=g-import-not-at-top
+from lut_jax import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from lut_jax.data import device_input
+from lut_jax.evaluation import features
 
 
 def main() -> None:

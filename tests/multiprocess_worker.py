@@ -22,7 +22,8 @@ def main(process_id: int, num_processes: int, port: int, out: str, steps: int) -
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes,
                                process_id=process_id)
   import numpy as np  # noqa: PLC0415
-  from lut_jax import build, sharding, train_step  # noqa: PLC0415
+  from lut_jax.pretrain import build, train_step  # noqa: PLC0415
+  from lut_jax.runtime import sharding
   from tests import util  # noqa: PLC0415
 
   config = util.tiny_config()

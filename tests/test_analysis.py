@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lut_jax import analyze, checkpointing, errors, models, optim, train_state
-from lut_jax.analysis import attention_distance, loading, maps, spectrum
+from lut_jax import errors
+from lut_jax.analysis import attention_distance, maps, spectrum
+from lut_jax.cli import analyze as analyze_cli
 from lut_jax.evaluation import features
+from lut_jax.models import vit
+from lut_jax.pretrain import train_state
+from lut_jax.runtime import checkpointing, optim
+from lut_jax.weights import loading
 from tests import util
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,7 +83,7 @@ def test_effective_rank(k):
 
 def _tiny_model(use_bc=True):
   model_config = util.tiny_config().model
-  return model_config, models.build_model(model_config, image_size=16, channels=3,
+  return model_config, vit.build_model(model_config, image_size=16, channels=3,
                                           use_bc=use_bc)
 
 
@@ -95,7 +100,7 @@ def test_attention_maps_and_gradcam():
     np.testing.assert_allclose(m.sum(axis=(2, 3)), 1.0, rtol=1e-5)
 
   kernel = jax.random.normal(jax.random.key(2), (32, 5))
-  logits_fn = lambda p, x: models.mean_patch_token(encoder.apply({"params": p}, x)) @ kernel  # noqa
+  logits_fn = lambda p, x: vit.mean_patch_token(encoder.apply({"params": p}, x)) @ kernel  # noqa
   cams, targets = maps.gradcam(logits_fn, params, images)
   assert cams.shape == (2, 4, 4)
   assert np.all(cams >= 0) and np.allclose(cams.max(axis=(1, 2)), 1.0)
@@ -105,8 +110,8 @@ def test_attention_maps_and_gradcam():
   # The same classifier written through the full LUTModel (the encoder as a submodule)
   # gives the same maps; a rematerialised encoder is refused with a clear message.
   def full_fn(model):
-    return lambda p, x: models.mean_patch_token(
-        model.apply({"params": p}, x, method=models.LUTModel.encode)) @ kernel
+    return lambda p, x: vit.mean_patch_token(
+        model.apply({"params": p}, x, method=vit.LUTModel.encode)) @ kernel
   cams_full, _ = maps.gradcam(full_fn(model), {"encoder": params}, images)
   np.testing.assert_allclose(cams_full, cams, atol=1e-5)
   with pytest.raises(ValueError, match="remat=False"):
@@ -180,7 +185,7 @@ def test_loading_and_cli(tmp_path, monkeypatch):
   (probe_dir / "config.json").write_text(json.dumps({"linear_probe": {"pool": "mean"}}))
 
   out = tmp_path / "out"
-  analyze.analyze(analyze.parse_args([
+  analyze_cli.analyze(analyze_cli.parse_args([
       "--checkpoint", str(lut_dir), "--checkpoint", str(mae_dir), "--checkpoint", enc_dir,
       "--labels", "LUT,MAE,Encoder", "--images", "fashion_mnist", "--num_images", "3",
       "--num_show", "2", "--probe", str(probe), "--probe", str(probe_dir), "--out", str(out)]))
@@ -212,7 +217,7 @@ def test_loading_and_cli(tmp_path, monkeypatch):
 def test_load_torch_reference_checkpoint(tmp_path):
   torch = pytest.importorskip("torch")
   import argparse  # pylint: disable=g-import-not-at-top
-  from lut_jax import convert  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import convert  # pylint: disable=g-import-not-at-top
 
   _, model = _tiny_model(use_bc=True)
   variables = train_state.init_variables(model, jax.random.key(3))
@@ -238,7 +243,7 @@ def test_load_torch_reference_checkpoint(tmp_path):
 
 
 def test_analysis_imports_neither_tensorflow_nor_torch():
-  code = ("import sys, lut_jax.analyze; "
+  code = ("import sys, lut_jax.cli.analyze; "
           "print(sorted(m for m in ('tensorflow', 'torch') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

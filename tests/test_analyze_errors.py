@@ -14,11 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from lut_jax import convert, models
+from lut_jax.models import vit
+from lut_jax.weights import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANALYZE = ("lut_jax.analyze", "lut-analyze")
-EXPORT = ("lut_jax.evaluation.export", "lut-export")
+ANALYZE = ("lut_jax.cli.analyze", "lut-analyze")
+EXPORT = ("lut_jax.weights.export", "lut-export")
 
 
 def _run(tool, *args, cwd=None):
@@ -47,7 +48,7 @@ def _torch():
 
 def _timm_state_dict(width=32, depth=2, image_size=16, patch_size=4):
   """A timm-named encoder state_dict (numpy) of a tiny ViT with the fixed pos_embed."""
-  encoder = models.Encoder(image_size, patch_size, width, depth, 2)
+  encoder = vit.Encoder(image_size, patch_size, width, depth, 2)
   params = jax.eval_shape(encoder.init, jax.random.key(0),
                           np.zeros((1, image_size, image_size, 3), np.float32))["params"]
   params = jax.tree.map(lambda s: np.full(s.shape, 0.01, s.dtype), params)
@@ -236,7 +237,7 @@ def test_unwritable_output_dir_is_a_user_error(tmp_path, monkeypatch):
   # In-process twin of the test above, for root (whom permissions do not stop): the check
   # asks os.access, which is what a read-only directory answers to.
   from lut_jax import errors  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import export  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import export  # pylint: disable=g-import-not-at-top
 
   monkeypatch.setattr(export.os, "access", lambda path, mode: False)
   with pytest.raises(errors.UserError, match="not writable"):

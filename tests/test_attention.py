@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import models, train_state
+from lut_jax.models import vit
+from lut_jax.pretrain import train_state
 from tests import util
 
 
@@ -32,7 +33,7 @@ def test_valid_length_masks_the_padding():
   q, k, v = random_qkv(7)
   noise = random_qkv(3, seed=5)
   padded = [jnp.concatenate([t, n], axis=1) for t, n in zip((q, k, v), noise)]
-  out = models.dot_product_attention(*padded, valid_length=7, implementation="xla")
+  out = vit.dot_product_attention(*padded, valid_length=7, implementation="xla")
   assert out.shape == padded[0].shape
   np.testing.assert_allclose(out[:, :7], numpy_attention(q, k, v), rtol=1e-5, atol=1e-6)
 
@@ -42,7 +43,7 @@ def test_per_call_padding_matches_numpy_and_unpadded_gradients(monkeypatch):
   monkeypatch.setattr(models, "attention_padding", lambda length, impl: length % 2)
   q, k, v = random_qkv(5, seed=1)
   weights = jax.random.normal(jax.random.key(9), q.shape)
-  padded_attention = functools.partial(models.dot_product_attention, implementation="xla")
+  padded_attention = functools.partial(vit.dot_product_attention, implementation="xla")
   np.testing.assert_allclose(padded_attention(q, k, v), numpy_attention(q, k, v),
                              rtol=1e-5, atol=1e-6)
 
@@ -66,7 +67,7 @@ def test_wrapper_pads_only_odd_cudnn_sequences(monkeypatch):
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake_attention)
   for length, impl in ((7, "cudnn"), (8, "cudnn"), (7, "xla"), (7, None)):
     q = jnp.zeros((1, length, 2, 8))
-    out = models.dot_product_attention(q, q, q, implementation=impl)
+    out = vit.dot_product_attention(q, q, q, implementation=impl)
     assert out.shape == q.shape
   assert calls == [
       (8, "cudnn", ["key_value_seq_lengths", "query_seq_lengths"]),
@@ -121,18 +122,18 @@ class _FakeDevice:
 ])
 def test_default_attention_impl(monkeypatch, platform, version, dtype, expected):
   monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(platform, version)])
-  assert models.default_attention_impl(dtype) == expected
+  assert vit.default_attention_impl(dtype) == expected
 
 
 def test_build_model_resolves_the_empty_attention_impl_on_this_machine():
   from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.model.variant = "mu/4"
-  model = models.build_model(config.model, image_size=16, channels=3, use_bc=True,
+  model = vit.build_model(config.model, image_size=16, channels=3, use_bc=True,
                              dtype=jnp.bfloat16)
   assert model.attention_impl is None  # the test machines are CPUs: XLA's attention
   config.model.attention_impl = "xla"
-  assert models.build_model(config.model, image_size=16, channels=3, use_bc=True,
+  assert vit.build_model(config.model, image_size=16, channels=3, use_bc=True,
                             dtype=jnp.bfloat16).attention_impl == "xla"
 
 
@@ -162,7 +163,7 @@ def test_head_major_attention_matches_numpy_and_jax_values_and_gradients(dtype):
   """The teacher's form of XLA attention: numpy's values, and where it is differentiated
   anyway (it is only a speed choice), ``jax.nn.dot_product_attention``'s gradients."""
   q, k, v = (t.astype(dtype) for t in random_qkv(7, seed=3))
-  got = models.head_major_attention(q, k, v)
+  got = vit.head_major_attention(q, k, v)
   assert got.shape == q.shape and got.dtype == dtype
   want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
   if dtype == jnp.float32:
@@ -172,7 +173,7 @@ def test_head_major_attention_matches_numpy_and_jax_values_and_gradients(dtype):
     return
   weights = jax.random.normal(jax.random.key(9), q.shape)
   grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
-           for f in (models.head_major_attention, jax.nn.dot_product_attention)]
+           for f in (vit.head_major_attention, jax.nn.dot_product_attention)]
   for g, w in zip(*grads):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
@@ -181,7 +182,7 @@ def test_only_forward_only_calls_take_the_head_major_form(monkeypatch):
   """The teacher (and feature extraction) run the head-major form, the student does not;
   the encoder computes the same function either way."""
   calls = []
-  head_major = models.head_major_attention
+  head_major = vit.head_major_attention
   monkeypatch.setattr(models, "head_major_attention",
                       lambda *a: calls.append(a[0].shape) or head_major(*a))
   model = util.tiny_model()
@@ -200,7 +201,7 @@ def test_only_forward_only_calls_take_the_head_major_form(monkeypatch):
   calls.clear()
   keep = jnp.array([[0, 5, 9, 14], [3, 4, 8, 15]])
   model.apply(variables, images, images, keep, keep, jnp.tile(jnp.arange(16), (2, 1)),
-              method=models.LUTModel.student, mutable=["batch_stats"])
+              method=vit.LUTModel.student, mutable=["batch_stats"])
   assert not calls
-  model.apply(variables, images, images, method=models.LUTModel.teacher)
+  model.apply(variables, images, images, method=vit.LUTModel.teacher)
   assert calls == [(4, 17, model.num_heads, model.width // model.num_heads)] * model.depth

@@ -1,4 +1,4 @@
-"""Tests of the two-view augmentation ops (lut_jax.augment) on real photos.
+"""Tests of the two-view augmentation ops (lut_jax.data.augment) on real photos.
 
 Photos come from scikit-image (astronaut, coffee, chelsea, camera); torchvision semantics
 are checked against numpy/scipy/skimage re-statements of its formulas (torch is not needed).
@@ -16,7 +16,7 @@ import skimage.color
 import skimage.data
 import tensorflow as tf
 
-from lut_jax import augment, image_utils
+from lut_jax.data import augment, image_utils
 
 N_DRAWS = 3000  # draws per statistical test: cheap in one batched tf.data pass
 

@@ -35,7 +35,7 @@ def _run(module, *args, timeout=300):
 
 
 def _pretrain(workdir, *extra, **kwargs):
-  return _run("lut_jax.main", "--config=configs/fashion_mnist.py:variant=mu/4",
+  return _run("lut_jax.cli.pretrain", "--config=configs/fashion_mnist.py:variant=mu/4",
               f"--workdir={workdir}", *TINY, *extra, **kwargs)
 
 
@@ -71,13 +71,13 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, args, expected):
 
 
 def test_bad_config_file_argument_is_one_line(tmp_path):
-  result = _run("lut_jax.main", "--config=configs/fashion_mnist.py:varant=mu/4",
+  result = _run("lut_jax.cli.pretrain", "--config=configs/fashion_mnist.py:varant=mu/4",
                 f"--workdir={tmp_path}")
   assert "varant=mu/4" in _error_line(result)
 
 
 def test_missing_config_file_is_one_line(tmp_path):
-  result = _run("lut_jax.main", "--config=configs/no_such_file.py", f"--workdir={tmp_path}")
+  result = _run("lut_jax.cli.pretrain", "--config=configs/no_such_file.py", f"--workdir={tmp_path}")
   assert "no_such_file.py" in _error_line(result)
 
 
@@ -97,9 +97,9 @@ _BROKEN_CONFIGS = {
 
 
 @pytest.mark.parametrize("module,prog,kind", [
-    *[("lut_jax.main", "lut_jax", kind) for kind in sorted(_BROKEN_CONFIGS)],
-    ("lut_jax.eval_main", "lut-eval", "name_error"),
-    ("lut_jax.eval_main", "lut-eval", "missing"),
+    *[("lut_jax.cli.pretrain", "lut_jax", kind) for kind in sorted(_BROKEN_CONFIGS)],
+    ("lut_jax.cli.evaluate", "lut-eval", "name_error"),
+    ("lut_jax.cli.evaluate", "lut-eval", "missing"),
 ])
 def test_a_config_file_that_fails_to_load_is_one_line(tmp_path, module, prog, kind):
   source, expected = _BROKEN_CONFIGS[kind]
@@ -115,7 +115,7 @@ def test_a_config_file_that_fails_to_load_is_one_line(tmp_path, module, prog, ki
 def test_a_broken_config_file_keeps_its_traceback_with_debug(tmp_path):
   config = tmp_path / "my_config.py"
   config.write_text(_BROKEN_CONFIGS["name_error"][0])
-  result = _run("lut_jax.main", f"--config={config}", f"--workdir={tmp_path}", "--debug")
+  result = _run("lut_jax.cli.pretrain", f"--config={config}", f"--workdir={tmp_path}", "--debug")
   assert result.returncode == 2
   assert f'File "{config}", line 2, in get_config' in result.stderr  # the user's own line
   assert result.stderr.strip().splitlines()[-1].startswith(f"lut_jax: error: --config {config}")
@@ -250,7 +250,7 @@ def test_resume_with_a_changed_optimizer_is_one_line(tmp_path):
 
 
 def test_eval_of_a_missing_pretrained_run(tmp_path):
-  result = _run("lut_jax.eval_main", "--config=configs/knn.py", f"--workdir={tmp_path / 'e'}",
+  result = _run("lut_jax.cli.evaluate", "--config=configs/knn.py", f"--workdir={tmp_path / 'e'}",
                 f"--config.pretrained={tmp_path / 'nothing_here'}")
   assert "nothing_here" in _error_line(result, "lut-eval")
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from configs import linear_probe as lp_config
-from lut_jax import idx
+from lut_jax.data import idx
 from tests import util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # first step when PREEMPT=1 (as after a SIGTERM): it saves and stops at step 1.
 _SCRIPT = textwrap.dedent("""
     import os, runpy, sys
-    from lut_jax import loop
+    from lut_jax.runtime import loop
     if os.environ.get("PREEMPT") == "1":
       enter = loop.PreemptionGuard.__enter__
       def preempted(self):

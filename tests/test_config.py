@@ -9,7 +9,8 @@ from ml_collections import config_flags
 import pytest
 
 from configs import fashion_mnist, pretrain
-from lut_jax import build, config_lib, errors
+from lut_jax import config_lib, errors
+from lut_jax.pretrain import build
 from tests import util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

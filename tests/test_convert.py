@@ -1,4 +1,4 @@
-"""Tests of lut_jax.convert: name mapping, exact round trips, error reports, timm export."""
+"""Tests of lut_jax.weights.convert: name mapping, exact round trips, error reports, timm export."""
 
 import functools
 import subprocess
@@ -9,16 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import convert
 from lut_jax import errors
-from lut_jax import models
+from lut_jax.models import vit
+from lut_jax.weights import convert
 from tests import util
 
 IMAGE, BATCH = util.IMAGE_SIZE, 2
 
 
 @functools.lru_cache(maxsize=None)
-def _init(model: models.LUTModel, seed: int = 0):
+def _init(model: vit.LUTModel, seed: int = 0):
   """Random ``(params, batch_stats)`` of ``model``'s shapes (found by abstract evaluation of
   ``init``: no compilation). Every entry is random, biases and statistics included, so a
   swapped or dropped tensor cannot go unnoticed."""
@@ -150,7 +150,7 @@ def test_encoder_only_loading():
   sd = convert.params_to_torch_state_dict(params, stats, model)
   # From a full LUT checkpoint into the LUT model's encoder, or into a bare Encoder.
   _assert_trees_equal(params["encoder"], convert.encoder_params_from_torch_state_dict(sd, model))
-  encoder = models.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
+  encoder = vit.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
   _assert_trees_equal(params["encoder"], convert.encoder_params_from_torch_state_dict(sd, encoder))
   sd = {k: v for k, v in sd.items() if k != "norm.weight"}
   sd["fc_norm.weight"] = np.ones((32,), np.float32)
@@ -190,7 +190,7 @@ def test_export_loads_strictly_into_torch_reference():
 
 
 def test_convert_does_not_import_torch():
-  code = ("import sys, lut_jax.convert; "
+  code = ("import sys, lut_jax.weights.convert; "
           "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=_repo_root(),

@@ -17,11 +17,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from lut_jax import datasets
-from lut_jax import folders
 from lut_jax import errors
-from lut_jax import idx
-from lut_jax import input_pipeline
+from lut_jax.data import datasets, folders, idx, input_pipeline
 
 # Class codes (the red channel); a class's label is its rank among the sorted folder names.
 CODES = {"birds": 10, "cats": 20, "dogs": 30, "fish": 40}
@@ -99,7 +96,7 @@ def test_every_split_of_a_folder_is_labelled_by_the_train_classes(tmp_path, back
     assert source.num_classes == 3
     _check_labels(source, ["birds", "cats", "dogs"])
   else:
-    from lut_jax import device_input  # pylint: disable=g-import-not-at-top
+    from lut_jax.data import device_input  # pylint: disable=g-import-not-at-top
     split = device_input.load_split(
         _input_config(root, split="val", backend="device", image_size=8))  # no resize
     assert sorted(split.labels.tolist()) == [0, 0, 2, 2]

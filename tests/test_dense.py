@@ -1,4 +1,4 @@
-"""``models.Dense``: ``nn.Dense``'s parameters and values, computed as one 2-D product whose
+"""``vit.Dense``: ``nn.Dense``'s parameters and values, computed as one 2-D product whose
 weight gradient XLA:CPU compiles to a plain ``x^T g`` (docs/benchmarks.md)."""
 
 import re
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import models
+from lut_jax.models import vit
 
 SHAPE = (4, 13, 24)  # (batch, tokens, width), as in the blocks
 
@@ -22,18 +22,18 @@ def _inputs():
 
 def test_parameters_and_initialisation_are_those_of_flax_dense():
   x = jnp.zeros(SHAPE)
-  ours = models.Dense(12).init(jax.random.key(1), x)
-  flax_dense = nn.Dense(12, kernel_init=models.dense_init).init(jax.random.key(1), x)
+  ours = vit.Dense(12).init(jax.random.key(1), x)
+  flax_dense = nn.Dense(12, kernel_init=vit.dense_init).init(jax.random.key(1), x)
   assert jax.tree.structure(ours) == jax.tree.structure(flax_dense)
   jax.tree.map(np.testing.assert_array_equal, ours, flax_dense)
-  no_bias = models.Dense(12, use_bias=False).init(jax.random.key(1), x)
+  no_bias = vit.Dense(12, use_bias=False).init(jax.random.key(1), x)
   assert set(no_bias["params"]) == {"kernel"}
 
 
 @pytest.mark.parametrize("parts", [1, 3])
 def test_output_and_gradients_match_numpy(parts):
   x, cotangent = _inputs()
-  dense = models.Dense(12, parts=parts)
+  dense = vit.Dense(12, parts=parts)
   params = dense.init(jax.random.key(2), x)["params"]
   params = {"kernel": params["kernel"], "bias": params["bias"] + 0.5}  # a bias that shows
 
@@ -58,7 +58,7 @@ def test_weight_gradient_compiles_to_one_plain_product_on_cpu():
   which XLA:CPU lowers with a transposed copy of ``g`` and a product of two transposed
   operands. Ours must stay one ``x^T g``: both operands contracted on their row axis."""
   x, cotangent = _inputs()
-  dense = models.Dense(12)
+  dense = vit.Dense(12)
   params = dense.init(jax.random.key(2), x)["params"]
 
   def kernel_grad(kernel, x, g):

@@ -1,4 +1,4 @@
-"""Tests of the on-device view-2 colour ops (lut_jax.device_augment) against augment.py.
+"""Tests of the on-device view-2 colour ops (lut_jax.data.device_augment) against augment.py.
 
 Each JAX op is checked against its TensorFlow counterpart on the same real photo (scikit-
 image coffee / astronaut / camera, subsampled) and the same parameters; the remaining
@@ -21,10 +21,7 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from lut_jax import augment
-from lut_jax import device_augment
-from lut_jax import image_utils
-from lut_jax import input_pipeline
+from lut_jax.data import augment, device_augment, image_utils, input_pipeline
 
 ATOL = 1e-5  # float32 reduction-order differences; see the module docstring
 N_DRAWS = 3000
@@ -281,7 +278,7 @@ def test_module_does_not_import_tensorflow():
   script = textwrap.dedent("""
       import sys
       sys.modules["tensorflow"] = None
-      import lut_jax.device_augment
+      import lut_jax.data.device_augment
       """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,

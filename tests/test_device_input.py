@@ -14,8 +14,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from lut_jax import (augment, device_input, errors, idx, image_utils, input_pipeline,
-                     sharding, train)
+from lut_jax import errors
+from lut_jax.data import augment, device_input, idx, image_utils, input_pipeline
+from lut_jax.pretrain import train
+from lut_jax.runtime import sharding
 from tests import util
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -187,7 +189,7 @@ def test_image_folders_load_like_the_tfdata_path(tmp_path):
   order, undecodable files skipped, each image resized once (shorter side, bicubic, centre
   crop) close to TensorFlow's resize of the same file; grey folders keep one channel."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from lut_jax import datasets  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   smooth = lambda h, w: np.clip(  # noqa: E731  resizing is compared on smooth images
       tf.image.resize(rng.integers(0, 256, (h // 4, w // 4, 3)).astype(np.float32), (h, w),

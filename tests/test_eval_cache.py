@@ -13,8 +13,9 @@ import pytest
 
 from configs import knn as knn_config
 from configs import linear_probe as lp_config
-from lut_jax import errors, models
+from lut_jax import errors
 from lut_jax.evaluation import eval_config, features, knn, linear_probe
+from lut_jax.models import vit
 
 IMAGE, PATCH, WIDTH, DEPTH = 16, 4, 32, 2
 ENCODER_CONFIG = {"image_size": IMAGE, "patch_size": PATCH, "width": WIDTH, "depth": DEPTH,
@@ -23,7 +24,7 @@ SIZES = {"train": 48, "test": 32}  # multiples of the batch: no padding
 
 
 def tiny_encoder(seed: int) -> features.PretrainedEncoder:
-  encoder = models.Encoder(**ENCODER_CONFIG)
+  encoder = vit.Encoder(**ENCODER_CONFIG)
   params = jax.jit(encoder.init)(jax.random.key(seed),
                                  jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
   return features.PretrainedEncoder(encoder=encoder, params=params, config=ENCODER_CONFIG,
@@ -35,7 +36,7 @@ def reads(monkeypatch):
   """Replaces the tf.data eval pipeline with a small synthetic split (a faint brightness
   offset per class: random encoders separate it, each to its own accuracy); returns the
   list of splits read, one entry per read."""
-  from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   calls = []
 
   def create_eval_dataset(input_config, split, *, batch_size, crop_pct=None, sharding=None):

@@ -13,8 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from lut_jax import checkpointing, config_lib, errors, models, train_state
-from lut_jax.evaluation import export, features
+from lut_jax import config_lib, errors
+from lut_jax.evaluation import features
+from lut_jax.models import vit
+from lut_jax.pretrain import train_state
+from lut_jax.runtime import checkpointing
+from lut_jax.weights import export
 from tests import util
 
 STEP = 5
@@ -26,7 +30,7 @@ def make_pretraining_workdir(path: str, method: str = "lut") -> train_state.Trai
   test model, without running a step. The teacher is shifted away from the online network
   so that exporting the wrong one cannot pass."""
   config = util.tiny_config(method)
-  model = models.build_model(config.model, image_size=config.input.image_size,
+  model = vit.build_model(config.model, image_size=config.input.image_size,
                              channels=config.input.channels, use_bc=method == "lut")
   init = functools.partial(train_state.create_train_state, model, optax.sgd(0.1))
   state = jax.jit(init)(jax.random.key(0))  # compiled (and cached): faster than eager
@@ -62,7 +66,7 @@ def test_export_reloads_the_online_encoder_bit_exactly(tmp_path):
   teacher = jax.device_get(state.target_params["encoder"])
   assert not np.array_equal(params["blocks_0"]["attn"]["qkv"]["kernel"],
                             teacher["blocks_0"]["attn"]["qkv"]["kernel"])
-  assert encoder == models.Encoder(**json.load(
+  assert encoder == vit.Encoder(**json.load(
       open(os.path.join(written["encoder"], checkpointing.ENCODER_CONFIG_FILE))))
   assert (encoder.image_size, encoder.width, encoder.depth) == (util.IMAGE_SIZE, 32, 2)
   # An exported directory is itself a valid `pretrained` source.
@@ -116,7 +120,7 @@ def test_a_step_the_source_cannot_give_is_refused(tmp_path):
   with pytest.raises(errors.ConfigError, match=f"names checkpoint {STEP}"):
     features.load_pretrained(step_dir, step=STEP + 1)
   # The teacher exists only in a run: asked of an export, it is refused, not replaced.
-  from lut_jax.analysis import loading  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match="which='target_params'"):
     loading.load(written["encoder"], which="target_params")
   state = make_pretraining_workdir(str(tmp_path / "run2"))
@@ -152,7 +156,7 @@ def test_timm_export_from_cli_matches_timm_vision_transformer(tmp_path):
   out = str(tmp_path / "enc")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   result = subprocess.run(
-      [sys.executable, "-m", "lut_jax.evaluation.export", f"--workdir={workdir}",
+      [sys.executable, "-m", "lut_jax.weights.export", f"--workdir={workdir}",
        f"--out={out}", "--timm=pth"], capture_output=True, text=True, env=env, cwd=REPO,
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -175,7 +179,7 @@ def test_timm_export_from_cli_matches_timm_vision_transformer(tmp_path):
 _EXPORT_WITHOUT_TORCH = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now fails
-from lut_jax.evaluation import export
+from lut_jax.weights import export
 written = export.export(sys.argv[1], sys.argv[2])
 print(written["timm"])
 """
@@ -210,7 +214,7 @@ def test_default_export_is_a_timm_folder_that_timm_loads_strictly(tmp_path):
     batch = torch.from_numpy(images).permute(0, 3, 1, 2)
     theirs, pooled = vit.forward_features(batch).numpy(), vit(batch).numpy()
   online = jax.device_get(state.params["encoder"])
-  encoder = models.Encoder(**json.load(open(os.path.join(out, "encoder_config.json"))))
+  encoder = vit.Encoder(**json.load(open(os.path.join(out, "encoder_config.json"))))
   ours = np.asarray(jax.jit(encoder.apply)({"params": online}, images))
   assert np.max(np.abs(ours - theirs)) < 1e-4
   np.testing.assert_allclose(pooled, ours[:, 0], atol=1e-4)  # forward(): the cls feature
@@ -226,7 +230,7 @@ def test_default_export_is_a_timm_folder_that_timm_loads_strictly(tmp_path):
 
 
 def test_export_of_weights_made_elsewhere_needs_an_output_directory(tmp_path):
-  encoder = models.Encoder(util.IMAGE_SIZE, 4, 32, 2, 2)
+  encoder = vit.Encoder(util.IMAGE_SIZE, 4, 32, 2, 2)
   params = jax.jit(encoder.init)(jax.random.key(0),
                                  np.zeros((1, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)))["params"]
   config = {"image_size": util.IMAGE_SIZE, "patch_size": 4, "width": 32, "depth": 2,
@@ -260,7 +264,7 @@ def memory_fs(monkeypatch):
 def test_timm_folder_round_trips_through_a_non_local_file_system(tmp_path, memory_fs):
   config = {"image_size": util.IMAGE_SIZE, "patch_size": 4, "width": 32, "depth": 2,
             "num_heads": 2, "mlp_ratio": 4.0}
-  encoder = models.Encoder(**config)
+  encoder = vit.Encoder(**config)
   params = jax.device_get(jax.jit(encoder.init)(
       jax.random.key(1), np.zeros((1, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)))["params"])
   remote = f"{memory_fs}/timm"
@@ -359,7 +363,7 @@ def test_hub_push_without_network_is_one_line_and_keeps_the_local_export(tmp_pat
     hub.bind(("127.0.0.1", 0))
     env["HF_ENDPOINT"] = f"http://127.0.0.1:{hub.getsockname()[1]}"
     result = subprocess.run(
-        [sys.executable, "-m", "lut_jax.evaluation.export", f"--workdir={workdir}",
+        [sys.executable, "-m", "lut_jax.weights.export", f"--workdir={workdir}",
          f"--out={out}", "--hub_repo=org/tiny"], capture_output=True, text=True, env=env,
         cwd=REPO, check=False, timeout=300)
   assert result.returncode == 2, result.stderr[-3000:]

@@ -16,8 +16,10 @@ import pytest
 from flax import traverse_util
 
 from configs import finetune as finetune_config
-from lut_jax import checkpointing, errors, models, optim
+from lut_jax import errors
 from lut_jax.evaluation import features, finetune
+from lut_jax.models import vit
+from lut_jax.runtime import checkpointing, optim
 
 DEPTH, WIDTH, IMAGE, PATCH = 2, 32, 16, 4
 
@@ -37,11 +39,11 @@ def tiny_params():
 
 
 def test_head_layout_and_final_norm():
-  encoder = models.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2)
+  encoder = vit.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2)
   images = np.random.default_rng(0).normal(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
   params = jax.jit(encoder.init)(jax.random.key(1), images)["params"]
   # Without the final norm, the tokens are the pre-norm tokens of the same encoder.
-  no_norm = models.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2, final_norm=False)
+  no_norm = vit.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2, final_norm=False)
   raw = no_norm.apply({"params": {k: v for k, v in params.items() if k != "norm"}}, images)
   normed = encoder.apply({"params": params}, images)
   ln = flax.linen.LayerNorm(epsilon=1e-6).apply({"params": params["norm"]}, raw)
@@ -55,7 +57,7 @@ def test_head_layout_and_final_norm():
 
 
 def test_init_params_copies_the_pretrained_encoder_and_drops_its_norm():
-  encoder = models.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2)
+  encoder = vit.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2)
   pretrained = jax.jit(encoder.init)(jax.random.key(7), jnp.zeros((1, IMAGE, IMAGE, 3)))
   pretrained = pretrained["params"]
   params = finetune.init_params(tiny_model(), jax.random.key(0), pretrained, channels=3)
@@ -65,7 +67,7 @@ def test_init_params_copies_the_pretrained_encoder_and_drops_its_norm():
   assert set(flat) - set(src) == {("pos_embed",)}  # the reference trains the position table
   for k, v in flat.items():
     np.testing.assert_array_equal(
-        v, models.sincos_pos_embed_2d(WIDTH, IMAGE // PATCH)[None] if k == ("pos_embed",)
+        v, vit.sincos_pos_embed_2d(WIDTH, IMAGE // PATCH)[None] if k == ("pos_embed",)
         else src[k])
   with pytest.raises(ValueError, match="does not fit"):
     finetune.init_params(tiny_model(width=64, num_heads=2), jax.random.key(0), pretrained, 3)
@@ -224,7 +226,7 @@ def _tiny_finetuning():
   brightness: learnable in a few steps."""
   encoder_config = {"image_size": IMAGE, "patch_size": PATCH, "width": WIDTH, "depth": DEPTH,
                     "num_heads": 2, "mlp_ratio": 4.0}
-  encoder = models.Encoder(**encoder_config)
+  encoder = vit.Encoder(**encoder_config)
   params = jax.jit(encoder.init)(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
   pretrained = features.PretrainedEncoder(encoder=encoder, params=params, config=encoder_config,
                                           channels=3, source="test")
@@ -332,7 +334,7 @@ def test_non_finite_finetuning_stops_before_saving(tmp_path):
 
 def test_train_view_ops_are_deterministic_and_shaped():
   tf = pytest.importorskip("tensorflow")
-  from lut_jax.evaluation import augment_ft  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import augment_ft  # pylint: disable=g-import-not-at-top
   image = tf.random.stateless_uniform([20, 24, 3], [1, 2])
   for op in range(len(augment_ft.RANDAUG_OPS)):
     for sign in (-1.0, 1.0):

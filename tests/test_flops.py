@@ -1,4 +1,4 @@
-"""The analytic FLOP count (lut_jax.flops) against hand arithmetic and against XLA.
+"""The analytic FLOP count (lut_jax.models.flops) against hand arithmetic and against XLA.
 
 Three levels of checking:
 * hand-computed totals for a tiny configuration (every term written out below);
@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs import pretrain
-from lut_jax import flops, models, optim, train_state, train_step
+from lut_jax.models import flops, vit
+from lut_jax.pretrain import train_state, train_step
+from lut_jax.runtime import optim
 
 
 # The tiny shape of the hand computation: 16 px images, patch 4 -> L = 16 patches, keep = 4
@@ -89,8 +91,8 @@ def test_vit_b16_numbers():
 
 
 def _tiny_step(use_bc: bool, *, width=32, decoder_width=32, hidden=64, image=16, remat=False):
-  """The real train step (lut_jax.train_step) of a tiny model, with abstract inputs."""
-  model = models.LUTModel(image_size=image, patch_size=4, width=width, depth=2, num_heads=2,
+  """The real train step (lut_jax.pretrain.train_step) of a tiny model, with abstract inputs."""
+  model = vit.LUTModel(image_size=image, patch_size=4, width=width, depth=2, num_heads=2,
                           channels=3, decoder_width=decoder_width, decoder_depth=1,
                           decoder_num_heads=2, use_bc=use_bc, head_depth=2, pred_depth=2,
                           head_hidden_dim=hidden, head_norm="batch", head_activation="relu",

@@ -1,4 +1,4 @@
-"""The command-line tools' restart with tuned malloc (lut_jax/host_memory.py)."""
+"""The command-line tools' restart with tuned malloc (lut_jax/runtime/host_memory.py)."""
 
 import importlib
 import importlib.metadata
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from lut_jax import host_memory
+from lut_jax.runtime import host_memory
 
 KEEP_MAPPED = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                "glibc.malloc.trim_threshold=1099511627776")
@@ -141,7 +141,7 @@ def test_a_process_started_without_the_tuning_is_told_how_to_get_it(monkeypatch)
 
 CHILD = textwrap.dedent("""
     import json, os, sys
-    from lut_jax import host_memory
+    from lut_jax.runtime import host_memory
     print("started", os.getpid(), flush=True)
     host_memory.restart_with_tuned_malloc()
     print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from lut_jax import device_input
+from lut_jax.data import device_input
 
 SIZE = 16  # the smallest image size: no resizing on the device path
 _RNG = np.random.default_rng(0)
@@ -130,7 +130,7 @@ def test_the_device_path_decodes_every_mode(tmp_path, case):
 @pytest.mark.parametrize("case", CASES)
 def test_the_tfdata_path_decodes_every_mode_as_the_device_path(tmp_path, case):
   tf = pytest.importorskip("tensorflow")
-  from lut_jax import augment, datasets  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import augment, datasets  # pylint: disable=g-import-not-at-top
   dataset, want, _, tolerance = _folder(tmp_path, case)
   element = datasets.get_source(dataset, "train").share(0, 1).read(tf.constant(0, tf.int64))
   # What the pipeline's views start from: augment.decode's [0, 1] floats, as grey levels.

@@ -17,11 +17,7 @@ import skimage.transform
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from lut_jax import augment
-from lut_jax import datasets
-from lut_jax import idx
-from lut_jax import image_utils
-from lut_jax import input_pipeline
+from lut_jax.data import augment, datasets, idx, image_utils, input_pipeline
 
 FMNIST_DIR = idx.FASHION_MNIST_DIR
 needs_fmnist = pytest.mark.skipif(

@@ -67,7 +67,8 @@ def test_eval_main_knn_and_linear_probe_on_a_fashion_mnist_subset(tmp_path):
   import os  # pylint: disable=g-import-not-at-top
   from configs import knn as knn_config  # pylint: disable=g-import-not-at-top
   from configs import linear_probe as lp_config  # pylint: disable=g-import-not-at-top
-  from lut_jax import datasets, eval_main  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from lut_jax.cli import evaluate as evaluate_cli
   from tests import test_export  # pylint: disable=g-import-not-at-top
   try:
     datasets.get_source("fashion_mnist", "test[:8]")
@@ -86,7 +87,7 @@ def test_eval_main_knn_and_linear_probe_on_a_fashion_mnist_subset(tmp_path):
     for key, value in overrides.items():
       config.linear_probe[key] = value
     workdir = str(tmp_path / config.mode)
-    results = eval_main.evaluate(config, workdir)
+    results = evaluate_cli.evaluate(config, workdir)
     pools = ("cls", "mean") if config.mode == "knn" else ("cls",)
     assert set(results) == {f"{p}/top{k}" for p in pools for k in (1, 5)}
     assert all(0.0 <= v <= 100.0 for v in results.values())
@@ -117,7 +118,7 @@ def test_non_finite_features_score_zero_not_hundred(where):
 
 
 def test_topk_correct_counts_an_example_with_a_non_finite_logit_as_wrong():
-  from lut_jax.evaluation import common  # pylint: disable=g-import-not-at-top
+  from lut_jax import metrics  # pylint: disable=g-import-not-at-top
   nan, inf = float("nan"), float("inf")
   logits = np.array([[3.0, 1.0, 0.0],    # right: top-1 and top-2
                      [nan, nan, nan],    # all NaN: wrong
@@ -126,5 +127,5 @@ def test_topk_correct_counts_an_example_with_a_non_finite_logit_as_wrong():
                      [1.0, 2.0, 0.0]],   # right at top-2 only
                     np.float32)
   labels = np.array([0, 1, 1, 1, 0], np.int32)
-  out = common.topk_correct(logits, labels, ks=(1, 2))
+  out = metrics.topk_correct(logits, labels, ks=(1, 2))
   assert (float(out["top1"]), float(out["top2"])) == (1.0, 2.0)

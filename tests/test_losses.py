@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import losses
+from lut_jax.pretrain import losses
 
 
 def np_patchify(images, p):

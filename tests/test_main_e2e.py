@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from lut_jax import datasets
+from lut_jax.data import datasets
 from tests import util
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ TINY = ["--config.input.batch_size=16", "--config.total_steps=6", "--config.opti
 
 
 def _command(workdir, *extra):
-  return [sys.executable, "-m", "lut_jax.main",
+  return [sys.executable, "-m", "lut_jax.cli.pretrain",
           "--config=configs/fashion_mnist.py:variant=mu/4", f"--workdir={workdir}", *TINY, *extra]
 
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from lut_jax import masking
+from lut_jax.pretrain import masking
 
 
 def test_views_are_disjoint_blocks_of_one_permutation():

@@ -5,8 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from lut_jax import build, device_input, idx, monitor, sharding
+from lut_jax.data import device_input, idx
 from lut_jax.evaluation import features
+from lut_jax.pretrain import build, monitor
+from lut_jax.runtime import sharding
 from tests import util
 
 

@@ -7,10 +7,10 @@ import textwrap
 
 from tests import util
 
-CORE_MODULES = ["lut_jax", "lut_jax.models", "lut_jax.masking", "lut_jax.losses",
-                "lut_jax.convert", "lut_jax.optim", "lut_jax.train_state", "lut_jax.train_step",
-                "lut_jax.sharding", "lut_jax.checkpointing", "lut_jax.config_lib",
-                "lut_jax.variants", "lut_jax.loop", "lut_jax.evaluation.finetune",
+CORE_MODULES = ["lut_jax", "lut_jax.models.vit", "lut_jax.pretrain.masking", "lut_jax.pretrain.losses",
+                "lut_jax.weights.convert", "lut_jax.runtime.optim", "lut_jax.pretrain.train_state", "lut_jax.pretrain.train_step",
+                "lut_jax.runtime.sharding", "lut_jax.runtime.checkpointing", "lut_jax.config_lib",
+                "lut_jax.models.variants", "lut_jax.runtime.loop", "lut_jax.evaluation.finetune",
                 "lut_jax.evaluation.linear_probe"]
 
 
@@ -25,11 +25,14 @@ def test_core_imports_and_steps_without_tensorflow(tmp_path):
       for m in {CORE_MODULES!r}:
         importlib.import_module(m)
       import jax, numpy as np
-      from lut_jax import checkpointing, config_lib, optim, train_state, train_step, models
+      from lut_jax.runtime import checkpointing, optim
+      from lut_jax import config_lib
+      from lut_jax.pretrain import train_state, train_step
+      from lut_jax.models import vit
       cfg = config_lib.base_config()
       cfg.model.update(dict(variant="mu/4", decoder_width=32, decoder_depth=1,
                             decoder_num_heads=2, head_hidden_dim=64))
-      model = models.build_model(cfg.model, image_size=16, channels=3, use_bc=True)
+      model = vit.build_model(cfg.model, image_size=16, channels=3, use_bc=True)
       lr = optim.learning_rate_schedule(peak_lr=1e-3, warmup_steps=1, total_steps=4)
       tx = optim.create_optimizer(learning_rate=lr, weight_decay=0.05)
       state = train_state.create_train_state(model, tx, jax.random.key(0))
@@ -44,7 +47,7 @@ def test_core_imports_and_steps_without_tensorflow(tmp_path):
       assert np.isfinite(float(metrics["loss"]))
       # A fine-tuning step (model, layer-decay AdamW, mixup, the non-finite metric).
       import functools
-      from lut_jax import loop
+      from lut_jax.runtime import loop
       from lut_jax.evaluation import finetune
       ft_model = finetune.FinetuneViT(num_classes=3, image_size=16, patch_size=4, width=32,
                                       depth=2, num_heads=2)
@@ -73,7 +76,7 @@ def test_pretraining_command_runs_without_tensorflow(tmp_path):
   """``lut-pretrain`` on the device input path, with TensorFlow and tfds not installed:
   trains, logs TensorBoard files through tensorboardX, runs the monitor, checkpoints, and
   restores (exact resume on this path: tests/test_device_input.py). Skipped where Fashion-MNIST's idx files are absent."""
-  from lut_jax import idx
+  from lut_jax.data import idx
   if idx.find_fashion_mnist() is None:
     import pytest
     pytest.skip("Fashion-MNIST idx files not installed")
@@ -92,7 +95,7 @@ def test_pretraining_command_runs_without_tensorflow(tmp_path):
                   "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
                   "--config.model.head_hidden_dim=64"]
       try:
-        runpy.run_module("lut_jax.main", run_name="__main__")
+        runpy.run_module("lut_jax.cli.pretrain", run_name="__main__")
       finally:
         bad = [m for m, mod in sys.modules.items()
                if mod is not None and m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]

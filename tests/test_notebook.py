@@ -46,7 +46,7 @@ def test_demo_notebook_runs_on_a_tiny_pretraining(tmp_path, monkeypatch):
   grid = model.grid_size
   assert recon is not None and recon["reconstruction"].shape == namespace["x"].shape
   # Visible patches pasted back: equal to the input wherever the mask keeps the patch.
-  from lut_jax import losses  # pylint: disable=g-import-not-at-top
+  from lut_jax.pretrain import losses  # pylint: disable=g-import-not-at-top
   visible = np.asarray(recon["mask"]) == 0
   pasted = np.asarray(losses.patchify(recon["reconstruction_visible"], model.patch_size))
   given = np.asarray(losses.patchify(recon["input"], model.patch_size))

@@ -1,7 +1,7 @@
 """Numerical parity of lut_jax against PyTorch: timm's ViT and an independent reference.
 
 Weights are random (biases, norms, tokens and BatchNorm statistics included), converted
-with lut_jax.convert, and both sides get the same images and masking noise. float32 with
+with lut_jax.weights.convert, and both sides get the same images and masking noise. float32 with
 `highest` matmul precision (tests/conftest.py); every output, and the gradient of the
 loss with respect to every parameter, must agree to a relative error below 1e-5. Two whole
 train steps (AdamW, learning-rate and momentum schedules, EMA of the target) are checked
@@ -21,13 +21,10 @@ pytest.importorskip("timm")
 
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from lut_jax import build  # noqa: E402
-from lut_jax import convert  # noqa: E402
-from lut_jax import losses  # noqa: E402
-from lut_jax import masking  # noqa: E402
-from lut_jax import models  # noqa: E402
-from lut_jax import sharding  # noqa: E402
-from lut_jax import train_state  # noqa: E402
+from lut_jax.models import vit  # noqa: E402
+from lut_jax.pretrain import build, losses, masking, train_state
+from lut_jax.runtime import sharding
+from lut_jax.weights import convert
 from tests import util  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
@@ -50,7 +47,7 @@ def assert_close(ours, theirs, what: str):
   assert err < RTOL, f"{what}: relative error {err:.2e}"
 
 
-def reference_for(model: models.LUTModel) -> ref.TorchLUT:
+def reference_for(model: vit.LUTModel) -> ref.TorchLUT:
   return ref.TorchLUT(IMAGE, model.patch_size, model.channels, model.width, model.depth,
                       model.num_heads, model.decoder_width, model.decoder_depth,
                       model.decoder_num_heads, use_bc=model.use_bc, head_depth=model.head_depth,
@@ -87,7 +84,7 @@ def test_encoder_matches_timm(data):
     vit.pos_embed.copy_(torch.from_numpy(ref.sincos_table(model.width, IMAGE // 4))[None])
     expected = vit.forward_features(view1)
   encoder_params = convert.encoder_params_from_timm_state_dict(vit.state_dict(), model)
-  encoder = models.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
+  encoder = vit.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
   ours = encoder.apply({"params": encoder_params}, nhwc(view1))
   assert_close(ours, expected, "encoder tokens vs timm")
 
@@ -95,7 +92,7 @@ def test_encoder_matches_timm(data):
 def test_exported_encoder_runs_in_timm(data):
   view1, _, _ = data
   model = util.tiny_model()
-  encoder = models.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
+  encoder = vit.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
   # Random values everywhere (Xavier init would leave biases at 0 and norms at 1).
   shapes = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), nhwc(view1))["params"]
   rng = np.random.default_rng(3)
@@ -203,7 +200,7 @@ def test_grouped_batch_norm_is_torch_batch_norm_per_micro_batch(group_size):
   with torch.no_grad():
     expected = torch.cat([torch_bn(torch.from_numpy(x[i:i + micro]))
                           for i in range(0, len(x), micro)])
-  bn = models.BatchNorm(group_size=group_size)
+  bn = vit.BatchNorm(group_size=group_size)
   variables = bn.init(jax.random.key(0), x, use_running_average=False)
   variables = {"params": {"scale": scale, "bias": bias},
                "batch_stats": variables["batch_stats"]}
@@ -212,10 +209,10 @@ def test_grouped_batch_norm_is_torch_batch_norm_per_micro_batch(group_size):
   assert_close(updates["batch_stats"]["mean"], torch_bn.running_mean, "running mean")
   assert_close(updates["batch_stats"]["var"], torch_bn.running_var, "running variance")
   with pytest.raises(ValueError, match="does not divide"):
-    models.BatchNorm(group_size=5).init(jax.random.key(0), x, use_running_average=False)
+    vit.BatchNorm(group_size=5).init(jax.random.key(0), x, use_running_average=False)
 
 
-def grads_as_ours(module: "torch.nn.Module", model: models.LUTModel) -> dict:
+def grads_as_ours(module: "torch.nn.Module", model: vit.LUTModel) -> dict:
   """The ``.grad`` of every parameter of ``module``, converted to our parameter tree (the
   same converter as the weights: layouts transposed, names mapped)."""
   state = module.state_dict()

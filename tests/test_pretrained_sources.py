@@ -12,8 +12,12 @@ import sys
 import numpy as np
 import pytest
 
-from lut_jax import checkpointing, convert, errors, eval_main, models
+from lut_jax import errors
+from lut_jax.cli import evaluate as evaluate_cli
 from lut_jax.evaluation import features
+from lut_jax.models import vit
+from lut_jax.runtime import checkpointing
+from lut_jax.weights import convert
 from tests.test_eval_cache import ENCODER_CONFIG, knn_config_for_tests, reads  # noqa: F401
 
 torch = pytest.importorskip("torch")
@@ -36,7 +40,7 @@ def tiny_timm_vit(seed: int = 0, *, fixed_pos_embed: bool = True, **kwargs):
         value.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.2)
     if fixed_pos_embed:
       grid = IMAGE // PATCH
-      vit.pos_embed.copy_(torch.from_numpy(models.sincos_pos_embed_2d(WIDTH, grid)[None]))
+      vit.pos_embed.copy_(torch.from_numpy(vit.sincos_pos_embed_2d(WIDTH, grid)[None]))
   return vit
 
 
@@ -58,14 +62,14 @@ def evaluate_knn(pretrained: str, workdir: str) -> tuple[dict, dict]:
   results and what the results file says of the source."""
   config = knn_config_for_tests()
   config.pretrained = pretrained
-  results = eval_main.evaluate(config, workdir)
+  results = evaluate_cli.evaluate(config, workdir)
   with open(os.path.join(workdir, "knn_results.json")) as f:
     return results, json.load(f)["source"]
 
 
 def assert_features_match_timm(workdir: str, vit) -> None:
   """The cached test-split features of a kNN run are timm's on the same images."""
-  from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top (the fake)
+  from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top (the fake)
   config = knn_config_for_tests()
   config.input.unlock()
   config.input.image_size, config.input.channels = IMAGE, 3
@@ -79,7 +83,7 @@ def assert_features_match_timm(workdir: str, vit) -> None:
 
 def in_memory(vit) -> features.PretrainedEncoder:
   """The same weights, converted in memory: no file, no loader."""
-  encoder = models.Encoder(**ENCODER_CONFIG)
+  encoder = vit.Encoder(**ENCODER_CONFIG)
   params = convert.encoder_params_from_timm_state_dict(vit.state_dict(), encoder)
   return features.PretrainedEncoder(encoder=encoder, params=params, config=ENCODER_CONFIG,
                                     channels=3, source="in memory")

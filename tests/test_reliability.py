@@ -16,7 +16,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from lut_jax import checkpointing, config_lib, errors, loop, train, workdir_lock
+from lut_jax import config_lib, errors
+from lut_jax.pretrain import train
+from lut_jax.runtime import checkpointing, loop, workdir_lock
 from tests import util
 
 
@@ -365,7 +367,8 @@ def _run_with_nan_newest_step(path):
 
 @pytest.mark.parametrize("source", ["workdir", "exported encoder", "timm folder"])
 def test_loading_non_finite_weights_is_refused(tmp_path, source):
-  from lut_jax.evaluation import export, features  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import export  # pylint: disable=g-import-not-at-top
+  from lut_jax.evaluation import features
   run = str(tmp_path / "run")
   state = _run_with_nan_newest_step(run)
   path = run
@@ -388,13 +391,13 @@ def test_loading_non_finite_weights_is_refused(tmp_path, source):
 def test_knn_of_a_run_whose_newest_step_holds_nan_is_refused(tmp_path):
   # The reproduction: it scored 100% on every pool and wrote knn_results.json.
   from configs import knn as knn_config  # pylint: disable=g-import-not-at-top
-  from lut_jax import eval_main  # pylint: disable=g-import-not-at-top
+  from lut_jax.cli import evaluate as evaluate_cli  # pylint: disable=g-import-not-at-top
   run = str(tmp_path / "run")
   _run_with_nan_newest_step(run)
   config = knn_config.get_config()
   config.pretrained = run
   with pytest.raises(errors.NonFiniteError, match=r"step 6 in .* holds NaN") as info:
-    eval_main.evaluate(config, str(tmp_path / "knn"))
+    evaluate_cli.evaluate(config, str(tmp_path / "knn"))
   assert "--config.pretrained_step" in info.value.hint
   assert not (tmp_path / "knn" / "knn_results.json").exists()
 
@@ -405,7 +408,7 @@ def _files(root):
 
 def test_evaluation_never_writes_into_a_pretraining_run_nor_the_reverse(tmp_path):
   from configs import knn as knn_config  # pylint: disable=g-import-not-at-top
-  from lut_jax import eval_main  # pylint: disable=g-import-not-at-top
+  from lut_jax.cli import evaluate as evaluate_cli  # pylint: disable=g-import-not-at-top
   from tests import test_export  # pylint: disable=g-import-not-at-top
   run = tmp_path / "run"
   test_export.make_pretraining_workdir(str(run))
@@ -413,12 +416,12 @@ def test_evaluation_never_writes_into_a_pretraining_run_nor_the_reverse(tmp_path
   config = knn_config.get_config()
   config.pretrained = str(run)
   with pytest.raises(errors.WorkdirError, match=r"another kind \(pre-training\)"):
-    eval_main.evaluate(config, str(run))  # it saved its config.json over the run's
+    evaluate_cli.evaluate(config, str(run))  # it saved its config.json over the run's
   assert _files(run) == before
   # Without its top-level config.json, the steps' copies still say what the run is.
   (run / "config.json").unlink()
   with pytest.raises(errors.WorkdirError, match=r"another kind \(pre-training\)"):
-    eval_main.evaluate(config, str(run))
+    evaluate_cli.evaluate(config, str(run))
   evaluation = tmp_path / "knn"
   config_lib.save_config(config, str(evaluation))
   before = _files(evaluation)

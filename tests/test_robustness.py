@@ -15,8 +15,9 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import robustness as robustness_config
-from lut_jax import config_lib, errors, models
+from lut_jax import config_lib, errors
 from lut_jax.evaluation import eval_config, features, finetune, robustness
+from lut_jax.models import vit
 
 tfds = pytest.importorskip("tensorflow_datasets")
 from tests.test_transfer_presets import prepare_fake_tfds  # noqa: E402
@@ -141,7 +142,7 @@ def finetuned_dir(tmp_path_factory):
   ``finetune.finetune``, the best-top-1 checkpoint kept)."""
   config_ = dict(image_size=IMAGE, patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=2,
                  mlp_ratio=4.0)
-  encoder = models.Encoder(**config_)
+  encoder = vit.Encoder(**config_)
   params = jax.jit(encoder.init)(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
   pretrained = features.PretrainedEncoder(encoder=encoder, params=params, config=config_,
                                           channels=3, source="test", path="/tmp/encoder")
@@ -228,7 +229,7 @@ def known_classifier(finetuned_dir):
 
 def test_end_to_end_on_tiny_tfds_sets_with_one_missing(finetuned_dir, known_classifier,
                                                        tmp_path):
-  from lut_jax import eval_main  # pylint: disable=g-import-not-at-top
+  from lut_jax.cli import evaluate as evaluate_cli  # pylint: disable=g-import-not-at-top
   a_indices = robustness.subset_indices(robustness.IMAGENET_A_WNIDS)
   r_indices = robustness.subset_indices(robustness.IMAGENET_R_WNIDS)
   classifier, a_class, r_class = known_classifier
@@ -250,7 +251,7 @@ def test_end_to_end_on_tiny_tfds_sets_with_one_missing(finetuned_dir, known_clas
   # The command's path: validation, the classifier read from disk, both result files.
   # ImageNet-Sketch is not prepared, nor is ImageNet-C's severity 3.
   workdir = str(tmp_path / "robustness")
-  results = eval_main.evaluate(config, workdir)
+  results = evaluate_cli.evaluate(config, workdir)
   assert sorted(results["skipped"]) == ["imagenet_c", "imagenet_sketch"]
   assert "tfds build imagenet_sketch" in results["skipped"]["imagenet_sketch"]
   assert "2 of its 6 corruption / severity pairs" in results["skipped"]["imagenet_c"]

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 
 from configs import segmentation as seg_config
-from lut_jax import errors, models, optim, train_state
+from lut_jax import errors
+from lut_jax.data import segmentation_synthetic
 from lut_jax.evaluation import segmentation, segmentation_metrics
-from lut_jax.evaluation import segmentation_model, segmentation_synthetic, upernet
+from lut_jax.models import segmenter, upernet, vit
+from lut_jax.pretrain import train_state
+from lut_jax.runtime import optim
 
 IGNORE = 255
 
@@ -120,23 +123,23 @@ ENC = {"image_size": 16, "patch_size": 4, "width": 32, "depth": 2, "num_heads": 
 
 def tiny_model(image_size=16, depth=2, **kwargs):
   kwargs = {"rescales": (4, 2, 1, 0.5), "channels": 16, "aux_channels": 8, **kwargs}
-  return segmentation_model.build_model(dict(ENC, depth=depth), num_classes=3,
+  return segmenter.build_model(dict(ENC, depth=depth), num_classes=3,
                                         image_size=image_size, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_variables(image_size=16, depth=2):
   model = tiny_model(image_size, depth)
-  encoder = models.Encoder(**dict(ENC, depth=depth))
+  encoder = vit.Encoder(**dict(ENC, depth=depth))
   pretrained = jax.jit(encoder.init)(jax.random.key(7), jnp.zeros((1, 16, 16, 3)))["params"]
-  return segmentation_model.init_variables(model, jax.random.key(0), pretrained, 3), pretrained
+  return segmenter.init_variables(model, jax.random.key(0), pretrained, 3), pretrained
 
 
 def test_feature_blocks_rule():
-  assert segmentation_model.feature_blocks(12) == (3, 5, 7, 11)  # BEiT-B's out_indices
-  assert segmentation_model.feature_blocks(24) == (7, 11, 15, 23)  # BEiT-L's
-  assert segmentation_model.feature_blocks(6) == (1, 2, 3, 5)
-  assert segmentation_model.feature_blocks(2) == (0, 0, 0, 1)
+  assert segmenter.feature_blocks(12) == (3, 5, 7, 11)  # BEiT-B's out_indices
+  assert segmenter.feature_blocks(24) == (7, 11, 15, 23)  # BEiT-L's
+  assert segmenter.feature_blocks(6) == (1, 2, 3, 5)
+  assert segmenter.feature_blocks(2) == (0, 0, 0, 1)
 
 
 @pytest.mark.parametrize("image_size,depth", [(16, 2), (32, 6)])
@@ -149,10 +152,10 @@ def test_backbone_levels_and_output_shapes(image_size, depth):
   assert "norm" not in variables["params"]["encoder"]  # BEiT's features: no final norm
   assert f"blocks_{depth - 1}" in variables["params"]["encoder"]
   assert {"neck", "decode_head", "auxiliary_head"} <= set(variables["params"])
-  encoder = models.Encoder(image_size, 4, 32, depth, 2, final_norm=False,
-                           output_blocks=segmentation_model.feature_blocks(depth))
+  encoder = vit.Encoder(image_size, 4, 32, depth, 2, final_norm=False,
+                           output_blocks=segmenter.feature_blocks(depth))
   neck = upernet.MultiLevelNeck((4, 2, 1, 0.5))
-  maps = jax.eval_shape(lambda x: segmentation_model.token_maps(
+  maps = jax.eval_shape(lambda x: segmenter.token_maps(
       encoder.init_with_output(jax.random.key(0), x)[0]), images)
   assert [m.shape for m in maps] == [(2, grid, grid, 32)] * 4
   levels = jax.eval_shape(
@@ -173,13 +176,13 @@ def test_encoder_copies_pretrained_weights_and_matches_the_encoder():
   assert flat and all(np.array_equal(v, _get(pretrained, p)) for p, v in flat)
   images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   params = {"params": variables["params"]["encoder"]}
-  encoder = models.Encoder(**ENC, final_norm=False)
-  first, last = segmentation_model.token_maps(
+  encoder = vit.Encoder(**ENC, final_norm=False)
+  first, last = segmenter.token_maps(
       encoder.clone(output_blocks=(0, 1)).apply(params, images))
   tokens = encoder.apply(params, images)
   np.testing.assert_allclose(last, np.asarray(tokens[:, 1:]).reshape(2, 4, 4, 32),
                              rtol=1e-6, atol=1e-6)
-  one_block = models.Encoder(**{**ENC, "depth": 1}, final_norm=False).apply(
+  one_block = vit.Encoder(**{**ENC, "depth": 1}, final_norm=False).apply(
       {"params": {k: v for k, v in params["params"].items() if k != "blocks_1"}}, images)
   np.testing.assert_allclose(first, np.asarray(one_block[:, 1:]).reshape(2, 4, 4, 32),
                              rtol=1e-6, atol=1e-6)
@@ -234,7 +237,7 @@ def test_slide_equals_whole_when_one_window_covers_the_image():
   variables, _ = tiny_variables()
   images = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
   sizes = np.full((2, 2), 16, np.int32)
-  predict = functools.partial(segmentation_model.predict_logits, model,
+  predict = functools.partial(segmenter.predict_logits, model,
                               {"params": variables["params"],
                                "batch_stats": variables["batch_stats"]})
   whole = predict(images, sizes, mode="whole", stride=8)
@@ -249,7 +252,7 @@ def test_slide_averages_overlapping_windows():
   # in its window, so a pixel gets the mean of the origins of the windows covering it.
   image = (10.0 * np.arange(7)[:, None] + np.arange(5)[None, :])[..., None]
   forward = lambda w: jnp.broadcast_to(w[:, :1, :1, :], w.shape)  # noqa: E731
-  out = np.asarray(segmentation_model.slide_logits(
+  out = np.asarray(segmenter.slide_logits(
       forward, jnp.asarray(image, jnp.float32), jnp.array([7, 5]), crop=3, stride=2,
       num_classes=1))[..., 0]
   assert out[0, 0] == 0.0  # window (0, 0) only
@@ -266,7 +269,7 @@ def test_slide_averages_overlapping_windows():
   # The same image in the corner of a larger canvas: windows stay inside the image.
   canvas = np.full((10, 9, 1), 1000.0)
   canvas[:7, :5] = image
-  out2 = np.asarray(segmentation_model.slide_logits(
+  out2 = np.asarray(segmenter.slide_logits(
       forward, jnp.asarray(canvas, jnp.float32), jnp.array([7, 5]), crop=3, stride=2,
       num_classes=1))[..., 0]
   np.testing.assert_allclose(out2[:7, :5], expected)
@@ -291,7 +294,7 @@ def test_paste_by_hand():
 
 
 def _fashion_mnist_or_skip():
-  from lut_jax import idx  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import idx  # pylint: disable=g-import-not-at-top
   pytest.importorskip("skimage")
   if idx.find_fashion_mnist(None, "test") is None:
     pytest.skip("Fashion-MNIST idx files not installed")
@@ -350,8 +353,8 @@ def _folder_config(root, **input_overrides):
 
 def test_folder_reads_back_exactly_and_reports_missing_masks(tmp_path):
   pytest.importorskip("tensorflow")
-  from lut_jax import image_utils  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import segmentation_data  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import image_utils  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import segmentation_data  # pylint: disable=g-import-not-at-top
   written = _write_folder(tmp_path, ["b", "a"])
   for reduce in (False, True):
     config = _folder_config(tmp_path, reduce_zero_label=reduce)
@@ -429,7 +432,7 @@ def test_scene_parse150_source_reads_the_red_channel(monkeypatch):
   is the annotation's red channel, zero ignored, the rest shifted down."""
   tf = pytest.importorskip("tensorflow")
   tfds = pytest.importorskip("tensorflow_datasets")
-  from lut_jax.evaluation import segmentation_data  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import segmentation_data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
   masks = rng.integers(0, 101, (2, 5, 6, 3), dtype=np.uint8)  # R: category, G: instance
@@ -472,7 +475,7 @@ def test_scene_parse150_source_reads_the_red_channel(monkeypatch):
 def test_eval_main_segmentation_writes_results_and_resumes(tmp_path):
   pytest.importorskip("tensorflow")
   _fashion_mnist_or_skip()
-  from lut_jax import eval_main  # pylint: disable=g-import-not-at-top
+  from lut_jax.cli import evaluate as evaluate_cli  # pylint: disable=g-import-not-at-top
   from tests import test_export  # pylint: disable=g-import-not-at-top
   pretrain = str(tmp_path / "pretrain")
   test_export.make_pretraining_workdir(pretrain)  # mu/4 at 16 px
@@ -486,21 +489,21 @@ def test_eval_main_segmentation_writes_results_and_resumes(tmp_path):
   seg.batch_size, seg.total_steps, seg.warmup_steps, seg.eval_every_steps = 8, 4, 1, 2
   seg.channels, seg.aux_channels = 8, 8
   workdir = str(tmp_path / "seg")
-  results = eval_main.evaluate(config, workdir)
+  results = evaluate_cli.evaluate(config, workdir)
   assert results["steps"] == 4 and 0 <= results["miou"] <= 100
   assert 0 <= results["pixel_acc"] <= 100 and results["best_step"] in (2, 4)
   saved = json.load(open(os.path.join(workdir, "segmentation_results.json")))
   assert saved.pop("source")["pretrained"] == os.path.abspath(pretrain)
   assert saved == results
   # A rerun restores the finished state and reports the same scores.
-  again = eval_main.evaluate(config, workdir)
+  again = evaluate_cli.evaluate(config, workdir)
   assert again == results
   # Another pre-trained encoder never resumes this state.
   other = str(tmp_path / "pretrain_mae")
   test_export.make_pretraining_workdir(other, method="mae")
   config.pretrained = other
   with pytest.raises(errors.WorkdirError, match="--workdir"):
-    eval_main.evaluate(config, workdir)
+    evaluate_cli.evaluate(config, workdir)
 
 
 def test_core_modules_import_without_tensorflow():
@@ -509,8 +512,8 @@ def test_core_modules_import_without_tensorflow():
       for name in ("tensorflow", "tensorflow_datasets"):
         sys.modules[name] = None
       from lut_jax.evaluation import segmentation, segmentation_metrics  # noqa: F401
-      from lut_jax.evaluation import segmentation_model, upernet  # noqa: F401
-      from lut_jax.evaluation import segmentation_synthetic  # noqa: F401
+      from lut_jax.models import segmenter, upernet  # noqa: F401
+      from lut_jax.data import segmentation_synthetic  # noqa: F401
       bad = [m for m, mod in sys.modules.items()
              if mod is not None and m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
       assert not bad, bad

@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import build, config_lib, models, sharding
+from lut_jax import config_lib
+from lut_jax.models import vit
+from lut_jax.pretrain import build
+from lut_jax.runtime import sharding
 from tests import util
 
 
@@ -18,9 +21,9 @@ def test_tanh_gelu_is_the_tanh_formula_and_close_to_exact():
   x = np.linspace(-6, 6, 2001, dtype=np.float32)
   x64 = x.astype(np.float64)
   tanh_form = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)))
-  np.testing.assert_allclose(models.gelu(jnp.asarray(x), approximate=True), tanh_form,
+  np.testing.assert_allclose(vit.gelu(jnp.asarray(x), approximate=True), tanh_form,
                              rtol=1e-5, atol=1e-6)
-  exact = models.gelu(jnp.asarray(x))
+  exact = vit.gelu(jnp.asarray(x))
   gap = np.max(np.abs(np.asarray(exact) - tanh_form))
   assert 1e-5 < gap < 1e-3  # a different function, but only just
 
@@ -47,12 +50,12 @@ def test_remat_policies_leave_the_step_unchanged(policy):
 def test_unknown_remat_policy_names_the_field():
   config = util.tiny_config(**{"model.remat_policy": "dots"})
   with pytest.raises(ValueError, match="model.remat_policy"):
-    models.check_model_config(config.model, image_size=util.IMAGE_SIZE, dtype=jnp.float32)
+    vit.check_model_config(config.model, image_size=util.IMAGE_SIZE, dtype=jnp.float32)
 
 
 def _lut_outputs(dtype, low_precision_teacher: bool):
   config = util.tiny_config(**{"model.teacher_residual_in_compute_dtype": low_precision_teacher})
-  model = models.build_model(config.model, image_size=util.IMAGE_SIZE, channels=3, use_bc=True,
+  model = vit.build_model(config.model, image_size=util.IMAGE_SIZE, channels=3, use_bc=True,
                              dtype=dtype)
   rng = np.random.default_rng(0)
   views = [jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32) for _ in range(2)]
@@ -90,7 +93,7 @@ def test_levers_are_off_by_default():
 def test_gelu_approximate_reaches_every_block():
   """The config field switches the MLPs of the encoder and the decoder (not the heads)."""
   config = util.tiny_config()
-  exact = models.build_model(config.model, image_size=util.IMAGE_SIZE, channels=3, use_bc=False)
+  exact = vit.build_model(config.model, image_size=util.IMAGE_SIZE, channels=3, use_bc=False)
   tanh = exact.clone(gelu_approximate=True)
   rng = np.random.default_rng(1)
   view = jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32)
@@ -109,25 +112,27 @@ def test_gelu_approximate_reaches_every_block():
 def test_an_encoder_pre_trained_with_tanh_gelu_keeps_it_downstream():
   """Evaluation, fine-tuning, segmentation and the timm export rebuild the encoder from its
   pre-training config: the activation it was trained with comes along."""
-  from lut_jax.analysis import loading  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import export, features, finetune, segmentation_model  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import export  # pylint: disable=g-import-not-at-top
+  from lut_jax.evaluation import features, finetune
+  from lut_jax.models import segmenter
   exact_config = util.tiny_config()
   tanh_config = util.tiny_config(**{"model.gelu_approximate": True})
   assert "gelu_approximate" not in features.encoder_config(exact_config.to_dict())
   encoder_config = features.encoder_config(tanh_config.to_dict())
   assert encoder_config["gelu_approximate"] is True
-  tanh, exact = models.Encoder(**encoder_config), models.Encoder(
+  tanh, exact = vit.Encoder(**encoder_config), vit.Encoder(
       **features.encoder_config(exact_config.to_dict()))
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
   params = exact.init(jax.random.key(0), images)
   assert not np.array_equal(tanh.apply(params, images), exact.apply(params, images))
-  lut = models.build_model(tanh_config.model, image_size=util.IMAGE_SIZE, channels=3,
+  lut = vit.build_model(tanh_config.model, image_size=util.IMAGE_SIZE, channels=3,
                            use_bc=True)
   np.testing.assert_array_equal(loading.encoder_of(lut).apply(params, images),
                                 tanh.apply(params, images))
   assert finetune.build_model(encoder_config, num_classes=3, image_size=16,
                               drop_path_rate=0.0).gelu_approximate
-  assert segmentation_model.build_model(encoder_config, num_classes=3,
+  assert segmenter.build_model(encoder_config, num_classes=3,
                                         image_size=16).gelu_approximate
   assert export.timm_kwargs(encoder_config)["act_layer"] == "gelu_tanh"  # timm's GELUTanh
   assert "act_layer" not in export.timm_kwargs(features.encoder_config(exact_config.to_dict()))
@@ -136,10 +141,11 @@ def test_an_encoder_pre_trained_with_tanh_gelu_keeps_it_downstream():
 def test_a_tanh_gelu_timm_folder_reads_back_with_tanh_gelu(tmp_path):
   """lut-export writes act_layer="gelu_tanh"; lut-eval reads such a folder back with the
   activation it names (timm's config.json is the only place that says it)."""
-  from lut_jax.evaluation import export, features  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import export  # pylint: disable=g-import-not-at-top
+  from lut_jax.evaluation import features
   encoder_config = features.encoder_config(
       util.tiny_config(**{"model.gelu_approximate": True}).to_dict())
-  tanh = models.Encoder(**encoder_config)
+  tanh = vit.Encoder(**encoder_config)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
   params = tanh.init(jax.random.key(0), images)["params"]
   folder = os.path.dirname(export.write_timm_folder(str(tmp_path), params, encoder_config, 3))

@@ -6,7 +6,8 @@ import time
 import ml_collections
 import pytest
 
-from lut_jax import device_input, errors
+from lut_jax import errors
+from lut_jax.data import device_input
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -16,7 +17,7 @@ def _open(backend: str, name: str, data_dir: str) -> None:
     device_input.load_split(ml_collections.ConfigDict(dict(
         dataset=name, split="train", data_dir=data_dir, image_size=32, channels=3)))
   else:
-    from lut_jax import datasets  # pylint: disable=g-import-not-at-top
+    from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top
     datasets.get_source(name, "train", data_dir)
 
 

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from lut_jax import checkpointing, config_lib, errors, train
+from lut_jax import config_lib, errors
+from lut_jax.pretrain import train
+from lut_jax.runtime import checkpointing
 from tests import util
 
 

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import build, config_lib, losses, models, optim, sharding, train_state, train_step
+from lut_jax import config_lib
+from lut_jax.models import vit
+from lut_jax.pretrain import build, losses, train_state, train_step
+from lut_jax.runtime import optim, sharding
 from tests import util
 
 
@@ -98,7 +101,7 @@ def test_target_changes_only_by_ema():
 
 def test_weight_decay_mask_covers_exactly_weights_and_tokens():
   config = util.tiny_config()
-  model = models.build_model(config.model, image_size=16, channels=3, use_bc=True)
+  model = vit.build_model(config.model, image_size=16, channels=3, use_bc=True)
   params = train_state.init_variables(model, jax.random.key(0))["params"]
   mask = optim.weight_decay_mask(params)
   flat = {jax.tree_util.keystr(path): value
@@ -181,7 +184,7 @@ def test_collapse_indicator_is_the_teachers_spread():
   model = _build(config, mesh).model
   z1, z2 = model.apply({"params": before.target_params,
                         "batch_stats": before.target_batch_stats},
-                       batch["view1"], batch["view2"], method=models.LUTModel.teacher)
+                       batch["view1"], batch["view2"], method=vit.LUTModel.teacher)
 
   def spread(v):
     v = np.asarray(v, np.float64)
@@ -203,12 +206,12 @@ def test_teacher_bn_batch_normalises_each_view_by_its_batch_and_keeps_running_st
   training = _build(config, sharding.create_mesh(1, jax.devices()[:1]))
   variables = {"params": before.target_params, "batch_stats": before.target_batch_stats}
   z1, z2 = training.model.apply(variables, batch["view1"], batch["view2"],
-                                method=models.LUTModel.teacher)
+                                method=vit.LUTModel.teacher)
   head = before.target_params["head"]
   for view, z in ((batch["view1"], z1), (batch["view2"], z2)):
     tokens = training.model.apply({"params": before.target_params}, view,
-                                  method=models.LUTModel.encode)
-    h = np.asarray(models.mean_patch_token(tokens)) @ np.asarray(head["linear_0"]["kernel"])
+                                  method=vit.LUTModel.encode)
+    h = np.asarray(vit.mean_patch_token(tokens)) @ np.asarray(head["linear_0"]["kernel"])
     h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
     h = h * np.asarray(head["norm_0"]["scale"]) + np.asarray(head["norm_0"]["bias"])
     want = np.maximum(h, 0) @ np.asarray(head["linear_1"]["kernel"])

@@ -15,8 +15,10 @@ import pytest
 from configs import finetune as finetune_config
 from configs import knn as knn_config
 from configs import linear_probe as linear_probe_config
-from lut_jax import checkpointing, errors, models
+from lut_jax import errors
 from lut_jax.evaluation import eval_config
+from lut_jax.models import vit
+from lut_jax.runtime import checkpointing
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -73,7 +75,7 @@ def _split_names(builder) -> set:
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-  encoder = models.Encoder(**ENCODER)
+  encoder = vit.Encoder(**ENCODER)
   params = jax.jit(encoder.init)(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
   return checkpointing.export_encoder(str(tmp_path_factory.mktemp("encoder")),
                                       params["params"], ENCODER)
@@ -137,7 +139,7 @@ def test_robustness_splits_are_tfds():
 def test_flowers_preset_fine_tunes_end_to_end_on_mock_data(tmp_path, encoder_dir):
   """``dataset=flowers`` through eval_main: tfds source on train+validation, augmented
   training, evaluation on test, checkpoints and results."""
-  from lut_jax import eval_main  # pylint: disable=g-import-not-at-top
+  from lut_jax.cli import evaluate as evaluate_cli  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path / "tfds")
   prepare_fake_tfds("oxford_flowers102", data_dir, {"train": 8, "validation": 8, "test": 6})
   config = finetune_config.get_config("dataset=flowers")
@@ -151,7 +153,7 @@ def test_flowers_preset_fine_tunes_end_to_end_on_mock_data(tmp_path, encoder_dir
   config.finetune.epochs = 1.0
   config.finetune.warmup_epochs = 0.5
   workdir = str(tmp_path / "ft")
-  results = eval_main.evaluate(config, workdir)
+  results = evaluate_cli.evaluate(config, workdir)
   assert results["steps"] == 2  # 16 train + validation examples / batch 8
   assert 0.0 <= results["top1"] <= 100.0
   saved = json.load(open(os.path.join(workdir, "finetune_results.json")))

@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 
 from configs import fashion_mnist
-from lut_jax import config_lib, models
+from lut_jax import config_lib
+from lut_jax.models import vit
 
 IMAGE_SIZE = 16
 
@@ -57,7 +58,7 @@ def synthetic_batch(step: int, batch_size: int, image_size: int = IMAGE_SIZE,
 
 
 def synthetic_data_fn(batch_size: int, image_size: int = IMAGE_SIZE):
-  """``data_fn(start_step)`` for :func:`lut_jax.train.pretrain`."""
+  """``data_fn(start_step)`` for :func:`lut_jax.pretrain.train.pretrain`."""
   def data_fn(start_step):
     step = start_step
     while True:
@@ -66,10 +67,10 @@ def synthetic_data_fn(batch_size: int, image_size: int = IMAGE_SIZE):
   return data_fn
 
 
-def tiny_model(**overrides) -> models.LUTModel:
+def tiny_model(**overrides) -> vit.LUTModel:
   """The model of :func:`tiny_config` (``mu/4`` at 16 px, a one-block, 32-wide decoder,
   64-wide heads) with LUTModel fields overridden (the parity and conversion tests')."""
   config = tiny_config()
-  model = models.build_model(config.model, image_size=IMAGE_SIZE,
+  model = vit.build_model(config.model, image_size=IMAGE_SIZE,
                              channels=config.input.channels, use_bc=True)
   return model.clone(**overrides)

@@ -6,5 +6,5 @@
 * :mod:`.loading`: models from a pre-training workdir, an exported encoder or a PyTorch
   checkpoint; :mod:`.images`: evaluation images; :mod:`.plots`: matplotlib figures.
 
-The command-line front end is :mod:`lut_jax.analyze`. Nothing here imports TensorFlow.
+The command-line front end is :mod:`lut_jax.cli.analyze`. Nothing here imports TensorFlow.
 """

@@ -73,7 +73,7 @@ def mean_attention_distance(probs: jax.Array, patch_size: int, *,
 
 
 def collect_attention(encoder: Any, encoder_params: Any, images: jax.Array) -> list[jax.Array]:
-  """Attention probabilities of every block of an :class:`~lut_jax.models.Encoder`.
+  """Attention probabilities of every block of an :class:`~lut_jax.models.vit.Encoder`.
 
   Making ``intermediates`` mutable switches the attention layers to their explicit path,
   which sows ``(batch, heads, 1 + L, 1 + L)`` probabilities (cls first).

@@ -3,7 +3,7 @@
 Images are read as float32 ``[0, 1]`` HWC arrays at their own size, then :func:`prepare`
 brings them to a model's input: grey/RGB conversion, resize of the shorter side (bicubic)
 and centre crop, and the training pipeline's normalisation (ImageNet mean/std, see
-:mod:`lut_jax.image_utils`). Plain numpy + PIL: no TensorFlow.
+:mod:`lut_jax.data.image_utils`). Plain numpy + PIL: no TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from lut_jax import idx, image_utils
+from lut_jax.data import idx, image_utils
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Photos bundled with scikit-image (no download needed).
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry",
                   "hubble_deep_field", "coins")
-# ITU-R 601 luma, as lut_jax.augment (PIL "L").
+# ITU-R 601 luma, as lut_jax.data.augment (PIL "L").
 GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def fashion_mnist(num_images: int) -> tuple[list[np.ndarray], np.ndarray]:
   """The first ``num_images`` test images: ``([28x28x1 float], int64 labels)``, from
-  ``$FASHION_MNIST_DIR`` or Debian's package location (see :mod:`lut_jax.idx`)."""
+  ``$FASHION_MNIST_DIR`` or Debian's package location (see :mod:`lut_jax.data.idx`)."""
   directory = idx.find_fashion_mnist(split="test") or idx.FASHION_MNIST_DIR
   images, labels = idx.load_fashion_mnist(directory, "test")
   return ([im[..., None].astype(np.float32) / 255.0 for im in images[:num_images]],

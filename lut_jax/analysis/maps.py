@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lut_jax import models
 from lut_jax.analysis import attention_distance
+from lut_jax.models import vit
 
 # A query: a patch as (row, column) on the grid, or "cls" for the cls token.
 Query = Union[tuple[int, int], str]
@@ -74,7 +74,7 @@ def _block_interceptor(block_index: int, delta_ref: dict[str, Any], captured: li
   gradient with respect to that zero perturbation is the gradient with respect to the
   block's activations, whatever function the classifier wraps around the encoder.
 
-  The encoder's depth is taken from the enclosing :class:`~lut_jax.models.Encoder` call.
+  The encoder's depth is taken from the enclosing :class:`~lut_jax.models.vit.Encoder` call.
   """
   # depth: of the Encoder being run (None outside one); inside: within the matched block,
   # so that nothing nested in it is taken for it.
@@ -82,13 +82,13 @@ def _block_interceptor(block_index: int, delta_ref: dict[str, Any], captured: li
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if isinstance(module, models.Encoder) and context.method_name == "__call__":
+    if isinstance(module, vit.Encoder) and context.method_name == "__call__":
       outer, state["depth"] = state["depth"], module.depth
       try:
         return next_fun(*args, **kwargs)
       finally:
         state["depth"] = outer
-    if (not isinstance(module, models.Block) or state["depth"] is None or state["inside"]
+    if (not isinstance(module, vit.Block) or state["depth"] is None or state["inside"]
         or context.method_name != "__call__"
         or module.name != f"blocks_{block_index % state['depth']}"):
       return next_fun(*args, **kwargs)
@@ -116,7 +116,7 @@ def gradcam(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
   ``[0, 1]`` per image.
 
   ``logits_fn(params, images) -> (batch, classes)`` may be any function that runs a
-  :class:`~lut_jax.models.Encoder` (directly or inside a LUTModel) exactly once: the block
+  :class:`~lut_jax.models.vit.Encoder` (directly or inside a LUTModel) exactly once: the block
   output is reached with a Flax method interceptor, so the classifier needs no hooks.
   A head that reads only the cls token gets no gradient through the *last* block's patch
   tokens (after it, tokens do not mix); use ``block_index=-2`` for such heads. The encoder

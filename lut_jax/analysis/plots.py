@@ -150,7 +150,7 @@ def gradcam(images: np.ndarray, cams: np.ndarray, path: str, *,
 
 def reconstructions(display: Mapping[str, np.ndarray], path: str, *, title: str = "") -> str:
   """Rows: images; columns: input, masked input, reconstruction, reconstruction with the
-  visible patches pasted back (keys of :func:`lut_jax.reconstruction.reconstruct`)."""
+  visible patches pasted back (keys of :func:`lut_jax.pretrain.reconstruction.reconstruct`)."""
   columns = [("input", "input"), ("masked", "masked"), ("reconstruction", "reconstruction"),
              ("reconstruction_visible", "recon. + visible")]
   n = len(display["input"])

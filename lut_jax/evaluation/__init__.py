@@ -7,7 +7,7 @@
   linear head, LARS) trained on cached frozen features.
 * :mod:`~lut_jax.evaluation.finetune`: end-to-end fine-tuning with a global-average-pool
   head, layer-wise learning-rate decay, drop path, mixup/cutmix and label smoothing.
-* :mod:`~lut_jax.evaluation.export`: pre-training checkpoint -> encoder export (Orbax +
+* :mod:`~lut_jax.weights.export`: pre-training checkpoint -> encoder export (Orbax +
   JSON config) and a timm ``VisionTransformer`` state dict.
 
 The numerical parts (features, knn, the heads, optimizers, mixup) import neither TensorFlow

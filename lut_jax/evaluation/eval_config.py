@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import ml_collections
 
-from lut_jax import config_lib, errors, folders
+from lut_jax import config_lib, errors
+from lut_jax.data import folders
 
 MODES = ("knn", "linear_probe", "finetune", "robustness", "segmentation")
 
@@ -154,7 +155,7 @@ def num_classes(config: ml_collections.ConfigDict, labels=None) -> int:
   """``config.num_classes``, else the dataset's, else the largest label + 1."""
   if config.num_classes > 0:
     return int(config.num_classes)
-  from lut_jax import datasets  # local: tfds
+  from lut_jax.data import datasets  # local: tfds
   try:
     n = datasets.get_source(config.input.dataset, config.input.train_split,
                             config.input.data_dir).num_classes
@@ -181,7 +182,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "a timm folder, a PyTorch or safetensors checkpoint, or hf-hub:org/name")
     # Told apart where every loader tells them apart: a missing path or one that is none of
     # these fails here, before the work directory is touched.
-    from lut_jax import checkpointing  # pylint: disable=g-import-not-at-top (imports JAX)
+    from lut_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top (imports JAX)
     checkpointing.locate_pretrained(config.pretrained)
   if config.mode in ("knn", "linear_probe", "finetune"):  # scored on other images than fitted
     folders.check_distinct_splits(config.input.dataset, {

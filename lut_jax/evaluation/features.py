@@ -3,11 +3,11 @@
 Every downstream evaluation starts from the *online* (student) encoder, ``params["encoder"]``
 of the pre-training ``TrainState`` — not the EMA teacher — as the reference does. It comes
 from a pre-training work directory (``config.json`` + ``checkpoints/<step>``), an exported
-encoder directory (:func:`lut_jax.checkpointing.export_encoder`), or weights made elsewhere
+encoder directory (:func:`lut_jax.runtime.checkpointing.export_encoder`), or weights made elsewhere
 and converted: a PyTorch ``.pth`` of the reference LUT/MAE or a timm ViT, a timm / Hugging
 Face folder (``model.safetensors`` + ``config.json``, as ``lut-export`` writes), a
 ``.safetensors`` file, or ``hf-hub:org/name``
-(:func:`lut_jax.checkpointing.locate_pretrained` tells them apart).
+(:func:`lut_jax.runtime.checkpointing.locate_pretrained` tells them apart).
 
 Features are float32 vectors per image: ``"cls"`` is the cls token after the encoder's final
 LayerNorm (MAE's linear-probe feature), ``"mean"`` the mean of the normalised patch tokens
@@ -35,7 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lut_jax import checkpointing, config_lib, errors, models
+from lut_jax import config_lib, errors
+from lut_jax.models import vit
+from lut_jax.runtime import checkpointing
 
 POOLS = ("cls", "mean")
 CACHE_KEY = "cache_key"  # the .npz entry holding the features' key (a JSON string)
@@ -47,20 +49,20 @@ class PretrainedEncoder:
   """A loaded encoder: the module, its parameters and the kwargs that rebuild it.
 
   Attributes:
-    encoder: a :class:`lut_jax.models.Encoder`.
+    encoder: a :class:`lut_jax.models.vit.Encoder`.
     params: its parameter tree (``patch_embed``, ``cls_token``, ``blocks_i``, ``norm``).
     config: JSON-able ``Encoder`` kwargs (image_size, patch_size, width, depth, num_heads,
-      mlp_ratio) — what :func:`lut_jax.checkpointing.export_encoder` stores.
+      mlp_ratio) — what :func:`lut_jax.runtime.checkpointing.export_encoder` stores.
     channels: input channels of the patch embedding.
     source: where it was loaded from, for logs.
     path: the absolute directory or file it was loaded from, or ``hf-hub:org/name`` (""
       when built in memory).
     step: the pre-training checkpoint step loaded (None for other sources).
-    kind: what ``path`` is (a :data:`lut_jax.checkpointing.PRETRAINED_KINDS` entry; ""
+    kind: what ``path`` is (a :data:`lut_jax.runtime.checkpointing.PRETRAINED_KINDS` entry; ""
       when built in memory).
   """
 
-  encoder: models.Encoder
+  encoder: vit.Encoder
   params: Any
   config: dict[str, Any]
   channels: int
@@ -88,10 +90,10 @@ class PretrainedEncoder:
 
 def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
   """JSON-able ``Encoder`` kwargs of a pre-training config: those of the encoder that
-  :func:`lut_jax.models.build_model` builds from it, so that the two cannot disagree."""
+  :func:`lut_jax.models.vit.build_model` builds from it, so that the two cannot disagree."""
   config = ml_collections.ConfigDict(pretrain_config)
   # With the run's dtype: build_model refuses some attention choices in float32.
-  model = models.build_model(config.model, image_size=int(config.input.image_size),
+  model = vit.build_model(config.model, image_size=int(config.input.image_size),
                              channels=int(config.input.channels),
                              use_bc=config_lib.uses_bc(config), dtype=config.dtype)
   out = {name: getattr(model, name) for name in ("image_size", "patch_size", "width",
@@ -104,16 +106,16 @@ def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
 def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
   """The online encoder of a pre-training run, an exported encoder, or converted weights.
 
-  From a run, only ``params/encoder`` is read (:func:`lut_jax.checkpointing.restore_subtrees`),
+  From a run, only ``params/encoder`` is read (:func:`lut_jax.runtime.checkpointing.restore_subtrees`),
   replicated on all devices: not the decoder, heads, teacher or optimizer state. Weights
-  made elsewhere are converted by :func:`lut_jax.analysis.loading.load_located` (torch is
+  made elsewhere are converted by :func:`lut_jax.weights.loading.load_located` (torch is
   imported only for ``.pth`` files, ``huggingface_hub`` only for ``hf-hub:``).
 
   Args:
     path: a pre-training ``workdir`` (or one of its ``checkpoints/<step>`` directories), a
-      directory written by :func:`lut_jax.checkpointing.export_encoder`, a PyTorch
+      directory written by :func:`lut_jax.runtime.checkpointing.export_encoder`, a PyTorch
       checkpoint file (reference LUT/MAE or timm ViT), a timm folder or ``.safetensors``
-      file, or ``hf-hub:org/name`` (see :func:`lut_jax.checkpointing.locate_pretrained`).
+      file, or ``hf-hub:org/name`` (see :func:`lut_jax.runtime.checkpointing.locate_pretrained`).
     step: pre-training checkpoint step (None or negative: the one in ``path``, else the
       latest). Only a work directory has steps to choose from.
 
@@ -138,7 +140,7 @@ def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
     config = json.loads((epath.Path(path) / checkpointing.ENCODER_CONFIG_FILE).read_text())
     source, step = f"exported encoder {path}", None
   elif kind != "workdir":
-    from lut_jax.analysis import loading  # pylint: disable=g-import-not-at-top
+    from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
     loaded = loading.load_located(kind, path, encoder_only=True)
     encoder, params = loaded.encoder, loaded.encoder_params
     config = {name: getattr(encoder, name) for name in ("image_size", "patch_size", "width",
@@ -153,7 +155,7 @@ def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
     subtrees, step = checkpointing.restore_subtrees(
         epath.Path(path) / checkpointing.CHECKPOINT_DIR, ["params/encoder"], step)
     params = subtrees["params/encoder"]
-    encoder = models.Encoder(**config)
+    encoder = vit.Encoder(**config)
     source = f"pre-training run {path}, step {step} (online encoder)"
   channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])
   return PretrainedEncoder(encoder=encoder, params=params, config=config, channels=channels,
@@ -169,11 +171,11 @@ def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
   if pool == "cls":
     return tokens[:, 0].astype(jnp.float32)
   if pool == "mean":
-    return models.mean_patch_token(tokens)
+    return vit.mean_patch_token(tokens)
   raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
 
 
-def make_feature_fn(encoder: models.Encoder, pools: Sequence[str] = POOLS):
+def make_feature_fn(encoder: vit.Encoder, pools: Sequence[str] = POOLS):
   """A jitted ``(params, images) -> {pool: (batch, width)}``: one encoder pass, every pool."""
   for pool in pools:
     if pool not in POOLS:
@@ -187,7 +189,7 @@ def make_feature_fn(encoder: models.Encoder, pools: Sequence[str] = POOLS):
   return feature_fn
 
 
-def extract_features(encoder: models.Encoder, params: Any,
+def extract_features(encoder: vit.Encoder, params: Any,
                      batches: Iterable[Mapping[str, Any]], *,
                      pools: Sequence[str] = POOLS) -> dict[str, np.ndarray]:
   """Frozen features of every (unpadded) example of ``batches``.
@@ -227,8 +229,8 @@ def extract_features(encoder: models.Encoder, params: Any,
 
 
 def _append(out: dict[str, list[np.ndarray]], batch: Mapping[str, Any]) -> None:
-  from lut_jax.evaluation import common  # local: avoid a cycle at import time
-  host = common.to_host(dict(batch))
+  from lut_jax import metrics  # local: avoid a cycle at import time
+  host = metrics.to_host(dict(batch))
   for k, v in host.items():
     out[k].append(np.asarray(v))
 
@@ -399,7 +401,7 @@ def dataset_features(pretrained: PretrainedEncoder, input_config: ml_collections
   """Features of a whole split through ``input_pipeline.create_eval_dataset`` (centre
   crops), cached as ``cache_dir/<split>.npz`` under :func:`features_key` when ``cache_dir``
   is given."""
-  from lut_jax import input_pipeline  # local: tf.data only where data is read
+  from lut_jax.data import input_pipeline  # local: tf.data only where data is read
 
   def compute():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))

@@ -9,16 +9,16 @@
   token: MAE's ``no_weight_decay``), layer-wise lr decay 0.75: a parameter in layer ``l``
   gets lr x ``0.75 ** (depth + 1 - l)``, with patch_embed / cls_token in layer 0, block
   ``i`` in layer ``i + 1`` and everything after the blocks (fc_norm, head) in layer
-  ``depth + 1`` (MAE's ``param_groups_lrd``; :func:`lut_jax.optim.create_finetune_optimizer`).
+  ``depth + 1`` (MAE's ``param_groups_lrd``; :func:`lut_jax.runtime.optim.create_finetune_optimizer`).
   Peak lr ``base_lr * batch / 256``, linear warmup then cosine to ``min_lr`` (1e-6), per step.
 * Regularisation: mixup 0.8 / cutmix 1.0 (one of them per batch, switch prob 0.5, timm's
   ``Mixup`` in ``batch`` mode) with label smoothing 0.1, computed on device with the step's
-  key; RandAugment and random erasing on the host (:mod:`lut_jax.evaluation.augment_ft`).
+  key; RandAugment and random erasing on the host (:mod:`lut_jax.data.augment_ft`).
 * Evaluation: top-1 / top-5 on the eval split after every ``eval_every_epochs`` epochs,
   each followed by a checkpoint; the latest (for resuming) and the best-top-1 one are kept.
 
 The step is a pure ``(state, batch, key) -> (state, metrics)`` function compiled once with
-``jax.jit`` over a data-parallel mesh, and the loop is pre-training's (:mod:`lut_jax.loop`):
+``jax.jit`` over a data-parallel mesh, and the loop is pre-training's (:mod:`lut_jax.runtime.loop`):
 the step key is ``fold_in(base_key, step)``, so a resumed run repeats an uninterrupted one;
 a NaN or an infinity stops the run before it reaches a checkpoint; SIGTERM (or a multi-host
 preemption notice) evaluates, saves and stops. This module imports without TensorFlow.
@@ -41,8 +41,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from lut_jax import checkpointing, loop, models, optim, sharding as sharding_lib, train_state
-from lut_jax.evaluation import common
+from lut_jax import metrics
+from lut_jax.models import vit
+from lut_jax.pretrain import train_state
+from lut_jax.runtime import checkpointing, loop, optim, sharding as sharding_lib
 
 # ------------------------------------------------------------------------------ model
 
@@ -71,7 +73,7 @@ class FinetuneViT(nn.Module):
     if self.pool not in ("mean", "cls"):
       raise ValueError(f"unknown fine-tuning pool {self.pool!r}; expected 'mean' or 'cls'")
     # MAE's global pool normalises the pooled token (fc_norm), not the tokens.
-    x = models.Encoder(self.image_size, self.patch_size, self.width, self.depth,
+    x = vit.Encoder(self.image_size, self.patch_size, self.width, self.depth,
                        self.num_heads, mlp_ratio=self.mlp_ratio,
                        drop_path_rate=self.drop_path_rate, final_norm=self.pool == "cls",
                        dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
@@ -251,7 +253,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *,
   logits = model.apply({"params": params}, batch["image"], train=False)
   mask = batch.get("mask", jnp.ones(logits.shape[0], bool))
   labels = jnp.maximum(batch["label"], 0)  # padding carries label -1
-  out = common.topk_correct(logits, labels, mask=mask)
+  out = metrics.topk_correct(logits, labels, mask=mask)
   ce = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
   out["loss"] = jnp.sum(ce * mask)
   out["count"] = jnp.sum(mask.astype(jnp.float32))
@@ -264,7 +266,7 @@ def evaluate(p_eval: Callable, params: Any, batches) -> dict[str, float]:
   for batch in batches:
     out = p_eval(params, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = common.scalars(totals)
+  totals = metrics.scalars(totals)
   n = max(totals.pop("count"), 1.0)
   return {"top1": 100.0 * totals["top1"] / n, "top5": 100.0 * totals["top5"] / n,
           "loss": totals["loss"] / n}
@@ -306,7 +308,7 @@ def finetune(
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
 
   if num_train_examples is None:
-    from lut_jax import datasets  # pylint: disable=g-import-not-at-top
+    from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top
     num_train_examples = datasets.get_source(config.input.dataset, config.input.train_split,
                                              config.input.data_dir).num_examples
   steps_per_epoch = max(num_train_examples // ft.batch_size, 1)
@@ -358,7 +360,7 @@ def finetune(
                      out_shardings=replicated)
 
     if train_data_fn is None:
-      from lut_jax.evaluation import augment_ft  # pylint: disable=g-import-not-at-top
+      from lut_jax.data import augment_ft  # pylint: disable=g-import-not-at-top
       train_iter = augment_ft.create_finetune_iterator(
           input_config, config.augment, split=config.input.train_split,
           batch_size=ft.batch_size, seed=config.seed, start_step=start_step,
@@ -366,7 +368,7 @@ def finetune(
     else:
       train_iter = train_data_fn(start_step)
     if eval_data is None:
-      from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+      from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
       eval_data = input_pipeline.create_eval_dataset(
           input_config, config.input.eval_split, batch_size=config.input.eval_batch_size,
           crop_pct=config.input.crop_pct, sharding=batch_sharding)

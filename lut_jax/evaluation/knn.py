@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lut_jax.evaluation import common
+from lut_jax import metrics
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -48,7 +48,7 @@ def knn_votes(bank: jax.Array, bank_labels: jax.Array, queries: jax.Array, *,
   onehot = jax.nn.one_hot(bank_labels[top_ids], num_classes, dtype=jnp.float32)  # (Q, k, C)
   votes = jnp.einsum("qk,qkc->qc", weights, onehot)
   # A query with a non-finite similarity (its feature, or any bank feature) gets NaN votes,
-  # which score as wrong (common.topk_correct): whether top_k picks a NaN neighbour is the
+  # which score as wrong (metrics.topk_correct): whether top_k picks a NaN neighbour is the
   # backend's choice, and a vote that skipped it would score a broken encoder.
   return jnp.where(jnp.all(jnp.isfinite(sims), axis=-1, keepdims=True), votes, jnp.nan)
 
@@ -86,7 +86,7 @@ def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any,
   """Top-1 / top-5 accuracy (percent) of the weighted kNN classifier on the test set."""
   votes = knn_classify(train_features, train_labels, test_features, num_classes=num_classes,
                        k=k, temperature=temperature, query_batch=query_batch)
-  correct = common.topk_correct(jnp.asarray(votes), jnp.asarray(test_labels, jnp.int32))
+  correct = metrics.topk_correct(jnp.asarray(votes), jnp.asarray(test_labels, jnp.int32))
   n = len(test_labels)
   return {name: 100.0 * float(count) / n for name, count in correct.items()}
 

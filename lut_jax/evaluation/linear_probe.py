@@ -3,7 +3,7 @@
 Head: BatchNorm without affine parameters (eps 1e-6, as MAE's ``BatchNorm1d(affine=False)``)
 then a linear layer (weights N(0, 0.01), zero bias). Optimizer: LARS (``optax.lars``,
 trust coefficient 0.001, momentum 0.9, weight decay 0 by default; biases excluded from decay
-and from the trust ratio as in MAE's ``LARS``: :func:`lut_jax.optim.create_probe_optimizer`),
+and from the trust ratio as in MAE's ``LARS``: :func:`lut_jax.runtime.optim.create_probe_optimizer`),
 peak lr ``base_lr * batch / 256`` with ``base_lr = 0.1``, linear warmup then cosine to 0, per
 step. The state is checkpointed after every epoch; a rerun resumes the newest intact one.
 
@@ -30,8 +30,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from lut_jax import checkpointing, models, optim, train_state
-from lut_jax.evaluation import common
+from lut_jax import metrics
+from lut_jax.models import vit
+from lut_jax.pretrain import train_state
+from lut_jax.runtime import checkpointing, optim
 
 
 class LinearProbe(nn.Module):
@@ -41,7 +43,7 @@ class LinearProbe(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = models.BatchNorm(epsilon=1e-6, use_affine=False, name="bn")(
+    x = vit.BatchNorm(epsilon=1e-6, use_affine=False, name="bn")(
         x.astype(jnp.float32), use_running_average=not train)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.01),
                     name="head")(x)
@@ -100,7 +102,7 @@ def evaluate(state: train_state.ClassifierState, model: LinearProbe, features: A
     if pad:  # one compiled shape for every batch
       x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
       y = np.concatenate([y, np.zeros((pad,), y.dtype)])
-    correct = common.topk_correct(_logits(state, jnp.asarray(x), model=model),
+    correct = metrics.topk_correct(_logits(state, jnp.asarray(x), model=model),
                                   jnp.asarray(y), mask=jnp.asarray(mask))
     for k in totals:
       totals[k] += float(correct[k])
@@ -161,7 +163,7 @@ def train_linear_probe(
       state, metrics = train_epoch(state, train_features, train_labels,
                                    jax.random.fold_in(shuffle_key, epoch), model=model,
                                    steps=steps, batch_size=batch_size)
-      scalars = common.scalars(metrics)
+      scalars = metrics.scalars(metrics)
       scalars.update(lr=float(schedule((epoch + 1) * steps - 1)), epoch=epoch + 1,
                      epoch_seconds=time.time() - t0)
       if (epoch + 1) % eval_every_epochs == 0 or epoch + 1 == epochs:

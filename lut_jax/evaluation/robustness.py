@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lut_jax import checkpointing, config_lib, errors, folders, sharding as sharding_lib
-from lut_jax.evaluation import common, eval_config, features, finetune
+from lut_jax import config_lib, errors, metrics
+from lut_jax.data import folders
+from lut_jax.evaluation import eval_config, features, finetune
+from lut_jax.runtime import checkpointing, sharding as sharding_lib
 
 SETS = ("imagenet_v2", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_c")
 TITLES = {"imagenet_v2": "ImageNet-V2", "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R",
@@ -324,7 +326,7 @@ class Part:
   Attributes:
     set_name: a :data:`SETS` name.
     key: the results' key prefix: the set name, or ``imagenet_c/<corruption>/<severity>``.
-    dataset: the data source (a tfds name or ``folder:PATH``; ``lut_jax.datasets``).
+    dataset: the data source (a tfds name or ``folder:PATH``; ``lut_jax.data.datasets``).
     split: the split read.
     crop_pct: the eval view's centre crop.
     set_dataset: the set's ``robustness.<set>.dataset`` (ImageNet-C's root).
@@ -375,7 +377,7 @@ def parts(config: ml_collections.ConfigDict) -> list[Part]:
 
 
 def _class_folders(part: Part) -> list[str]:
-  """The class folder names of a folder source, as ``lut_jax.datasets`` reads them."""
+  """The class folder names of a folder source, as ``lut_jax.data.datasets`` reads them."""
   root = epath.Path(part.dataset[len(folders.FOLDER_PREFIX):])
   split = part.split.split("[")[0]
   if split and (root / split).is_dir():
@@ -414,7 +416,7 @@ def label_map(part: Part, num_classes: Optional[int]) -> Optional[np.ndarray]:
 def _find_sources(all_parts: Sequence[Part], data_dir: Optional[str]):
   """``(present, missing)``: ``[(part, source)]`` of the prepared parts, and per set the
   ``DataNotFoundError`` of its first missing part and how many parts are missing."""
-  from lut_jax import datasets  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top (TensorFlow)
   present, missing = [], {}
   for part in all_parts:
     try:
@@ -486,7 +488,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str, *,
     errors.DataNotFoundError: no set is prepared, or one is not and ``skip_missing`` is off.
     errors.ConfigError: the classifier is not an ImageNet-1k one.
   """
-  from lut_jax import input_pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
 
   all_parts = parts(config)
   present, missing = _find_sources(all_parts, config.input.data_dir)
@@ -565,7 +567,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str, *,
     for batch in batches:
       out = step(classifier.params, batch)
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    counts = common.scalars(sums)
+    counts = metrics.scalars(sums)
     top1 = 100.0 * counts["correct"] / max(counts["count"], 1.0)
     examples[part.key] = int(counts["count"])
     logging.info("%s (%s, %s): top-1 %.2f%% on %d images", part.key, part.dataset,

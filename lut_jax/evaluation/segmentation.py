@@ -7,7 +7,7 @@
   with statistics over the global batch (SyncBN; ``segmentation.norm="group"`` instead for
   tiny batches); drop path 0.1 in the encoder, channel dropout 0.1 before the classifiers.
 * Loss: per-pixel cross-entropy, ignore label 255 (:mod:`segmentation_metrics`).
-* Optimizer: :func:`lut_jax.optim.create_finetune_optimizer`: AdamW (0.9, 0.999), weight
+* Optimizer: :func:`lut_jax.runtime.optim.create_finetune_optimizer`: AdamW (0.9, 0.999), weight
   decay 0.05 (not on biases, norms, the cls token), layer-wise lr decay (patch embedding
   layer 0, block ``i`` layer ``i + 1``, neck and heads layer ``depth + 1``, the full lr).
   The lr is used as given (BEiT's is for batch 16; no linear scaling), with a linear warmup
@@ -18,7 +18,7 @@
   the whole eval split gives mIoU, pixel accuracy and mean class accuracy. Each process
   evaluates its share of the split on its first device; the matrices are summed.
 
-The loop is fine-tuning's (:mod:`lut_jax.loop`, :mod:`lut_jax.evaluation.finetune`): a pure
+The loop is fine-tuning's (:mod:`lut_jax.runtime.loop`, :mod:`lut_jax.evaluation.finetune`): a pure
 jitted ``(state, batch, key)`` step over a data-parallel mesh with ``fold_in(base_key,
 step)`` keys; evaluation and an Orbax checkpoint every ``eval_every_steps`` (latest and
 best mIoU kept); a rerun resumes; a NaN stops the run before it is saved; SIGTERM
@@ -41,10 +41,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from lut_jax import checkpointing, loop, optim, sharding as sharding_lib, train_state
 from lut_jax.evaluation import segmentation_metrics as seg_metrics
-from lut_jax.evaluation import segmentation_model as seg_model
-from lut_jax.evaluation import upernet
+from lut_jax.models import segmenter as seg_model, upernet
+from lut_jax.pretrain import train_state
+from lut_jax.runtime import checkpointing, loop, optim, sharding as sharding_lib
 
 DATASETS = ("fashion_seg", "folder", "scene_parse150")  # segmentation_data's sources
 SCHEDULES = ("poly", "cosine")
@@ -289,7 +289,7 @@ def segment(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
 
   data_source = None
   if train_data_fn is None or eval_data is None:
-    from lut_jax.evaluation import segmentation_data  # pylint: disable=g-import-not-at-top
+    from lut_jax.data import segmentation_data  # pylint: disable=g-import-not-at-top
     data_source = segmentation_data
     train_source = segmentation_data.get_source(config.input, config.input.train_split,
                                                 config.get("synthetic"))

@@ -1,0 +1,438 @@
+"""The on-device input path (``input.backend = "device"``): the split lives in accelerator
+memory and a jitted function of ``(seed, step)`` makes each batch's two views there.
+
+For data sets that fit in device memory (Fashion-MNIST, MNIST-like idx files, CIFAR-sized
+tfds splits, small local image folders): the images are decoded once to uint8, placed on every device of the mesh, and
+each step gathers its examples and builds both views without the host: no tf.data, no
+TensorFlow, no per-step host work beyond dispatching one call.
+
+The recipe is the tf.data path's (lut_jax/data/augment.py, after the reference):
+
+* view 1 (weak): 4 px reflect padding, a random ``S x S`` crop (every offset equally
+  likely), a horizontal flip with p 0.5, ImageNet normalisation;
+* view 2 (strong): the same geometry drawn independently, then the colour ops of
+  :mod:`lut_jax.data.device_augment` (jitter with p 0.8, one of grayscale / solarize / blur).
+
+Images whose size is not ``input.image_size`` are resized once, when loaded (shorter side
+bicubic, then centre crop), instead of at every step as the tf.data path does; for square
+sources this is the same resize.
+
+Order and randomness: epoch ``e`` visits the split in the order of a permutation keyed by
+``(seed, e)``; the batch at step ``k`` is positions ``[j*B, (j+1)*B)`` of epoch
+``k // steps_per_epoch`` (``j`` its remainder), and every example's draws are keyed by
+``(seed, epoch, example index)``. So a batch is a function of ``(seed, step)`` alone: a
+resumed run sees exactly the batches of an uninterrupted one, on any mesh and any number of
+processes. The whole split is replicated on every device: gathering a batch then needs no
+communication whatever the permutation picks (a split sharded over devices would need an
+all-to-all per step), at the cost of device memory, which the loader reports.
+The tf.data path draws its augmentations from TensorFlow's generators, so the two paths
+give different (equally distributed) batches for the same seed.
+
+No TensorFlow here: this module is part of the accelerator-side core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import re
+from typing import Any, Iterator
+
+from absl import logging
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from lut_jax import errors
+from lut_jax.data import device_augment, folders, idx
+from lut_jax.runtime import sharding
+
+BACKENDS = ("tfdata", "device")
+PADDING = 4  # reflect padding before the random crop (reference: RandomCrop(padding=4))
+# Keeps this path's random streams apart from anything else keyed on the same seed.
+_SEED_SALT = 0x4C555444  # "LUTD" (fold_in takes 32 bits)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A split in host memory: ``images`` uint8 ``(N, S, S, C)``, ``labels`` int32 ``(N,)``
+  (-1 where the data set has none), and where it came from."""
+
+  images: np.ndarray
+  labels: np.ndarray
+  description: str
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.images.shape[0])
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """SHA-256 of the examples and labels in their order: what a step's batch is drawn
+    from, wherever the files live."""
+    digest = hashlib.sha256(str(self.images.shape).encode())
+    digest.update(np.ascontiguousarray(self.images).data)
+    digest.update(np.ascontiguousarray(self.labels).data)
+    return digest.hexdigest()
+
+
+_SLICE = re.compile(r"^(?P<base>[\w-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+def slice_split(split: str, sizes: dict[str, int]) -> tuple[str, int, int]:
+  """``"train[:90%]"`` -> ``("train", 0, 0.9 * n)``: tfds's slice syntax (absolute or
+  percent bounds, negative from the end, percents rounded to the closest example)."""
+  match = _SLICE.match(split.replace(" ", ""))
+  if match is None or match["base"] not in sizes:
+    raise errors.DataError(f"bad split {split!r}; available: {sorted(sizes)}",
+                           hint="tfds slice syntax, e.g. 'train[:90%]'")
+  n = sizes[match["base"]]
+
+  def bound(text: str | None, default: int) -> int:
+    if text is None:
+      return default
+    value = (round(n * int(text[:-1]) / 100) if text.endswith("%")  # tfds: "closest"
+             else int(text))
+    return min(n, max(0, value + n if value < 0 else value))
+
+  return match["base"], bound(match["start"], 0), bound(match["stop"], n)
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 NHWC of one shape -> shorter side ``size`` (bicubic, antialiased), centre
+  ``size x size`` crop, uint8. Once per split, in chunks to bound host memory."""
+  _, height, width, channels = images.shape
+  if (height, width) == (size, size):
+    return images
+  scale = size / min(height, width)
+  new_h, new_w = max(size, int(height * scale)), max(size, int(width * scale))
+  top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+  resize = jax.jit(lambda x: jnp.clip(jnp.round(jax.image.resize(
+      x.astype(jnp.float32), (x.shape[0], new_h, new_w, channels), "cubic", antialias=True)),
+      0, 255).astype(jnp.uint8)[:, top:top + size, left:left + size])
+  chunks = [np.asarray(resize(images[i:i + 4096])) for i in range(0, len(images), 4096)]
+  return np.concatenate(chunks)
+
+
+def _fashion_mnist(split: str, data_dir: str | None) -> Split:
+  base, start, stop = slice_split(split, {"train": 60_000, "test": 10_000})
+  idx_dir = idx.find_fashion_mnist(data_dir, base)
+  if idx_dir is None:
+    raise errors.DataNotFoundError(
+        f"Fashion-MNIST idx files not found (looked in $FASHION_MNIST_DIR, input.data_dir "
+        f"and {idx.FASHION_MNIST_DIR})",
+        hint="install Debian's dataset-fashion-mnist package or set FASHION_MNIST_DIR")
+  images, labels = idx.load_fashion_mnist(idx_dir, base)
+  return Split(images[start:stop, :, :, None], labels[start:stop].astype(np.int32),
+               f"Fashion-MNIST idx files in {idx_dir} ({split})")
+
+
+def _resize_one(image: Any, size: int) -> Any:
+  """A PIL image -> shorter side ``size`` (bicubic; pillow antialiases when shrinking), then
+  the centre ``size x size`` crop: :func:`_resize`'s arithmetic, for images of any size."""
+  from PIL import Image  # local: only folders need it
+
+  width, height = image.size
+  if (height, width) == (size, size):
+    return image
+  scale = size / min(height, width)
+  new_h, new_w = max(size, int(height * scale)), max(size, int(width * scale))
+  top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+  return image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop(
+      (left, top, left + size, top + size))
+
+
+def _folder(name: str, split: str, image_size: int) -> Split:
+  """A local image folder (``<folder>/<class>/**/<image>``, or ``<folder>/<split>/<class>/...``
+  when a sub-folder named like the split exists, as on the tf.data path), decoded with
+  pillow, each image resized at load time (shorter side to ``image_size``, bicubic, centre
+  crop). Files are decoded by :mod:`lut_jax.data.image_decode`, as on the tf.data path; those
+  that do not decode are skipped with one warning."""
+  from lut_jax.data import image_decode  # local: only folders need pillow
+
+  root = name[len(folders.FOLDER_PREFIX):]
+  if not os.path.isdir(root):
+    raise errors.DataNotFoundError(
+        f"{name!r}: {root!r} is not a local directory",
+        hint="expected folder:<folder> with <folder>/<class>/<image>; folders on object "
+             "stores (gs://) need input.backend='tfdata'")
+  base = split.split("[")[0]
+  root, train_root = folders.split_folder(name, root, split)
+  listing = folders.list_local_folder(root)
+  listing.warn(name)
+  if train_root is not None:
+    folders.follow_classes(listing, folders.local_class_names(train_root), name, split)
+  _, start, stop = slice_split(split, {base: len(listing.files)})
+  images, labels, skipped, grey = [], [], [], True
+  for path, label in zip(listing.files[start:stop], listing.labels[start:stop]):
+    try:
+      image = image_decode.open_image(path)
+    except image_decode.DECODE_ERRORS:
+      skipped.append(path)
+      continue
+    grey = grey and image.mode == "L"
+    images.append(np.asarray(_resize_one(image, image_size).convert("RGB"), np.uint8))
+    labels.append(label)
+  if skipped:
+    logging.warning("%s: skipped %d files that cannot be decoded as images, e.g. %s", name,
+                    len(skipped), skipped[:3])
+  if not images:
+    raise errors.DataNotFoundError(
+        f"{name!r} split {split!r}: no decodable images in class sub-folders of {root}",
+        hint="expected <folder>/<class>/<image> (or <folder>/<split>/<class>/<image>)")
+  stacked = np.stack(images)
+  if grey:  # every file was single-channel: keep one channel (views add the rest)
+    stacked = stacked[..., :1]
+  return Split(stacked, np.asarray(labels, np.int32),
+               f"image folder {root} ({len(listing.classes)} classes, {split})")
+
+
+def _tfds(name: str, split: str, data_dir: str | None) -> Split:
+  """Any prepared tfds split in a random-access format, read without TensorFlow."""
+  try:
+    from lut_jax.data import tfds_open  # local: tensorflow_datasets is optional on this route
+  except ImportError:
+    raise errors.DataError(
+        f"input.backend='device' reads {name!r} through tensorflow_datasets, which is not "
+        "installed", hint="pip install tensorflow-datasets, or use fashion_mnist") from None
+  builder = tfds_open.prepared_builder(name, data_dir, random_access=True)
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception as e:  # noqa: BLE001  tfds raises many kinds; all mean "cannot read"
+    raise errors.DataError(
+        f"cannot read tfds {name!r} split {split!r} without TensorFlow: {e}".split("\n")[0],
+        hint="tfds.data_source needs the data set prepared in array_record format (tfds "
+             "build --file_format=array_record); or use input.backend='tfdata'") from None
+  records = [source[i] for i in range(len(source))]
+  shapes = {np.shape(r["image"]) for r in records}
+  if len(shapes) != 1:
+    raise errors.DataError(
+        f"tfds {name!r} split {split!r} has images of {len(shapes)} different sizes; the "
+        "device path needs one size", hint="use input.backend='tfdata'")
+  labels = np.asarray([r.get("label", -1) for r in records], np.int32)
+  return Split(np.stack([np.asarray(r["image"], np.uint8) for r in records]), labels,
+               f"tfds {name} ({split}) via tfds.data_source")
+
+
+def load_split(input_config: Any, split: str | None = None) -> Split:
+  """See :func:`_load_split` (cached: the loop and the monitor ask for the same splits)."""
+  return _load_split(input_config.dataset, split or input_config.split,
+                     input_config.get("data_dir", None), input_config.image_size,
+                     input_config.channels)
+
+
+_SELECTOR = re.compile(r"^(?P<split>[^{]+)\{(?P<body>[^}]*)\}$")
+
+
+def select_examples(split: str, labels: np.ndarray) -> tuple[str, np.ndarray | None]:
+  """Splits ``"train{classes=0-4,per_class=:400}"`` into the split to read (``"train"``)
+  and the indices of the selected examples, in file order (``None``: no selector).
+
+  ``classes=A-B`` (or ``A,B`` with ``;``: ``classes=0;3;7``) keeps those labels;
+  ``per_class=START:STOP`` keeps, of each class, its examples ``START..STOP-1`` counted in
+  file order. So ``train{per_class=:400}`` is a fixed, class-balanced subset and
+  ``train{per_class=400:500}`` a disjoint held-out one. ``labels`` may be ``None`` to only
+  parse.
+  """
+  match = _SELECTOR.match(split.replace(" ", ""))
+  if match is None:
+    return split, None
+  keep = None if labels is None else np.ones(len(labels), bool)
+  for item in filter(None, match["body"].split(",")):
+    key, _, value = item.partition("=")
+    try:
+      if key == "classes":
+        wanted = set()
+        for part in value.split(";"):
+          low, _, high = part.partition("-")
+          wanted.update(range(int(low), int(high or low) + 1))
+        if labels is not None:
+          keep &= np.isin(labels, sorted(wanted))
+      elif key == "per_class":
+        start, _, stop = value.partition(":")
+        start, stop = int(start or 0), (int(stop) if stop else None)
+        if labels is not None:
+          rank = np.zeros(len(labels), np.int64)  # index of each example within its class
+          for c in np.unique(labels):
+            rank[labels == c] = np.arange(np.sum(labels == c))
+          keep &= (rank >= start) & (rank < (np.inf if stop is None else stop))
+      else:
+        raise ValueError(key)
+    except ValueError:
+      raise errors.DataError(
+          f"bad example selector {item!r} in split {split!r}",
+          hint="e.g. 'train{per_class=:400}' or 'train{classes=0-4,per_class=:400}'"
+      ) from None
+  return match["split"], None if keep is None else np.flatnonzero(keep)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_split(dataset: str, split: str, data_dir: str | None, image_size: int,
+                channels: int) -> Split:
+  """:func:`_read_split`, then the examples ``split``'s selector keeps (see
+  :func:`select_examples`)."""
+  base, _ = select_examples(split, None)
+  data = _read_split(dataset, base, data_dir, image_size, channels)
+  if base == split:
+    return data
+  _, kept = select_examples(split, data.labels)
+  if len(kept) == 0:
+    raise errors.DataError(f"{dataset!r} split {split!r} selects no examples")
+  return Split(data.images[kept], data.labels[kept], f"{data.description} {split}")
+
+
+@functools.lru_cache(maxsize=4)
+def _read_split(dataset: str, split: str, data_dir: str | None, image_size: int,
+                channels: int) -> Split:
+  """``input_config``'s data set (``split`` or ``input_config.split``) as uint8 arrays at
+  ``image_size``, with the stored channels (1 for grey sources; views add the rest).
+
+  Raises:
+    errors.DataError: an unknown split, a source the device path cannot read (folders on
+      object stores, tfds data sets without random access or with images of several
+      sizes).
+    errors.DataNotFoundError: the data set is not on this machine.
+  """
+  if dataset.startswith(folders.FOLDER_PREFIX):
+    data = _folder(dataset, split, image_size)
+  elif dataset == "fashion_mnist":
+    data = _fashion_mnist(split, data_dir)
+  else:
+    data = _tfds(dataset, split, data_dir)
+  if data.num_examples == 0:
+    raise errors.DataError(f"{dataset!r} split {split!r} selects no examples")
+  if data.images.ndim == 3:
+    data = dataclasses.replace(data, images=data.images[..., None])
+  images = _resize(data.images, image_size)
+  if channels == 1 and images.shape[-1] == 3:
+    grey = images.astype(np.float32) @ np.asarray(device_augment.GRAY_WEIGHTS, np.float32)
+    images = np.round(grey)[..., None].astype(np.uint8)
+  return dataclasses.replace(data, images=images)
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def crop_flip(image: jax.Array, offset_y: jax.Array, offset_x: jax.Array,
+              flip: jax.Array) -> jax.Array:
+  """Reflect-pads one HWC image by ``PADDING``, crops its size back at the offsets (in
+  ``[0, 2 * PADDING]``), flips horizontally if ``flip``: ``augment.crop_flip`` in JAX."""
+  height, width, channels = image.shape
+  padded = jnp.pad(image, ((PADDING, PADDING), (PADDING, PADDING), (0, 0)), mode="reflect")
+  crop = lax.dynamic_slice(padded, (offset_y, offset_x, 0), (height, width, channels))
+  return jnp.where(flip, crop[:, ::-1], crop)
+
+
+def _random_crop_flip(image: jax.Array, key: jax.Array) -> jax.Array:
+  ky, kx, kf = jax.random.split(key, 3)
+  offset = lambda k: jax.random.randint(k, (), 0, 2 * PADDING + 1)  # noqa: E731
+  return crop_flip(image, offset(ky), offset(kx), jax.random.uniform(kf) < 0.5)
+
+
+def _with_channels(images: jax.Array, channels: int) -> jax.Array:
+  """Grey sources shown as RGB when the model takes three channels (the tf.data path's
+  ``decode`` does the same)."""
+  if images.shape[-1] == channels:
+    return images
+  return jnp.broadcast_to(images, images.shape[:-1] + (channels,))
+
+
+def make_views(images: jax.Array, keys: jax.Array, *, channels: int,
+               two_views: bool) -> dict[str, jax.Array]:
+  """uint8 ``(B, S, S, C0)`` images and one key per example -> ``{"view1"[, "view2"]}``,
+  normalised float32 ``(B, S, S, channels)``: the weak view, and the strong view with its
+  own geometry and colour draws."""
+  images = _with_channels(images, channels)
+  view_keys = jax.vmap(lambda k: jax.random.split(k, 3))(keys)  # geometry 1, 2, colour 2
+  out = {"view1": device_augment.normalize(
+      jax.vmap(_random_crop_flip)(images, view_keys[:, 0]))}
+  if two_views:
+    crops = jax.vmap(_random_crop_flip)(images, view_keys[:, 1])
+    colour = jax.vmap(device_augment.sample_params_one)(view_keys[:, 2])
+    out["view2"] = device_augment.normalize(device_augment.colour_augment(crops, colour))
+  return out
+
+
+def eval_images(images: jax.Array, channels: int) -> jax.Array:
+  """uint8 images at the model's size -> the normalised whole images evaluation uses."""
+  return device_augment.normalize(_with_channels(jnp.asarray(images), channels))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class DeviceData:
+  """The pre-training split on the devices and the jitted maker of each step's batch.
+
+  Attributes:
+    num_examples: examples in the split.
+    steps_per_epoch: global batches per epoch (the remainder is left out, changing with
+      each epoch's permutation).
+  """
+
+  def __init__(self, input_config: Any, *, seed: int, mesh: jax.sharding.Mesh,
+               two_views: bool = True, split: Split | None = None):
+    split = split or load_split(input_config)
+    self.num_examples = split.num_examples
+    self.batch_size = input_config.batch_size
+    self.steps_per_epoch = self.num_examples // self.batch_size
+    if self.steps_per_epoch == 0:
+      raise errors.DataError(
+          f"{input_config.dataset} split {input_config.split!r} has {self.num_examples} "
+          f"examples, fewer than one batch of {self.batch_size}",
+          hint="use a smaller batch size or more data")
+    replicated = sharding.replicated(mesh)
+    # Every process holds the whole split, so each can fill its devices' copies.
+    self.images = jax.make_array_from_callback(split.images.shape, replicated,
+                                               lambda index: split.images[index])
+    logging.info("Pre-training input on the devices: %s, %d examples of %s uint8 "
+                 "(%.1f MB on every device), %d steps per epoch.", split.description,
+                 self.num_examples, split.images.shape[1:], split.images.nbytes / 2**20,
+                 self.steps_per_epoch)
+    key = jax.random.fold_in(jax.random.key(seed), _SEED_SALT)
+    make = lambda images, step: batch_at(  # noqa: E731
+        images, step, key, batch_size=self.batch_size,
+        steps_per_epoch=self.steps_per_epoch, channels=input_config.channels,
+        two_views=two_views)
+    self._make = jax.jit(make, out_shardings=sharding.batch_sharding(mesh))
+
+  def batch(self, step: int) -> dict[str, jax.Array]:
+    """The global batch of ``step`` (asynchronous: returns before it is computed)."""
+    return self._make(self.images, np.int32(step))
+
+  def iterator(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
+    """Batches from ``start_step`` on, forever."""
+    step = start_step
+    while True:
+      yield self.batch(step)
+      step += 1
+
+
+def batch_at(images: jax.Array, step: jax.Array, key: jax.Array, *, batch_size: int,
+             steps_per_epoch: int, channels: int, two_views: bool) -> dict[str, jax.Array]:
+  """The views of step ``step``: positions ``[j*B, (j+1)*B)`` of epoch ``step //
+  steps_per_epoch``'s permutation, each example keyed by (epoch, example index)."""
+  epoch, position = jnp.divmod(step, steps_per_epoch)
+  epoch_key = jax.random.fold_in(key, epoch)
+  order = jax.random.permutation(epoch_key, images.shape[0])
+  ids = lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
+  keys = jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(ids)
+  return make_views(images[ids], keys, channels=channels, two_views=two_views)
+
+
+def check_backend(input_config: Any) -> None:
+  """Raises ``ConfigError`` for an unknown ``input.backend``, or options it ignores."""
+  backend = input_config.backend
+  if backend not in BACKENDS:
+    raise errors.ConfigError(f"unknown input.backend {backend!r}; expected one of {BACKENDS}")
+  if backend == "device" and input_config.device_augment:
+    raise errors.ConfigError(
+        "input.device_augment applies to input.backend='tfdata' only (the device path "
+        "makes both views on the device anyway)", hint="drop input.device_augment")
+
