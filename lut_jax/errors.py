@@ -245,8 +245,9 @@ def _report_config_file_errors() -> None:
 
   for name in flags.FLAGS:
     parser = flags.FLAGS[name].parser
-    # By name, as _ErrorConfig: ml_collections does not export its class.
-    if type(parser).__name__ == "ConfigFileFlagParser":
+    # By name, as _ErrorConfig: ml_collections does not export its class. Once (an
+    # instance's own parse is the wrapper), should run_app run twice in a process.
+    if type(parser).__name__ == "ConfigFileFlagParser" and "parse" not in vars(parser):
       parser.parse = reporting(name, parser.parse)
 
 
