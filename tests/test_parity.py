@@ -78,12 +78,12 @@ def timm_vit(width, depth, heads, patch):
 def test_encoder_matches_timm(data):
   view1, _, _ = data
   model = util.tiny_model()
-  vit = timm_vit(model.width, model.depth, model.num_heads, model.patch_size).eval()
-  ref.randomize_(vit, torch.Generator().manual_seed(2))
+  timm_model = timm_vit(model.width, model.depth, model.num_heads, model.patch_size).eval()
+  ref.randomize_(timm_model, torch.Generator().manual_seed(2))
   with torch.no_grad():  # timm learns pos_embed; ours is the fixed table
-    vit.pos_embed.copy_(torch.from_numpy(ref.sincos_table(model.width, IMAGE // 4))[None])
-    expected = vit.forward_features(view1)
-  encoder_params = convert.encoder_params_from_timm_state_dict(vit.state_dict(), model)
+    timm_model.pos_embed.copy_(torch.from_numpy(ref.sincos_table(model.width, IMAGE // 4))[None])
+    expected = timm_model.forward_features(view1)
+  encoder_params = convert.encoder_params_from_timm_state_dict(timm_model.state_dict(), model)
   encoder = vit.Encoder(IMAGE, model.patch_size, model.width, model.depth, model.num_heads)
   ours = encoder.apply({"params": encoder_params}, nhwc(view1))
   assert_close(ours, expected, "encoder tokens vs timm")
@@ -98,11 +98,11 @@ def test_exported_encoder_runs_in_timm(data):
   rng = np.random.default_rng(3)
   params = jax.tree.map(
       lambda s: (rng.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(np.float32), shapes)
-  vit = timm_vit(model.width, model.depth, model.num_heads, model.patch_size).eval()
+  timm_model = timm_vit(model.width, model.depth, model.num_heads, model.patch_size).eval()
   timm_sd = convert.encoder_to_timm_state_dict(params, image_size=IMAGE)
-  vit.load_state_dict(convert.torch_tensors(timm_sd), strict=True)
+  timm_model.load_state_dict(convert.torch_tensors(timm_sd), strict=True)
   with torch.no_grad():
-    expected = vit.forward_features(view1)
+    expected = timm_model.forward_features(view1)
   assert_close(encoder.apply({"params": params}, nhwc(view1)), expected, "exported encoder")
 
 

@@ -160,10 +160,10 @@ def train_linear_probe(
       logging.info("linear probe: resumed at step %d", int(state.step))
     for epoch in range(int(state.step) // max(steps, 1), epochs):
       t0 = time.time()
-      state, metrics = train_epoch(state, train_features, train_labels,
+      state, epoch_metrics = train_epoch(state, train_features, train_labels,
                                    jax.random.fold_in(shuffle_key, epoch), model=model,
                                    steps=steps, batch_size=batch_size)
-      scalars = metrics.scalars(metrics)
+      scalars = metrics.scalars(epoch_metrics)
       scalars.update(lr=float(schedule((epoch + 1) * steps - 1)), epoch=epoch + 1,
                      epoch_seconds=time.time() - t0)
       if (epoch + 1) % eval_every_epochs == 0 or epoch + 1 == epochs:
