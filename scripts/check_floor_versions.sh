@@ -42,7 +42,7 @@ run 4
 echo "== export and reload"
 "$VENV/bin/lut-export" --workdir="$WORK/run" --out="$WORK/export"
 "$VENV/bin/python" -c "
-from lut_jax.evaluation import features
-p = features.load_pretrained('$WORK/export')
+from lut_jax.weights import loading
+p = loading.load('$WORK/export')
 print('reloaded', p.kind, p.config['width'], 'wide, depth', p.config['depth'])"
 echo "== floor versions OK"

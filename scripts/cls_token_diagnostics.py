@@ -42,10 +42,10 @@ def diagnose(path: str, raw_images: list[np.ndarray], batch_size: int = 128) -> 
   tokens = jax.jit(lambda p, im: m.encoder.apply({"params": p}, im))
   to_cls, self_cls, cosines = 0.0, 0.0, []
   for chunk, n in images_lib.batches(x, batch_size):
-    probs = np.stack([np.asarray(p[:n]) for p in attention(m.encoder_params, chunk)])
+    probs = np.stack([np.asarray(p[:n]) for p in attention(m.params, chunk)])
     to_cls = to_cls + probs[:, :, :, 1:, 0].mean(axis=(2, 3)).sum(axis=1)  # (blocks,)
     self_cls = self_cls + probs[:, :, :, 0, 0].mean(axis=2).sum(axis=1)
-    out = tokens(m.encoder_params, chunk)
+    out = tokens(m.params, chunk)
     cls, mean = np.asarray(out[:n, 0]), np.asarray(vit.mean_patch_token(out[:n]))
     cosines.append((cls * mean).sum(-1) / np.linalg.norm(cls, axis=-1)
                    / np.linalg.norm(mean, axis=-1))

@@ -48,6 +48,7 @@ from lut_jax.data import device_input
 from lut_jax.evaluation import features, knn, linear_probe
 from lut_jax.pretrain import build, monitor, train
 from lut_jax.runtime import host_memory, sharding
+from lut_jax.weights import loading
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Base directory of the runs.")
 _RESULTS = flags.DEFINE_string("results", "", "Markdown file for the results section.")
@@ -188,7 +189,7 @@ def run(method: str, seed: int, splits) -> dict:
     out["pretrain_cpu_seconds"] = time.process_time() - cpu0  # all threads of this process
     out["monitor"] = monitor.read_history(run_dir)
   if method != "random":
-    pretrained = features.load_pretrained(run_dir)
+    pretrained = loading.load(run_dir, encoder_only=True)
     encoder, params = pretrained.encoder, pretrained.params
   (train_images, train_labels), (test_images, test_labels) = splits
   train_f = _features(encoder, params, train_images, config.input.channels)

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 import compare_lut_mae  # noqa: E402  pylint: disable=g-import-not-at-top
 from lut_jax import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from lut_jax.data import device_input
-from lut_jax.evaluation import features
+from lut_jax.weights import loading
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
             for name, split in (("train", args.train_split), ("eval", args.eval_split))}
   results = {}
   for path in args.checkpoints:
-    encoder = features.load_pretrained(path)
+    encoder = loading.load(path, encoder_only=True)
     feats = {name: compare_lut_mae._features(encoder.encoder, encoder.params,  # pylint: disable=protected-access
                                              split.images, encoder.channels)
              for name, split in splits.items()}

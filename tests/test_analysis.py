@@ -14,11 +14,10 @@ from PIL import Image
 from lut_jax import errors
 from lut_jax.analysis import attention_distance, maps, spectrum
 from lut_jax.cli import analyze as analyze_cli
-from lut_jax.evaluation import features
-from lut_jax.models import vit
+from lut_jax.models import variants, vit
 from lut_jax.pretrain import train_state
 from lut_jax.runtime import checkpointing, optim
-from lut_jax.weights import loading
+from lut_jax.weights import loading, sources
 from tests import util
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -154,16 +153,16 @@ def test_loading_and_cli(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # relative paths work too (Orbax itself wants absolute ones)
   loaded = loading.load("lut")
   assert loaded.kind == "workdir" and loaded.step == 3 and loaded.has_decoder
-  jax.tree.map(np.testing.assert_array_equal, loaded.params, jax.device_get(state.params))
+  jax.tree.map(np.testing.assert_array_equal, loaded.model_params, jax.device_get(state.params))
   teacher = loading.load(str(lut_dir / "checkpoints" / "3"), which="target_params")
   assert teacher.step == 3
   with pytest.raises(errors.WorkdirError, match="target_params"):  # user error: one line
     loading.load(str(mae_dir), which="target_params")
 
   # An exported encoder (no decoder: reconstructions are skipped) and a probe for Grad-CAM.
-  enc_dir = checkpointing.export_encoder(
-      str(tmp_path / "encoder"), loaded.encoder_params,
-      dict(image_size=16, patch_size=4, width=32, depth=2, num_heads=2))
+  enc_dir = sources.write_export(
+      str(tmp_path / "encoder"), loaded.params,
+      variants.EncoderConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2))
   probe = tmp_path / "probe.npz"
   rng = np.random.default_rng(0)
   np.savez(probe, kernel=rng.normal(size=(32, 10)).astype(np.float32),
@@ -180,7 +179,7 @@ def test_loading_and_cli(tmp_path, monkeypatch):
                  "batch_stats": {"bn": {"mean": np.zeros(32, np.float32),
                                         "var": np.ones(32, np.float32)}}}, force=True)
   ckpt.close()
-  (probe_dir / "checkpoints" / features.RESUME_KEY_FILE).write_text(json.dumps(
+  (probe_dir / "checkpoints" / sources.RESUME_KEY_FILE).write_text(json.dumps(
       {"mode": "linear_probe", "key": {"pools": ["cls"], "split": "train"}}))
   (probe_dir / "config.json").write_text(json.dumps({"linear_probe": {"pool": "mean"}}))
 
@@ -231,9 +230,9 @@ def test_load_torch_reference_checkpoint(tmp_path):
   assert loaded.kind == "torch" and loaded.has_decoder
   assert (loaded.image_size, loaded.patch_size, loaded.encoder.depth) == (16, 4, 2)
   assert not loaded.norm_pix and loaded.mask_ratio == 0.6
-  jax.tree.map(np.testing.assert_allclose, loaded.params["encoder"],
+  jax.tree.map(np.testing.assert_allclose, loaded.model_params["encoder"],
                jax.device_get(variables["params"]["encoder"]))
-  jax.tree.map(np.testing.assert_allclose, loaded.params["decoder"],
+  jax.tree.map(np.testing.assert_allclose, loaded.model_params["decoder"],
                jax.device_get(variables["params"]["decoder"]))
   # Encoder only (timm-like): no decoder tensors -> encoder alone.
   encoder_only = {k: v for k, v in state_dict.items() if not k.startswith(("decoder", "mask"))}

@@ -16,6 +16,7 @@ from configs import linear_probe as lp_config
 from lut_jax import errors
 from lut_jax.evaluation import eval_config, features, knn, linear_probe
 from lut_jax.models import vit
+from lut_jax.weights import loading, sources
 
 IMAGE, PATCH, WIDTH, DEPTH = 16, 4, 32, 2
 ENCODER_CONFIG = {"image_size": IMAGE, "patch_size": PATCH, "width": WIDTH, "depth": DEPTH,
@@ -23,12 +24,12 @@ ENCODER_CONFIG = {"image_size": IMAGE, "patch_size": PATCH, "width": WIDTH, "dep
 SIZES = {"train": 48, "test": 32}  # multiples of the batch: no padding
 
 
-def tiny_encoder(seed: int) -> features.PretrainedEncoder:
+def tiny_encoder(seed: int) -> loading.Pretrained:
   encoder = vit.Encoder(**ENCODER_CONFIG)
   params = jax.jit(encoder.init)(jax.random.key(seed),
                                  jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
-  return features.PretrainedEncoder(encoder=encoder, params=params, config=ENCODER_CONFIG,
-                                    channels=3, source=f"random encoder {seed}")
+  return loading.Pretrained(encoder=encoder, params=params, channels=3,
+                            source=f"random encoder {seed}")
 
 
 @pytest.fixture
@@ -130,7 +131,7 @@ def test_features_key_names_the_checkpoint_step(tmp_path):
   from tests import test_export  # pylint: disable=g-import-not-at-top
   run = str(tmp_path / "run")
   test_export.make_pretraining_workdir(run)
-  pretrained = features.load_pretrained(run)
+  pretrained = loading.load(run, encoder_only=True)
   assert pretrained.path == os.path.abspath(run) and pretrained.step == test_export.STEP
   input_config = eval_config.input_config(knn_config_for_tests(), pretrained)
   key = features.features_key(pretrained, input_config, "test", pools=("cls",), crop_pct=1.0)
@@ -170,7 +171,7 @@ def test_linear_probe_refuses_to_resume_against_another_encoder(tmp_path, reads)
   # The same encoder resumes (after the last epoch: the same numbers).
   assert linear_probe.run_linear_probe(config, workdir, pretrained=a) == first
   # Checkpoints without a record (an older workdir) are not trusted either.
-  os.remove(os.path.join(workdir, "checkpoints", features.RESUME_KEY_FILE))
+  os.remove(os.path.join(workdir, "checkpoints", sources.RESUME_KEY_FILE))
   with pytest.raises(errors.WorkdirError, match="no record"):
     linear_probe.run_linear_probe(config, workdir, pretrained=a)
 

@@ -15,10 +15,10 @@ import pytest
 
 from lut_jax import config_lib, errors
 from lut_jax.evaluation import features
-from lut_jax.models import vit
+from lut_jax.models import variants, vit
 from lut_jax.pretrain import train_state
 from lut_jax.runtime import checkpointing
-from lut_jax.weights import export
+from lut_jax.weights import export, loading, sources
 from tests import util
 
 STEP = 5
@@ -56,21 +56,22 @@ def test_export_reloads_the_online_encoder_bit_exactly(tmp_path):
   state = make_pretraining_workdir(workdir)
   online = jax.device_get(state.params["encoder"])
 
-  loaded = features.load_pretrained(workdir)  # partial restore of params/encoder only
+  loaded = loading.load(workdir, encoder_only=True)  # partial restore of params/encoder only
   _assert_bit_exact(online, loaded.params)
   assert str(STEP) in loaded.source
 
   written = export.export(workdir, str(tmp_path / "enc"), timm_format="npz")
-  encoder, params = checkpointing.load_encoder(written["encoder"])
+  reloaded = loading.load(written["encoder"])
+  encoder, params = reloaded.encoder, reloaded.params
   _assert_bit_exact(online, params)
   teacher = jax.device_get(state.target_params["encoder"])
   assert not np.array_equal(params["blocks_0"]["attn"]["qkv"]["kernel"],
                             teacher["blocks_0"]["attn"]["qkv"]["kernel"])
   assert encoder == vit.Encoder(**json.load(
-      open(os.path.join(written["encoder"], checkpointing.ENCODER_CONFIG_FILE))))
+      open(os.path.join(written["encoder"], sources.ENCODER_CONFIG_FILE))))
   assert (encoder.image_size, encoder.width, encoder.depth) == (util.IMAGE_SIZE, 32, 2)
   # An exported directory is itself a valid `pretrained` source.
-  _assert_bit_exact(online, features.load_pretrained(written["encoder"]).params)
+  _assert_bit_exact(online, loading.load(written["encoder"], encoder_only=True).params)
   with np.load(written["timm"]) as timm_sd:
     np.testing.assert_array_equal(timm_sd["cls_token"], np.asarray(online["cls_token"]))
 
@@ -84,24 +85,24 @@ def test_a_checkpoint_copied_without_its_workdir_config_still_loads(tmp_path):
   assert (step_dir / "config.json").read_text() == (workdir / "config.json").read_text()
   (workdir / "config.json").unlink()
   online = jax.device_get(state.params["encoder"])
-  _assert_bit_exact(online, features.load_pretrained(str(workdir)).params)
-  loaded = features.load_pretrained(str(step_dir))
+  _assert_bit_exact(online, loading.load(str(workdir), encoder_only=True).params)
+  loaded = loading.load(str(step_dir), encoder_only=True)
   _assert_bit_exact(online, loaded.params)
   assert (loaded.config["width"], loaded.config["depth"]) == (32, 2)
   # The copy is covered by the step's checksum manifest: a changed byte is caught.
   step_dir.joinpath("config.json").write_text(
       step_dir.joinpath("config.json").read_text().replace("32", "64"))
   with pytest.raises(errors.WorkdirError, match="damaged"):
-    features.load_pretrained(str(workdir))
+    loading.load(str(workdir), encoder_only=True)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="work directory of a lut_jax run"):
-    features.load_pretrained(str(tmp_path))
+    loading.load(str(tmp_path), encoder_only=True)
   workdir = str(tmp_path / "run")
   make_pretraining_workdir(workdir, method="mae")
   with pytest.raises(errors.WorkdirError, match="no checkpoint of step 7"):
-    features.load_pretrained(workdir, step=7)
+    loading.load(workdir, step=7, encoder_only=True)
 
 
 def test_a_step_the_source_cannot_give_is_refused(tmp_path):
@@ -110,23 +111,38 @@ def test_a_step_the_source_cannot_give_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   make_pretraining_workdir(workdir)
   written = export.export(workdir, str(tmp_path / "enc"), timm_format="none")
-  assert features.load_pretrained(written["encoder"], step=-1).step is None
+  assert loading.load(written["encoder"], step=-1, encoder_only=True).step is None
   with pytest.raises(errors.ConfigError, match=f"step {STEP} was asked for.*one set of "):
-    features.load_pretrained(written["encoder"], step=STEP)
+    loading.load(written["encoder"], step=STEP, encoder_only=True)
   with pytest.raises(errors.ConfigError, match=f"step {STEP} was asked for"):
     export.export(written["encoder"], str(tmp_path / "again"), step=STEP)
   step_dir = os.path.join(workdir, "checkpoints", str(STEP))
-  assert features.load_pretrained(step_dir, step=STEP).step == STEP
+  assert loading.load(step_dir, step=STEP, encoder_only=True).step == STEP
   with pytest.raises(errors.ConfigError, match=f"names checkpoint {STEP}"):
-    features.load_pretrained(step_dir, step=STEP + 1)
+    loading.load(step_dir, step=STEP + 1, encoder_only=True)
   # The teacher exists only in a run: asked of an export, it is refused, not replaced.
-  from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match="which='target_params'"):
     loading.load(written["encoder"], which="target_params")
   state = make_pretraining_workdir(str(tmp_path / "run2"))
   teacher = loading.load(str(tmp_path / "run2"), which="target_params")
-  np.testing.assert_array_equal(teacher.encoder_params["cls_token"],
+  np.testing.assert_array_equal(teacher.params["cls_token"],
                                 np.asarray(state.params["encoder"]["cls_token"]) + 1.0)
+
+
+def test_a_bfloat16_run_with_cudnn_attention_loads_whole_in_float32(tmp_path):
+  """Analysis reads a run as evaluation does: its config in the run's dtype (cuDNN
+  attention is refused in float32), the model (decoder included) built in float32."""
+  workdir = tmp_path / "run"
+  state = make_pretraining_workdir(str(workdir))
+  config = config_lib.load_config(str(workdir))
+  config.dtype, config.model.attention_impl = "bfloat16", "cudnn"
+  config_lib.save_config(config, str(workdir))
+  loaded = loading.load(str(workdir))
+  assert loaded.has_decoder and loaded.model.dtype == np.float32
+  assert loaded.model.attention_impl is None and not loaded.model.remat
+  _assert_bit_exact(jax.device_get(state.params), loaded.model_params)
+  _assert_bit_exact(jax.device_get(state.params["encoder"]),
+                    loading.load(str(workdir), encoder_only=True).params)
 
 
 # Runs in a fresh interpreter: importing torchvision (which timm does) after TensorFlow
@@ -168,7 +184,8 @@ def test_timm_export_from_cli_matches_timm_vision_transformer(tmp_path):
                           text=True, env=env, cwd=REPO, check=False)
   assert result.returncode == 0, result.stderr[-3000:]  # includes load_state_dict(strict)
 
-  encoder, params = checkpointing.load_encoder(out)
+  reloaded = loading.load(out)
+  encoder, params = reloaded.encoder, reloaded.params
   ours = np.asarray(jax.jit(encoder.apply)({"params": params}, images))
   theirs = np.load(os.path.join(out, "timm_tokens.npy"))
   np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-5)
@@ -214,7 +231,8 @@ def test_default_export_is_a_timm_folder_that_timm_loads_strictly(tmp_path):
     batch = torch.from_numpy(images).permute(0, 3, 1, 2)
     theirs, pooled = vit.forward_features(batch).numpy(), vit(batch).numpy()
   online = jax.device_get(state.params["encoder"])
-  encoder = vit.Encoder(**json.load(open(os.path.join(out, "encoder_config.json"))))
+  from lut_jax.models.vit import Encoder  # pylint: disable=g-import-not-at-top (vit: timm's)
+  encoder = Encoder(**json.load(open(os.path.join(out, "encoder_config.json"))))
   ours = np.asarray(jax.jit(encoder.apply)({"params": online}, images))
   assert np.max(np.abs(ours - theirs)) < 1e-4
   np.testing.assert_allclose(pooled, ours[:, 0], atol=1e-4)  # forward(): the cls feature
@@ -223,7 +241,7 @@ def test_default_export_is_a_timm_folder_that_timm_loads_strictly(tmp_path):
   folder.mkdir()
   for name in ("model.safetensors", "config.json"):
     (folder / name).write_bytes(open(os.path.join(out, name), "rb").read())
-  loaded = features.load_pretrained(str(folder))
+  loaded = loading.load(str(folder), encoder_only=True)
   assert loaded.kind == "timm" and loaded.config == json.load(
       open(os.path.join(out, "encoder_config.json")))
   _assert_bit_exact(online, loaded.params)
@@ -235,13 +253,14 @@ def test_export_of_weights_made_elsewhere_needs_an_output_directory(tmp_path):
                                  np.zeros((1, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)))["params"]
   config = {"image_size": util.IMAGE_SIZE, "patch_size": 4, "width": 32, "depth": 2,
             "num_heads": 2, "mlp_ratio": 4.0}
-  export.write_timm_folder(str(tmp_path / "timm"), jax.device_get(params), config)
+  export.write_timm_folder(str(tmp_path / "timm"), jax.device_get(params),
+                           variants.EncoderConfig(**config))
   with pytest.raises(errors.UserError, match="no default output directory"):
     export.export(str(tmp_path / "timm"))
   # Converted into our format: the Orbax copy holds the same weights.
   written = export.export(str(tmp_path / "timm"), str(tmp_path / "ours"), timm_format="none")
   assert set(written) == {"encoder"}
-  _, reloaded = checkpointing.load_encoder(written["encoder"])
+  reloaded = loading.load(written["encoder"]).params
   _assert_bit_exact(jax.device_get(params), reloaded)
 
 
@@ -269,18 +288,18 @@ def test_timm_folder_round_trips_through_a_non_local_file_system(tmp_path, memor
       jax.random.key(1), np.zeros((1, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)))["params"])
   remote = f"{memory_fs}/timm"
   export.check_output_dir(remote)  # an object store has nothing to refuse up front
-  export.write_timm_folder(remote, params, config)
+  export.write_timm_folder(remote, params, variants.EncoderConfig(**config))
   assert not os.path.exists(remote) and not os.path.exists(os.path.join(REPO, "s3:"))
-  assert checkpointing.locate_pretrained(remote) == ("timm", remote, None)
-  loaded = features.load_pretrained(remote)
+  assert sources.locate(remote) == ("timm", remote, None)
+  loaded = loading.load(remote, encoder_only=True)
   assert loaded.kind == "timm" and loaded.path == remote and loaded.config == config
   _assert_bit_exact(params, loaded.params)
   # Converted from there into a local export (Orbax copy + timm folder).
   written = export.export(remote, str(tmp_path / "local"))
-  _, reloaded = checkpointing.load_encoder(written["encoder"])
+  reloaded = loading.load(written["encoder"]).params
   _assert_bit_exact(params, reloaded)
   with pytest.raises(FileNotFoundError, match="no such file"):
-    features.load_pretrained(f"{memory_fs}/missing")
+    loading.load(f"{memory_fs}/missing", encoder_only=True)
 
 
 def test_evaluation_files_round_trip_through_a_non_local_file_system(memory_fs):
@@ -343,7 +362,7 @@ def test_hub_push_uploads_the_timm_folder_that_hf_hub_reads_back(tmp_path, monke
   assert name == "hf-hub:org/tiny"
   assert calls == [("create", "org/tiny", True, True), ("upload", "org/tiny")]
   assert sorted(os.listdir(hub / "org" / "tiny")) == ["config.json", "model.safetensors"]
-  loaded = features.load_pretrained(name)
+  loaded = loading.load(name, encoder_only=True)
   _assert_bit_exact(jax.device_get(state.params["encoder"]), loaded.params)
   with pytest.raises(errors.UserError, match="no timm folder"):
     export.push_to_hub(written["encoder"] + "/params", "org/tiny")

@@ -17,9 +17,10 @@ from flax import traverse_util
 
 from configs import finetune as finetune_config
 from lut_jax import errors
-from lut_jax.evaluation import features, finetune
+from lut_jax.evaluation import finetune
 from lut_jax.models import vit
 from lut_jax.runtime import checkpointing, optim
+from lut_jax.weights import loading
 
 DEPTH, WIDTH, IMAGE, PATCH = 2, 32, 16, 4
 
@@ -228,8 +229,7 @@ def _tiny_finetuning():
                     "num_heads": 2, "mlp_ratio": 4.0}
   encoder = vit.Encoder(**encoder_config)
   params = jax.jit(encoder.init)(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
-  pretrained = features.PretrainedEncoder(encoder=encoder, params=params, config=encoder_config,
-                                          channels=3, source="test")
+  pretrained = loading.Pretrained(encoder=encoder, params=params, channels=3, source="test")
   config = finetune_config.get_config()
   config.unlock()
   config.num_classes = 3

@@ -14,10 +14,8 @@ import pytest
 
 from lut_jax import errors
 from lut_jax.cli import evaluate as evaluate_cli
-from lut_jax.evaluation import features
-from lut_jax.models import vit
-from lut_jax.runtime import checkpointing
-from lut_jax.weights import convert
+from lut_jax.models import vit as vit_lib
+from lut_jax.weights import convert, loading, sources
 from tests.test_eval_cache import ENCODER_CONFIG, knn_config_for_tests, reads  # noqa: F401
 
 torch = pytest.importorskip("torch")
@@ -40,7 +38,7 @@ def tiny_timm_vit(seed: int = 0, *, fixed_pos_embed: bool = True, **kwargs):
         value.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.2)
     if fixed_pos_embed:
       grid = IMAGE // PATCH
-      vit.pos_embed.copy_(torch.from_numpy(vit.sincos_pos_embed_2d(WIDTH, grid)[None]))
+      vit.pos_embed.copy_(torch.from_numpy(vit_lib.sincos_pos_embed_2d(WIDTH, grid)[None]))
   return vit
 
 
@@ -81,12 +79,11 @@ def assert_features_match_timm(workdir: str, vit) -> None:
       np.testing.assert_allclose(cached[pool], expected[pool], atol=1e-4, rtol=1e-4)
 
 
-def in_memory(vit) -> features.PretrainedEncoder:
+def in_memory(vit) -> loading.Pretrained:
   """The same weights, converted in memory: no file, no loader."""
-  encoder = vit.Encoder(**ENCODER_CONFIG)
+  encoder = vit_lib.Encoder(**ENCODER_CONFIG)
   params = convert.encoder_params_from_timm_state_dict(vit.state_dict(), encoder)
-  return features.PretrainedEncoder(encoder=encoder, params=params, config=ENCODER_CONFIG,
-                                    channels=3, source="in memory")
+  return loading.Pretrained(encoder=encoder, params=params, channels=3, source="in memory")
 
 
 def test_knn_from_a_timm_pth_matches_timm(tmp_path, reads):  # noqa: F811
@@ -109,13 +106,13 @@ def test_knn_from_a_folder_timm_wrote_matches_timm(tmp_path, reads,  # noqa: F81
   folder = tmp_path / "timm_folder"
   save_timm_folder(vit, folder)
   assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
-  assert checkpointing.locate_pretrained(str(folder))[0] == "timm"
+  assert sources.locate(str(folder))[0] == "timm"
   results, source = evaluate_knn(str(folder), str(tmp_path / "knn"))
   assert_features_match_timm(str(tmp_path / "knn"), vit)
   assert source["pretrained"] == str(folder) and source["kind"] == "timm"
   # The same weights as a bare .safetensors file: the heads come from the width.
   shutil.copy(folder / "model.safetensors", tmp_path / "weights.safetensors")
-  loaded = features.load_pretrained(str(tmp_path / "weights.safetensors"))
+  loaded = loading.load(str(tmp_path / "weights.safetensors"), encoder_only=True)
   assert loaded.kind == "safetensors" and loaded.config == ENCODER_CONFIG
   assert loaded.fingerprint == in_memory(vit).fingerprint
 
@@ -143,10 +140,10 @@ def test_knn_from_a_folder_timm_wrote_matches_timm(tmp_path, reads,  # noqa: F81
 def test_hf_hub_without_huggingface_hub_is_one_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
   with pytest.raises(errors.UserError, match="needs the huggingface_hub package") as error:
-    features.load_pretrained("hf-hub:org/name")
+    loading.load("hf-hub:org/name", encoder_only=True)
   assert "hf-hub:org/name" in str(error.value) and "pip install" in error.value.hint
   with pytest.raises(errors.UserError, match="no repository"):
-    checkpointing.locate_pretrained("hf-hub:")
+    sources.locate("hf-hub:")
 
 
 def _timm_folder(tmp_path, vit, **config_changes) -> str:
@@ -190,7 +187,7 @@ def test_unusable_sources_are_one_user_error(tmp_path, problem, match):
     (tmp_path / "folder" / "config.json").write_text(json.dumps(
         {"architecture": "vit_base_patch16_224"}))
   with pytest.raises(Exception) as error:  # noqa: PT011 - classified below
-    features.load_pretrained(path)
+    loading.load(path, encoder_only=True)
   user = errors.as_user_error(error.value)
   assert user is not None, repr(error.value)
   assert path in str(user) or problem == "missing" and "nothing.pth" in str(user)

@@ -367,25 +367,25 @@ def _run_with_nan_newest_step(path):
 
 @pytest.mark.parametrize("source", ["workdir", "exported encoder", "timm folder"])
 def test_loading_non_finite_weights_is_refused(tmp_path, source):
-  from lut_jax.weights import export  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import features
+  from lut_jax.models import variants  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import export, loading, sources  # pylint: disable=g-import-not-at-top
   run = str(tmp_path / "run")
   state = _run_with_nan_newest_step(run)
   path = run
   if source != "workdir":  # the same NaN encoder, exported / converted
     params = _nan_patch_kernel(jax.device_get(state.params["encoder"]))
-    encoder_config = features.encoder_config(config_lib.load_config(run))
+    encoder_config = variants.EncoderConfig.of(loading.run_model(config_lib.load_config(run)))
     path = str(tmp_path / "weights")
     if source == "exported encoder":
-      checkpointing.export_encoder(path, params, encoder_config)
+      sources.write_export(path, params, encoder_config)
     else:
       os.makedirs(path)
       export.write_timm_folder(path, params, encoder_config)
   with pytest.raises(errors.NonFiniteError, match=r"NaN or infinite values in 1 of \d+ "
                      r"arrays: .*\['patch_embed'\]\['proj'\]\['kernel'\]"):
-    features.load_pretrained(path)
+    loading.load(path, encoder_only=True)
   if source == "workdir":  # the step before is intact
-    assert features.load_pretrained(run, 5).step == 5
+    assert loading.load(run, 5, encoder_only=True).step == 5
 
 
 def test_knn_of_a_run_whose_newest_step_holds_nan_is_refused(tmp_path):

@@ -16,8 +16,9 @@ import pytest
 from configs import finetune as finetune_config
 from configs import robustness as robustness_config
 from lut_jax import config_lib, errors
-from lut_jax.evaluation import eval_config, features, finetune, robustness
+from lut_jax.evaluation import eval_config, finetune, robustness
 from lut_jax.models import vit
+from lut_jax.weights import loading
 
 tfds = pytest.importorskip("tensorflow_datasets")
 from tests.test_transfer_presets import prepare_fake_tfds  # noqa: E402
@@ -144,8 +145,8 @@ def finetuned_dir(tmp_path_factory):
                  mlp_ratio=4.0)
   encoder = vit.Encoder(**config_)
   params = jax.jit(encoder.init)(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
-  pretrained = features.PretrainedEncoder(encoder=encoder, params=params, config=config_,
-                                          channels=3, source="test", path="/tmp/encoder")
+  pretrained = loading.Pretrained(encoder=encoder, params=params, channels=3, source="test",
+                                  path="/tmp/encoder")
   config = finetune_config.get_config("dataset=imagenet")
   config.unlock()
   config.dtype = "float32"

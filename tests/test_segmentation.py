@@ -19,7 +19,7 @@ from configs import segmentation as seg_config
 from lut_jax import errors
 from lut_jax.data import segmentation_synthetic
 from lut_jax.evaluation import segmentation, segmentation_metrics
-from lut_jax.models import segmenter, upernet, vit
+from lut_jax.models import segmenter, upernet, variants, vit
 from lut_jax.pretrain import train_state
 from lut_jax.runtime import optim
 
@@ -123,7 +123,7 @@ ENC = {"image_size": 16, "patch_size": 4, "width": 32, "depth": 2, "num_heads": 
 
 def tiny_model(image_size=16, depth=2, **kwargs):
   kwargs = {"rescales": (4, 2, 1, 0.5), "channels": 16, "aux_channels": 8, **kwargs}
-  return segmenter.build_model(dict(ENC, depth=depth), num_classes=3,
+  return segmenter.build_model(variants.EncoderConfig(**dict(ENC, depth=depth)), num_classes=3,
                                         image_size=image_size, **kwargs)
 
 

@@ -109,20 +109,27 @@ def test_gelu_approximate_reaches_every_block():
     np.testing.assert_allclose(out[True], out[False], atol=2e-2)
 
 
+def _architecture(config):
+  """The encoder architecture of a pre-training config, as the loader of its run reads it."""
+  from lut_jax.models import variants  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
+  return variants.EncoderConfig.of(loading.run_model(config))
+
+
 def test_an_encoder_pre_trained_with_tanh_gelu_keeps_it_downstream():
   """Evaluation, fine-tuning, segmentation and the timm export rebuild the encoder from its
   pre-training config: the activation it was trained with comes along."""
   from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
   from lut_jax.weights import export  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import features, finetune
+  from lut_jax.evaluation import finetune
   from lut_jax.models import segmenter
   exact_config = util.tiny_config()
   tanh_config = util.tiny_config(**{"model.gelu_approximate": True})
-  assert "gelu_approximate" not in features.encoder_config(exact_config.to_dict())
-  encoder_config = features.encoder_config(tanh_config.to_dict())
-  assert encoder_config["gelu_approximate"] is True
-  tanh, exact = vit.Encoder(**encoder_config), vit.Encoder(
-      **features.encoder_config(exact_config.to_dict()))
+  assert "gelu_approximate" not in _architecture(exact_config).to_json()
+  encoder_config = _architecture(tanh_config)
+  assert encoder_config.to_json()["gelu_approximate"] is True
+  tanh, exact = vit.Encoder(**encoder_config.kwargs()), vit.Encoder(
+      **_architecture(exact_config).kwargs())
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
   params = exact.init(jax.random.key(0), images)
   assert not np.array_equal(tanh.apply(params, images), exact.apply(params, images))
@@ -135,21 +142,19 @@ def test_an_encoder_pre_trained_with_tanh_gelu_keeps_it_downstream():
   assert segmenter.build_model(encoder_config, num_classes=3,
                                         image_size=16).gelu_approximate
   assert export.timm_kwargs(encoder_config)["act_layer"] == "gelu_tanh"  # timm's GELUTanh
-  assert "act_layer" not in export.timm_kwargs(features.encoder_config(exact_config.to_dict()))
+  assert "act_layer" not in export.timm_kwargs(_architecture(exact_config))
 
 
 def test_a_tanh_gelu_timm_folder_reads_back_with_tanh_gelu(tmp_path):
   """lut-export writes act_layer="gelu_tanh"; lut-eval reads such a folder back with the
   activation it names (timm's config.json is the only place that says it)."""
-  from lut_jax.weights import export  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import features
-  encoder_config = features.encoder_config(
-      util.tiny_config(**{"model.gelu_approximate": True}).to_dict())
-  tanh = vit.Encoder(**encoder_config)
+  from lut_jax.weights import export, loading  # pylint: disable=g-import-not-at-top
+  encoder_config = _architecture(util.tiny_config(**{"model.gelu_approximate": True}))
+  tanh = vit.Encoder(**encoder_config.kwargs())
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
   params = tanh.init(jax.random.key(0), images)["params"]
   folder = os.path.dirname(export.write_timm_folder(str(tmp_path), params, encoder_config, 3))
-  loaded = features.load_pretrained(folder)
+  loaded = loading.load(folder, encoder_only=True)
   assert loaded.kind == "timm" and loaded.config["gelu_approximate"] is True
   np.testing.assert_allclose(loaded.encoder.apply({"params": loaded.params}, images),
                              tanh.apply({"params": params}, images), atol=1e-6)

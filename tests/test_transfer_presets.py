@@ -17,8 +17,8 @@ from configs import knn as knn_config
 from configs import linear_probe as linear_probe_config
 from lut_jax import errors
 from lut_jax.evaluation import eval_config
-from lut_jax.models import vit
-from lut_jax.runtime import checkpointing
+from lut_jax.models import variants, vit
+from lut_jax.weights import sources
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -77,8 +77,8 @@ def _split_names(builder) -> set:
 def encoder_dir(tmp_path_factory):
   encoder = vit.Encoder(**ENCODER)
   params = jax.jit(encoder.init)(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
-  return checkpointing.export_encoder(str(tmp_path_factory.mktemp("encoder")),
-                                      params["params"], ENCODER)
+  return sources.write_export(str(tmp_path_factory.mktemp("encoder")), params["params"],
+                              variants.EncoderConfig(**ENCODER))
 
 
 @pytest.mark.parametrize("dataset", [*eval_config.DATASETS, "tfds:cifar10", "folder:/data/x"])

@@ -27,6 +27,7 @@ Bad input (a checkpoint that cannot be read, a wrong option) ends as one line,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -138,7 +139,7 @@ def _batched(fn, params: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
                          for chunk, n in images_lib.batches(x, batch_size)])
 
 
-def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
+def analyze_model(m: loading.Pretrained, raw: list[np.ndarray],
                   true_labels: Optional[np.ndarray], args: flags.FlagValues,
                   class_names: Optional[Sequence[str]],
                   probe: Optional[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -154,15 +155,15 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
   # Attention of every block: one compiled function serves the distances and the maps.
   attn_fn = jax.jit(lambda p, im: attention_distance.collect_attention(m.encoder, p, im))
   distances = attention_distance.attention_distance_per_layer(
-      m.encoder, m.encoder_params, x, batch_size=args.batch_size, apply_fn=attn_fn)
+      m.encoder, m.params, x, batch_size=args.batch_size, apply_fn=attn_fn)
   out["attention_distance"] = attention_distance.summarize(distances)
 
   encode = jax.jit(lambda p, im: m.encoder.apply({"params": p}, im, forward_only=True)[:, 1:])
-  tokens = _batched(encode, m.encoder_params, x, args.batch_size)
+  tokens = _batched(encode, m.params, x, args.batch_size)
   out["spectrum"] = spectrum.summarize(tokens)
 
   layer = args.attention_layer % m.encoder.depth
-  probs = attn_fn(m.encoder_params, jnp.asarray(x[:num_show]))[layer]
+  probs = attn_fn(m.params, jnp.asarray(x[:num_show]))[layer]
   figures = []
   for query in _queries(args, m):
     amap = maps.attention_maps(probs, query)
@@ -174,7 +175,7 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
 
   if m.has_decoder:
     ratio = m.mask_ratio if args.mask_ratio is None else args.mask_ratio
-    recon = reconstruction.reconstruct(m.model, m.params, x[:num_show],
+    recon = reconstruction.reconstruct(m.model, m.model_params, x[:num_show],
                                        jax.random.key(args.seed), mask_ratio=ratio,
                                        norm_pix=m.norm_pix)
     figures.append(plots.reconstructions(
@@ -191,7 +192,7 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
       # After the last block, patch tokens no longer reach the cls token: a cls-pooled
       # probe has zero gradient there, so its maps come from the block before.
       block = -2 if probe["pool"] == "cls" and m.encoder.depth > 1 else -1
-    cams, targets = maps.gradcam(loading.probe_logits_fn(m.encoder, probe), m.encoder_params,
+    cams, targets = maps.gradcam(loading.probe_logits_fn(m.encoder, probe), m.params,
                                  x[:num_show], block_index=block)
     out["gradcam"] = {"probe": os.path.abspath(probe_path), "pool": probe["pool"],
                       "block": block % m.encoder.depth + 1}
@@ -211,14 +212,14 @@ def analyze_model(m: loading.LoadedModel, raw: list[np.ndarray],
   return out
 
 
-def _queries(args: flags.FlagValues, m: loading.LoadedModel) -> list[maps.Query]:
+def _queries(args: flags.FlagValues, m: loading.Pretrained) -> list[maps.Query]:
   try:
     return maps.parse_queries(args.queries, m.grid_size)
   except ValueError as e:  # parse_queries raises it for the text alone
     raise errors.ConfigError(f"--queries: {e} (in {m.label})") from e
 
 
-def _check_options(args: flags.FlagValues, m: loading.LoadedModel) -> None:
+def _check_options(args: flags.FlagValues, m: loading.Pretrained) -> None:
   """Options that depend on the model, checked before any analysis runs (a mistake in
   them would otherwise surface after minutes, or as a shape error deep in JAX)."""
   _queries(args, m)
@@ -231,7 +232,7 @@ def _check_options(args: flags.FlagValues, m: loading.LoadedModel) -> None:
 
 
 def _load_probe(path: str, args: flags.FlagValues,
-                m: loading.LoadedModel) -> tuple[str, dict[str, Any]]:
+                m: loading.Pretrained) -> tuple[str, dict[str, Any]]:
   probe = loading.load_probe(path, pool=args.probe_pool)
   kernel, bias = np.shape(probe["kernel"]), np.shape(probe["bias"])
   if len(kernel) != 2 or kernel[0] != m.encoder.width or bias != kernel[1:]:
@@ -262,8 +263,8 @@ def analyze(args: flags.FlagValues) -> dict[str, Any]:
                          num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads,
                          image_size=args.image_size)
             for path, label in zip(args.checkpoint, labels)]
-  for m, label in zip(loaded, _unique([m.label for m in loaded])):
-    m.label = label
+  loaded = [dataclasses.replace(m, label=label)
+            for m, label in zip(loaded, _unique([m.label for m in loaded]))]
   for m in loaded:
     _check_options(args, m)
   probes = [_load_probe(path, args, m) for path, m in zip(args.probe, loaded)]
@@ -277,7 +278,7 @@ def analyze(args: flags.FlagValues) -> dict[str, Any]:
 
   results: dict[str, Any] = {}
   for i, m in enumerate(loaded):
-    _say(f"{m.label}: {m.kind} {m.source} ({m.encoder.depth} blocks, "
+    _say(f"{m.label}: {m.kind} {m.path} ({m.encoder.depth} blocks, "
          f"{m.encoder.num_heads} heads, {m.image_size}px/{m.patch_size})")
     probe = probes[i] if i < len(probes) else None
     results[m.label] = analyze_model(m, raw, true_labels, args, class_names, probe)

@@ -1,7 +1,7 @@
 """Downstream evaluation of a pre-trained LUT / MAE encoder.
 
-* :mod:`~lut_jax.evaluation.features`: load the *online* encoder (from a pre-training run or
-  an exported encoder) and extract frozen features (cls token or mean of the patch tokens).
+* :mod:`~lut_jax.evaluation.features`: frozen features of the *online* encoder (loaded by
+  :mod:`lut_jax.weights.loading`): cls token or mean of the patch tokens.
 * :mod:`~lut_jax.evaluation.knn`: DINO-style weighted k-nearest-neighbour classifier.
 * :mod:`~lut_jax.evaluation.linear_probe`: MAE's linear probe (BatchNorm without affine +
   linear head, LARS) trained on cached frozen features.

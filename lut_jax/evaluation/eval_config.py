@@ -4,7 +4,7 @@
 Every evaluation but robustness reads the pre-trained encoder from ``config.pretrained`` (a
 pre-training work directory, an exported encoder, or converted weights: a PyTorch or
 safetensors checkpoint, a timm folder, ``hf-hub:org/name``; see
-``lut_jax.evaluation.features.load_pretrained``) and a labelled dataset from
+``lut_jax.weights.loading.load``) and a labelled dataset from
 ``config.input``. Image size and channels default to the encoder's (``-1``), so a
 Fashion-MNIST run needs nothing but the path. Robustness evaluates a fine-tuned classifier
 on ImageNet's shifted test sets instead (``configs/robustness.py``).
@@ -130,7 +130,7 @@ def input_config(config: ml_collections.ConfigDict, pretrained: Any = None, *,
 
   Image size and channels come from the arguments when given (a fine-tuned classifier's),
   else from ``config.input``, else from the pre-trained encoder
-  (``features.PretrainedEncoder``); ``dataset`` replaces ``config.input.dataset`` (the
+  (``loading.Pretrained``); ``dataset`` replaces ``config.input.dataset`` (the
   robustness sets, read one after the other).
   """
   size = image_size or config.input.image_size
@@ -182,8 +182,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "a timm folder, a PyTorch or safetensors checkpoint, or hf-hub:org/name")
     # Told apart where every loader tells them apart: a missing path or one that is none of
     # these fails here, before the work directory is touched.
-    from lut_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top (imports JAX)
-    checkpointing.locate_pretrained(config.pretrained)
+    from lut_jax.weights import sources  # pylint: disable=g-import-not-at-top (imports JAX)
+    sources.locate(config.pretrained)
   if config.mode in ("knn", "linear_probe", "finetune"):  # scored on other images than fitted
     folders.check_distinct_splits(config.input.dataset, {
         "input.train_split": config.input.train_split,

@@ -1,13 +1,9 @@
-"""The pre-trained online encoder and its frozen features.
+"""The frozen features of a pre-trained encoder.
 
 Every downstream evaluation starts from the *online* (student) encoder, ``params["encoder"]``
-of the pre-training ``TrainState`` — not the EMA teacher — as the reference does. It comes
-from a pre-training work directory (``config.json`` + ``checkpoints/<step>``), an exported
-encoder directory (:func:`lut_jax.runtime.checkpointing.export_encoder`), or weights made elsewhere
-and converted: a PyTorch ``.pth`` of the reference LUT/MAE or a timm ViT, a timm / Hugging
-Face folder (``model.safetensors`` + ``config.json``, as ``lut-export`` writes), a
-``.safetensors`` file, or ``hf-hub:org/name``
-(:func:`lut_jax.runtime.checkpointing.locate_pretrained` tells them apart).
+of the pre-training ``TrainState`` — not the EMA teacher — as the reference does, loaded by
+:func:`lut_jax.weights.loading.load` from any source it reads (a pre-training work
+directory, an export, a PyTorch or safetensors checkpoint, a timm folder, ``hf-hub:``).
 
 Features are float32 vectors per image: ``"cls"`` is the cls token after the encoder's final
 LayerNorm (MAE's linear-probe feature), ``"mean"`` the mean of the normalised patch tokens
@@ -20,8 +16,6 @@ so a work directory reused for another encoder or input never reports stale numb
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -35,135 +29,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lut_jax import config_lib, errors
+from lut_jax import errors
 from lut_jax.models import vit
-from lut_jax.runtime import checkpointing
+from lut_jax.weights import loading, sources
 
 POOLS = ("cls", "mean")
 CACHE_KEY = "cache_key"  # the .npz entry holding the features' key (a JSON string)
-RESUME_KEY_FILE = "eval_key.json"  # beside the checkpoints of a probe / fine-tuning run
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainedEncoder:
-  """A loaded encoder: the module, its parameters and the kwargs that rebuild it.
-
-  Attributes:
-    encoder: a :class:`lut_jax.models.vit.Encoder`.
-    params: its parameter tree (``patch_embed``, ``cls_token``, ``blocks_i``, ``norm``).
-    config: JSON-able ``Encoder`` kwargs (image_size, patch_size, width, depth, num_heads,
-      mlp_ratio) — what :func:`lut_jax.runtime.checkpointing.export_encoder` stores.
-    channels: input channels of the patch embedding.
-    source: where it was loaded from, for logs.
-    path: the absolute directory or file it was loaded from, or ``hf-hub:org/name`` (""
-      when built in memory).
-    step: the pre-training checkpoint step loaded (None for other sources).
-    kind: what ``path`` is (a :data:`lut_jax.runtime.checkpointing.PRETRAINED_KINDS` entry; ""
-      when built in memory).
-  """
-
-  encoder: vit.Encoder
-  params: Any
-  config: dict[str, Any]
-  channels: int
-  source: str
-  path: str = ""
-  step: Optional[int] = None
-  kind: str = ""
-
-  @functools.cached_property
-  def fingerprint(self) -> str:
-    """SHA-256 of the parameters' names, shapes, dtypes and values.
-
-    It identifies the weights whatever their source: an export overwritten in place, a
-    checkpoint step rewritten by a restarted run, an encoder built in memory.
-    """
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
-      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        leaf = leaf.addressable_data(0)  # replicated: each process holds a whole copy
-      value = np.ascontiguousarray(leaf)
-      digest.update(f"{jax.tree_util.keystr(path)} {value.dtype} {value.shape};".encode())
-      digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
-def encoder_config(pretrain_config: Mapping[str, Any]) -> dict[str, Any]:
-  """JSON-able ``Encoder`` kwargs of a pre-training config: those of the encoder that
-  :func:`lut_jax.models.vit.build_model` builds from it, so that the two cannot disagree."""
-  config = ml_collections.ConfigDict(pretrain_config)
-  # With the run's dtype: build_model refuses some attention choices in float32.
-  model = vit.build_model(config.model, image_size=int(config.input.image_size),
-                             channels=int(config.input.channels),
-                             use_bc=config_lib.uses_bc(config), dtype=config.dtype)
-  out = {name: getattr(model, name) for name in ("image_size", "patch_size", "width",
-                                                 "depth", "num_heads", "mlp_ratio")}
-  if model.gelu_approximate:  # only when on: the keys of exact-GELU encoders stay as they were
-    out["gelu_approximate"] = True
-  return out
-
-
-def load_pretrained(path: str, step: Optional[int] = None) -> PretrainedEncoder:
-  """The online encoder of a pre-training run, an exported encoder, or converted weights.
-
-  From a run, only ``params/encoder`` is read (:func:`lut_jax.runtime.checkpointing.restore_subtrees`),
-  replicated on all devices: not the decoder, heads, teacher or optimizer state. Weights
-  made elsewhere are converted by :func:`lut_jax.weights.loading.load_located` (torch is
-  imported only for ``.pth`` files, ``huggingface_hub`` only for ``hf-hub:``).
-
-  Args:
-    path: a pre-training ``workdir`` (or one of its ``checkpoints/<step>`` directories), a
-      directory written by :func:`lut_jax.runtime.checkpointing.export_encoder`, a PyTorch
-      checkpoint file (reference LUT/MAE or timm ViT), a timm folder or ``.safetensors``
-      file, or ``hf-hub:org/name`` (see :func:`lut_jax.runtime.checkpointing.locate_pretrained`).
-    step: pre-training checkpoint step (None or negative: the one in ``path``, else the
-      latest). Only a work directory has steps to choose from.
-
-  Raises:
-    errors.UserError: (or FileNotFoundError) ``path`` is none of these, holds an
-      architecture the encoder cannot represent, or ``step`` names a step it cannot give.
-  """
-  kind, path, path_step = checkpointing.locate_pretrained(path)
-  if step is not None and step >= 0:
-    # Silently reading other weights than the step asked for would evaluate the wrong model.
-    if kind != "workdir":
-      raise errors.ConfigError(
-          f"step {step} was asked for, but {path} holds one set of weights (a "
-          f"{_KIND_NAMES.get(kind, 'exported encoder')}), not a run's checkpoints",
-          hint="drop the step (pretrained_step=-1 / --step=-1), or pass the pre-training "
-               "work directory")
-    if path_step is not None and step != path_step:
-      raise errors.ConfigError(f"step {step} was asked for, but {path} names checkpoint "
-                               f"{path_step}", hint="pass the work directory, or drop the step")
-  if kind == "encoder":
-    encoder, params = checkpointing.load_encoder(path)
-    config = json.loads((epath.Path(path) / checkpointing.ENCODER_CONFIG_FILE).read_text())
-    source, step = f"exported encoder {path}", None
-  elif kind != "workdir":
-    from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
-    loaded = loading.load_located(kind, path, encoder_only=True)
-    encoder, params = loaded.encoder, loaded.encoder_params
-    config = {name: getattr(encoder, name) for name in ("image_size", "patch_size", "width",
-                                                        "depth", "num_heads", "mlp_ratio")}
-    if encoder.gelu_approximate:  # only when on, as encoder_config writes it
-      config["gelu_approximate"] = True
-    path, step = loaded.source, None
-    source = f"{_KIND_NAMES[kind]} {path}"
-  else:
-    step = path_step if step is None or step < 0 else step
-    config = encoder_config(checkpointing.load_run_config(path, step))
-    subtrees, step = checkpointing.restore_subtrees(
-        epath.Path(path) / checkpointing.CHECKPOINT_DIR, ["params/encoder"], step)
-    params = subtrees["params/encoder"]
-    encoder = vit.Encoder(**config)
-    source = f"pre-training run {path}, step {step} (online encoder)"
-  channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])
-  return PretrainedEncoder(encoder=encoder, params=params, config=config, channels=channels,
-                           source=source, path=path, step=step, kind=kind)
-
-
-_KIND_NAMES = {"torch": "PyTorch checkpoint", "safetensors": "safetensors state dict",
-               "timm": "timm model folder", "hf-hub": "Hugging Face Hub model"}
 
 
 def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
@@ -235,7 +106,7 @@ def _append(out: dict[str, list[np.ndarray]], batch: Mapping[str, Any]) -> None:
     out[k].append(np.asarray(v))
 
 
-def features_key(pretrained: PretrainedEncoder, input_config: ml_collections.ConfigDict,
+def features_key(pretrained: loading.Pretrained, input_config: ml_collections.ConfigDict,
                  split: str, *, pools: Sequence[str] = (),
                  crop_pct: Optional[float] = None) -> dict[str, Any]:
   """Everything that determines what ``pretrained`` computes on ``split``.
@@ -269,7 +140,7 @@ def key_hash(key: Mapping[str, Any]) -> str:
   return hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
 
 
-def describe_source(pretrained: PretrainedEncoder,
+def describe_source(pretrained: loading.Pretrained,
                     keys: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """What a results file records of the encoder and input that produced its numbers:
   path (or ``hf-hub:org/name``), its kind, step, weights hash and the hash of each split's
@@ -366,7 +237,7 @@ def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
   """
   record = {"mode": mode, "key": key}
   root = epath.Path(directory)
-  path = root / RESUME_KEY_FILE
+  path = root / sources.RESUME_KEY_FILE
   try:
     stored = json.loads(path.read_text())
   except FileNotFoundError:
@@ -389,12 +260,12 @@ def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
         hint=f"or delete {directory} to start this {mode} run over in the same work directory")
   if jax.process_index() == 0:  # no checkpoints yet: this run's record
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (RESUME_KEY_FILE + ".tmp")
+    tmp = root / (sources.RESUME_KEY_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
     tmp.replace(path)
 
 
-def dataset_features(pretrained: PretrainedEncoder, input_config: ml_collections.ConfigDict,
+def dataset_features(pretrained: loading.Pretrained, input_config: ml_collections.ConfigDict,
                      split: str, *, batch_size: int, pools: Sequence[str] = POOLS,
                      cache_dir: Optional[str] = None, crop_pct: Optional[float] = None,
                      ) -> dict[str, np.ndarray]:

@@ -42,9 +42,10 @@ import numpy as np
 import optax
 
 from lut_jax import metrics
-from lut_jax.models import vit
+from lut_jax.models import variants, vit
 from lut_jax.pretrain import train_state
 from lut_jax.runtime import checkpointing, loop, optim, sharding as sharding_lib
+from lut_jax.weights import loading
 
 # ------------------------------------------------------------------------------ model
 
@@ -73,13 +74,11 @@ class FinetuneViT(nn.Module):
     if self.pool not in ("mean", "cls"):
       raise ValueError(f"unknown fine-tuning pool {self.pool!r}; expected 'mean' or 'cls'")
     # MAE's global pool normalises the pooled token (fc_norm), not the tokens.
-    x = vit.Encoder(self.image_size, self.patch_size, self.width, self.depth,
-                       self.num_heads, mlp_ratio=self.mlp_ratio,
-                       drop_path_rate=self.drop_path_rate, final_norm=self.pool == "cls",
-                       dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
-                       gelu_approximate=self.gelu_approximate,
-                       learned_pos_embed=self.learned_pos_embed,
-                       name="encoder")(images, deterministic=not train)
+    x = vit.Encoder(**variants.EncoderConfig.of(self).kwargs(),
+                    drop_path_rate=self.drop_path_rate, final_norm=self.pool == "cls",
+                    dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
+                    learned_pos_embed=self.learned_pos_embed,
+                    name="encoder")(images, deterministic=not train)
     if self.pool == "mean":
       x = jnp.mean(x[:, 1:], axis=1)
       x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(x)
@@ -90,27 +89,23 @@ class FinetuneViT(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def build_model(encoder_config: dict[str, Any], *, num_classes: int, image_size: int,
+def build_model(encoder: variants.EncoderConfig, *, num_classes: int, image_size: int,
                 drop_path_rate: float, pool: str = "mean", dtype: Any = jnp.float32,
                 remat: bool = False, attention_impl: Optional[str] = None,
                 learned_pos_embed: bool = True) -> FinetuneViT:
-  """The fine-tuning model for an encoder config (``features.PretrainedEncoder.config``).
+  """The fine-tuning model around a pre-trained encoder's architecture.
 
   ``image_size`` may differ from pre-training: the sin-cos positions are computed for the
   new grid (the reference interpolates the pre-training table bicubically instead). With
   ``learned_pos_embed`` (the reference's fine-tuning) they start there and are trained.
   """
-  if image_size % encoder_config["patch_size"]:
+  if image_size % encoder.patch_size:
     raise ValueError(f"image size {image_size} is not divisible by patch size "
-                     f"{encoder_config['patch_size']}")
+                     f"{encoder.patch_size}")
   return FinetuneViT(
-      num_classes=num_classes, image_size=image_size, patch_size=encoder_config["patch_size"],
-      width=encoder_config["width"], depth=encoder_config["depth"],
-      num_heads=encoder_config["num_heads"], mlp_ratio=encoder_config.get("mlp_ratio", 4.0),
+      num_classes=num_classes, **encoder.kwargs(image_size=image_size),
       drop_path_rate=drop_path_rate, pool=pool, dtype=dtype, remat=remat,
-      attention_impl=attention_impl,
-      gelu_approximate=encoder_config.get("gelu_approximate", False),
-      learned_pos_embed=learned_pos_embed)
+      attention_impl=attention_impl, learned_pos_embed=learned_pos_embed)
 
 
 def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
@@ -286,7 +281,7 @@ def finetune(
     config: an evaluation config with ``mode == "finetune"`` (``configs/finetune.py``).
     workdir: checkpoints (``checkpoints/``: latest + best top-1), CLU logs and
       ``finetune_results.json``.
-    pretrained: a ``features.PretrainedEncoder``; default: loaded from ``config.pretrained``.
+    pretrained: a ``loading.Pretrained``; default: loaded from ``config.pretrained``.
     train_data_fn: ``fn(start_step)`` -> iterator over global ``{"image", "label"}`` batches
       (tests); default: the augmented tf.data pipeline of ``augment_ft``.
     eval_data: a re-iterable of ``{"image", "label", "mask"}`` batches; default: the
@@ -299,9 +294,10 @@ def finetune(
 
   ft = config.finetune
   os.makedirs(workdir, exist_ok=True)
-  pretrained = pretrained or features.load_pretrained(config.pretrained, config.pretrained_step)
+  pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
+                                         encoder_only=True)
   image_size = config.input.image_size if config.input.image_size > 0 else \
-      pretrained.config["image_size"]
+      pretrained.architecture.image_size
   input_config = eval_config.input_config(config, pretrained, image_size=image_size)
   mesh = sharding_lib.create_mesh(1)
   sharding_lib.check_batch_size(ft.batch_size, mesh, process_count=jax.process_count())
@@ -318,7 +314,7 @@ def finetune(
   num_classes = eval_config.num_classes(config)
 
   dtype = jnp.bfloat16 if config.get("dtype", "float32") == "bfloat16" else jnp.float32
-  model = build_model(pretrained.config, num_classes=num_classes, image_size=image_size,
+  model = build_model(pretrained.architecture, num_classes=num_classes, image_size=image_size,
                       drop_path_rate=ft.drop_path, pool=ft.pool, dtype=dtype,
                       remat=ft.get("remat", False), learned_pos_embed=ft.learn_pos_embed)
   schedule = optim.learning_rate_schedule(

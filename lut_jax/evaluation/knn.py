@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from lut_jax import metrics
+from lut_jax.weights import loading
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -95,13 +96,14 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str,
             pretrained=None) -> dict[str, float]:
   """kNN evaluation of a pre-trained encoder (``config.mode == "knn"``); writes CLU scalars.
 
-  ``pretrained`` (a :class:`features.PretrainedEncoder`) overrides ``config.pretrained``.
+  ``pretrained`` (a :class:`lut_jax.weights.loading.Pretrained`) overrides ``config.pretrained``.
   Returns ``{"<pool>/top1": ..., "<pool>/top5": ...}`` for each of ``config.knn.pools``.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top (imports TF)
   from lut_jax.evaluation import eval_config, features  # pylint: disable=g-import-not-at-top
 
-  pretrained = pretrained or features.load_pretrained(config.pretrained, config.pretrained_step)
+  pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
+                                         encoder_only=True)
   input_config = eval_config.input_config(config, pretrained)
   pools = eval_config.pools(config.knn.pools)
   cache = os.path.join(workdir, "features") if config.cache_features else None

@@ -34,6 +34,7 @@ from lut_jax import metrics
 from lut_jax.models import vit
 from lut_jax.pretrain import train_state
 from lut_jax.runtime import checkpointing, optim
+from lut_jax.weights import loading
 
 
 class LinearProbe(nn.Module):
@@ -196,7 +197,8 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str,
   from lut_jax.evaluation import eval_config, features  # pylint: disable=g-import-not-at-top
 
   lp = config.linear_probe
-  pretrained = pretrained or features.load_pretrained(config.pretrained, config.pretrained_step)
+  pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
+                                         encoder_only=True)
   input_config = eval_config.input_config(config, pretrained)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   # The probe's state depends on the training features of its pool only.

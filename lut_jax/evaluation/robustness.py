@@ -43,7 +43,9 @@ import numpy as np
 from lut_jax import config_lib, errors, metrics
 from lut_jax.data import folders
 from lut_jax.evaluation import eval_config, features, finetune
+from lut_jax.models import variants
 from lut_jax.runtime import checkpointing, sharding as sharding_lib
+from lut_jax.weights import loading, sources
 
 SETS = ("imagenet_v2", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_c")
 TITLES = {"imagenet_v2": "ImageNet-V2", "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R",
@@ -255,45 +257,10 @@ def load_finetuned(workdir: str, checkpoint: str = "best", dtype: str = "",
   Raises:
     errors.WorkdirError: not a fine-tuning work directory, or no such checkpoint.
   """
-  root = checkpointing.absolute(workdir)
-  checkpoint_dir = root / checkpointing.CHECKPOINT_DIR
-  record_path = checkpoint_dir / features.RESUME_KEY_FILE
-  hint = "pass the --workdir of a configs/finetune.py run"
-  try:
-    record = json.loads(record_path.read_text())
-  except FileNotFoundError:
-    raise errors.WorkdirError(f"{workdir} is not a fine-tuning work directory: it has no "
-                              f"{checkpointing.CHECKPOINT_DIR}/{features.RESUME_KEY_FILE}",
-                              hint=hint) from None
-  except (OSError, ValueError) as e:
-    raise errors.WorkdirError(f"cannot read {record_path}: {e}", hint=hint) from e
-  if not isinstance(record, dict) or record.get("mode") != "finetune":
-    mode = record.get("mode") if isinstance(record, dict) else None
-    raise errors.WorkdirError(f"{workdir} holds a {mode} run, not a fine-tuning run",
-                              hint=hint)
-  key = record["key"]
-
-  ckpt = checkpointing.Checkpointer(os.fspath(checkpoint_dir), best_metric="top1",
-                                    async_save=False)
-  try:
-    top1 = None
-    if checkpoint == "best":
-      best = ckpt.best()
-      step, top1 = (best[0], best[1].get("top1")) if best else (ckpt.latest_step(), None)
-    elif checkpoint == "latest":
-      step = ckpt.latest_step()
-    else:
-      step = int(checkpoint)
-  finally:
-    ckpt.close()
-  if step is None:
-    raise errors.WorkdirError(f"no finished checkpoint in {checkpoint_dir}", hint=hint)
   if sharding is None:
     sharding = sharding_lib.replicated(sharding_lib.create_mesh(1))
-  subtrees, step = checkpointing.restore_subtrees(os.fspath(checkpoint_dir), ["params"], step,
-                                                  sharding=sharding)
-  params = subtrees["params"]
-
+  params, step, top1, key = loading.load_finetuned(workdir, checkpoint, sharding=sharding)
+  root = checkpointing.absolute(workdir)
   if not dtype:  # eval_main saves the fine-tuning run's config in its work directory
     try:
       dtype = json.loads((root / config_lib.CONFIG_FILE).read_text()).get("dtype")
@@ -302,7 +269,8 @@ def load_finetuned(workdir: str, checkpoint: str = "best", dtype: str = "",
     dtype = dtype or "float32"
   # The head's shape and the presence of fc_norm say how the run built its model.
   model = finetune.build_model(
-      key["encoder"], num_classes=int(params["head"]["kernel"].shape[-1]),
+      variants.EncoderConfig(**key["encoder"]),
+      num_classes=int(params["head"]["kernel"].shape[-1]),
       image_size=int(key["image_size"]), drop_path_rate=0.0,
       pool="mean" if "fc_norm" in params else "cls",
       learned_pos_embed="pos_embed" in params["encoder"],
@@ -311,8 +279,7 @@ def load_finetuned(workdir: str, checkpoint: str = "best", dtype: str = "",
                workdir, step, "n/a" if top1 is None else f"{top1:.2f}", model.num_classes,
                model.image_size, dtype)
   return FinetunedClassifier(model=model, params=params, channels=int(key["channels"]),
-                             num_classes=model.num_classes, step=int(step),
-                             top1=None if top1 is None else float(top1),
+                             num_classes=model.num_classes, step=step, top1=top1,
                              workdir=os.fspath(root), record=key)
 
 
@@ -444,10 +411,10 @@ def validate_config(config: ml_collections.ConfigDict, fail: Callable[[str], Non
     fail("set --config.finetuned to the work directory of an ImageNet fine-tuning "
          "(configs/finetune.py:dataset=imagenet)")
   record = (checkpointing.absolute(config.finetuned) / checkpointing.CHECKPOINT_DIR
-            / features.RESUME_KEY_FILE)
+            / sources.RESUME_KEY_FILE)
   if not record.exists():
     fail(f"finetuned={config.finetuned!r} is not a fine-tuning work directory (no "
-         f"{checkpointing.CHECKPOINT_DIR}/{features.RESUME_KEY_FILE})")
+         f"{checkpointing.CHECKPOINT_DIR}/{sources.RESUME_KEY_FILE})")
   if config.checkpoint not in ("best", "latest") and not str(config.checkpoint).isdigit():
     fail(f"checkpoint must be 'best', 'latest' or a step number, got {config.checkpoint!r}")
   if config.dtype not in ("", "float32", "bfloat16"):

@@ -42,9 +42,10 @@ import numpy as np
 import optax
 
 from lut_jax.evaluation import segmentation_metrics as seg_metrics
-from lut_jax.models import segmenter as seg_model, upernet
+from lut_jax.models import segmenter as seg_model, upernet, variants
 from lut_jax.pretrain import train_state
 from lut_jax.runtime import checkpointing, loop, optim, sharding as sharding_lib
+from lut_jax.weights import loading
 
 DATASETS = ("fashion_seg", "folder", "scene_parse150")  # segmentation_data's sources
 SCHEDULES = ("poly", "cosine")
@@ -153,13 +154,13 @@ def build_schedule(seg: ml_collections.ConfigDict) -> optax.Schedule:
                                       total_steps=seg.total_steps, min_lr=seg.min_lr)
 
 
-def build_model(config: ml_collections.ConfigDict, encoder_config: dict[str, Any], *,
+def build_model(config: ml_collections.ConfigDict, encoder: variants.EncoderConfig, *,
                 num_classes: int, image_size: int) -> seg_model.SegmentationViT:
-  """The model of ``config.segmentation`` around a pre-trained encoder's config."""
+  """The model of ``config.segmentation`` around a pre-trained encoder's architecture."""
   seg = config.segmentation
   dtype = jnp.bfloat16 if config.get("dtype", "float32") == "bfloat16" else jnp.float32
   return seg_model.build_model(
-      encoder_config, num_classes=num_classes, image_size=image_size,
+      encoder, num_classes=num_classes, image_size=image_size,
       feature_blocks=parse_list(seg.feature_blocks), rescales=parse_list(seg.rescales, float),
       channels=seg.channels, pool_scales=parse_list(seg.pool_scales),
       aux_channels=seg.aux_channels, aux_level=seg.aux_level, norm=seg.norm,
@@ -263,7 +264,7 @@ def segment(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
     config: an evaluation config with ``mode == "segmentation"``
       (``configs/segmentation.py``).
     workdir: checkpoints (latest + best mIoU), CLU logs, ``segmentation_results.json``.
-    pretrained: a ``features.PretrainedEncoder``; default: from ``config.pretrained``.
+    pretrained: a ``loading.Pretrained``; default: from ``config.pretrained``.
     train_data_fn: ``fn(start_step)`` -> iterator of global ``{"image", "label"}`` batches
       (tests); default: :func:`segmentation_data.create_train_iterator`.
     eval_data: re-iterable ``{"image", "label", "size"}`` numpy batches (tests); default:
@@ -275,15 +276,16 @@ def segment(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
 
   seg = config.segmentation
   os.makedirs(workdir, exist_ok=True)
-  pretrained = pretrained or features.load_pretrained(config.pretrained, config.pretrained_step)
+  pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
+                                         encoder_only=True)
   crop = config.input.image_size
   if crop <= 0:
     crop = (config.synthetic.image_size if config.input.dataset == "fashion_seg"
-            else pretrained.config["image_size"])
-  if crop % pretrained.config["patch_size"]:
+            else pretrained.architecture.image_size)
+  if crop % pretrained.architecture.patch_size:
     raise errors.ConfigError(f"input.image_size={crop} (the crop the encoder runs on) is not "
                              f"divisible by the encoder's patch size "
-                             f"{pretrained.config['patch_size']}")
+                             f"{pretrained.architecture.patch_size}")
   input_config = eval_config.input_config(config, pretrained, image_size=crop)
   channels = input_config.channels
 
@@ -307,7 +309,7 @@ def segment(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
   mesh = sharding_lib.create_mesh(1)
   sharding_lib.check_batch_size(seg.batch_size, mesh, process_count=jax.process_count())
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  model = build_model(config, pretrained.config, num_classes=num_classes, image_size=crop)
+  model = build_model(config, pretrained.architecture, num_classes=num_classes, image_size=crop)
   schedule = build_schedule(seg)
   tx = optim.create_finetune_optimizer(
       schedule, depth=model.depth, layer_decay_rate=seg.layer_decay,

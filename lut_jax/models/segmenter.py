@@ -11,7 +11,7 @@ rounded: 4, 6, 8, 12 of 12 (BEiT's ``[3, 5, 7, 11]``), 8, 12, 16, 24 of 24 (BEiT
 Positions are the encoder's fixed sin-cos table, a function of the grid
 (:class:`lut_jax.models.vit.Encoder`), so the encoder runs at the crop size whatever size it
 was pre-trained at. Weights with a learned position table are refused when loaded
-(:func:`lut_jax.evaluation.features.load_pretrained`), so none needs interpolating.
+(:func:`lut_jax.weights.loading.load`), so none needs interpolating.
 
 The encoder's parameters sit under ``params["encoder"]`` with the pre-trained names
 (``patch_embed``, ``cls_token``, ``blocks_i``), so :func:`lut_jax.runtime.optim.layer_id` puts
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lut_jax.evaluation import finetune
-from lut_jax.models import upernet, vit
+from lut_jax.models import upernet, variants, vit
 
 EVAL_MODES = ("whole", "slide")
 
@@ -88,12 +88,10 @@ class SegmentationViT(nn.Module):
     # The pre-trained encoder's own module (same parameters, same forward), returning the
     # tokens after the feature blocks; BEiT's features have no final norm.
     maps = token_maps(vit.Encoder(
-        self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
-        mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rate, final_norm=False,
-        dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
-        gelu_approximate=self.gelu_approximate,
-        output_blocks=tuple(self.feature_blocks), name="encoder")(
-            images, deterministic=not train))
+        **variants.EncoderConfig.of(self).kwargs(), drop_path_rate=self.drop_path_rate,
+        final_norm=False, dtype=self.dtype, remat=self.remat,
+        attention_impl=self.attention_impl, output_blocks=tuple(self.feature_blocks),
+        name="encoder")(images, deterministic=not train))
     levels = upernet.MultiLevelNeck(tuple(self.rescales), self.norm, self.dtype,
                                     name="neck")(maps, train=train)
     size = images.shape[1:3]
@@ -110,24 +108,21 @@ class SegmentationViT(nn.Module):
     return out
 
 
-def build_model(encoder_config: dict[str, Any], *, num_classes: int, image_size: int,
+def build_model(encoder: variants.EncoderConfig, *, num_classes: int, image_size: int,
                 **kwargs) -> SegmentationViT:
-  """The segmentation model around an encoder config (``PretrainedEncoder.config``);
-  ``kwargs`` are :class:`SegmentationViT` fields (``feature_blocks`` defaults to
-  :func:`feature_blocks` of the depth, ``channels`` to the encoder width when <= 0)."""
-  patch = encoder_config["patch_size"]
-  if image_size % patch:
-    raise ValueError(f"image size {image_size} is not divisible by patch size {patch}")
+  """The segmentation model around a pre-trained encoder's architecture; ``kwargs`` are
+  :class:`SegmentationViT` fields (``feature_blocks`` defaults to :func:`feature_blocks` of
+  the depth, ``channels`` to the encoder width when <= 0)."""
+  if image_size % encoder.patch_size:
+    raise ValueError(f"image size {image_size} is not divisible by patch size "
+                     f"{encoder.patch_size}")
   kwargs = dict(kwargs)
   if not kwargs.get("feature_blocks"):
-    kwargs["feature_blocks"] = feature_blocks(encoder_config["depth"])
+    kwargs["feature_blocks"] = feature_blocks(encoder.depth)
   if kwargs.get("channels", 0) <= 0:
-    kwargs["channels"] = encoder_config["width"]
-  return SegmentationViT(
-      num_classes=num_classes, image_size=image_size, patch_size=patch,
-      width=encoder_config["width"], depth=encoder_config["depth"],
-      num_heads=encoder_config["num_heads"], mlp_ratio=encoder_config.get("mlp_ratio", 4.0),
-      gelu_approximate=encoder_config.get("gelu_approximate", False), **kwargs)
+    kwargs["channels"] = encoder.width
+  return SegmentationViT(num_classes=num_classes, **encoder.kwargs(image_size=image_size),
+                         **kwargs)
 
 
 def init_variables(model: SegmentationViT, key: jax.Array, pretrained_params: Any,

@@ -1,4 +1,5 @@
-"""Named ViT sizes ("B/16", "S/16", "Ti/4", ...) and their parsing.
+"""Named ViT sizes ("B/16", "S/16", "Ti/4", ...) and their parsing, and the typed
+architecture of an encoder (:class:`EncoderConfig`).
 
 A variant string is ``<size>/<patch>``: the size names the encoder's width, depth and
 number of heads; the number after the slash is the patch size in pixels.
@@ -7,6 +8,7 @@ number of heads; the number after the slash is the patch size in pixels.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 # size -> (width, depth, num_heads). The standard ViT sizes plus two small ones:
 # "mu" for unit tests and "nano" for the CPU default (Fashion-MNIST, 28 px).
@@ -42,3 +44,37 @@ def parse_variant(variant: str) -> EncoderSpec:
         f"{known} (e.g. 'B/16', 'H/14', 'nano/4').")
   width, depth, num_heads = ENCODER_SIZES[size]
   return EncoderSpec(width=width, depth=depth, num_heads=num_heads, patch_size=int(patch))
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """The architecture of a pre-trained encoder: what rebuilds it anywhere.
+
+  :class:`lut_jax.models.vit.Encoder` and the fine-tuning and segmentation models around
+  it take these fields (:meth:`kwargs`); :meth:`to_json` is what an export's
+  ``encoder_config.json`` and the evaluation keys hold, and ``EncoderConfig(**json)`` reads
+  it back.
+  """
+
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  gelu_approximate: bool = False
+
+  @classmethod
+  def of(cls, module: Any) -> EncoderConfig:
+    """The encoder architecture of a module with these fields (``Encoder``, ``LUTModel``)."""
+    return cls(**{field.name: getattr(module, field.name) for field in dataclasses.fields(cls)})
+
+  def kwargs(self, **changes: Any) -> dict[str, Any]:
+    """The fields as keyword arguments, ``changes`` replacing some (e.g. ``image_size``)."""
+    return dataclasses.asdict(dataclasses.replace(self, **changes))
+
+  def to_json(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    if not self.gelu_approximate:  # only when on: exact-GELU encoders keep their old keys
+      del out["gelu_approximate"]
+    return out

@@ -1,5 +1,5 @@
-"""Orbax checkpoints of the train state: periodic async saves, resume, encoder export,
-and reading pre-trained weights (:func:`locate_pretrained`, :func:`restore_subtrees`).
+"""Orbax checkpoints of the train state: periodic async saves, resume, and reading chosen
+subtrees of a step (:func:`restore_subtrees`, which ``lut_jax.weights`` loads through).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 crash or preemption mid-save never damages the last finished checkpoint. On top of that:
@@ -319,7 +319,7 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
-ENCODER_CONFIG_FILE = "encoder_config.json"
+CHECKPOINT_DIR = "checkpoints"  # a work directory's Checkpointer directory
 
 
 def absolute(path: str) -> epath.Path:
@@ -328,112 +328,12 @@ def absolute(path: str) -> epath.Path:
   return epath.Path(path) if "://" in str(path) else epath.Path(path).resolve()
 
 
-def export_encoder(directory: str, encoder_params: Any, encoder_config: dict[str, Any]) -> str:
-  """Writes the encoder's parameters (an Orbax PyTree checkpoint) and its config (JSON).
-
-  Reload with :func:`load_encoder`. ``encoder_config`` holds the keyword arguments of
-  :class:`lut_jax.models.vit.Encoder` (image_size, patch_size, width, depth, num_heads, ...).
-  """
-  root = absolute(directory)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(root / "params", encoder_params, force=True)
-  if jax.process_index() == 0:
-    (root / ENCODER_CONFIG_FILE).write_text(json.dumps(encoder_config, indent=2,
-                                                       sort_keys=True))
-  return os.fspath(root)
-
-
-def load_encoder(directory: str) -> tuple[Any, Any]:
-  """``(encoder_module, params)`` from :func:`export_encoder`'s output:
-
-    encoder, params = load_encoder("runs/x/encoder")
-    tokens = encoder.apply({"params": params}, images)
-  """
-  from lut_jax.models.vit import Encoder  # local: keep checkpointing importable alone
-
-  root = absolute(directory)
-  encoder_config = json.loads((root / ENCODER_CONFIG_FILE).read_text())
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(root / "params")
-  check_finite(params, f"exported encoder {root}")
-  return Encoder(**encoder_config), params
-
-
-CHECKPOINT_DIR = "checkpoints"  # a pre-training work directory's Checkpointer directory
-TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
-SAFETENSORS_EXTENSION = ".safetensors"
-# The layout timm's ``local-dir:`` loader and the Hugging Face Hub read: the weights under
-# this name beside a ``config.json`` that names the architecture.
-TIMM_WEIGHTS_FILE = "model.safetensors"
-TIMM_CONFIG_FILE = "config.json"
-HF_HUB_PREFIX = "hf-hub:"  # as in timm.create_model("hf-hub:org/name")
-PRETRAINED_KINDS = ("workdir", "encoder", "timm", "torch", "safetensors", "hf-hub")
-
-
-def locate_pretrained(path: str) -> tuple[str, str, Optional[int]]:
-  """What ``path``, given as pre-trained weights, holds: ``(kind, location, step)``.
-
-  The one place that tells the sources apart (evaluation, export and analysis all ask it):
-
-  * ``("workdir", workdir, step)``: a pre-training work directory (step None: the latest)
-    or one of its ``checkpoints/<step>``;
-  * ``("encoder", directory, None)``: an :func:`export_encoder` directory;
-  * ``("timm", directory, None)``: a timm / Hugging Face folder, ``model.safetensors``
-    (beside the ``config.json`` that names its architecture, as ``lut-export`` writes);
-  * ``("torch", file, None)``: a PyTorch checkpoint file (reference LUT/MAE, timm);
-  * ``("safetensors", file, None)``: a ``.safetensors`` state dict without its folder;
-  * ``("hf-hub", "org/name[@revision]", None)``: a Hugging Face Hub repository, named
-    ``hf-hub:org/name`` as timm names it; nothing is downloaded here.
-
-  Local locations are absolute. Anything else is a user error (``FileNotFoundError`` or
-  ``errors.UserError``) saying what was expected.
-  """
-  if path.startswith(HF_HUB_PREFIX):
-    repo = path[len(HF_HUB_PREFIX):]
-    if not repo.split("@")[0].strip("/"):
-      raise errors.UserError(f"{path}: no repository after {HF_HUB_PREFIX!r}",
-                             hint=f"write {HF_HUB_PREFIX}org/name")
-    return "hf-hub", repo, None
-  expected = (f"the work directory of a lut_jax run (with {config_lib.CONFIG_FILE} and "
-              f"{CHECKPOINT_DIR}/), an exported encoder (with {ENCODER_CONFIG_FILE}), a "
-              f"timm folder (with {TIMM_WEIGHTS_FILE}), a PyTorch checkpoint file "
-              f"({', '.join(TORCH_EXTENSIONS)}), a {SAFETENSORS_EXTENSION} file or "
-              f"{HF_HUB_PREFIX}org/name")
-  location = absolute(path)
-  if location.is_file():
-    if location.name.endswith(TORCH_EXTENSIONS):
-      return "torch", os.fspath(location), None
-    if location.name.endswith(SAFETENSORS_EXTENSION):
-      return "safetensors", os.fspath(location), None
-    raise errors.UserError(f"{path}: a file; expected {expected}")
-  if (location / ENCODER_CONFIG_FILE).is_file():
-    return "encoder", os.fspath(location), None
-  if (location / TIMM_WEIGHTS_FILE).is_file():
-    return "timm", os.fspath(location), None
-  if location.name.isdigit() and location.parent.name == CHECKPOINT_DIR:
-    return "workdir", os.fspath(location.parent.parent), int(location.name)
-  if (location / CHECKPOINT_DIR).is_dir() or (location / config_lib.CONFIG_FILE).is_file():
-    return "workdir", os.fspath(location), None
-  if location.exists():
-    raise FileNotFoundError(f"{path}: not {expected}")
-  raise FileNotFoundError(f"{path}: no such file or directory; expected {expected}")
-
-
-def load_run_config(workdir: str, step: Optional[int] = None) -> Any:
-  """The config of a pre-training run: ``WORKDIR/config.json``, else the copy inside the
-  checkpoint ``step`` (the newest when None), for a work directory that kept its
-  checkpoints but lost its top-level config."""
-  try:
-    return config_lib.load_config(workdir)
-  except FileNotFoundError:
-    root = absolute(workdir) / CHECKPOINT_DIR
-    steps = sorted(int(p.name) for p in (root.iterdir() if root.is_dir() else ())
-                   if p.name.isdigit())
-    if step is None or step < 0:
-      step = steps[-1] if steps else None
-    if step is None or not (root / str(step) / config_lib.CONFIG_FILE).exists():
-      raise
-    return config_lib.load_config(os.fspath(root / str(step)))
+def finished_steps(checkpoint_dir: epath.Path) -> list[int]:
+  """The steps of a :class:`Checkpointer` directory, sorted (none when it is missing).
+  Orbax writes a step under a temporary name and renames it when complete: all-digit names
+  are the finished steps."""
+  return sorted(int(p.name) for p in (checkpoint_dir.iterdir() if checkpoint_dir.is_dir()
+                                      else ()) if p.name.isdigit())
 
 
 def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
@@ -459,10 +359,7 @@ def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
   """
   root = absolute(checkpoint_dir)  # Orbax's reader needs absolute paths
   checkpoint_dir = os.fspath(root)
-  # Orbax writes a step under a temporary name and renames it when complete: all-digit
-  # names are the finished steps.
-  steps = sorted(int(p.name) for p in (root.iterdir() if root.is_dir() else ())
-                 if p.name.isdigit())
+  steps = finished_steps(root)
   if not steps:
     raise errors.WorkdirError(f"no finished checkpoint in {checkpoint_dir}")
   step = steps[-1] if step is None or step < 0 else step

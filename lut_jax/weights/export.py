@@ -9,8 +9,8 @@ r"""Exports the online encoder of a pre-training run for downstream use.
 Writes, into ``--out`` (default ``<workdir>/encoder``):
 
 * ``params/`` + ``encoder_config.json``: the *online* encoder (``params["encoder"]`` of the
-  pre-training state, not the EMA teacher) via :func:`lut_jax.runtime.checkpointing.export_encoder`;
-  reload with ``checkpointing.load_encoder`` or pass the directory as
+  pre-training state, not the EMA teacher) via :func:`lut_jax.weights.sources.write_export`;
+  reload with :func:`lut_jax.weights.loading.load` or pass the directory as
   ``--config.pretrained`` to ``lut_jax.cli.evaluate``;
 * by default (``--timm=safetensors``), ``model.safetensors`` + ``config.json``: the same
   encoder as a timm ``VisionTransformer`` (float32, timm's parameter names), in the layout
@@ -26,7 +26,7 @@ Writes, into ``--out`` (default ``<workdir>/encoder``):
   ``timm_kwargs.json``.
 
 ``--workdir`` may also name weights made elsewhere (a PyTorch or safetensors checkpoint, a
-timm folder, ``hf-hub:org/name``: see :func:`lut_jax.evaluation.features.load_pretrained`),
+timm folder, ``hf-hub:org/name``: see :func:`lut_jax.weights.loading.load`),
 which are converted; ``--out`` is then required.
 
 Bad input (a missing or foreign work directory, an output path that is a file or cannot be
@@ -47,9 +47,9 @@ import numpy as np
 
 from lut_jax import config_lib, errors
 from lut_jax.data import image_utils
-from lut_jax.evaluation import features
+from lut_jax.models import variants
 from lut_jax.runtime import checkpointing
-from lut_jax.weights import convert
+from lut_jax.weights import convert, loading, sources
 
 TIMM_FORMATS = ("safetensors", "pth", "npz", "none")
 PROG = "lut-export"
@@ -70,44 +70,40 @@ _TIMM_ARCHITECTURES = frozenset({
 _TIMM_GENERIC_ARCHITECTURE = "vit_base_patch16_224"
 
 
-def timm_kwargs(encoder_config: dict[str, Any], channels: int = 3) -> dict[str, Any]:
+def timm_kwargs(encoder: variants.EncoderConfig, channels: int = 3) -> dict[str, Any]:
   """``timm.models.vision_transformer.VisionTransformer`` kwargs of our encoder (timm's
   default norm layer is already ``LayerNorm(eps=1e-6)``, ours). ``global_pool="token"``:
   the model's output is the cls token after the final norm, our ``cls`` feature."""
-  kwargs = {"img_size": encoder_config["image_size"],
-            "patch_size": encoder_config["patch_size"], "in_chans": channels,
-            "embed_dim": encoder_config["width"], "depth": encoder_config["depth"],
-            "num_heads": encoder_config["num_heads"],
-            "mlp_ratio": encoder_config.get("mlp_ratio", 4.0), "qkv_bias": True,
+  kwargs = {"img_size": encoder.image_size, "patch_size": encoder.patch_size,
+            "in_chans": channels, "embed_dim": encoder.width, "depth": encoder.depth,
+            "num_heads": encoder.num_heads, "mlp_ratio": encoder.mlp_ratio, "qkv_bias": True,
             "class_token": True, "num_classes": 0, "global_pool": "token"}
-  if encoder_config.get("gelu_approximate"):  # trained with tanh GELU: timm's GELUTanh
+  if encoder.gelu_approximate:  # trained with tanh GELU: timm's GELUTanh
     kwargs["act_layer"] = "gelu_tanh"
   return kwargs
 
 
-def timm_architecture(encoder_config: dict[str, Any]) -> str:
+def timm_architecture(encoder: variants.EncoderConfig) -> str:
   """The registered timm ViT of our encoder's size, patch and image size, else a generic
   one (see ``_TIMM_GENERIC_ARCHITECTURE``)."""
-  size = _TIMM_SIZE_NAMES.get((encoder_config["width"], encoder_config["depth"],
-                               encoder_config["num_heads"]))
-  name = (f"vit_{size}_patch{encoder_config['patch_size']}_"
-          f"{encoder_config['image_size']}")
+  size = _TIMM_SIZE_NAMES.get((encoder.width, encoder.depth, encoder.num_heads))
+  name = f"vit_{size}_patch{encoder.patch_size}_{encoder.image_size}"
   return name if name in _TIMM_ARCHITECTURES else _TIMM_GENERIC_ARCHITECTURE
 
 
-def timm_config(encoder_config: dict[str, Any], channels: int = 3) -> dict[str, Any]:
+def timm_config(encoder: variants.EncoderConfig, channels: int = 3) -> dict[str, Any]:
   """The ``config.json`` timm's ``local-dir:`` / ``hf-hub:`` loaders read
   (``timm.models._hub.load_model_config_from_path``): the architecture, the kwargs that
   rebuild our encoder (``model_args``) and the preprocessing it expects
   (``pretrained_cfg``: ImageNet normalisation, the evaluation centre crop)."""
-  size = encoder_config["image_size"]
+  size = encoder.image_size
   mean, std = image_utils.normalization_constants(channels)
   return {
-      "architecture": timm_architecture(encoder_config),
+      "architecture": timm_architecture(encoder),
       "num_classes": 0,
-      "num_features": encoder_config["width"],
+      "num_features": encoder.width,
       "global_pool": "token",
-      "model_args": timm_kwargs(encoder_config, channels),
+      "model_args": timm_kwargs(encoder, channels),
       "pretrained_cfg": {
           "input_size": [channels, size, size],
           "fixed_input_size": True,
@@ -124,7 +120,7 @@ def timm_config(encoder_config: dict[str, Any], channels: int = 3) -> dict[str, 
   }
 
 
-def write_timm_folder(out_dir: str, encoder_params: Any, encoder_config: dict[str, Any],
+def write_timm_folder(out_dir: str, encoder_params: Any, encoder: variants.EncoderConfig,
                       channels: int = 3) -> str:
   """Writes ``model.safetensors`` (float32, timm names, via ``safetensors.numpy``: no
   torch) and ``config.json`` (:func:`timm_config`) into ``out_dir``; returns the weights'
@@ -135,16 +131,16 @@ def write_timm_folder(out_dir: str, encoder_params: Any, encoder_config: dict[st
     raise errors.UserError("writing model.safetensors needs the safetensors package",
                            hint="pip install safetensors, or pass --timm=npz") from e
   state_dict = convert.encoder_to_timm_state_dict(encoder_params,
-                                                  image_size=encoder_config["image_size"])
+                                                  image_size=encoder.image_size)
   state_dict = {name: np.ascontiguousarray(value, np.float32)
                 for name, value in state_dict.items()}
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  target = out / checkpointing.TIMM_WEIGHTS_FILE
+  target = out / sources.TIMM_WEIGHTS_FILE
   # "format": "pt" is the metadata the Hub's loaders expect of a torch state dict.
   target.write_bytes(safetensors_numpy.save(state_dict, metadata={"format": "pt"}))
-  (out / checkpointing.TIMM_CONFIG_FILE).write_text(
-      json.dumps(timm_config(encoder_config, channels), indent=2) + "\n")
+  (out / sources.TIMM_CONFIG_FILE).write_text(
+      json.dumps(timm_config(encoder, channels), indent=2) + "\n")
   return os.fspath(target)
 
 
@@ -164,16 +160,15 @@ def export(path: str, out_dir: Optional[str] = None, *, step: Optional[int] = No
   out_dir = os.fspath(out)
   # Before the checkpoint is read: restoring it is the slow part.
   check_output_dir(out_dir)
-  pretrained = features.load_pretrained(path, step)
-  params = jax.device_get(pretrained.params)
-  checkpointing.export_encoder(out_dir, params, pretrained.config)
+  pretrained = loading.load(path, step, encoder_only=True)
+  params, encoder = jax.device_get(pretrained.params), pretrained.architecture
+  sources.write_export(out_dir, params, encoder)
   written = {"encoder": out_dir}
   if timm_format != "none" and jax.process_index() == 0:
     if timm_format == "safetensors":
-      target = write_timm_folder(out_dir, params, pretrained.config, pretrained.channels)
+      target = write_timm_folder(out_dir, params, encoder, pretrained.channels)
     else:
-      state_dict = convert.encoder_to_timm_state_dict(
-          params, image_size=pretrained.config["image_size"])
+      state_dict = convert.encoder_to_timm_state_dict(params, image_size=encoder.image_size)
       target = out / f"timm_vit.{timm_format}"
       with target.open("wb") as f:
         if timm_format == "pth":
@@ -182,7 +177,7 @@ def export(path: str, out_dir: Optional[str] = None, *, step: Optional[int] = No
         else:
           np.savez(f, **state_dict)
       (out / "timm_kwargs.json").write_text(json.dumps(
-          timm_kwargs(pretrained.config, pretrained.channels), indent=2, sort_keys=True))
+          timm_kwargs(encoder, pretrained.channels), indent=2, sort_keys=True))
       target = os.fspath(target)
     written["timm"] = target
   return written
@@ -196,7 +191,7 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool = True) -> str:
                  extra="torch")
   import huggingface_hub  # pylint: disable=g-import-not-at-top (optional dependency)
 
-  names = (checkpointing.TIMM_WEIGHTS_FILE, checkpointing.TIMM_CONFIG_FILE)
+  names = (sources.TIMM_WEIGHTS_FILE, sources.TIMM_CONFIG_FILE)
   if not all((epath.Path(folder) / name).is_file() for name in names):
     raise errors.UserError(f"{folder}: no timm folder ({' + '.join(names)}) to upload",
                            hint="export with --timm=safetensors")
@@ -215,7 +210,7 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool = True) -> str:
         f"is complete in {folder}",
         hint="rerun the same command once that is fixed: it exports again, then uploads"
         ) from e
-  return checkpointing.HF_HUB_PREFIX + repo_id
+  return sources.HF_HUB_PREFIX + repo_id
 
 
 def _hub_failure(e: BaseException) -> Optional[str]:
@@ -233,15 +228,15 @@ def _hub_failure(e: BaseException) -> Optional[str]:
 
 def check_source(path: str) -> Optional[str]:
   """The directory of the run or exported encoder ``path`` names (see
-  :func:`lut_jax.runtime.checkpointing.locate_pretrained`), None for weights to convert (a timm
+  :func:`lut_jax.weights.sources.locate`), None for weights to convert (a timm
   folder, a checkpoint file, ``hf-hub:``); a user error unless it is one of these, with a
   ``config.json`` that names the model for a run."""
-  kind, location, _ = checkpointing.locate_pretrained(path)
+  kind, location, _ = sources.locate(path)
   if kind == "encoder":
     return location
   if kind != "workdir":
     return None
-  # The encoder is rebuilt from these entries (features.encoder_config); a config.json
+  # The encoder is rebuilt from these entries (loading.run_model); a config.json
   # without them is another program's file, not a corrupt run.
   config_file = epath.Path(location) / config_lib.CONFIG_FILE
   if not config_file.is_file():

@@ -1,83 +1,85 @@
-"""Loads encoders (and MAE decoders, when there are any) for analysis.
+"""The one loader of pre-trained weights: :func:`load` builds the encoder (and the LUT/MAE
+model with its decoder, when the source has one and it is asked for) of any source
+:func:`lut_jax.weights.sources.locate` tells apart, and refuses NaN or infinite weights.
+Evaluation, fine-tuning, segmentation, export and analysis all load through it.
 
-The sources, told apart by :func:`lut_jax.runtime.checkpointing.locate_pretrained` (the one place that
-decides what a path is):
-
-* a pre-training workdir (``config.json`` + ``checkpoints/``; or one step directory
-  ``WORKDIR/checkpoints/<step>``): the latest (or given) Orbax TrainState checkpoint. Only
-  the chosen parameter tree is read (:func:`lut_jax.runtime.checkpointing.restore_subtrees`), so
-  neither the optimizer nor the mesh/sharding of the run has to be rebuilt;
-* an exported encoder directory (:func:`lut_jax.runtime.checkpointing.export_encoder`);
-* a PyTorch ``.pth``/``.pt`` reference (naver-ai/lut, MAE) or timm checkpoint, or a
-  ``.safetensors`` state dict, converted with :mod:`lut_jax.weights.convert`. The architecture is
-  read from the tensor shapes; the number of heads is not in the shapes and comes from the
-  standard ViT size of that width unless given;
-* a timm / Hugging Face folder (``model.safetensors`` + ``config.json``, what ``lut-export``
-  writes and ``timm.create_model("local-dir:...")`` reads) or ``hf-hub:org/name`` (the same
-  two files downloaded with ``huggingface_hub``): the heads and image size come from
-  ``config.json``, and an architecture our encoder cannot compute exactly (a learned
-  position embedding, register tokens, layer scale, another activation...) is refused.
-
-PyTorch is imported only to read ``.pth`` files; safetensors are read with
-``safetensors.numpy``.
+The architecture (:class:`lut_jax.models.variants.EncoderConfig`) comes from a run's config,
+an export's ``encoder_config.json``, or the tensor shapes of converted weights
+(:mod:`lut_jax.weights.convert`) with what they do not show (the heads: a timm
+``config.json``'s, else the standard ViT size's of that width); an architecture our encoder
+cannot compute exactly (a learned position embedding, register tokens, layer scale, another
+activation...) is refused. From a run only the chosen tree is read
+(:func:`lut_jax.runtime.checkpointing.restore_subtrees`): not the optimizer state.
 
 Probes for Grad-CAM (:func:`load_probe`) are linear-probe work directories or ``.npz``
 files: ``kernel (D, classes)``, ``bias (classes,)``, optionally ``bn_mean``/``bn_var`` (the
 MAE linear-probe recipe's affine-free BatchNorm, eps 1e-6) and ``pool`` (``"mean"`` of the
-patch tokens, the default, or ``"cls"``).
+patch tokens, the default, or ``"cls"``). Fine-tuned classifiers: :func:`load_finetuned`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import re
 import zipfile
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from lut_jax import config_lib, errors
-from lut_jax.data import image_utils
-from lut_jax.evaluation import features
 from lut_jax.models import variants, vit
 from lut_jax.runtime import checkpointing
+from lut_jax.weights import convert, sources
 
 
-@dataclasses.dataclass
-class LoadedModel:
-  """An encoder (always) and the full LUT/MAE model with its decoder (when available).
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """Pre-trained weights, loaded: the encoder, and the whole model when there is one.
 
   Attributes:
-    label: name used in plots and metrics.
-    source: where it came from (an absolute path, or ``hf-hub:org/name``).
-    kind: a :data:`lut_jax.runtime.checkpointing.PRETRAINED_KINDS` entry (``"workdir"``,
-      ``"encoder"``, ``"timm"``, ``"torch"``, ``"safetensors"``, ``"hf-hub"``).
-    encoder: an :class:`~lut_jax.models.vit.Encoder` (float32, no remat).
-    encoder_params: its parameters.
-    channels: input channels.
-    model: a :class:`~lut_jax.models.vit.LUTModel` for reconstructions, or ``None``.
-    params: ``model``'s parameters, or ``None``.
+    encoder: a :class:`~lut_jax.models.vit.Encoder` (float32, no remat).
+    params: its parameters (``patch_embed``, ``cls_token``, ``blocks_i``, ``norm``).
+    channels: input channels of the patch embedding.
+    source: where it was loaded from, in words, for logs.
+    path: the absolute directory or file it was loaded from, or ``hf-hub:org/name`` (""
+      when built in memory).
+    kind: a :data:`lut_jax.weights.sources.KINDS` key ("" when built in memory).
+    step: the pre-training checkpoint step loaded (None for other sources).
+    label: the name analyses give it in plots and metrics.
+    model: a :class:`~lut_jax.models.vit.LUTModel` (float32) for reconstructions, or None.
+    model_params: ``model``'s parameters, or None.
     mask_ratio, norm_pix: the pre-training settings (for reconstructions).
-    step: the checkpoint step, when known.
   """
 
-  label: str
-  source: str
-  kind: str
   encoder: vit.Encoder
-  encoder_params: Any
+  params: Any
   channels: int
+  source: str = ""
+  path: str = ""
+  kind: str = ""
+  step: Optional[int] = None
+  label: str = ""
   model: Optional[vit.LUTModel] = None
-  params: Optional[Any] = None
+  model_params: Optional[Any] = None
   mask_ratio: float = 0.75
   norm_pix: bool = True
-  step: Optional[int] = None
+
+  @property
+  def architecture(self) -> variants.EncoderConfig:
+    return variants.EncoderConfig.of(self.encoder)
+
+  @property
+  def config(self) -> dict[str, Any]:
+    """The architecture as JSON: what an export's ``encoder_config.json`` holds."""
+    return self.architecture.to_json()
 
   @property
   def image_size(self) -> int:
@@ -93,199 +95,158 @@ class LoadedModel:
 
   @property
   def has_decoder(self) -> bool:
-    return self.model is not None and self.params is not None and "decoder" in self.params
+    return self.model_params is not None and "decoder" in self.model_params
 
   def describe(self) -> dict[str, Any]:
     """JSON-ready description (for metrics.json)."""
     e = self.encoder
-    return {"source": self.source, "kind": self.kind, "step": self.step,
+    return {"source": self.path, "kind": self.kind, "step": self.step,
             "image_size": e.image_size, "patch_size": e.patch_size, "width": e.width,
             "depth": e.depth, "num_heads": e.num_heads, "channels": self.channels,
             "has_decoder": self.has_decoder}
 
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """SHA-256 of the parameters' names, shapes, dtypes and values.
+
+    It identifies the weights whatever their source: an export overwritten in place, a
+    checkpoint step rewritten by a restarted run, an encoder built in memory.
+    """
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        leaf = leaf.addressable_data(0)  # replicated: each process holds a whole copy
+      value = np.ascontiguousarray(leaf)
+      digest.update(f"{jax.tree_util.keystr(path)} {value.dtype} {value.shape};".encode())
+      digest.update(value.tobytes())
+    return digest.hexdigest()
+
 
 def encoder_of(model: vit.LUTModel) -> vit.Encoder:
   """A standalone Encoder with ``model``'s encoder architecture (its parameters are
-  ``params["encoder"]``), in float32 and without remat: analysis wants exact numbers and
-  has no backward pass to save memory for."""
-  return vit.Encoder(model.image_size, model.patch_size, model.width, model.depth,
-                        model.num_heads, mlp_ratio=model.mlp_ratio,
-                        gelu_approximate=model.gelu_approximate)
+  ``params["encoder"]``), in float32 and without remat: evaluation and analysis want exact
+  numbers and have no backward pass to save memory for."""
+  return vit.Encoder(**variants.EncoderConfig.of(model).kwargs())
 
 
-# ----------------------------------------------------------------------------- workdirs
+def run_model(config: ml_collections.ConfigDict) -> vit.LUTModel:
+  """The model of a pre-training config, as the run built it (in its dtype: ``build_model``
+  refuses some attention choices in float32)."""
+  return vit.build_model(config.model, image_size=int(config.input.image_size),
+                         channels=int(config.input.channels),
+                         use_bc=config_lib.uses_bc(config), dtype=config.dtype)
 
 
-def load_workdir(workdir: str, *, step: Optional[int] = None, which: str = "params",
-                 label: Optional[str] = None) -> LoadedModel:
-  """The online network (``which="params"``) or the EMA teacher (``"target_params"``) of
-  a pre-training workdir, at ``step`` (None: the latest)."""
-  workdir = os.fspath(checkpointing.absolute(workdir))
-  config = checkpointing.load_run_config(workdir, step)
-  model = vit.build_model(config.model, image_size=int(config.input.image_size),
-                             channels=int(config.input.channels),
-                             use_bc=config_lib.uses_bc(config))
+def load(path: str, step: Optional[int] = None, *, which: str = "params",
+         encoder_only: bool = False, label: Optional[str] = None, key: Optional[str] = None,
+         num_heads: Optional[int] = None, decoder_num_heads: int = 16,
+         image_size: Optional[int] = None) -> Pretrained:
+  """The pre-trained weights at ``path`` (any :func:`lut_jax.weights.sources.locate` path).
+
+  Args:
+    path: a pre-training work directory (or one of its ``checkpoints/<step>``), an exported
+      encoder, a PyTorch or safetensors checkpoint file, a timm folder or ``hf-hub:org/name``.
+    step: a work directory's checkpoint step (None or negative: the one ``path`` names,
+      else the latest). Every other source holds one set of weights.
+    which: a work directory's ``"params"`` (the online network, which evaluation starts
+      from, as the reference does) or ``"target_params"`` (the EMA teacher).
+    encoder_only: the encoder alone: from a run only ``<which>/encoder`` is read (not the
+      decoder, heads, teacher or optimizer state), from a reference checkpoint not the
+      decoder.
+    label: display name (default: the directory or file name).
+    key: the entry of a checkpoint file that holds the weights (e.g. ``"model_ema"``, the
+      reference's teacher).
+    num_heads, decoder_num_heads, image_size: of a checkpoint file, where its tensor shapes
+      do not say (default: the standard ViT size of its width; 16; read from pos_embed).
+
+  Raises:
+    errors.UserError: (or FileNotFoundError) ``path`` is none of these, holds an
+      architecture the encoder cannot represent or non-finite weights, or ``step`` /
+      ``which`` ask for what it cannot give.
+  """
+  kind, location, path_step = sources.locate(path)
+  if step is not None and step >= 0:
+    # Silently reading other weights than the step asked for would evaluate the wrong model.
+    if kind != "workdir":
+      raise errors.ConfigError(
+          f"step {step} was asked for, but {location} holds one set of weights (a "
+          f"{sources.KINDS[kind]}), not a run's checkpoints",
+          hint="drop the step (pretrained_step=-1 / --step=-1), or pass the pre-training "
+               "work directory")
+    if path_step is not None and step != path_step:
+      raise errors.ConfigError(f"step {step} was asked for, but {location} names checkpoint "
+                               f"{path_step}", hint="pass the work directory, or drop the step")
+  else:
+    step = path_step
+  if which != "params" and kind != "workdir":
+    # Only a run keeps the EMA teacher: analysing the online weights under its name would
+    # report the wrong network.
+    raise errors.ConfigError(f"{location}: which={which!r} reads a pre-training work "
+                             f"directory's teacher; a {kind} source holds one network",
+                             hint="pass the work directory, or which='params'")
+  name = sources.HF_HUB_PREFIX + location if kind == "hf-hub" else location
+  source = f"{sources.KINDS[kind]} {name}"
+  if kind == "workdir":
+    loaded = _load_run(location, step, which, encoder_only)
+    step = loaded["step"]
+    source += f", step {step} ({'online encoder' if which == 'params' else 'EMA teacher'})"
+  elif kind == "encoder":
+    architecture, params = sources.read_export(location)
+    loaded = {"encoder": vit.Encoder(**architecture.kwargs()), "params": params}
+  elif kind in ("torch", "safetensors"):
+    checkpoint = (sources.read_safetensors(location) if kind == "safetensors"
+                  else sources.read_torch_checkpoint(location))
+    state_dict = _state_dict_of(location, checkpoint, key)
+    args = checkpoint.get("args")
+    loaded = _from_state_dict(
+        location, state_dict, key=key, num_heads=num_heads,
+        decoder_num_heads=decoder_num_heads, image_size=image_size, encoder_only=encoder_only,
+        norm_pix=bool(getattr(args, "norm_pix_loss", True)),
+        mask_ratio=float(getattr(args, "mask_ratio", 0.75)))
+  else:  # a timm folder, or the one a Hub repository holds
+    folder = sources.download_hf_hub(location) if kind == "hf-hub" else location
+    args = sources.timm_encoder_args(folder, name)
+    weights = os.fspath(epath.Path(folder) / sources.TIMM_WEIGHTS_FILE)
+    state_dict = _state_dict_of(weights, sources.read_safetensors(weights), None)
+    if "pos_embed" not in state_dict:  # e.g. a rotary-embedding ViT
+      raise errors.DataError(f"{name}: no pos_embed: not a ViT with a fixed position embedding")
+    loaded = _from_state_dict(f"{name}/{sources.TIMM_WEIGHTS_FILE}", state_dict,
+                              encoder_only=True, **args)
+  if kind != "workdir":  # restore_subtrees checked the run's step (naming the intact ones)
+    checkpointing.check_finite(loaded.get("model_params", loaded["params"]), source)
+  if label is None:
+    base = location.split("@")[0] if kind == "hf-hub" else location.rstrip("/")
+    label = os.path.basename(os.path.splitext(base)[0] if kind in ("torch", "safetensors")
+                             else base)
+  channels = int(loaded["params"]["patch_embed"]["proj"]["kernel"].shape[2])
+  return Pretrained(**loaded, channels=channels, source=source, path=name, kind=kind,
+                    label=label)
+
+
+def _load_run(workdir: str, step: Optional[int], which: str,
+              encoder_only: bool) -> dict[str, Any]:
+  """:class:`Pretrained` fields of the ``which`` network of a pre-training run at ``step``
+  (None: the latest)."""
+  config = sources.load_run_config(workdir, step)
+  model = run_model(config)
+  tree = f"{which}/encoder" if encoder_only else which
   subtrees, step = checkpointing.restore_subtrees(
-      epath.Path(workdir) / checkpointing.CHECKPOINT_DIR, [which], step)
-  params = subtrees[which]
-  return LoadedModel(
-      label=label or os.path.basename(workdir), source=workdir, kind="workdir",
-      encoder=encoder_of(model), encoder_params=params["encoder"], channels=model.channels,
-      model=model, params=params, mask_ratio=float(config.loss.mask_ratio),
-      norm_pix=bool(config.loss.norm_pix), step=step)
+      epath.Path(workdir) / checkpointing.CHECKPOINT_DIR, [tree], step)
+  params = subtrees[tree]
+  out = dict(encoder=encoder_of(model), step=step, mask_ratio=float(config.loss.mask_ratio),
+             norm_pix=bool(config.loss.norm_pix))
+  if encoder_only:
+    return dict(out, params=params)
+  return dict(out, params=params["encoder"], model_params=params,
+              model=model.clone(dtype=jnp.float32, remat=False, attention_impl=None))
 
 
-# ----------------------------------------------------------------------------- exports
-
-
-def load_exported_encoder(path: str, *, label: Optional[str] = None) -> LoadedModel:
-  """An encoder written by :func:`lut_jax.runtime.checkpointing.export_encoder`."""
-  encoder, params = checkpointing.load_encoder(path)
-  params = jax.tree.map(np.asarray, params)
-  channels = int(params["patch_embed"]["proj"]["kernel"].shape[2])
-  encoder = encoder.clone(dtype=jnp.float32, remat=False, attention_impl=None)
-  source = checkpointing.absolute(path)
-  return LoadedModel(label=label or source.name, source=os.fspath(source), kind="encoder",
-                     encoder=encoder, encoder_params=params, channels=channels)
-
-
-# ----------------------------------------------------------------------------- PyTorch
-
-
-def read_torch_checkpoint(path: str) -> Any:
-  """``torch.load`` on the CPU, weights only. Reference training checkpoints also pickle
-  their ``argparse.Namespace``; that one class is allowed, nothing else.
-
-  Raises:
-    DataError: naming ``path``, when it is not a PyTorch checkpoint (truncated, corrupt or
-      another kind of file) or holds Python objects the weights-only reader refuses.
-  """
-  import argparse
-  import io
-  import pickle
-  import torch  # local: an optional dependency, only for .pth inputs
-
-  # torch reads local files itself; other file systems (gs://...) through epath.
-  data = epath.Path(path).read_bytes() if "://" in path else None
-  source = lambda: path if data is None else io.BytesIO(data)  # noqa: E731
-  try:
-    try:
-      return torch.load(source(), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a pickled Namespace (or a file that is no pickle)
-      with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(source(), map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    reason = _weights_only_reason(e)
-    # Any object the file pickles (a class, a function to call: what a payload needs) is
-    # first named by a GLOBAL, which the weights-only reader refuses.
-    unpicklable = re.search(r"\bGLOBAL (\S+)", reason)
-    name = unpicklable.group(1) if unpicklable else None
-    if reason.startswith("Unsupported operand"):  # it stopped before any GLOBAL
-      name = _pickled_global(epath.Path(path).read_bytes() if data is None else data)
-    if name:
-      raise errors.DataError(
-          f"{path}: holds Python objects that are not plain tensors (e.g. "
-          f"{name}); they will not be unpickled: only tensors, containers "
-          "and argparse.Namespace are read",
-          hint="if you made the file, save the weights alone, e.g. "
-               "torch.save(model.state_dict(), path)") from e
-    raise _not_a_checkpoint(path, reason) from e
-  except OSError as e:
-    if errors.as_user_error(e) is not None:  # missing, unreadable: the OS says which
-      raise
-    # torch's zip reader fails with a bare EINVAL on an archive cut short.
-    raise _not_a_checkpoint(path, f"unreadable zip archive: {e.strerror or e}") from e
-  except EOFError as e:
-    raise _not_a_checkpoint(path, "unexpected end of file") from e
-  except (KeyError, IndexError) as e:
-    # The legacy (pre-zip) reader unpickles arbitrary bytes and fails on the first
-    # unknown opcode with a bare KeyError/IndexError such as KeyError(101).
-    raise _not_a_checkpoint(path, f"invalid pickle data: {type(e).__name__} {e}") from e
-  except (RuntimeError, ValueError) as e:  # "failed finding central directory", ...
-    raise _not_a_checkpoint(path, _first_line(e)) from e
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """A ``.safetensors`` file as ``{name: numpy array}`` (``safetensors.numpy``: no torch).
-
-  Raises:
-    DataError: naming ``path``, when it is not a safetensors file (truncated, corrupt) or
-      holds a dtype numpy lacks (bfloat16).
-  """
-  try:
-    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise errors.UserError(f"{path}: reading safetensors files needs the safetensors "
-                           "package", hint="pip install safetensors") from e
-  data = epath.Path(path).read_bytes()
-  try:
-    return dict(safetensors_numpy.load(data))
-  except KeyError as e:  # the dtype table of safetensors.numpy has no BF16
-    raise errors.DataError(f"{path}: holds {e.args[0]} tensors, which numpy cannot hold",
-                           hint="save the weights as float32") from e
-  except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError, by name
-    if type(e).__name__ != "SafetensorError":
-      raise
-    raise errors.DataError(f"{path}: not a safetensors file ({_first_line(e)})") from e
-
-
-def read_state_dict_file(path: str) -> Any:
-  """A checkpoint file: ``.safetensors`` with :func:`read_safetensors`, anything else with
-  :func:`read_torch_checkpoint` (which imports torch)."""
-  if path.endswith(checkpointing.SAFETENSORS_EXTENSION):
-    return read_safetensors(path)
-  return read_torch_checkpoint(path)
-
-
-def _first_line(e: BaseException) -> str:
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  return lines[0] if lines else type(e).__name__
-
-
-def _weights_only_reason(e: BaseException) -> str:
-  """The line of torch's long weights-only failure message that says what failed, without
-  the advice around it (to rerun with ``weights_only=False`` or to allow the object: never
-  for a file of unknown origin)."""
-  for line in str(e).splitlines():
-    line = line.strip().removeprefix("Weights only load failed.").strip()
-    line = line.removeprefix("WeightsUnpickler error:").strip()
-    if line and not re.search(r"weights_only|trust the source", line):
-      return line.split(" Please use `torch.serialization.add_safe_globals", 1)[0]
-  return type(e).__name__
-
-
-def _pickled_global(data: bytes) -> Optional[str]:
-  """A class or function a plain pickle (``pickle.dump``'s default protocol, which the
-  weights-only reader stops at) names, read without running it: the first outside torch
-  and collections (the tensor rebuilders and OrderedDict any pickled tensor names) if any;
-  None if it names none."""
-  import pickletools  # local: only this error path needs it
-
-  names, strings = [], []
-  try:
-    for opcode, arg, _ in pickletools.genops(data):
-      if opcode.name in ("GLOBAL", "INST"):
-        names.append(arg.replace(" ", "."))
-      elif opcode.name == "STACK_GLOBAL":  # module and name were pushed just before
-        names.append(".".join(strings[-2:]))
-      elif isinstance(arg, str):
-        strings.append(arg)
-  except ValueError:  # not a pickle, or cut short: what was read still counts
-    pass
-  return next((n for n in names if not n.startswith(("torch.", "collections."))),
-              names[0] if names else None)
-
-
-def _not_a_checkpoint(path: str, reason: str) -> errors.DataError:
-  return errors.DataError(f"{path}: not a PyTorch checkpoint (truncated or corrupt: "
-                          f"{reason})")
+# ----------------------------------------------------------------------------- state dicts
 
 
 def _state_dict_of(path: str, checkpoint: Any, key: Optional[str]) -> dict[str, Any]:
   """The ``{name: tensor}`` mapping inside what ``torch.load`` returned, or a DataError
   saying what the file holds instead."""
-  from lut_jax.weights import convert  # local: only PyTorch inputs need the converter
-
   if not isinstance(checkpoint, Mapping):
     raise errors.DataError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict "
                            "(a mapping of tensor names to tensors)")
@@ -328,8 +289,6 @@ def _check_fixed_pos_embed(path: str, state_dict: dict[str, Any], name: str, wid
   Our encoder has no position-embedding parameter, so a learned one (a standard timm or a
   fine-tuned ViT) would be dropped and the analyses would describe a different model.
   """
-  from lut_jax.weights import convert  # local: only PyTorch inputs need the converter
-
   if name not in state_dict:
     return
   value = convert._to_numpy(state_dict[name])  # pylint: disable=protected-access
@@ -353,47 +312,25 @@ def _check_fixed_pos_embed(path: str, state_dict: dict[str, Any], name: str, wid
 
 
 def _shape(state_dict: dict[str, Any], name: str) -> tuple[int, ...]:
-  from lut_jax.weights import convert  # local: only PyTorch inputs need the converter
-
   return tuple(np.shape(convert._to_numpy(state_dict[name])))  # pylint: disable=protected-access
 
 
-def load_torch(path: str, *, key: Optional[str] = None, num_heads: Optional[int] = None,
-               decoder_num_heads: int = 16, image_size: Optional[int] = None,
-               label: Optional[str] = None, encoder_only: bool = False) -> LoadedModel:
-  """A PyTorch checkpoint (or a ``.safetensors`` state dict): encoder + decoder when it has
-  ``decoder_*`` tensors (a reference pre-training checkpoint) and not ``encoder_only``, else
-  the encoder alone (e.g. timm). ``key`` picks an entry such as ``"model_ema"`` (the
-  reference's teacher).
+def _from_state_dict(path: str, state_dict: dict[str, Any], *, key: Optional[str] = None,
+                     num_heads: Optional[int] = None, decoder_num_heads: int = 16,
+                     image_size: Optional[int] = None, encoder_only: bool = False,
+                     norm_pix: bool = True, mask_ratio: float = 0.75,
+                     gelu_approximate: bool = False) -> dict[str, Any]:
+  """:class:`Pretrained` fields of a reference/timm-named ``state_dict`` read from ``path``
+  (the name its errors give): encoder + decoder when it has ``decoder_*`` tensors (a
+  reference pre-training checkpoint) and not ``encoder_only``, else the encoder alone. The
+  architecture is read from the tensor shapes, the activation (which they do not show) from
+  ``gelu_approximate`` (encoder only).
 
   Raises:
-    DataError: naming ``path``, when the file is not a PyTorch checkpoint, does not hold a
-      ViT state_dict, or holds a ViT that our encoder cannot represent (a learned position
-      embedding, tensors of the wrong shape or that our encoder has no place for).
+    DataError: naming ``path``, when it does not hold a ViT state_dict, or holds a ViT that
+      our encoder cannot represent (a learned position embedding, tensors of the wrong shape
+      or that our encoder has no place for).
   """
-  kind = "safetensors" if path.endswith(checkpointing.SAFETENSORS_EXTENSION) else "torch"
-  checkpoint = read_state_dict_file(path)
-  state_dict = _state_dict_of(path, checkpoint, key)
-  args = checkpoint.get("args")
-  return _from_state_dict(
-      path, state_dict, kind=kind, key=key, num_heads=num_heads,
-      decoder_num_heads=decoder_num_heads, image_size=image_size, encoder_only=encoder_only,
-      label=label or os.path.splitext(os.path.basename(path))[0],
-      norm_pix=bool(getattr(args, "norm_pix_loss", True)),
-      mask_ratio=float(getattr(args, "mask_ratio", 0.75)))
-
-
-def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label: str,
-                     key: Optional[str] = None, num_heads: Optional[int] = None,
-                     decoder_num_heads: int = 16, image_size: Optional[int] = None,
-                     encoder_only: bool = False, source: Optional[str] = None,
-                     norm_pix: bool = True, mask_ratio: float = 0.75,
-                     gelu_approximate: bool = False) -> LoadedModel:
-  """The model of a reference/timm-named ``state_dict`` read from ``path`` (the name its
-  errors give); the architecture is read from the tensor shapes, the activation (which
-  they do not show) from ``gelu_approximate`` (encoder only)."""
-  from lut_jax.weights import convert  # local: only these sources need the converter
-
   for name, ndim in (("patch_embed.proj.weight", 4), ("blocks.0.mlp.fc1.weight", 2)):
     if name not in state_dict or len(_shape(state_dict, name)) != ndim:
       nested = [k for k, v in state_dict.items() if isinstance(v, Mapping)]
@@ -420,8 +357,9 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label:
     raise errors.UserError(f"{path}: width {width} is not divisible by num_heads={num_heads}")
   grid = image_size // patch
   _check_fixed_pos_embed(path, state_dict, "pos_embed", width, grid)
-  common = dict(label=label, source=source or os.fspath(checkpointing.absolute(path)),
-                kind=kind, channels=channels, norm_pix=norm_pix, mask_ratio=mask_ratio)
+  architecture = variants.EncoderConfig(image_size, patch, width, depth, num_heads, mlp_ratio,
+                                        gelu_approximate)
+  pretraining = dict(norm_pix=norm_pix, mask_ratio=mask_ratio)
   # The converter's own problems (missing or mis-shaped tensors) are DataErrors too; they
   # name tensors, not the file, so the file is put in front.
   if "decoder_embed.weight" in state_dict and not encoder_only:
@@ -431,9 +369,7 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label:
                              f"decoder_num_heads={decoder_num_heads}")
     _check_fixed_pos_embed(path, state_dict, "decoder_pos_embed", decoder_width, grid)
     model = vit.LUTModel(
-        image_size=image_size, patch_size=patch, width=width, depth=depth,
-        num_heads=num_heads, channels=channels, mlp_ratio=mlp_ratio,
-        decoder_width=decoder_width,
+        **architecture.kwargs(), channels=channels, decoder_width=decoder_width,
         decoder_depth=_count_blocks(state_dict, "decoder_blocks"),
         decoder_num_heads=decoder_num_heads, use_bc=False,  # no heads: these go unused
         head_depth=0, pred_depth=0, head_hidden_dim=0, head_norm="none", head_activation="relu")
@@ -444,10 +380,9 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label:
           state_dict, model, ignore_unexpected=True, check_pos_embed=False)
     except errors.DataError as e:
       raise errors.DataError(f"{path}: {e}", e.hint) from e
-    return LoadedModel(encoder=encoder_of(model), encoder_params=params["encoder"],
-                       model=model, params=params, **common)
-  encoder = vit.Encoder(image_size, patch, width, depth, num_heads, mlp_ratio=mlp_ratio,
-                           gelu_approximate=gelu_approximate)
+    return dict(encoder=encoder_of(model), params=params["encoder"], model=model,
+                model_params=params, **pretraining)
+  encoder = vit.Encoder(**architecture.kwargs())
   # The decoder, mask token and heads are skipped by name; anything else (register tokens,
   # layer scale, a pre-norm, an fc_norm) is a tensor our encoder would silently lack.
   try:
@@ -455,182 +390,7 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, kind: str, label:
         state_dict, encoder, ignore_unexpected=False, check_pos_embed=False)
   except errors.DataError as e:
     raise errors.DataError(f"{path}: {e}", e.hint) from e
-  return LoadedModel(encoder=encoder, encoder_params=params, **common)
-
-
-# ----------------------------------------------------------------------------- timm, Hub
-
-# timm act_layer values our encoder computes, and the gelu_approximate that computes each.
-_TIMM_GELU_APPROXIMATE = {None: False, "gelu": False, "gelu_tanh": True}
-# timm VisionTransformer kwargs (a config.json's model_args) that do not change what the
-# encoder computes in inference (None), or the values it can compute (read elsewhere where
-# they matter, as act_layer): any other key or value is an architecture our encoder cannot
-# represent exactly.
-_NEUTRAL_TIMM_ARGS: dict[str, Optional[tuple[Any, ...]]] = {
-    "img_size": None, "patch_size": None, "in_chans": None, "embed_dim": None, "depth": None,
-    "num_heads": None, "mlp_ratio": None, "num_classes": None, "global_pool": None,
-    "dynamic_img_size": None, "dynamic_img_pad": None, "drop_rate": None,
-    "pos_drop_rate": None, "patch_drop_rate": None, "proj_drop_rate": None,
-    "attn_drop_rate": None, "drop_path_rate": None, "weight_init": None, "fix_init": None,
-    "qkv_bias": (True,), "proj_bias": (True,), "class_token": (True,), "pos_embed": ("learn",),
-    "no_embed_class": (False,), "reg_tokens": (0,), "pre_norm": (False,),
-    "final_norm": (True,), "fc_norm": (None, False), "init_values": (None,),
-    "qk_norm": (False,), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
-    "act_layer": tuple(_TIMM_GELU_APPROXIMATE), "norm_layer": (None, "layernorm"),
-}
-
-
-def timm_encoder_args(path: str, config: Mapping[str, Any]) -> dict[str, Any]:
-  """``{"num_heads", "image_size", "gelu_approximate"}`` of a timm ``config.json`` (None
-  where it does not say; ``act_layer="gelu_tanh"``, as ``lut-export`` writes for a tanh-GELU
-  encoder, is ``gelu_approximate``),
-  or a user error naming ``path`` when it is not a ViT that our encoder computes exactly.
-
-  Both layouts timm reads are accepted: ``{"architecture", "model_args", "pretrained_cfg"}``
-  and the older single dict. Without ``model_args`` (most Hub repositories) the geometry is
-  the tensors' and the heads the standard ViT size's.
-  """
-  if not isinstance(config, Mapping) or not isinstance(config.get("architecture"), str):
-    raise errors.DataError(f"{path}: not a timm config (no architecture)")
-  architecture = config["architecture"]
-  # timm's VisionTransformer family; "quickgelu" variants (CLIP) use another activation,
-  # which the tensors do not show.
-  if not architecture.startswith("vit_") or "quickgelu" in architecture:
-    raise errors.DataError(
-        f"{path}: unsupported architecture {architecture!r}: lut_jax's encoder is a plain ViT "
-        "(timm vit_*, GELU, cls token, fixed 2-D sin-cos position embedding)")
-  model_args = config.get("model_args") or {}
-  pretrained_cfg = config.get("pretrained_cfg", config)
-  for name, value in model_args.items():
-    allowed = _NEUTRAL_TIMM_ARGS.get(name, ())
-    if allowed is not None and value not in allowed:
-      raise errors.DataError(f"{path}: unsupported architecture {architecture!r} with "
-                             f"model_args {name}={value!r}: lut_jax's encoder cannot compute it")
-  size = model_args.get("img_size") or (pretrained_cfg.get("input_size") or [None])[1:]
-  if isinstance(size, (list, tuple)):
-    if len(set(size)) > 1:
-      raise errors.DataError(f"{path}: non-square input size {list(size)}: lut_jax's encoder "
-                             "takes square images")
-    size = size[0] if size else None
-  mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
-  if mean is not None and std is not None:
-    ours = image_utils.normalization_constants(len(mean)) if len(mean) in (1, 3) else None
-    if ours is None or not (np.allclose(mean, ours[0], atol=1e-3)
-                            and np.allclose(std, ours[1], atol=1e-3)):
-      logging.warning("%s was trained on images normalised with mean %s, std %s; lut_jax "
-                      "feeds ImageNet-normalised images", path, mean, std)
-  return {"num_heads": model_args.get("num_heads"),
-          "image_size": int(size) if size else None,
-          "gelu_approximate": _TIMM_GELU_APPROXIMATE[model_args.get("act_layer")]}
-
-
-def load_timm(directory: str, *, label: Optional[str] = None, kind: str = "timm",
-              source: Optional[str] = None) -> LoadedModel:
-  """The encoder of a timm / Hugging Face folder: ``model.safetensors`` and the
-  ``config.json`` beside it (the layout ``lut-export`` writes and timm's ``local-dir:``
-  and ``hf-hub:`` read). ``source`` names it in descriptions (default: ``directory``)."""
-  root = epath.Path(directory)
-  weights = os.fspath(root / checkpointing.TIMM_WEIGHTS_FILE)
-  config_file = root / checkpointing.TIMM_CONFIG_FILE
-  name = source or os.fspath(root)
-  if not config_file.exists():
-    raise errors.DataError(f"{name}: no {checkpointing.TIMM_CONFIG_FILE} beside "
-                           f"{checkpointing.TIMM_WEIGHTS_FILE}: the architecture is unknown",
-                           hint="a timm model folder holds both (model.save_pretrained / "
-                                "timm.models.push_to_hf_hub write them)")
-  try:
-    config = json.loads(config_file.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise errors.DataError(f"{name}/{checkpointing.TIMM_CONFIG_FILE}: not valid JSON "
-                           f"({e})") from e
-  args = timm_encoder_args(f"{name}/{checkpointing.TIMM_CONFIG_FILE}", config)
-  state_dict = _state_dict_of(weights, read_safetensors(weights), None)
-  if "pos_embed" not in state_dict:  # e.g. a rotary-embedding ViT
-    raise errors.DataError(f"{name}: no pos_embed: not a ViT with a fixed position embedding")
-  return _from_state_dict(
-      f"{name}/{checkpointing.TIMM_WEIGHTS_FILE}", state_dict, kind=kind,
-      num_heads=args["num_heads"], image_size=args["image_size"], encoder_only=True,
-      gelu_approximate=args["gelu_approximate"],
-      source=name, label=label or os.path.basename(name.rstrip("/")))
-
-
-def download_hf_hub(repo: str) -> str:
-  """The local folder (in the Hugging Face cache) holding ``config.json`` and
-  ``model.safetensors`` of the Hub repository ``repo`` (``org/name[@revision]``)."""
-  name = checkpointing.HF_HUB_PREFIX + repo
-  try:
-    import huggingface_hub  # pylint: disable=g-import-not-at-top (optional dependency)
-  except ImportError as e:
-    raise errors.UserError(
-        f"{name}: reading from the Hugging Face Hub needs the huggingface_hub package",
-        hint="pip install huggingface_hub, or pass a folder holding the repository's "
-             f"{checkpointing.TIMM_WEIGHTS_FILE} and {checkpointing.TIMM_CONFIG_FILE}") from e
-  repo_id, _, revision = repo.partition("@")
-  # huggingface_hub's errors (a missing repository or file, no network) are OSErrors or
-  # EntryNotFoundErrors; a malformed name is a ValueError.
-  failures = (OSError, ValueError, getattr(getattr(huggingface_hub, "errors", None),
-                                           "EntryNotFoundError", OSError))
-  paths = []
-  for filename in (checkpointing.TIMM_CONFIG_FILE, checkpointing.TIMM_WEIGHTS_FILE):
-    try:
-      paths.append(huggingface_hub.hf_hub_download(repo_id, filename,
-                                                   revision=revision or None))
-    except failures as e:
-      raise errors.UserError(f"{name}: cannot download {filename}: {_first_line(e)}") from e
-  # Files of one revision share a snapshot folder.
-  return os.path.dirname(paths[-1])
-
-
-def load_hf_hub(repo: str, *, label: Optional[str] = None) -> LoadedModel:
-  """The encoder of the Hub repository ``repo`` (``org/name[@revision]``), a timm folder
-  once downloaded (:func:`download_hf_hub`)."""
-  return load_timm(download_hf_hub(repo), label=label or repo.split("@")[0].split("/")[-1],
-                   kind="hf-hub", source=checkpointing.HF_HUB_PREFIX + repo)
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-
-def load(path: str, *, label: Optional[str] = None, which: str = "params",
-         **torch_kwargs) -> LoadedModel:
-  """Loads ``path`` as a workdir, an exported encoder, a timm folder, a PyTorch or
-  safetensors checkpoint, or ``hf-hub:org/name``.
-
-  Args:
-    path: see the module docstring.
-    label: display name (default: the directory or file name).
-    which: for workdirs, ``"params"`` (the online network) or ``"target_params"``.
-    **torch_kwargs: :func:`load_torch`'s options (``key``, ``num_heads``, ...), for
-      checkpoint files.
-  """
-  return load_located(*checkpointing.locate_pretrained(path), label=label, which=which,
-                      **torch_kwargs)
-
-
-def load_located(kind: str, location: str, step: Optional[int] = None, *,
-                 label: Optional[str] = None, which: str = "params",
-                 **torch_kwargs) -> LoadedModel:
-  """:func:`load` of what :func:`lut_jax.runtime.checkpointing.locate_pretrained` found."""
-  if which != "params" and kind != "workdir":
-    # Only a run keeps the EMA teacher: analysing the online weights under its name would
-    # report the wrong network.
-    raise errors.ConfigError(f"{location}: which={which!r} reads a pre-training work "
-                             f"directory's teacher; a {kind} source holds one network",
-                             hint="pass the work directory, or which='params'")
-  if kind in ("torch", "safetensors"):
-    loaded = load_torch(location, label=label, **torch_kwargs)
-  elif kind == "timm":
-    loaded = load_timm(location, label=label)
-  elif kind == "hf-hub":
-    loaded = load_hf_hub(location, label=label)
-  elif kind == "encoder":  # checkpointing.load_encoder checks finiteness
-    return load_exported_encoder(location, label=label)
-  else:  # checkpointing.restore_subtrees checks finiteness
-    return load_workdir(location, step=step, which=which, label=label)
-  # Converted weights get the check checkpointing's loaders make (check_finite).
-  checkpointing.check_finite(
-      loaded.params if loaded.params is not None else loaded.encoder_params, loaded.source)
-  return loaded
+  return dict(encoder=encoder, params=params, **pretraining)
 
 
 # ----------------------------------------------------------------------------- probes
@@ -658,7 +418,7 @@ def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
     # The pooling the probe was trained with is in its resume record (the workdir's
     # config.json is the last lut-eval's, which may be another mode's).
     stored = "cls"
-    record = os.path.join(path, checkpointing.CHECKPOINT_DIR, features.RESUME_KEY_FILE)
+    record = os.path.join(path, checkpointing.CHECKPOINT_DIR, sources.RESUME_KEY_FILE)
     if os.path.exists(record):
       with open(record) as f:
         stored = json.load(f)["key"].get("pools", ["cls"])[0]
@@ -675,7 +435,7 @@ def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
       with np.load(path, allow_pickle=False) as data:
         probe = {k: np.asarray(data[k]) for k in data.files}
     except (EOFError, ValueError, zipfile.BadZipFile) as e:  # cut short, object arrays
-      raise errors.DataError(f"{path}: not a probe .npz ({_first_line(e)})") from e
+      raise errors.DataError(f"{path}: not a probe .npz ({sources.first_line(e)})") from e
     for name in ("kernel", "bias"):
       if name not in probe:
         raise errors.DataError(f"{path}: a probe needs {name!r}; it has {sorted(probe)}")
@@ -703,3 +463,60 @@ def probe_logits_fn(encoder: vit.Encoder,
     return feats @ kernel + bias
 
   return logits_fn
+
+
+# ----------------------------------------------------------------------------- fine-tuned
+
+
+class Finetuned(NamedTuple):
+  """A checkpoint of a fine-tuning run, read back (see :func:`load_finetuned`)."""
+
+  params: Any
+  step: int
+  top1: Optional[float]  # the eval top-1 recorded with the checkpoint, when known
+  record: dict[str, Any]  # the run's resume key: its encoder (EncoderConfig JSON), input...
+
+
+def load_finetuned(workdir: str, checkpoint: str = "best", *,
+                   sharding: Optional[jax.sharding.Sharding] = None) -> Finetuned:
+  """The parameters of a fine-tuning work directory (``configs/finetune.py``'s
+  ``--workdir``) at ``checkpoint``: ``"best"`` (the kept step with the highest eval top-1),
+  ``"latest"`` or a step number; ``sharding``: of the parameters (default replicated).
+
+  Raises:
+    errors.WorkdirError: not a fine-tuning work directory, or no such checkpoint.
+  """
+  checkpoint_dir = checkpointing.absolute(workdir) / checkpointing.CHECKPOINT_DIR
+  record_path = checkpoint_dir / sources.RESUME_KEY_FILE
+  hint = "pass the --workdir of a configs/finetune.py run"
+  try:
+    record = json.loads(record_path.read_text())
+  except FileNotFoundError:
+    raise errors.WorkdirError(f"{workdir} is not a fine-tuning work directory: it has no "
+                              f"{checkpointing.CHECKPOINT_DIR}/{sources.RESUME_KEY_FILE}",
+                              hint=hint) from None
+  except (OSError, ValueError) as e:
+    raise errors.WorkdirError(f"cannot read {record_path}: {e}", hint=hint) from e
+  if not isinstance(record, dict) or record.get("mode") != "finetune":
+    mode = record.get("mode") if isinstance(record, dict) else None
+    raise errors.WorkdirError(f"{workdir} holds a {mode} run, not a fine-tuning run",
+                              hint=hint)
+  ckpt = checkpointing.Checkpointer(os.fspath(checkpoint_dir), best_metric="top1",
+                                    async_save=False)
+  try:
+    top1 = None
+    if checkpoint == "best":
+      best = ckpt.best()
+      step, top1 = (best[0], best[1].get("top1")) if best else (ckpt.latest_step(), None)
+    elif checkpoint == "latest":
+      step = ckpt.latest_step()
+    else:
+      step = int(checkpoint)
+  finally:
+    ckpt.close()
+  if step is None:
+    raise errors.WorkdirError(f"no finished checkpoint in {checkpoint_dir}", hint=hint)
+  subtrees, step = checkpointing.restore_subtrees(os.fspath(checkpoint_dir), ["params"], step,
+                                                  sharding=sharding)
+  return Finetuned(subtrees["params"], int(step), None if top1 is None else float(top1),
+                   record["key"])
