@@ -40,7 +40,7 @@ def test_valid_length_masks_the_padding():
 
 def test_per_call_padding_matches_numpy_and_unpadded_gradients(monkeypatch):
   """The per-call pad (forced here for XLA on an odd length) keeps values and gradients."""
-  monkeypatch.setattr(models, "attention_padding", lambda length, impl: length % 2)
+  monkeypatch.setattr(vit, "attention_padding", lambda length, impl: length % 2)
   q, k, v = random_qkv(5, seed=1)
   weights = jax.random.normal(jax.random.key(9), q.shape)
   padded_attention = functools.partial(vit.dot_product_attention, implementation="xla")
@@ -95,7 +95,7 @@ def test_stack_padding_keeps_encoder_and_decoder_outputs_and_gradients(monkeypat
     return sum(jnp.sum(jnp.sin(o)) for o in outputs(params))
 
   want, want_grad = outputs(variables["params"]), jax.grad(loss)(variables["params"])
-  monkeypatch.setattr(models, "attention_padding", lambda length, impl: length % 2)
+  monkeypatch.setattr(vit, "attention_padding", lambda length, impl: length % 2)
   got, got_grad = outputs(variables["params"]), jax.grad(loss)(variables["params"])
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
@@ -150,7 +150,7 @@ def test_sown_attention_maps_leave_the_stack_padding_out(monkeypatch):
     return jax.tree.leaves(state["intermediates"])
 
   want = maps()
-  monkeypatch.setattr(models, "attention_padding", lambda length, impl: length % 2)
+  monkeypatch.setattr(vit, "attention_padding", lambda length, impl: length % 2)
   got = maps()
   assert len(got) == len(want) == model.depth
   for g, w in zip(got, want):
@@ -183,7 +183,7 @@ def test_only_forward_only_calls_take_the_head_major_form(monkeypatch):
   the encoder computes the same function either way."""
   calls = []
   head_major = vit.head_major_attention
-  monkeypatch.setattr(models, "head_major_attention",
+  monkeypatch.setattr(vit, "head_major_attention",
                       lambda *a: calls.append(a[0].shape) or head_major(*a))
   model = util.tiny_model()
   variables = train_state.init_variables(model, jax.random.key(1))

@@ -72,9 +72,9 @@ def test_knn_in_a_reused_workdir_reports_the_new_encoder(tmp_path, reads):
   config = knn_config_for_tests()
   a, b = tiny_encoder(0), tiny_encoder(1)
   reused, fresh = str(tmp_path / "reused"), str(tmp_path / "fresh")
-  first = knn.run_knn(config, reused, pretrained=a)
-  second = knn.run_knn(config, reused, pretrained=b)
-  expected = knn.run_knn(config, fresh, pretrained=b)
+  first = knn.run(config, reused, pretrained=a)
+  second = knn.run(config, reused, pretrained=b)
+  expected = knn.run(config, fresh, pretrained=b)
   assert first != expected  # else this test could not tell the encoders apart
   assert second == expected
   for split in ("train", "test"):
@@ -89,21 +89,21 @@ def test_unchanged_rerun_reuses_the_cache_and_a_changed_input_recomputes(tmp_pat
   config = knn_config_for_tests()
   a = tiny_encoder(0)
   workdir = str(tmp_path / "knn")
-  first = knn.run_knn(config, workdir, pretrained=a)
+  first = knn.run(config, workdir, pretrained=a)
   assert reads == ["train", "test"]
   path = os.path.join(workdir, "features", "test.npz")
   mtime = os.stat(path).st_mtime_ns
-  assert knn.run_knn(config, workdir, pretrained=a) == first
+  assert knn.run(config, workdir, pretrained=a) == first
   assert reads == ["train", "test"] and os.stat(path).st_mtime_ns == mtime
   # Any field that changes the features invalidates the cache.
   for field, value in (("crop_pct", 0.5), ("data_dir", str(tmp_path / "data"))):
     config.input[field] = value
     del reads[:]
-    knn.run_knn(config, workdir, pretrained=a)
+    knn.run(config, workdir, pretrained=a)
     assert reads == ["train", "test"], field
   config.knn.pools = "cls"
   del reads[:]
-  knn.run_knn(config, workdir, pretrained=a)
+  knn.run(config, workdir, pretrained=a)
   assert reads == ["train", "test"]
 
 
@@ -111,7 +111,7 @@ def test_unchanged_rerun_reuses_the_cache_and_a_changed_input_recomputes(tmp_pat
 def test_a_cache_without_a_valid_key_is_recomputed(tmp_path, reads, content):
   config = knn_config_for_tests()
   a = tiny_encoder(0)
-  expected = knn.run_knn(config, str(tmp_path / "fresh"), pretrained=a)
+  expected = knn.run(config, str(tmp_path / "fresh"), pretrained=a)
   workdir = str(tmp_path / "knn")
   os.makedirs(os.path.join(workdir, "features"))
   for split, n in SIZES.items():
@@ -123,7 +123,7 @@ def test_a_cache_without_a_valid_key_is_recomputed(tmp_path, reads, content):
       with open(path, "wb") as f:
         f.write(b"not an npz")
   del reads[:]
-  assert knn.run_knn(config, workdir, pretrained=a) == expected
+  assert knn.run(config, workdir, pretrained=a) == expected
   assert reads == ["train", "test"]
 
 
@@ -158,22 +158,22 @@ def test_linear_probe_refuses_to_resume_against_another_encoder(tmp_path, reads)
   config = _tiny_probe_config()
   a, b = tiny_encoder(0), tiny_encoder(1)
   workdir = str(tmp_path / "lp")
-  first = linear_probe.run_linear_probe(config, workdir, pretrained=a)
+  first = linear_probe.run(config, workdir, pretrained=a)
   cache = os.path.join(workdir, "features", "train.npz")
   mtime = os.stat(cache).st_mtime_ns
   with pytest.raises(errors.WorkdirError, match="--workdir"):
-    linear_probe.run_linear_probe(config, workdir, pretrained=b)
+    linear_probe.run(config, workdir, pretrained=b)
   # Nothing of the first run was lost: its checkpoint, features and results stay.
   assert os.stat(cache).st_mtime_ns == mtime
   assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
   saved = json.load(open(os.path.join(workdir, "linear_probe_results.json")))
   assert saved["source"]["params_sha256"] == a.fingerprint
   # The same encoder resumes (after the last epoch: the same numbers).
-  assert linear_probe.run_linear_probe(config, workdir, pretrained=a) == first
+  assert linear_probe.run(config, workdir, pretrained=a) == first
   # Checkpoints without a record (an older workdir) are not trusted either.
   os.remove(os.path.join(workdir, "checkpoints", sources.RESUME_KEY_FILE))
   with pytest.raises(errors.WorkdirError, match="no record"):
-    linear_probe.run_linear_probe(config, workdir, pretrained=a)
+    linear_probe.run(config, workdir, pretrained=a)
 
 
 def test_linear_probe_refuses_to_resume_under_another_recipe(tmp_path, reads):
@@ -182,21 +182,21 @@ def test_linear_probe_refuses_to_resume_under_another_recipe(tmp_path, reads):
   lp = config.linear_probe
   a = tiny_encoder(0)
   workdir = str(tmp_path / "lp")
-  first = linear_probe.run_linear_probe(config, workdir, pretrained=a)
+  first = linear_probe.run(config, workdir, pretrained=a)
   for field, value in (("base_lr", 10 * lp.base_lr), ("epochs", 3)):
     other = config.copy_and_resolve_references()
     other.linear_probe[field] = value
     with pytest.raises(errors.WorkdirError, match=f"a different linear_probe.{field}"):
-      linear_probe.run_linear_probe(other, workdir, pretrained=a)
+      linear_probe.run(other, workdir, pretrained=a)
   seeded = config.copy_and_resolve_references()
   seeded.seed = 1
   with pytest.raises(errors.WorkdirError, match="a different seed"):
-    linear_probe.run_linear_probe(seeded, workdir, pretrained=a)
+    linear_probe.run(seeded, workdir, pretrained=a)
   # How often it evaluates is not part of the recipe: that rerun resumes the finished run.
   resumed = config.copy_and_resolve_references()
   resumed.linear_probe.eval_every_epochs = 2
-  assert linear_probe.run_linear_probe(resumed, workdir, pretrained=a) == first
+  assert linear_probe.run(resumed, workdir, pretrained=a) == first
   # In a new workdir the other lr trains its own probe.
   other = config.copy_and_resolve_references()
   other.linear_probe.base_lr = 10 * lp.base_lr
-  assert linear_probe.run_linear_probe(other, str(tmp_path / "lp2"), pretrained=a) != first
+  assert linear_probe.run(other, str(tmp_path / "lp2"), pretrained=a) != first

@@ -18,18 +18,18 @@ from flax import traverse_util
 from configs import finetune as finetune_config
 from lut_jax import errors
 from lut_jax.evaluation import finetune
-from lut_jax.models import vit
+from lut_jax.models import classifier, vit
 from lut_jax.runtime import checkpointing, optim
 from lut_jax.weights import loading
 
 DEPTH, WIDTH, IMAGE, PATCH = 2, 32, 16, 4
 
 
-def tiny_model(**overrides) -> finetune.FinetuneViT:
+def tiny_model(**overrides) -> classifier.FinetuneViT:
   kwargs = dict(num_classes=5, image_size=IMAGE, patch_size=PATCH, width=WIDTH, depth=DEPTH,
                 num_heads=2, drop_path_rate=0.1)
   kwargs.update(overrides)
-  return finetune.FinetuneViT(**kwargs)
+  return classifier.FinetuneViT(**kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +61,7 @@ def test_init_params_copies_the_pretrained_encoder_and_drops_its_norm():
   encoder = vit.Encoder(IMAGE, PATCH, WIDTH, DEPTH, 2)
   pretrained = jax.jit(encoder.init)(jax.random.key(7), jnp.zeros((1, IMAGE, IMAGE, 3)))
   pretrained = pretrained["params"]
-  params = finetune.init_params(tiny_model(), jax.random.key(0), pretrained, channels=3)
+  params = classifier.init_params(tiny_model(), jax.random.key(0), pretrained, channels=3)
   flat, src = (traverse_util.flatten_dict(params["encoder"]),
                traverse_util.flatten_dict(pretrained))
   assert set(src) - set(flat) == {("norm", "scale"), ("norm", "bias")}
@@ -71,7 +71,7 @@ def test_init_params_copies_the_pretrained_encoder_and_drops_its_norm():
         v, vit.sincos_pos_embed_2d(WIDTH, IMAGE // PATCH)[None] if k == ("pos_embed",)
         else src[k])
   with pytest.raises(ValueError, match="does not fit"):
-    finetune.init_params(tiny_model(width=64, num_heads=2), jax.random.key(0), pretrained, 3)
+    classifier.init_params(tiny_model(width=64, num_heads=2), jax.random.key(0), pretrained, 3)
 
 
 def test_the_position_table_starts_fixed_and_is_trained():
@@ -257,7 +257,7 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
   config, pretrained, train_data_fn, eval_batches = _tiny_finetuning()
   params = pretrained.params
   workdir = str(tmp_path / "ft")
-  run = functools.partial(finetune.finetune, config, workdir, pretrained=pretrained,
+  run = functools.partial(finetune.run, config, workdir, pretrained=pretrained,
                           train_data_fn=train_data_fn, eval_data=eval_batches,
                           num_train_examples=32)  # 2 steps per epoch, 6 steps
   results = run()
@@ -275,7 +275,7 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
   # Another encoder never resumes this state, which stays.
   other = dataclasses.replace(pretrained, params=jax.tree.map(lambda x: x + 1.0, params))
   with pytest.raises(errors.WorkdirError, match="--workdir"):
-    finetune.finetune(config, workdir, pretrained=other, train_data_fn=train_data_fn,
+    finetune.run(config, workdir, pretrained=other, train_data_fn=train_data_fn,
                       eval_data=eval_batches, num_train_examples=32)
   assert 6 in [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
 
@@ -287,12 +287,12 @@ def test_finetune_loop_runs_keeps_best_and_latest_and_resumes(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
       yield b
   workdir2 = str(tmp_path / "ft_preempted")
-  stopped = finetune.finetune(config, workdir2, pretrained=pretrained,
+  stopped = finetune.run(config, workdir2, pretrained=pretrained,
                               train_data_fn=preempted_data_fn, eval_data=eval_batches,
                               num_train_examples=32)
   assert stopped["steps"] == 2
   assert "2" in os.listdir(os.path.join(workdir2, "checkpoints"))
-  finished = finetune.finetune(config, workdir2, pretrained=pretrained,
+  finished = finetune.run(config, workdir2, pretrained=pretrained,
                                train_data_fn=train_data_fn, eval_data=eval_batches,
                                num_train_examples=32)
   assert finished["steps"] == 6
@@ -304,7 +304,7 @@ def test_multi_host_preemption_notice_saves_and_stops(tmp_path, monkeypatch):
                       lambda self, step: step >= 3)
   config, pretrained, train_data_fn, eval_batches = _tiny_finetuning()
   workdir = str(tmp_path / "ft")
-  stopped = finetune.finetune(config, workdir, pretrained=pretrained,
+  stopped = finetune.run(config, workdir, pretrained=pretrained,
                               train_data_fn=train_data_fn, eval_data=eval_batches,
                               num_train_examples=32)
   assert stopped["steps"] == 3
@@ -322,7 +322,7 @@ def test_non_finite_finetuning_stops_before_saving(tmp_path):
   workdir = tmp_path / "ft"
   with pytest.raises(errors.NonFiniteError,
                      match="at step 3 .*between steps 3 and 4.*Last good checkpoint: step 2"):
-    finetune.finetune(config, str(workdir), pretrained=pretrained,
+    finetune.run(config, str(workdir), pretrained=pretrained,
                       train_data_fn=poisoned_data_fn, eval_data=eval_batches,
                       num_train_examples=32)
   ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))

@@ -1,10 +1,20 @@
-"""Linear probe: the MAE head, LARS, separable data, resumption."""
+"""Linear probe: the MAE head, LARS, separable data, resumption, the non-finite guard and
+preemption (the loop fine-tuning and segmentation share)."""
+
+import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
+from lut_jax import errors
 from lut_jax.evaluation import linear_probe
+from lut_jax.runtime import checkpointing
+
+# 4 epochs of 4 steps (256 examples, batch 64), evaluated and saved every 2 epochs.
+RECIPE = dict(num_classes=4, epochs=4, batch_size=64, base_lr=1.0, warmup_epochs=1,
+              optimizer="lars", eval_every_epochs=2, seed=3)
 
 
 def _separable(seed: int, n: int, num_classes: int = 4, dim: int = 16):
@@ -69,3 +79,50 @@ def test_non_finite_eval_features_score_zero():
       x, y, np.full_like(xt, np.nan), yt, num_classes=4, epochs=1, batch_size=64,
       base_lr=0.1, warmup_epochs=0, optimizer="sgd", eval_every_epochs=1)
   assert results["top1"] == 0.0 and results["top5"] == 0.0, results
+
+
+def test_sigterm_saves_and_a_rerun_finishes_as_an_uninterrupted_run(tmp_path):
+  x, y = _separable(1, 256)
+  whole, whole_results = linear_probe.train_linear_probe(x, y, x, y, **RECIPE)
+
+  def sigterm_after_first_epoch(step, scalars):
+    del scalars
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  ckpt = str(tmp_path / "ckpt")
+  stopped, _ = linear_probe.train_linear_probe(x, y, x, y, checkpoint_dir=ckpt,
+                                               log_fn=sigterm_after_first_epoch, **RECIPE)
+  assert int(stopped.step) == 5 and "5" in os.listdir(ckpt)  # saved at the next step
+  resumed, results = linear_probe.train_linear_probe(x, y, x, y, checkpoint_dir=ckpt,
+                                                     **RECIPE)
+  assert int(resumed.step) == 16 and results == whole_results
+  for a, b in zip(jax.tree.leaves((whole.params, whole.batch_stats)),
+                  jax.tree.leaves((resumed.params, resumed.batch_stats))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_multi_host_preemption_notice_saves_and_stops(tmp_path, monkeypatch):
+  # Orbax answers reached_preemption identically on every host once any got a notice.
+  monkeypatch.setattr(checkpointing.Checkpointer, "reached_preemption",
+                      lambda self, step: step >= 3)
+  x, y = _separable(1, 256)
+  ckpt = str(tmp_path / "ckpt")
+  stopped, _ = linear_probe.train_linear_probe(x, y, x, y, checkpoint_dir=ckpt, **RECIPE)
+  assert int(stopped.step) == 3 and "3" in os.listdir(ckpt)
+
+
+def test_a_nan_stops_the_probe_before_it_is_saved(tmp_path):
+  x, y = _separable(1, 256)
+  ckpt = str(tmp_path / "ckpt")
+  linear_probe.train_linear_probe(x, y, x, y, checkpoint_dir=ckpt, **{**RECIPE, "epochs": 2})
+  # Continued for four epochs on features that have turned NaN: the first step is NaN.
+  with pytest.raises(errors.NonFiniteError,
+                     match="at step 9 .*between steps 9 and 12.*Last good checkpoint: step 8"):
+    linear_probe.train_linear_probe(np.full_like(x, np.nan), y, x, y, checkpoint_dir=ckpt,
+                                    **RECIPE)
+  saved = checkpointing.Checkpointer(ckpt)
+  assert saved.all_steps() == [8]  # the NaN state (step 16's save) never written
+  restored = saved.manager.restore(8)
+  saved.close()
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))

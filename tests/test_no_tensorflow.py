@@ -49,8 +49,9 @@ def test_core_imports_and_steps_without_tensorflow(tmp_path):
       import functools
       from lut_jax.runtime import loop
       from lut_jax.evaluation import finetune
-      ft_model = finetune.FinetuneViT(num_classes=3, image_size=16, patch_size=4, width=32,
-                                      depth=2, num_heads=2)
+      from lut_jax.models import classifier
+      ft_model = classifier.FinetuneViT(num_classes=3, image_size=16, patch_size=4, width=32,
+                                        depth=2, num_heads=2)
       ft_params = ft_model.init(jax.random.key(0), x[:1], train=False)["params"]
       ft_state = train_state.ClassifierState.create(
           ft_params, {{}}, optim.create_finetune_optimizer(lr, depth=2))

@@ -94,7 +94,7 @@ def test_knn_from_a_timm_pth_matches_timm(tmp_path, reads):  # noqa: F811
   assert_features_match_timm(str(tmp_path / "knn"), vit)
   assert source["pretrained"] == str(path) and source["kind"] == "torch"
   from lut_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
-  expected = knn.run_knn(knn_config_for_tests(), str(tmp_path / "memory"),
+  expected = knn.run(knn_config_for_tests(), str(tmp_path / "memory"),
                          pretrained=in_memory(vit))
   assert results == expected
   assert source["params_sha256"] == in_memory(vit).fingerprint

@@ -16,7 +16,7 @@ import pytest
 from configs import finetune as finetune_config
 from configs import robustness as robustness_config
 from lut_jax import config_lib, errors
-from lut_jax.evaluation import eval_config, finetune, robustness
+from lut_jax.evaluation import eval_config, finetune, protocols, robustness
 from lut_jax.models import vit
 from lut_jax.weights import loading
 
@@ -140,7 +140,7 @@ def test_label_spaces_of_tfds_and_folder_sources(tmp_path):
 @pytest.fixture(scope="module")
 def finetuned_dir(tmp_path_factory):
   """A fine-tuning work directory of a tiny 1000-class classifier (2 steps of
-  ``finetune.finetune``, the best-top-1 checkpoint kept)."""
+  ``finetune.run``, the best-top-1 checkpoint kept)."""
   config_ = dict(image_size=IMAGE, patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=2,
                  mlp_ratio=4.0)
   encoder = vit.Encoder(**config_)
@@ -167,7 +167,7 @@ def finetuned_dir(tmp_path_factory):
       yield batch(16)
 
   workdir = str(tmp_path_factory.mktemp("finetuned"))
-  finetune.finetune(config, workdir, pretrained=pretrained, train_data_fn=train_data_fn,
+  finetune.run(config, workdir, pretrained=pretrained, train_data_fn=train_data_fn,
                     eval_data=[dict(batch(16), mask=np.ones(16, bool))],
                     num_train_examples=32)
   return workdir
@@ -183,7 +183,7 @@ def _config(finetuned_dir, data_dir, **overrides):
 
 
 def test_config_builds_and_validates(finetuned_dir, tmp_path):
-  eval_config.validate(_config(finetuned_dir, None))
+  protocols.validate(_config(finetuned_dir, None))
   assert "pretrained" not in robustness_config.get_config()  # it reads no encoder
   for overrides, message in (
       ({"finetuned": ""}, "set --config.finetuned"),
@@ -195,7 +195,7 @@ def test_config_builds_and_validates(finetuned_dir, tmp_path):
       ({"robustness.imagenet_a.crop_pct": 1.5}, "crop_pct"),
       ({"dtype": "float16"}, "dtype")):
     with pytest.raises(eval_config.EvalConfigError, match=message) as e:
-      eval_config.validate(_config(finetuned_dir, None, **overrides))
+      protocols.validate(_config(finetuned_dir, None, **overrides))
     assert "\n" not in str(e.value)
 
 
@@ -274,7 +274,7 @@ def test_end_to_end_on_tiny_tfds_sets_with_one_missing(finetuned_dir, known_clas
   assert re.search(r"\| fog \| [\d.]+ \| [\d.]+ \| - \| - \| - \| [\d.]+ \| - \|", markdown)
 
   # Known predictions: A and R score their own best class, V2 and C the overall best.
-  known = robustness.run_robustness(config, str(tmp_path / "known"), classifier=classifier)
+  known = robustness.run(config, str(tmp_path / "known"), classifier=classifier)
   assert known["imagenet_v2/top1"] == pytest.approx(30.0)
   assert known["imagenet_a/top1"] == pytest.approx(40.0)
   assert known["imagenet_r/top1"] == pytest.approx(200.0 / 9)
@@ -307,7 +307,7 @@ def test_released_folder_layouts(finetuned_dir, known_classifier, tmp_path):
       "robustness.imagenet_a.dataset": f"folder:{a_root}",
       "robustness.imagenet_c.dataset": f"folder:{c_root}",
       "robustness.imagenet_c.corruptions": "fog", "robustness.imagenet_c.severities": "3"})
-  results = robustness.run_robustness(config, str(tmp_path / "w"), classifier=classifier)
+  results = robustness.run(config, str(tmp_path / "w"), classifier=classifier)
   assert results["imagenet_a/top1"] == pytest.approx(200.0 / 3)
   assert results["imagenet_c/fog/3/top1"] == pytest.approx(25.0)
   assert results["examples"] == {"imagenet_a": 3, "imagenet_c/fog/3": 4}
@@ -316,11 +316,11 @@ def test_released_folder_layouts(finetuned_dir, known_classifier, tmp_path):
 def test_missing_sets_are_one_line(finetuned_dir, tmp_path):
   empty = str(tmp_path / "empty")
   with pytest.raises(errors.DataNotFoundError) as e:
-    robustness.run_robustness(_config(finetuned_dir, empty), str(tmp_path / "w"))
+    robustness.run(_config(finetuned_dir, empty), str(tmp_path / "w"))
   message = str(e.value)
   assert "\n" not in message and "none of the robustness sets" in message
   assert "ImageNet-A" in message and "tfds build" in e.value.hint
   with pytest.raises(errors.DataNotFoundError, match="ImageNet-V2") as e:
-    robustness.run_robustness(_config(finetuned_dir, empty, skip_missing=False),
+    robustness.run(_config(finetuned_dir, empty, skip_missing=False),
                               str(tmp_path / "w"))
   assert "\n" not in str(e.value)

@@ -394,17 +394,14 @@ def test_folder_reads_back_exactly_and_reports_missing_masks(tmp_path):
 
 
 def test_presets_build_and_validate():
-  def fail(msg):
-    raise errors.ConfigError(msg)
-
   for preset in seg_config.PRESETS:
     config = seg_config.get_config(f"dataset={preset}")
     if preset == "folder":
       with pytest.raises(errors.ConfigError, match="input.folder"):
-        segmentation.validate_config(config, fail)
+        segmentation.validate(config)
       config.input.folder = "/data/somewhere"
       with pytest.raises(errors.ConfigError, match="num_classes"):
-        segmentation.validate_config(config, fail)
+        segmentation.validate(config)
       config.num_classes = 19
     if preset == "ade20k":
       config.input.folder = "/data/ADEChallengeData2016"
@@ -412,11 +409,11 @@ def test_presets_build_and_validate():
       assert (config.segmentation.lr, config.segmentation.layer_decay,
               config.segmentation.total_steps, config.segmentation.eval_stride,
               config.input.image_size) == (1e-4, 0.65, 160_000, 341, 512)
-    segmentation.validate_config(config, fail)
+    segmentation.validate(config)
   config = seg_config.get_config()
   config.segmentation.rescales = "4,3"
   with pytest.raises(errors.ConfigError, match="rescale"):
-    segmentation.validate_config(config, fail)
+    segmentation.validate(config)
   with pytest.raises(ValueError, match="accepted"):
     seg_config.get_config("datset=ade20k")
 

@@ -121,8 +121,7 @@ def test_an_encoder_pre_trained_with_tanh_gelu_keeps_it_downstream():
   pre-training config: the activation it was trained with comes along."""
   from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
   from lut_jax.weights import export  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import finetune
-  from lut_jax.models import segmenter
+  from lut_jax.models import classifier, segmenter
   exact_config = util.tiny_config()
   tanh_config = util.tiny_config(**{"model.gelu_approximate": True})
   assert "gelu_approximate" not in _architecture(exact_config).to_json()
@@ -137,8 +136,8 @@ def test_an_encoder_pre_trained_with_tanh_gelu_keeps_it_downstream():
                            use_bc=True)
   np.testing.assert_array_equal(loading.encoder_of(lut).apply(params, images),
                                 tanh.apply(params, images))
-  assert finetune.build_model(encoder_config, num_classes=3, image_size=16,
-                              drop_path_rate=0.0).gelu_approximate
+  assert classifier.build_model(encoder_config, num_classes=3, image_size=16,
+                                drop_path_rate=0.0).gelu_approximate
   assert segmenter.build_model(encoder_config, num_classes=3,
                                         image_size=16).gelu_approximate
   assert export.timm_kwargs(encoder_config)["act_layer"] == "gelu_tanh"  # timm's GELUTanh

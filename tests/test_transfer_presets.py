@@ -16,7 +16,7 @@ from configs import finetune as finetune_config
 from configs import knn as knn_config
 from configs import linear_probe as linear_probe_config
 from lut_jax import errors
-from lut_jax.evaluation import eval_config
+from lut_jax.evaluation import eval_config, protocols
 from lut_jax.models import variants, vit
 from lut_jax.weights import sources
 
@@ -86,7 +86,7 @@ def test_every_preset_builds_and_validates(dataset, encoder_dir):
   for module in (finetune_config, knn_config, linear_probe_config):
     config = module.get_config(f"dataset={dataset}")
     config.unlock().pretrained = encoder_dir
-    eval_config.validate(config)
+    protocols.validate(config)
   preset = eval_config.dataset_preset(dataset)
   assert (config.input.dataset, config.input.train_split, config.input.eval_split) == (
       preset.source, preset.train_split, preset.eval_split)
@@ -168,6 +168,6 @@ def test_a_misspelt_compute_dtype_is_refused_not_run_as_float32(encoder_dir):
   config.pretrained = encoder_dir
   config.dtype = "bf16"
   with pytest.raises(eval_config.EvalConfigError, match=r"unknown dtype 'bf16'"):
-    eval_config.validate(config)
+    protocols.validate(config)
   config.dtype = "bfloat16"
-  eval_config.validate(config)
+  protocols.validate(config)

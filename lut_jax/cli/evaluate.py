@@ -1,4 +1,5 @@
-r"""Command-line entry point for downstream evaluation: kNN, linear probe, fine-tuning.
+r"""Command-line entry point for downstream evaluation: kNN, linear probe, fine-tuning,
+robustness, segmentation (:mod:`lut_jax.evaluation.protocols`).
 
   python -m lut_jax.cli.evaluate --config=configs/knn.py --workdir=runs/fmnist_knn \
       --config.pretrained=runs/fashion_mnist
@@ -23,6 +24,7 @@ import jax
 from ml_collections import config_flags
 
 from lut_jax import config_lib, errors
+from lut_jax.evaluation import protocols
 from lut_jax.runtime import host_memory, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]), or a packaged config's name (e.g. fashion_mnist).",
@@ -34,34 +36,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
-  """Runs ``config.mode`` on ``config.pretrained``; returns its result metrics."""
-  from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
-  eval_config.validate(config)
+  """Runs ``config.mode``'s protocol (``protocols.PROTOCOLS``); returns its result metrics."""
+  protocols.validate(config)
   with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0,
                                 kind=workdir_lock.EVALUATION):
-    results = _run_mode(config, workdir)
+    results = protocols.get(config.mode).run(config, workdir)
     # After the run: a run refused for its work directory (another encoder or recipe)
     # leaves the config of the run that is there.
     config_lib.save_config(config, workdir)
     return results
-
-
-def _run_mode(config, workdir: str) -> dict[str, float]:
-  if config.mode == "knn":
-    from lut_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
-    return knn.run_knn(config, workdir)
-  if config.mode == "linear_probe":
-    from lut_jax.evaluation import linear_probe  # pylint: disable=g-import-not-at-top
-    return linear_probe.run_linear_probe(config, workdir)
-  if config.mode == "robustness":
-    from lut_jax.evaluation import robustness  # pylint: disable=g-import-not-at-top
-    return robustness.run_robustness(config, workdir)
-  if config.mode == "segmentation":
-    from lut_jax.evaluation import segmentation  # pylint: disable=g-import-not-at-top
-    return segmentation.run_segmentation(config, workdir)
-  from lut_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
-  return finetune.finetune(config, workdir)
 
 
 def main(argv: list[str]) -> None:

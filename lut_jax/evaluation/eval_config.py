@@ -19,14 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional, Sequence
 
 import ml_collections
 
 from lut_jax import config_lib, errors
 from lut_jax.data import folders
-
-MODES = ("knn", "linear_probe", "finetune", "robustness", "segmentation")
 
 
 class EvalConfigError(errors.ConfigError):
@@ -90,8 +88,6 @@ def base_config(mode: str, dataset: str = "fashion_mnist") -> ml_collections.Con
   Robustness reads a fine-tuned classifier and its own datasets (``configs/robustness.py``):
   its config has no encoder fields and no dataset or training split in ``input``.
   """
-  if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
   preset = dataset_preset(dataset)
   reads_encoder = mode != "robustness"
   c = ml_collections.ConfigDict()
@@ -168,70 +164,41 @@ def num_classes(config: ml_collections.ConfigDict, labels=None) -> int:
   return int(max(labels)) + 1
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks an evaluation config; raises :class:`EvalConfigError` naming the bad field."""
-  def fail(msg):
-    raise EvalConfigError(msg)
+def fail(message: str) -> NoReturn:
+  """Raises the one-line :class:`EvalConfigError` of a config check."""
+  raise EvalConfigError(message)
 
-  if config.mode not in MODES:
-    fail(f"unknown mode {config.mode!r}; expected one of {MODES}")
-  # Robustness reads a fine-tuned classifier, not an encoder: its hook below checks it.
-  if config.mode != "robustness":
-    if not config.pretrained:
-      fail("set --config.pretrained to a pre-training workdir, an exported encoder directory, "
-           "a timm folder, a PyTorch or safetensors checkpoint, or hf-hub:org/name")
-    # Told apart where every loader tells them apart: a missing path or one that is none of
-    # these fails here, before the work directory is touched.
-    from lut_jax.weights import sources  # pylint: disable=g-import-not-at-top (imports JAX)
-    sources.locate(config.pretrained)
-  if config.mode in ("knn", "linear_probe", "finetune"):  # scored on other images than fitted
-    folders.check_distinct_splits(config.input.dataset, {
-        "input.train_split": config.input.train_split,
-        "input.eval_split": config.input.eval_split})
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the fields every evaluation config has (its protocol's ``validate`` checks the
+  rest: ``lut_jax.evaluation.protocols.validate`` runs both); raises
+  :class:`EvalConfigError` naming the bad field."""
+  if "pretrained" in config and not config.pretrained:  # base_config: all but robustness
+    fail("set --config.pretrained to a pre-training workdir, an exported encoder directory, "
+         "a timm folder, a PyTorch or safetensors checkpoint, or hf-hub:org/name")
   if config.input.eval_batch_size <= 0:
     fail(f"input.eval_batch_size must be positive, got {config.input.eval_batch_size}")
-  # Fine-tuning and segmentation run bfloat16 for "bfloat16" and float32 otherwise, so a
-  # misspelling ("bf16") would silently train in float32 (robustness checks its own).
-  if config.mode != "robustness" and config.get("dtype", "float32") not in config_lib.DTYPES:
+
+
+def check_distinct_splits(config: ml_collections.ConfigDict) -> None:
+  """A protocol scored on other images than it is fitted on: its two splits differ."""
+  folders.check_distinct_splits(config.input.dataset, {
+      "input.train_split": config.input.train_split,
+      "input.eval_split": config.input.eval_split})
+
+
+def check_dtype(config: ml_collections.ConfigDict) -> None:
+  """``config.dtype`` of a protocol that runs bfloat16 for "bfloat16" and float32 otherwise,
+  so that a misspelling ("bf16") is refused rather than silently run in float32."""
+  if config.dtype not in config_lib.DTYPES:
     fail(f"unknown dtype {config.dtype!r}; expected one of {config_lib.DTYPES}")
-  if config.mode == "knn":
-    if config.knn.k <= 0 or config.knn.temperature <= 0:
-      fail(f"knn.k and knn.temperature must be positive, got {config.knn.k}, "
-           f"{config.knn.temperature}")
-    _check_pools(config.knn.pools, "knn.pools", fail)
-  if config.mode == "linear_probe":
-    lp = config.linear_probe
-    _check_pools(lp.pool, "linear_probe.pool", fail)
-    if lp.pool.count(",") > 0:
-      fail(f"linear_probe.pool is one pool, got {lp.pool!r}")
-    if lp.optimizer not in ("lars", "sgd"):
-      fail(f"linear_probe.optimizer must be 'lars' or 'sgd', got {lp.optimizer!r}")
-    if lp.epochs <= 0 or lp.batch_size <= 0 or not 0 <= lp.warmup_epochs <= lp.epochs:
-      fail("linear_probe needs epochs > 0, batch_size > 0 and 0 <= warmup_epochs <= epochs")
-  if config.mode == "finetune":
-    ft = config.finetune
-    if ft.epochs <= 0 or ft.batch_size <= 0 or not 0 <= ft.warmup_epochs <= ft.epochs:
-      fail("finetune needs epochs > 0, batch_size > 0 and 0 <= warmup_epochs <= epochs")
-    if not 0 < ft.layer_decay <= 1:
-      fail(f"finetune.layer_decay must be in (0, 1], got {ft.layer_decay}")
-    if ft.batch_size % 2 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0):
-      fail("mixup/cutmix pair each example with the reversed batch: "
-           f"finetune.batch_size must be even, got {ft.batch_size}")
-    if not 0 <= ft.label_smoothing < 1:
-      fail(f"finetune.label_smoothing must be in [0, 1), got {ft.label_smoothing}")
-  if config.mode == "robustness":
-    from lut_jax.evaluation import robustness  # pylint: disable=g-import-not-at-top
-    robustness.validate_config(config, fail)
-  if config.mode == "segmentation":
-    from lut_jax.evaluation import segmentation  # pylint: disable=g-import-not-at-top
-    segmentation.validate_config(config, fail)
 
 
-def _check_pools(pools: str, name: str, fail) -> None:
-  from lut_jax.evaluation.features import POOLS  # local: keeps config files jax-free
-  items = [p for p in pools.split(",") if p]
-  if not items or any(p not in POOLS for p in items):
-    fail(f"{name}={pools!r}: expected a comma-separated subset of {POOLS}")
+def check_pools(value: str, name: str, known: Sequence[str]) -> None:
+  """``value`` (field ``name``) is a comma-separated subset of the ``known`` pools."""
+  items = pools(value)
+  if not items or any(p not in known for p in items):
+    fail(f"{name}={value!r}: expected a comma-separated subset of {tuple(known)}")
 
 
 def pools(value: str) -> tuple[str, ...]:

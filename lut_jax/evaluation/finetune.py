@@ -1,10 +1,8 @@
 """End-to-end fine-tuning of the pre-trained encoder, MAE's recipe.
 
-* Model (:class:`FinetuneViT`): the pre-trained ViT with stochastic depth (drop path 0.1,
-  linearly increasing over the blocks), then MAE's global-average-pool head: mean of the
-  patch tokens -> ``fc_norm`` LayerNorm -> ``head`` linear (weights N(0, 2e-5), zero bias).
-  As in MAE, the encoder's final ``norm`` is dropped in this mode (``fc_norm`` replaces it);
-  with ``pool="cls"`` the final ``norm`` is kept and the cls token classified.
+* Model (:class:`lut_jax.models.classifier.FinetuneViT`): the pre-trained ViT with
+  stochastic depth (drop path 0.1), then MAE's global-average-pool head (``fc_norm`` +
+  ``head``; ``pool="cls"``: the cls token after the final norm).
 * Optimizer: AdamW (b = 0.9, 0.999; weight decay 0.05, not on biases, norms or the cls
   token: MAE's ``no_weight_decay``), layer-wise lr decay 0.75: a parameter in layer ``l``
   gets lr x ``0.75 ** (depth + 1 - l)``, with patch_embed / cls_token in layer 0, block
@@ -18,8 +16,9 @@
   each followed by a checkpoint; the latest (for resuming) and the best-top-1 one are kept.
 
 The step is a pure ``(state, batch, key) -> (state, metrics)`` function compiled once with
-``jax.jit`` over a data-parallel mesh, and the loop is pre-training's (:mod:`lut_jax.runtime.loop`):
-the step key is ``fold_in(base_key, step)``, so a resumed run repeats an uninterrupted one;
+``jax.jit`` over a data-parallel mesh, and the loop is the supervised protocols'
+(:mod:`lut_jax.evaluation.supervised`, :mod:`lut_jax.runtime.loop`): the step key is
+``fold_in(base_key, step)``, so a resumed run repeats an uninterrupted one;
 a NaN or an infinity stops the run before it reaches a checkpoint; SIGTERM (or a multi-host
 preemption notice) evaluates, saves and stops. This module imports without TensorFlow.
 """
@@ -28,123 +27,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 from clu import metrics as clu_metrics
-import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from lut_jax import metrics
-from lut_jax.models import variants, vit
+from lut_jax.evaluation import eval_config, features, supervised
+from lut_jax.models import classifier
 from lut_jax.pretrain import train_state
-from lut_jax.runtime import checkpointing, loop, optim, sharding as sharding_lib
+from lut_jax.runtime import loop, optim
 from lut_jax.weights import loading
-
-# ------------------------------------------------------------------------------ model
-
-
-class FinetuneViT(nn.Module):
-  """Pre-trained encoder + classification head (``pool``: ``"mean"`` = MAE's global pool
-  with ``fc_norm``; ``"cls"`` = the cls token after the final norm)."""
-
-  num_classes: int
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_ratio: float = 4.0
-  drop_path_rate: float = 0.1
-  pool: str = "mean"
-  dtype: Any = jnp.float32
-  remat: bool = False
-  attention_impl: Optional[str] = None
-  gelu_approximate: bool = False  # as the encoder was pre-trained (model.gelu_approximate)
-  learned_pos_embed: bool = True  # finetune.learn_pos_embed
-
-  @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-    if self.pool not in ("mean", "cls"):
-      raise ValueError(f"unknown fine-tuning pool {self.pool!r}; expected 'mean' or 'cls'")
-    # MAE's global pool normalises the pooled token (fc_norm), not the tokens.
-    x = vit.Encoder(**variants.EncoderConfig.of(self).kwargs(),
-                    drop_path_rate=self.drop_path_rate, final_norm=self.pool == "cls",
-                    dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
-                    learned_pos_embed=self.learned_pos_embed,
-                    name="encoder")(images, deterministic=not train)
-    if self.pool == "mean":
-      x = jnp.mean(x[:, 1:], axis=1)
-      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(x)
-    else:
-      x = x[:, 0]
-    logits = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=nn.initializers.truncated_normal(2e-5), name="head")(x)
-    return logits.astype(jnp.float32)
-
-
-def build_model(encoder: variants.EncoderConfig, *, num_classes: int, image_size: int,
-                drop_path_rate: float, pool: str = "mean", dtype: Any = jnp.float32,
-                remat: bool = False, attention_impl: Optional[str] = None,
-                learned_pos_embed: bool = True) -> FinetuneViT:
-  """The fine-tuning model around a pre-trained encoder's architecture.
-
-  ``image_size`` may differ from pre-training: the sin-cos positions are computed for the
-  new grid (the reference interpolates the pre-training table bicubically instead). With
-  ``learned_pos_embed`` (the reference's fine-tuning) they start there and are trained.
-  """
-  if image_size % encoder.patch_size:
-    raise ValueError(f"image size {image_size} is not divisible by patch size "
-                     f"{encoder.patch_size}")
-  return FinetuneViT(
-      num_classes=num_classes, **encoder.kwargs(image_size=image_size),
-      drop_path_rate=drop_path_rate, pool=pool, dtype=dtype, remat=remat,
-      attention_impl=attention_impl, learned_pos_embed=learned_pos_embed)
-
-
-def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
-                channels: int) -> Any:
-  """Fresh head parameters with the pre-trained encoder's weights in ``params["encoder"]``.
-
-  The encoder's final ``norm`` is dropped for the global-pool head (MAE deletes it); any
-  other missing, extra or mis-shaped encoder tensor is an error.
-  """
-  images = jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
-  # jit: fast when called eagerly, inlined when called under an outer jit.
-  params = jax.jit(functools.partial(model.init, train=False))(key, images)["params"]
-  return {**params, "encoder": copy_pretrained_encoder(params["encoder"], pretrained_params)}
-
-
-def copy_pretrained_encoder(encoder_params: Any, pretrained_params: Any) -> Any:
-  """``encoder_params`` (a freshly initialised encoder tree) with every tensor replaced by
-  the pre-trained one, in the target's dtype.
-
-  The pre-trained final ``norm`` is dropped when the target has none (MAE's global-pool
-  head, segmentation's multi-level features); a learned ``pos_embed`` the pre-trained
-  encoder lacks (its table was fixed) keeps its initial value, that same sin-cos table;
-  any other missing, extra or mis-shaped tensor is an error.
-  """
-  target = traverse_util.flatten_dict(encoder_params)
-  source = traverse_util.flatten_dict(jax.tree.map(np.asarray, pretrained_params))
-  if ("pos_embed",) in target and ("pos_embed",) not in source:
-    source[("pos_embed",)] = target[("pos_embed",)]
-  if "norm" not in encoder_params:
-    source = {k: v for k, v in source.items() if k[0] != "norm"}
-  missing, unexpected = sorted(set(target) - set(source)), sorted(set(source) - set(target))
-  mismatched = [(k, target[k].shape, source[k].shape) for k in target
-                if k in source and target[k].shape != source[k].shape]
-  if missing or unexpected or mismatched:
-    raise ValueError(f"pre-trained encoder does not fit the fine-tuning model: missing "
-                     f"{missing}, unexpected {unexpected}, shape mismatches {mismatched}")
-  return traverse_util.unflatten_dict(
-      {k: jnp.asarray(source[k], target[k].dtype) for k in target})
-
 
 # ------------------------------------------------------------------ mixup / cutmix
 
@@ -221,7 +118,7 @@ FinetuneMetrics = clu_metrics.Collection.create(
 
 
 def train_step(state: train_state.ClassifierState, batch: dict[str, jax.Array],
-               key: jax.Array, *, model: FinetuneViT, mixup: MixupSpec,
+               key: jax.Array, *, model: classifier.FinetuneViT, mixup: MixupSpec,
                learning_rate: optax.Schedule) -> tuple[train_state.ClassifierState, dict]:
   """One fine-tuning step: mixup/cutmix (device), forward with drop path, soft-target
   cross entropy, AdamW update; the metrics ``FinetuneMetrics`` averages."""
@@ -243,7 +140,7 @@ def train_step(state: train_state.ClassifierState, batch: dict[str, jax.Array],
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *,
-              model: FinetuneViT) -> dict[str, jax.Array]:
+              model: classifier.FinetuneViT) -> dict[str, jax.Array]:
   """Correct top-1 / top-5 counts, loss sum and example count of a (padded) batch."""
   logits = model.apply({"params": params}, batch["image"], train=False)
   mask = batch.get("mask", jnp.ones(logits.shape[0], bool))
@@ -267,14 +164,29 @@ def evaluate(p_eval: Callable, params: Any, batches) -> dict[str, float]:
           "loss": totals["loss"] / n}
 
 
-# ------------------------------------------------------------------ loop
+# ------------------------------------------------------------------ protocol
 
 
-def finetune(
-    config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
-    train_data_fn: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None,
-    eval_data: Optional[Any] = None, num_train_examples: Optional[int] = None,
-) -> dict[str, float]:
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The fine-tuning fields (``configs/finetune.py``)."""
+  eval_config.check_distinct_splits(config)
+  eval_config.check_dtype(config)
+  ft, fail = config.finetune, eval_config.fail
+  if ft.epochs <= 0 or ft.batch_size <= 0 or not 0 <= ft.warmup_epochs <= ft.epochs:
+    fail("finetune needs epochs > 0, batch_size > 0 and 0 <= warmup_epochs <= epochs")
+  if not 0 < ft.layer_decay <= 1:
+    fail(f"finetune.layer_decay must be in (0, 1], got {ft.layer_decay}")
+  if ft.batch_size % 2 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0):
+    fail("mixup/cutmix pair each example with the reversed batch: "
+         f"finetune.batch_size must be even, got {ft.batch_size}")
+  if not 0 <= ft.label_smoothing < 1:
+    fail(f"finetune.label_smoothing must be in [0, 1), got {ft.label_smoothing}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
+        train_data_fn: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None,
+        eval_data: Optional[Any] = None, num_train_examples: Optional[int] = None,
+        ) -> dict[str, float]:
   """Fine-tunes (or resumes) in ``workdir``; returns the final and best eval metrics.
 
   Args:
@@ -289,109 +201,63 @@ def finetune(
     num_train_examples: training-set size (for epochs -> steps) when ``train_data_fn`` is
       given.
   """
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import eval_config, features  # pylint: disable=g-import-not-at-top
-
   ft = config.finetune
-  os.makedirs(workdir, exist_ok=True)
   pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
                                          encoder_only=True)
   image_size = config.input.image_size if config.input.image_size > 0 else \
       pretrained.architecture.image_size
   input_config = eval_config.input_config(config, pretrained, image_size=image_size)
-  mesh = sharding_lib.create_mesh(1)
-  sharding_lib.check_batch_size(ft.batch_size, mesh, process_count=jax.process_count())
-  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  batch_sharding, replicated = shardings = supervised.data_parallel(ft.batch_size)
 
   if num_train_examples is None:
-    from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top (TensorFlow)
     num_train_examples = datasets.get_source(config.input.dataset, config.input.train_split,
                                              config.input.data_dir).num_examples
   steps_per_epoch = max(num_train_examples // ft.batch_size, 1)
   total_steps = int(round(ft.epochs * steps_per_epoch))
   warmup_steps = int(round(ft.warmup_epochs * steps_per_epoch))
-  eval_every = max(int(round(ft.eval_every_epochs * steps_per_epoch)), 1)
   num_classes = eval_config.num_classes(config)
 
-  dtype = jnp.bfloat16 if config.get("dtype", "float32") == "bfloat16" else jnp.float32
-  model = build_model(pretrained.architecture, num_classes=num_classes, image_size=image_size,
-                      drop_path_rate=ft.drop_path, pool=ft.pool, dtype=dtype,
-                      remat=ft.get("remat", False), learned_pos_embed=ft.learn_pos_embed)
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  model = classifier.build_model(pretrained.architecture, num_classes=num_classes,
+                                 image_size=image_size, drop_path_rate=ft.drop_path,
+                                 pool=ft.pool, dtype=dtype, remat=ft.remat,
+                                 learned_pos_embed=ft.learn_pos_embed)
   schedule = optim.learning_rate_schedule(
       peak_lr=optim.peak_learning_rate(ft.base_lr, ft.batch_size), warmup_steps=warmup_steps,
       total_steps=total_steps, min_lr=ft.min_lr)
-  tx = optim.create_finetune_optimizer(
-      schedule, depth=model.depth, layer_decay_rate=ft.layer_decay,
-      weight_decay=ft.weight_decay, b1=ft.b1, b2=ft.b2, grad_clip_norm=ft.grad_clip_norm)
-  base_key = jax.random.key(config.seed)
-  init_key, step_key = jax.random.split(base_key)
-
-  def init_fn(key):
-    params = init_params(model, key, pretrained.params, pretrained.channels)
-    return train_state.ClassifierState.create(params, {}, tx)
-
-  abstract_state = jax.eval_shape(init_fn, init_key)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  # The state depends on the encoder, the training input and the recipe, not on the eval
-  # crop.
-  resume_key = {**features.features_key(pretrained, input_config, config.input.train_split),
-                **features.training_key(config, "finetune", "augment")}
-  features.check_resume_key(checkpoint_dir, "finetune", resume_key)
-  ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False,
-                                    best_metric="top1")
-  try:
-    state = ckpt.restore_or_init(init_fn, init_key, state_sharding, name="fine-tuning")
-    start_step = int(jax.device_get(state.step))
-
-    mixup = MixupSpec(num_classes=num_classes, mixup_alpha=ft.mixup_alpha,
-                      cutmix_alpha=ft.cutmix_alpha, prob=ft.mixup_prob,
-                      switch_prob=ft.mixup_switch_prob, label_smoothing=ft.label_smoothing)
-    p_train = jax.jit(functools.partial(train_step, model=model, mixup=mixup,
-                                        learning_rate=schedule),
-                      in_shardings=(state_sharding, batch_sharding, replicated),
-                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    p_eval = jax.jit(functools.partial(eval_step, model=model),
-                     in_shardings=(state_sharding.params, batch_sharding),
-                     out_shardings=replicated)
-
-    if train_data_fn is None:
-      from lut_jax.data import augment_ft  # pylint: disable=g-import-not-at-top
-      train_iter = augment_ft.create_finetune_iterator(
-          input_config, config.augment, split=config.input.train_split,
-          batch_size=ft.batch_size, seed=config.seed, start_step=start_step,
-          sharding=batch_sharding)
-    else:
-      train_iter = train_data_fn(start_step)
-    if eval_data is None:
-      from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-      eval_data = input_pipeline.create_eval_dataset(
-          input_config, config.input.eval_split, batch_size=config.input.eval_batch_size,
-          crop_pct=config.input.crop_pct, sharding=batch_sharding)
-
-    writer = metric_writers.create_default_writer(workdir,
-                                                  just_logging=jax.process_index() > 0)
-    logging.info("fine-tuning %s: %d classes, %d steps (%d warmup, %d per epoch), start %d",
-                 pretrained.source, num_classes, total_steps, warmup_steps, steps_per_epoch,
-                 start_step)
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
-    interval = loop.Interval(FinetuneMetrics, start_step=start_step, batch_size=ft.batch_size,
-                             checkpointer=ckpt, config_prefix="finetune")
-    run = loop.train_evaluate_save(
-        name="fine-tuning", state=state, train_step=p_train, train_iter=train_iter,
-        step_key=step_key, start_step=start_step, total_steps=total_steps,
-        eval_every=eval_every, log_every=config.log_every_steps, interval=interval,
-        writer=writer, checkpointer=ckpt, best_metric="top1", report=report,
-        evaluate=lambda state: evaluate(p_eval, state.params, eval_data))
-    last = run.last
-    best_step, best = ckpt.best() or (total_steps, last)
-  finally:
-    ckpt.close()
-  results = {"top1": last["top1"], "top5": last["top5"],
-             "steps": run.done if run.stopped else total_steps,
-             "best_top1": best.get("top1", last["top1"]), "best_step": best_step}
-  writer.flush()
-  eval_config.write_results(workdir, "finetune", results,
-                            source=features.describe_source(pretrained, [resume_key]))
-  return results
+  mixup = MixupSpec(num_classes=num_classes, mixup_alpha=ft.mixup_alpha,
+                    cutmix_alpha=ft.cutmix_alpha, prob=ft.mixup_prob,
+                    switch_prob=ft.mixup_switch_prob, label_smoothing=ft.label_smoothing)
+  if train_data_fn is None:
+    from lut_jax.data import augment_ft  # pylint: disable=g-import-not-at-top (TensorFlow)
+    train_data_fn = lambda start_step: augment_ft.create_finetune_iterator(  # noqa: E731
+        input_config, config.augment, split=config.input.train_split,
+        batch_size=ft.batch_size, seed=config.seed, start_step=start_step,
+        sharding=batch_sharding)
+  if eval_data is None:
+    from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+    eval_data = input_pipeline.create_eval_dataset(
+        input_config, config.input.eval_split, batch_size=config.input.eval_batch_size,
+        crop_pct=config.input.crop_pct, sharding=batch_sharding)
+  p_eval = jax.jit(functools.partial(eval_step, model=model),
+                   in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  logging.info("fine-tuning %s: %d classes, %d steps (%d warmup, %d per epoch)",
+               pretrained.source, num_classes, total_steps, warmup_steps, steps_per_epoch)
+  return supervised.train(
+      config, workdir, mode="finetune", pretrained=pretrained, model=model,
+      schedule=schedule,
+      init_variables=lambda key: {"params": classifier.init_params(
+          model, key, pretrained.params, pretrained.channels), "batch_stats": {}},
+      train_step=functools.partial(train_step, model=model, mixup=mixup,
+                                   learning_rate=schedule),
+      metrics=FinetuneMetrics, shardings=shardings,
+      # The state depends on the encoder, the training input and the recipe, not on the
+      # eval crop.
+      resume_key={**features.features_key(pretrained, input_config, config.input.train_split),
+                  **features.training_key(config, "finetune", "augment")},
+      total_steps=total_steps,
+      eval_every=max(int(round(ft.eval_every_epochs * steps_per_epoch)), 1),
+      train_data=train_data_fn,
+      evaluate=lambda state: evaluate(p_eval, state.params, eval_data),
+      result_keys=("top1", "top5"))

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from lut_jax import metrics
+from lut_jax.evaluation import eval_config, features
 from lut_jax.weights import loading
 
 
@@ -92,15 +93,23 @@ def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any,
   return {name: 100.0 * float(count) / n for name, count in correct.items()}
 
 
-def run_knn(config: ml_collections.ConfigDict, workdir: str,
-            pretrained=None) -> dict[str, float]:
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The kNN fields (``configs/knn.py``)."""
+  eval_config.check_distinct_splits(config)
+  if config.knn.k <= 0 or config.knn.temperature <= 0:
+    eval_config.fail(f"knn.k and knn.temperature must be positive, got {config.knn.k}, "
+                     f"{config.knn.temperature}")
+  eval_config.check_pools(config.knn.pools, "knn.pools", features.POOLS)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        pretrained=None) -> dict[str, float]:
   """kNN evaluation of a pre-trained encoder (``config.mode == "knn"``); writes CLU scalars.
 
   ``pretrained`` (a :class:`lut_jax.weights.loading.Pretrained`) overrides ``config.pretrained``.
   Returns ``{"<pool>/top1": ..., "<pool>/top5": ...}`` for each of ``config.knn.pools``.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top (imports TF)
-  from lut_jax.evaluation import eval_config, features  # pylint: disable=g-import-not-at-top
 
   pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
                                          encoder_only=True)

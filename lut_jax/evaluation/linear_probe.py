@@ -5,7 +5,13 @@ then a linear layer (weights N(0, 0.01), zero bias). Optimizer: LARS (``optax.la
 trust coefficient 0.001, momentum 0.9, weight decay 0 by default; biases excluded from decay
 and from the trust ratio as in MAE's ``LARS``: :func:`lut_jax.runtime.optim.create_probe_optimizer`),
 peak lr ``base_lr * batch / 256`` with ``base_lr = 0.1``, linear warmup then cosine to 0, per
-step. The state is checkpointed after every epoch; a rerun resumes the newest intact one.
+step.
+
+The loop is the supervised protocols' (:func:`lut_jax.runtime.loop.train_evaluate_save`):
+a NaN or an infinity stops it before it reaches a checkpoint; with a checkpoint directory
+the state is saved with every evaluation (the latest and the best top-1 kept, with
+checksums), SIGTERM (or a multi-host preemption notice) evaluates, saves and stops, and a
+rerun resumes the newest intact step.
 
 One deliberate difference from MAE: the head trains on features extracted *once* from
 centre crops (cached in ``workdir/features``) instead of re-encoding RandomResizedCrop +
@@ -18,11 +24,13 @@ the two agree for a constant rate and differ negligibly under a smooth schedule.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
-import time
-from typing import Any, Callable, Optional
+import types
+from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
+from clu import metrics as clu_metrics
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,9 +39,10 @@ import numpy as np
 import optax
 
 from lut_jax import metrics
+from lut_jax.evaluation import eval_config, features
 from lut_jax.models import vit
 from lut_jax.pretrain import train_state
-from lut_jax.runtime import checkpointing, optim
+from lut_jax.runtime import checkpointing, loop, optim
 from lut_jax.weights import loading
 
 
@@ -50,37 +59,47 @@ class LinearProbe(nn.Module):
                     name="head")(x)
 
 
-def init_state(model: LinearProbe, feature_dim: int, tx: optax.GradientTransformation,
-               key: jax.Array) -> train_state.ClassifierState:
-  variables = model.init(key, jnp.zeros((2, feature_dim), jnp.float32), train=False)
-  return train_state.ClassifierState.create(variables["params"], variables["batch_stats"], tx)
+# Averages of the step metrics over a logging interval (merged on device).
+ProbeMetrics = clu_metrics.Collection.create(
+    first_nonfinite_step=loop.FirstNonFiniteStep,
+    **{k: clu_metrics.Average.from_output(k) for k in ("loss", "top1", "lr", "grad_norm")})
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "batch_size"),
-                   donate_argnums=(0,))
-def train_epoch(state: train_state.ClassifierState, features: jax.Array, labels: jax.Array,
-                key: jax.Array, *, model: LinearProbe, steps: int,
-                batch_size: int) -> tuple[train_state.ClassifierState, dict[str, jax.Array]]:
-  """One epoch: a fresh permutation (``key``), ``steps`` batches (the remainder dropped, as
-  MAE's ``drop_last``), all steps inside one ``lax.scan``."""
-  order = jax.random.permutation(key, features.shape[0])[:steps * batch_size]
+def train_step(state: train_state.ClassifierState, batch: dict[str, jax.Array],
+               key: jax.Array, *, model: LinearProbe, learning_rate: optax.Schedule,
+               ) -> tuple[train_state.ClassifierState, dict[str, jax.Array]]:
+  """One step on a batch of ``{"features", "label"}``; ``ProbeMetrics``' inputs."""
+  del key  # the batch order (:func:`batches`) is the probe's only randomness
+  x, y = batch["features"], batch["label"]
 
-  def step(state, idx):
-    x, y = features[idx], labels[idx]
+  def loss_fn(params):
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                                  train=True, mutable=["batch_stats"])
+    targets = jax.nn.one_hot(y, model.num_classes)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets)), (updates, logits)
 
-    def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                    train=True, mutable=["batch_stats"])
-      targets = jax.nn.one_hot(y, model.num_classes)
-      return jnp.mean(optax.softmax_cross_entropy(logits, targets)), (updates, logits)
+  (loss, (updates, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  new_state = state.apply_gradients(grads, batch_stats=updates["batch_stats"])
+  return new_state, {
+      "loss": loss, "top1": 100.0 * jnp.mean(jnp.argmax(logits, -1) == y),
+      "lr": learning_rate(state.step), "grad_norm": grad_norm,
+      "first_nonfinite_step": loop.first_nonfinite_step(new_state.step, loss, grad_norm,
+                                                        new_state)}
 
-    (loss, (updates, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads, batch_stats=updates["batch_stats"])
-    acc = jnp.mean(jnp.argmax(logits, -1) == y)
-    return state, {"loss": loss, "train_top1": 100.0 * acc}
 
-  state, metrics = jax.lax.scan(step, state, order.reshape(steps, batch_size))
-  return state, jax.tree.map(jnp.mean, metrics)
+def batches(train_features: jax.Array, train_labels: jax.Array, key: jax.Array, *,
+            batch_size: int, start_step: int) -> Iterator[dict[str, jax.Array]]:
+  """The training batches from step ``start_step`` on: epoch ``e`` visits the examples in
+  the order of ``permutation(fold_in(key, e))``, ``N // batch_size`` batches (the remainder
+  dropped, as MAE's ``drop_last``), so a resumed run sees an uninterrupted run's batches."""
+  n = train_features.shape[0]
+  for step in itertools.count(start_step):
+    epoch, i = divmod(step, n // batch_size)
+    if i == 0 or step == start_step:
+      order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    idx = order[i * batch_size:(i + 1) * batch_size]
+    yield {"features": train_features[idx], "label": train_labels[idx]}
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -118,7 +137,7 @@ def train_linear_probe(
     checkpoint_dir: Optional[str] = None,
     log_fn: Optional[Callable[[int, dict[str, float]], None]] = None,
 ) -> tuple[train_state.ClassifierState, dict[str, float]]:
-  """Trains the probe on cached features and evaluates it; resumable per epoch.
+  """Trains the probe on cached features and evaluates it; resumable.
 
   Args:
     train_features, train_labels: ``(N, D)`` features and ``(N,)`` labels.
@@ -126,65 +145,81 @@ def train_linear_probe(
     num_classes: number of classes.
     epochs, batch_size, base_lr, warmup_epochs, weight_decay, optimizer, momentum: the
       recipe (peak lr ``base_lr * batch_size / 256``); the batch is capped at N.
-    seed: permutation and initialisation seed (epoch ``e`` shuffles with
-      ``fold_in(key, e)``, so a resumed run is identical to an uninterrupted one).
+    seed: permutation and initialisation seed (:func:`batches`: a resumed run is identical
+      to an uninterrupted one).
     eval_every_epochs: evaluation interval (the last epoch is always evaluated).
-    checkpoint_dir: where to save the state after every epoch and resume from.
-    log_fn: ``log_fn(step, scalars)`` for training and evaluation metrics.
+    checkpoint_dir: where to save the state with every evaluation and resume from; None:
+      nothing is saved (and SIGTERM ends the process as usual).
+    log_fn: ``log_fn(step, scalars)`` for training (every epoch) and evaluation metrics.
 
   Returns:
-    ``(state, {"top1", "top5", ...})`` of the final epoch.
+    ``(state, {"top1", "top5"})`` of the last evaluation: the final epoch's, or the
+    preempted step's.
   """
   train_features = jnp.asarray(train_features, jnp.float32)
   train_labels = jnp.asarray(train_labels, jnp.int32)
   n, dim = train_features.shape
   batch_size = min(batch_size, n)
   steps = n // batch_size
-  total_steps = epochs * steps
   schedule = optim.learning_rate_schedule(
       peak_lr=optim.peak_learning_rate(base_lr, batch_size),
-      warmup_steps=int(round(warmup_epochs * steps)), total_steps=total_steps)
+      warmup_steps=int(round(warmup_epochs * steps)), total_steps=epochs * steps)
   tx = optim.create_probe_optimizer(schedule, name=optimizer, weight_decay=weight_decay,
                                     momentum=momentum)
   model = LinearProbe(num_classes)
   init_key, shuffle_key = jax.random.split(jax.random.key(seed))
-  state = init_state(model, dim, tx, init_key)
+
+  def init_fn(key):
+    variables = model.init(key, jnp.zeros((2, dim), jnp.float32), train=False)
+    return train_state.ClassifierState.create(variables["params"], variables["batch_stats"],
+                                              tx)
+
+  # On one device, as the features.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shardings = jax.tree.map(lambda _: device, jax.eval_shape(init_fn, init_key))
   ckpt = None
   if checkpoint_dir:
-    ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False)
-  results: dict[str, float] = {}
+    ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False,
+                                      best_metric="top1")
   try:
-    if ckpt is not None and ckpt.latest_step() is not None:
-      state, _ = ckpt.restore_newest_intact(checkpointing.abstract_like(
-          state, jax.tree.map(lambda x: x.sharding, state)))
-      state = state.replace(tx=tx)
-      logging.info("linear probe: resumed at step %d", int(state.step))
-    for epoch in range(int(state.step) // max(steps, 1), epochs):
-      t0 = time.time()
-      state, epoch_metrics = train_epoch(state, train_features, train_labels,
-                                   jax.random.fold_in(shuffle_key, epoch), model=model,
-                                   steps=steps, batch_size=batch_size)
-      scalars = metrics.scalars(epoch_metrics)
-      scalars.update(lr=float(schedule((epoch + 1) * steps - 1)), epoch=epoch + 1,
-                     epoch_seconds=time.time() - t0)
-      if (epoch + 1) % eval_every_epochs == 0 or epoch + 1 == epochs:
-        results = evaluate(state, model, eval_features, eval_labels)
-        scalars.update({f"eval_{k}": v for k, v in results.items()})
-        logging.info("linear probe epoch %d/%d: %s", epoch + 1, epochs, scalars)
-      if log_fn is not None:
-        log_fn((epoch + 1) * steps, scalars)
-      if ckpt is not None:
-        ckpt.save((epoch + 1) * steps, state)
+    state = (ckpt.restore_or_init(init_fn, init_key, shardings, name="linear probe") if ckpt
+             else jax.jit(init_fn, out_shardings=shardings)(init_key))
+    start_step = int(state.step)
+    run = loop.train_evaluate_save(
+        name="linear probe", state=state,
+        train_step=jax.jit(functools.partial(train_step, model=model, learning_rate=schedule),
+                           donate_argnums=(0,)),
+        train_iter=batches(train_features, train_labels, shuffle_key, batch_size=batch_size,
+                           start_step=start_step),
+        step_key=shuffle_key, start_step=start_step, total_steps=epochs * steps,
+        eval_every=eval_every_epochs * steps, log_every=steps,
+        interval=loop.Interval(ProbeMetrics, start_step=start_step, batch_size=batch_size,
+                               checkpointer=ckpt, config_prefix="linear_probe", clips=False),
+        writer=types.SimpleNamespace(write_scalars=log_fn or (lambda step, scalars: None)),
+        checkpointer=ckpt, best_metric="top1",
+        evaluate=lambda state: evaluate(state, model, eval_features, eval_labels))
   finally:
     if ckpt is not None:
       ckpt.close()
-  if not results:  # resumed after the last epoch: evaluate the restored state
-    results = evaluate(state, model, eval_features, eval_labels)
-  return state, results
+  return run.state, run.last
 
 
-def run_linear_probe(config: ml_collections.ConfigDict, workdir: str,
-                     pretrained=None) -> dict[str, float]:
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The ``linear_probe`` fields (``configs/linear_probe.py``)."""
+  eval_config.check_distinct_splits(config)
+  lp = config.linear_probe
+  eval_config.check_pools(lp.pool, "linear_probe.pool", features.POOLS)
+  if lp.pool.count(",") > 0:
+    eval_config.fail(f"linear_probe.pool is one pool, got {lp.pool!r}")
+  if lp.optimizer not in ("lars", "sgd"):
+    eval_config.fail(f"linear_probe.optimizer must be 'lars' or 'sgd', got {lp.optimizer!r}")
+  if lp.epochs <= 0 or lp.batch_size <= 0 or not 0 <= lp.warmup_epochs <= lp.epochs:
+    eval_config.fail("linear_probe needs epochs > 0, batch_size > 0 and 0 <= warmup_epochs "
+                     "<= epochs")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        pretrained=None) -> dict[str, float]:
   """Linear probe of a pre-trained encoder (``config.mode == "linear_probe"``): extracts
   (or loads cached) features of both splits, trains the head, writes CLU scalars and
   ``workdir/linear_probe_results.json``.
@@ -194,7 +229,6 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str,
       before any feature is extracted, so that run's cache is kept too).
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top (imports TF)
-  from lut_jax.evaluation import eval_config, features  # pylint: disable=g-import-not-at-top
 
   lp = config.linear_probe
   pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
@@ -222,9 +256,7 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str,
       epochs=lp.epochs, batch_size=lp.batch_size, base_lr=lp.base_lr,
       warmup_epochs=lp.warmup_epochs, weight_decay=lp.weight_decay, optimizer=lp.optimizer,
       momentum=lp.momentum, seed=config.seed, eval_every_epochs=lp.eval_every_epochs,
-      checkpoint_dir=checkpoint_dir,
-      log_fn=lambda step, s: writer.write_scalars(step, {f"linear_probe/{k}": v
-                                                         for k, v in s.items()}))
+      checkpoint_dir=checkpoint_dir, log_fn=writer.write_scalars)
   writer.flush()
   results = {f"{lp.pool}/{k}": v for k, v in results.items()}
   logging.info("linear probe (%s) of %s: %s", lp.pool, pretrained.source, results)

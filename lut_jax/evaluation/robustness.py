@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
 from etils import epath
@@ -42,8 +42,8 @@ import numpy as np
 
 from lut_jax import config_lib, errors, metrics
 from lut_jax.data import folders
-from lut_jax.evaluation import eval_config, features, finetune
-from lut_jax.models import variants
+from lut_jax.evaluation import eval_config, features
+from lut_jax.models import classifier as classifier_lib, variants
 from lut_jax.runtime import checkpointing, sharding as sharding_lib
 from lut_jax.weights import loading, sources
 
@@ -217,7 +217,7 @@ class FinetunedClassifier:
   """A fine-tuned classifier read back from its work directory.
 
   Attributes:
-    model: the :class:`lut_jax.evaluation.finetune.FinetuneViT`.
+    model: the :class:`lut_jax.models.classifier.FinetuneViT`.
     params: its parameters (replicated on every device).
     channels: input channels.
     num_classes: classes of its head.
@@ -228,7 +228,7 @@ class FinetunedClassifier:
       :func:`lut_jax.evaluation.features.check_resume_key`).
   """
 
-  model: finetune.FinetuneViT
+  model: classifier_lib.FinetuneViT
   params: Any
   channels: int
   num_classes: int
@@ -268,7 +268,7 @@ def load_finetuned(workdir: str, checkpoint: str = "best", dtype: str = "",
       dtype = None
     dtype = dtype or "float32"
   # The head's shape and the presence of fc_norm say how the run built its model.
-  model = finetune.build_model(
+  model = classifier_lib.build_model(
       variants.EncoderConfig(**key["encoder"]),
       num_classes=int(params["head"]["kernel"].shape[-1]),
       image_size=int(key["image_size"]), drop_path_rate=0.0,
@@ -405,8 +405,9 @@ def _skip_reason(name: str, error: errors.DataNotFoundError, count: int, total: 
 # ------------------------------------------------------------------------------ run
 
 
-def validate_config(config: ml_collections.ConfigDict, fail: Callable[[str], None]) -> None:
-  """The robustness fields of ``config`` (``eval_config.validate`` calls this)."""
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The robustness fields (``configs/robustness.py``)."""
+  fail = eval_config.fail
   if not config.finetuned:
     fail("set --config.finetuned to the work directory of an ImageNet fine-tuning "
          "(configs/finetune.py:dataset=imagenet)")
@@ -443,8 +444,8 @@ def validate_config(config: ml_collections.ConfigDict, fail: Callable[[str], Non
          "subset of 1, 2, 3, 4, 5")
 
 
-def run_robustness(config: ml_collections.ConfigDict, workdir: str, *,
-                   classifier: Optional[FinetunedClassifier] = None) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        classifier: Optional[FinetunedClassifier] = None) -> dict[str, Any]:
   """Evaluates ``config.finetuned`` on ``config.sets``; writes and returns the results.
 
   Returns:

@@ -1,11 +1,12 @@
 """Semantic-segmentation fine-tuning, BEiT's ADE20K protocol (which MAE and LUT report).
 
-* Model (:mod:`segmentation_model`, :mod:`upernet`): the pre-trained ViT's patch tokens
-  after four blocks (3, 5, 7, 11 of 12), brought to four scales by BEiT's neck (x4, x2, x1,
-  x1/2), then UperNet (pyramid pooling (1, 2, 3, 6) + FPN + fused 3x3 conv + classifier)
-  and the auxiliary FCN head on the third level (loss weight 0.4). BatchNorm in the heads,
-  with statistics over the global batch (SyncBN; ``segmentation.norm="group"`` instead for
-  tiny batches); drop path 0.1 in the encoder, channel dropout 0.1 before the classifiers.
+* Model (:mod:`lut_jax.models.segmenter`, :mod:`lut_jax.models.upernet`): the pre-trained
+  ViT's patch tokens after four blocks (3, 5, 7, 11 of 12), brought to four scales by
+  BEiT's neck (x4, x2, x1, x1/2), then UperNet (pyramid pooling (1, 2, 3, 6) + FPN + fused
+  3x3 conv + classifier) and the auxiliary FCN head on the third level (loss weight 0.4).
+  BatchNorm in the heads, with statistics over the global batch (SyncBN;
+  ``segmentation.norm="group"`` instead for tiny batches); drop path 0.1 in the encoder,
+  channel dropout 0.1 before the classifiers.
 * Loss: per-pixel cross-entropy, ignore label 255 (:mod:`segmentation_metrics`).
 * Optimizer: :func:`lut_jax.runtime.optim.create_finetune_optimizer`: AdamW (0.9, 0.999), weight
   decay 0.05 (not on biases, norms, the cls token), layer-wise lr decay (patch embedding
@@ -18,20 +19,20 @@
   the whole eval split gives mIoU, pixel accuracy and mean class accuracy. Each process
   evaluates its share of the split on its first device; the matrices are summed.
 
-The loop is fine-tuning's (:mod:`lut_jax.runtime.loop`, :mod:`lut_jax.evaluation.finetune`): a pure
-jitted ``(state, batch, key)`` step over a data-parallel mesh with ``fold_in(base_key,
-step)`` keys; evaluation and an Orbax checkpoint every ``eval_every_steps`` (latest and
-best mIoU kept); a rerun resumes; a NaN stops the run before it is saved; SIGTERM
-evaluates, saves and stops. Results: ``workdir/segmentation_results.json``. Data
-(:mod:`segmentation_data`, tf.data) is imported only when it is read: this module imports
-without TensorFlow.
+The loop is fine-tuning's (:mod:`lut_jax.evaluation.supervised`,
+:mod:`lut_jax.runtime.loop`): a pure jitted ``(state, batch, key)`` step over a
+data-parallel mesh with ``fold_in(base_key, step)`` keys; evaluation and an Orbax
+checkpoint every ``eval_every_steps`` (latest and best mIoU kept); a rerun resumes; a NaN
+stops the run before it is saved; SIGTERM evaluates, saves and stops. Results:
+``workdir/segmentation_results.json``. Data (:mod:`lut_jax.data.segmentation_data`,
+tf.data) is imported only when it is read: this module imports without TensorFlow.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -41,10 +42,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from lut_jax.evaluation import segmentation_metrics as seg_metrics
+from lut_jax import errors
+from lut_jax.evaluation import eval_config, features, segmentation_metrics as seg_metrics
+from lut_jax.evaluation import supervised
 from lut_jax.models import segmenter as seg_model, upernet, variants
 from lut_jax.pretrain import train_state
-from lut_jax.runtime import checkpointing, loop, optim, sharding as sharding_lib
+from lut_jax.runtime import loop, optim
 from lut_jax.weights import loading
 
 DATASETS = ("fashion_seg", "folder", "scene_parse150")  # segmentation_data's sources
@@ -59,10 +62,10 @@ def parse_list(text: str, kind: Callable[[str], Any] = int) -> tuple[Any, ...]:
 # ------------------------------------------------------------------------- config
 
 
-def validate_config(config: ml_collections.ConfigDict, fail: Callable[[str], None]) -> None:
-  """Checks the segmentation fields (``configs/segmentation.py``); ``fail(msg)`` raises the
-  one-line config error. Reads no data."""
-  inp, seg = config.input, config.segmentation
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the segmentation fields (``configs/segmentation.py``). Reads no data."""
+  eval_config.check_dtype(config)
+  inp, seg, fail = config.input, config.segmentation, eval_config.fail
   if inp.dataset not in DATASETS:
     fail(f"input.dataset={inp.dataset!r}: segmentation reads one of {DATASETS}")
   if inp.dataset == "folder" and not inp.folder:
@@ -158,14 +161,14 @@ def build_model(config: ml_collections.ConfigDict, encoder: variants.EncoderConf
                 num_classes: int, image_size: int) -> seg_model.SegmentationViT:
   """The model of ``config.segmentation`` around a pre-trained encoder's architecture."""
   seg = config.segmentation
-  dtype = jnp.bfloat16 if config.get("dtype", "float32") == "bfloat16" else jnp.float32
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   return seg_model.build_model(
       encoder, num_classes=num_classes, image_size=image_size,
       feature_blocks=parse_list(seg.feature_blocks), rescales=parse_list(seg.rescales, float),
       channels=seg.channels, pool_scales=parse_list(seg.pool_scales),
       aux_channels=seg.aux_channels, aux_level=seg.aux_level, norm=seg.norm,
       dropout=seg.dropout, drop_path_rate=seg.drop_path, dtype=dtype,
-      remat=seg.get("remat", False))
+      remat=seg.remat)
 
 
 # ------------------------------------------------------------------------- steps
@@ -248,36 +251,13 @@ def evaluate(eval_fn: Callable, variables: dict[str, Any],
 # ------------------------------------------------------------------------- loop
 
 
-def run_segmentation(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """``eval_main``'s entry point: :func:`segment` with the configured data."""
-  return segment(config, workdir)
-
-
-def segment(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
-            train_data_fn: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None,
-            eval_data: Optional[Iterable[dict[str, np.ndarray]]] = None,
-            ) -> dict[str, float]:
-  """Fine-tunes (or resumes) a segmentation model in ``workdir``; returns the final and
-  best scores.
-
-  Args:
-    config: an evaluation config with ``mode == "segmentation"``
-      (``configs/segmentation.py``).
-    workdir: checkpoints (latest + best mIoU), CLU logs, ``segmentation_results.json``.
-    pretrained: a ``loading.Pretrained``; default: from ``config.pretrained``.
-    train_data_fn: ``fn(start_step)`` -> iterator of global ``{"image", "label"}`` batches
-      (tests); default: :func:`segmentation_data.create_train_iterator`.
-    eval_data: re-iterable ``{"image", "label", "size"}`` numpy batches (tests); default:
-      :func:`segmentation_data.create_eval_data`.
-  """
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  from lut_jax import errors  # pylint: disable=g-import-not-at-top
-  from lut_jax.evaluation import eval_config, features  # pylint: disable=g-import-not-at-top
-
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Fine-tunes (or resumes) a segmentation model in ``workdir`` (``configs/segmentation.py``):
+  checkpoints (latest + best mIoU), CLU logs, ``segmentation_results.json``; returns the
+  final and best scores."""
+  from lut_jax.data import segmentation_data  # pylint: disable=g-import-not-at-top (TensorFlow)
   seg = config.segmentation
-  os.makedirs(workdir, exist_ok=True)
-  pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
-                                         encoder_only=True)
+  pretrained = loading.load(config.pretrained, config.pretrained_step, encoder_only=True)
   crop = config.input.image_size
   if crop <= 0:
     crop = (config.synthetic.image_size if config.input.dataset == "fashion_seg"
@@ -288,108 +268,52 @@ def segment(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
                              f"{pretrained.architecture.patch_size}")
   input_config = eval_config.input_config(config, pretrained, image_size=crop)
   channels = input_config.channels
-
-  data_source = None
-  if train_data_fn is None or eval_data is None:
-    from lut_jax.data import segmentation_data  # pylint: disable=g-import-not-at-top
-    data_source = segmentation_data
-    train_source = segmentation_data.get_source(config.input, config.input.train_split,
-                                                config.get("synthetic"))
-    eval_source = segmentation_data.get_source(config.input, config.input.eval_split,
-                                               config.get("synthetic"))
-    dataset_classes = train_source.num_classes
-    _check_whole_mode(config, eval_source, crop)
-  else:
-    dataset_classes = None
-  num_classes = config.num_classes if config.num_classes > 0 else dataset_classes
+  train_source = segmentation_data.get_source(config.input, config.input.train_split,
+                                              config.get("synthetic"))
+  eval_source = segmentation_data.get_source(config.input, config.input.eval_split,
+                                             config.get("synthetic"))
+  _check_whole_mode(config, eval_source, crop)
+  num_classes = config.num_classes if config.num_classes > 0 else train_source.num_classes
   if not num_classes:
     raise errors.ConfigError("set num_classes: the dataset does not say how many classes it "
                              "has")
 
-  mesh = sharding_lib.create_mesh(1)
-  sharding_lib.check_batch_size(seg.batch_size, mesh, process_count=jax.process_count())
-  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  batch_sharding, _ = shardings = supervised.data_parallel(seg.batch_size)
   model = build_model(config, pretrained.architecture, num_classes=num_classes, image_size=crop)
   schedule = build_schedule(seg)
-  tx = optim.create_finetune_optimizer(
-      schedule, depth=model.depth, layer_decay_rate=seg.layer_decay,
-      weight_decay=seg.weight_decay, b1=seg.b1, b2=seg.b2, grad_clip_norm=seg.grad_clip_norm)
-  base_key = jax.random.key(config.seed)
-  init_key, step_key = jax.random.split(base_key)
-
-  def init_fn(key):
-    variables = seg_model.init_variables(model, key, pretrained.params, channels)
-    return train_state.ClassifierState.create(variables["params"], variables["batch_stats"],
-                                              tx)
-
-  abstract_state = jax.eval_shape(init_fn, init_key)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  resume_key = features.features_key(pretrained, input_config, config.input.train_split)
-  resume_key["segmentation_input"] = _data_key(config)
-  resume_key.update(features.training_key(config, "segmentation"))
-  features.check_resume_key(checkpoint_dir, "segmentation", resume_key)
-  ckpt = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False,
-                                    best_metric="miou")
-  try:
-    state = ckpt.restore_or_init(init_fn, init_key, state_sharding, name="segmentation")
-    start_step = int(jax.device_get(state.step))
-
-    p_train = jax.jit(functools.partial(train_step, model=model, learning_rate=schedule,
-                                        aux_weight=seg.aux_weight,
-                                        ignore_label=config.input.ignore_label),
-                      in_shardings=(state_sharding, batch_sharding, replicated),
-                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    p_eval = jax.jit(functools.partial(eval_step, model=model, mode=seg.eval_mode,
-                                       stride=seg.eval_stride,
-                                       ignore_label=config.input.ignore_label))
-    if train_data_fn is None:
-      train_iter = data_source.create_train_iterator(
+  p_eval = jax.jit(functools.partial(eval_step, model=model, mode=seg.eval_mode,
+                                     stride=seg.eval_stride,
+                                     ignore_label=config.input.ignore_label))
+  eval_data = segmentation_data.create_eval_data(eval_source, config.input,
+                                                 batch_size=config.input.eval_batch_size,
+                                                 crop=crop, channels=channels)
+  logging.info("segmentation %s: %d classes, %d-px crops, %d steps (%d warmup)",
+               pretrained.source, num_classes, crop, seg.total_steps, seg.warmup_steps)
+  return supervised.train(
+      config, workdir, mode="segmentation", pretrained=pretrained, model=model,
+      schedule=schedule,
+      init_variables=lambda key: seg_model.init_variables(model, key, pretrained.params,
+                                                          channels),
+      train_step=functools.partial(train_step, model=model, learning_rate=schedule,
+                                   aux_weight=seg.aux_weight,
+                                   ignore_label=config.input.ignore_label),
+      metrics=SegmentationMetrics, shardings=shardings,
+      resume_key={**features.features_key(pretrained, input_config, config.input.train_split),
+                  "segmentation_input": _data_key(config),
+                  **features.training_key(config, "segmentation")},
+      total_steps=seg.total_steps, eval_every=seg.eval_every_steps,
+      train_data=lambda start_step: segmentation_data.create_train_iterator(
           train_source, config.input, batch_size=seg.batch_size, crop=crop,
           channels=channels, seed=config.seed, start_step=start_step,
-          sharding=batch_sharding)
-    else:
-      train_iter = train_data_fn(start_step)
-    if eval_data is None:
-      eval_data = data_source.create_eval_data(eval_source, config.input,
-                                               batch_size=config.input.eval_batch_size,
-                                               crop=crop, channels=channels)
-
-    writer = metric_writers.create_default_writer(workdir,
-                                                  just_logging=jax.process_index() > 0)
-    total_steps = seg.total_steps
-    logging.info("segmentation %s: %d classes, %d-px crops, %d steps (%d warmup), start %d",
-                 pretrained.source, num_classes, crop, total_steps, seg.warmup_steps,
-                 start_step)
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
-    interval = loop.Interval(SegmentationMetrics, start_step=start_step,
-                             batch_size=seg.batch_size, checkpointer=ckpt,
-                             config_prefix="segmentation")
-    run = loop.train_evaluate_save(
-        name="segmentation", state=state, train_step=p_train, train_iter=train_iter,
-        step_key=step_key, start_step=start_step, total_steps=total_steps,
-        eval_every=seg.eval_every_steps, log_every=config.log_every_steps, interval=interval,
-        writer=writer, checkpointer=ckpt, best_metric="miou", report=report,
-        evaluate=lambda state: evaluate(
-            p_eval, {"params": state.params, "batch_stats": state.batch_stats}, eval_data,
-            num_classes))
-    last = run.last
-    best_step, best = ckpt.best() or (total_steps, last)
-  finally:
-    ckpt.close()
-  results = {"miou": last["miou"], "pixel_acc": last["pixel_acc"],
-             "mean_acc": last["mean_acc"], "steps": run.done if run.stopped else total_steps,
-             "best_miou": best.get("miou", last["miou"]), "best_step": best_step}
-  writer.flush()
-  eval_config.write_results(workdir, "segmentation", results,
-                            source=features.describe_source(pretrained, [resume_key]))
-  return results
+          sharding=batch_sharding),
+      evaluate=lambda state: evaluate(
+          p_eval, {"params": state.params, "batch_stats": state.batch_stats}, eval_data,
+          num_classes),
+      result_keys=("miou", "pixel_acc", "mean_acc"))
 
 
 def _check_whole_mode(config: ml_collections.ConfigDict, eval_source: Any, crop: int) -> None:
   """Whole-image inference runs the encoder on the canvas: it must be the crop size."""
-  from lut_jax import errors  # pylint: disable=g-import-not-at-top
   if config.segmentation.eval_mode != "whole":
     return
   multiple = max(1, config.input.eval_canvas_multiple)

@@ -29,8 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lut_jax.evaluation import finetune
-from lut_jax.models import upernet, variants, vit
+from lut_jax.models import classifier, upernet, variants, vit
 
 EVAL_MODES = ("whole", "slide")
 
@@ -132,7 +131,7 @@ def init_variables(model: SegmentationViT, key: jax.Array, pretrained_params: An
   images = jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(key, images)
   params = dict(variables["params"])
-  params["encoder"] = finetune.copy_pretrained_encoder(params["encoder"], pretrained_params)
+  params["encoder"] = classifier.copy_pretrained_encoder(params["encoder"], pretrained_params)
   return {"params": params, "batch_stats": variables.get("batch_stats", {})}
 
 

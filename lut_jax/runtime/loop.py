@@ -1,8 +1,9 @@
-"""What the loops of pre-training (:mod:`lut_jax.pretrain.train`) and fine-tuning
-(:mod:`lut_jax.evaluation.finetune`) share: stopping for preemption, and the guard that
-keeps NaN and infinity out of every checkpoint. Each step reports its
-``first_nonfinite_step`` (:func:`first_nonfinite_step`); an :class:`Interval` merges it
-with the other metrics and checks it when read, which the loops do before every save.
+"""What the loops of pre-training (:mod:`lut_jax.pretrain.train`) and the supervised
+protocols (linear probe, fine-tuning, segmentation: :func:`train_evaluate_save`) share:
+stopping for preemption, and the guard that keeps NaN and infinity out of every
+checkpoint. Each step reports its ``first_nonfinite_step`` (:func:`first_nonfinite_step`);
+an :class:`Interval` merges it with the other metrics and checks it when read, which the
+loops do before every save.
 TensorFlow-free (CLU's metrics, not its writers).
 """
 
@@ -66,10 +67,12 @@ class Interval:
   (:class:`FirstNonFiniteStep`). Reading is the loop's host synchronisation."""
 
   def __init__(self, metrics: type[clu_metrics.Collection], *, start_step: int,
-               batch_size: int, checkpointer: checkpointing.Checkpointer,
-               config_prefix: str):
+               batch_size: int, checkpointer: Optional[checkpointing.Checkpointer],
+               config_prefix: str, clips: bool = True):
     self._metrics, self._batch_size, self._ckpt = metrics, batch_size, checkpointer
-    self._config_prefix = config_prefix  # names the fields in the error's hint
+    # The error's hint names ``<config_prefix>.base_lr`` (and ``.grad_clip_norm`` if
+    # ``clips``: the recipe has one).
+    self._config_prefix, self._clips = config_prefix, clips
     self._acc: Optional[clu_metrics.Collection] = None
     self._start, self._start_time = start_step, time.time()
     self._timed: dict[str, float] = {}  # host seconds per named wait, this interval
@@ -106,16 +109,21 @@ class Interval:
     scalars = {k: float(v) for k, v in self._acc.compute().items()}
     first_bad = int(scalars.pop("first_nonfinite_step"))
     if first_bad != ALL_FINITE:
-      self._ckpt.wait()  # so that the error names the last good checkpoint
       p = self._config_prefix
+      last_good, hint = "Nothing is saved (no checkpoint directory)", ""
+      if self._ckpt is not None:
+        self._ckpt.wait()  # so that the error names the last good checkpoint
+        last_good = (f"Last good checkpoint: step {self._ckpt.latest_step()} in "
+                     f"{self._ckpt.directory}")
+        hint = "; a rerun resumes from the last good checkpoint"
       raise errors.NonFiniteError(
           f"training produced NaN or infinite values at step {first_bad} (loss "
           f"{scalars['loss']}, grad_norm {scalars['grad_norm']} between steps "
-          f"{self._start + 1} and {done}); that state was not saved. Last good "
-          f"checkpoint: step {self._ckpt.latest_step()} in {self._ckpt.directory}",
-          hint=f"lower {p}.base_lr, set {p}.grad_clip_norm, or check the data; a rerun "
-               "resumes from the last good checkpoint")
-    self._ckpt.check_for_errors()  # a background save that failed stops the run here
+          f"{self._start + 1} and {done}); that state was not saved. {last_good}",
+          hint=f"lower {p}.base_lr, {f'set {p}.grad_clip_norm, ' if self._clips else ''}"
+               f"or check the data{hint}")
+    if self._ckpt is not None:
+      self._ckpt.check_for_errors()  # a background save that failed stops the run here
     elapsed = max(time.time() - self._start_time, 1e-9)
     if done > self._start:  # none when the clock restarted at this step
       scalars["images_per_sec"] = (done - self._start) * self._batch_size / elapsed
@@ -131,16 +139,17 @@ class PreemptionGuard:
 
   The SIGTERM handler is for single-process runs only: with several processes every host
   must stop at the same step (a save is a collective), which JAX's preemption service
-  decides; a local handler would also replace that service's own.
+  decides; a local handler would also replace that service's own. Without a checkpointer
+  nothing could be saved: SIGTERM keeps its own handler (it ends the process).
   """
 
-  def __init__(self, checkpointer: checkpointing.Checkpointer):
+  def __init__(self, checkpointer: Optional[checkpointing.Checkpointer]):
     self._ckpt = checkpointer
     self.requested = False
     self._previous = None  # the handler to put back on exit
 
   def __enter__(self) -> PreemptionGuard:
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 or self._ckpt is None:
       return self
     def handler(signum, frame):  # noqa: ARG001
       logging.warning("SIGTERM received: saving a checkpoint and stopping.")
@@ -157,7 +166,8 @@ class PreemptionGuard:
 
   def stop(self, step: int) -> bool:
     """Whether to save and stop after ``step``; once true, it stays true."""
-    self.requested = self.requested or self._ckpt.reached_preemption(step)
+    self.requested = self.requested or (self._ckpt is not None
+                                        and self._ckpt.reached_preemption(step))
     return self.requested
 
 
@@ -175,20 +185,19 @@ class SupervisedRun:
 def train_evaluate_save(*, name: str, state: Any, train_step: Callable, train_iter: Any,
                         step_key: jax.Array, start_step: int, total_steps: int,
                         eval_every: int, log_every: int, interval: Interval, writer: Any,
-                        checkpointer: checkpointing.Checkpointer,
+                        checkpointer: Optional[checkpointing.Checkpointer],
                         evaluate: Callable[[Any], dict[str, float]], best_metric: str,
                         report: Optional[Callable[[int], Any]] = None) -> SupervisedRun:
-  """The loop of the supervised protocols (fine-tuning, segmentation): steps keyed by
-  ``fold_in(step_key, step)``; metrics read (so the non-finite guard runs) every
-  ``log_every`` steps and before every save; every ``eval_every`` steps, at the end and
-  on preemption an evaluation (``evaluate(state)``), logged and saved with the checkpoint
-  ranked by ``best_metric``. A run resumed after its end evaluates the restored state."""
+  """The loop of the supervised protocols (linear probe, fine-tuning, segmentation): steps
+  ``train_step(state, next(train_iter), fold_in(step_key, step))``; metrics read (so the
+  non-finite guard runs) every ``log_every`` steps and before every save; every
+  ``eval_every`` steps, at the end and on preemption an evaluation (``evaluate(state)``),
+  logged and saved with the checkpoint ranked by ``best_metric`` (none saved without a
+  ``checkpointer``). A run resumed after its end evaluates the restored state."""
   last, done, stopped = {}, start_step, False
   with PreemptionGuard(checkpointer) as preemption:
     for step in range(start_step, total_steps):
-      batch = next(train_iter)
-      state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]},
-                                  jax.random.fold_in(step_key, step))
+      state, metrics = train_step(state, next(train_iter), jax.random.fold_in(step_key, step))
       interval.add(metrics)
       done = step + 1
       if report is not None:
@@ -201,7 +210,9 @@ def train_evaluate_save(*, name: str, state: Any, train_step: Callable, train_it
         last = evaluate(state)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in last.items()})
         logging.info("%s step %d/%d: %s", name, done, total_steps, last)
-        checkpointer.save(done, state, force=True, metrics={best_metric: last[best_metric]})
+        if checkpointer is not None:
+          checkpointer.save(done, state, force=True,
+                            metrics={best_metric: last[best_metric]})
       if stopped:
         logging.warning("%s stopped for preemption at step %d; rerun to resume", name, done)
         break
