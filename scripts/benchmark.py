@@ -96,7 +96,7 @@ def load_config_module(path: str):
 def make_config(args: argparse.Namespace, method: str, batch: int, extra: Sequence[str] = ()):
   """The pre-training config of ``args.config`` with the benchmark's overrides applied
   (``--override``, then ``extra``)."""
-  from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from lut_jax.pretrain import build  # pylint: disable=g-import-not-at-top
 
   module = load_config_module(args.config)
   arg = f"method={method}" + (f",variant={args.variant}" if args.variant else "")
@@ -116,7 +116,7 @@ def make_config(args: argparse.Namespace, method: str, batch: int, extra: Sequen
   config.total_steps, config.total_epochs = 100_000, None
   config.optim.warmup_steps, config.optim.warmup_epochs = 1_000, None
   bench_common.apply_overrides(config, list(args.override) + list(extra))
-  config_lib.validate(config)
+  build.validate(config)
   return config.lock()
 
 
