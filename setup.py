@@ -56,6 +56,9 @@ EXTRAS_REQUIRE["test"] = [
     "torch==2.14.1",
     "torchvision==0.29.1",
     "timm>=1.0",  # brings huggingface_hub and fsspec (hf-hub: and in-memory path tests)
+    # The architecture contract (.importlinter, tests/test_architecture.py): layers and
+    # acyclic_siblings contracts; checked with 2.17.
+    "import-linter>=2.17",
 ]
 
 setuptools.setup(

@@ -9,8 +9,6 @@ from typing import Any, Iterable
 import ml_collections
 from ml_collections import config_dict
 
-from lut_jax import errors
-
 METHODS = ("lut", "mae")
 
 
@@ -121,7 +119,8 @@ def _steps_or_epochs(value: float | None = None) -> config_dict.FieldReference:
   """A field of a steps / epochs pair: a number, or None when the other one is set.
 
   Untyped, because a typed ``int`` field cannot be set to None on the command line
-  (``--config.total_steps=None``); :func:`validate` checks the value instead.
+  (``--config.total_steps=None``); :func:`lut_jax.pretrain.build.validate` checks the
+  value instead.
   """
   return config_dict.FieldReference(value, field_type=object)
 
@@ -229,98 +228,7 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   return c
 
 
-ConfigError = errors.ConfigError  # raised by validate(); re-exported for config users
-
-
 DTYPES = ("float32", "bfloat16")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks a pre-training config; raises :class:`ConfigError` naming the bad field."""
-  # local: avoid importing jax for plain config files
-  from lut_jax.data import device_input
-  from lut_jax.pretrain import masking
-  from lut_jax.models import vit
-  from lut_jax.runtime import optim
-
-  def fail(msg, hint=""):
-    raise ConfigError(msg, hint)
-
-  if config.method not in METHODS:
-    fail(f"unknown method {config.method!r}; expected one of {METHODS}")
-  if config.loss.w_bc < 0 or config.loss.w_mae < 0:
-    fail(f"loss weights must be >= 0, got w_mae={config.loss.w_mae}, w_bc={config.loss.w_bc}")
-  # `method` alone decides whether the BC branch exists (uses_bc): a weight contradicting
-  # it would train one method and record the other.
-  if config.method == "lut" and config.loss.w_bc <= 0:
-    fail(f"method='lut' trains the BC loss: loss.w_bc must be > 0, got {config.loss.w_bc}",
-         hint="use method=mae for the baseline")
-  if config.method == "mae" and config.loss.w_bc != 0:
-    fail(f"method='mae' is the baseline without the BC loss; got loss.w_bc={config.loss.w_bc}")
-  if config.dtype not in DTYPES:
-    fail(f"unknown dtype {config.dtype!r}; expected one of {DTYPES}")
-  if config.input.batch_size <= 0:
-    fail(f"input.batch_size must be positive, got {config.input.batch_size}")
-  # Exactly one of each steps / epochs pair, the other None: were both set, one would
-  # silently win while config.json recorded both.
-  for name, steps, epochs in (
-      ("total", config.total_steps, config.total_epochs),
-      ("optim.warmup", config.optim.warmup_steps, config.optim.warmup_epochs)):
-    if steps is not None and epochs is not None:
-      fail(f"{name}_steps={steps} and {name}_epochs={epochs} are both set; set exactly one",
-           hint=f"add --config.{name}_steps=None to count in epochs, or "
-                f"--config.{name}_epochs=None to count in steps")
-    if steps is None and epochs is None:
-      fail(f"set one of {name}_steps and {name}_epochs; both are None")
-    least = 1 if name == "total" else 0  # a run needs a step; a warmup may be empty
-    if steps is not None and not (type(steps) is int and steps >= least):
-      fail(f"{name}_steps must be an integer >= {least}, got {steps!r}")
-    if epochs is not None and not (type(epochs) in (int, float)
-                                   and (epochs > 0 if least else epochs >= 0)):
-      fail(f"{name}_epochs must be a number {'> 0' if least else '>= 0'}, got {epochs!r}")
-  for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "image_summary_every_steps"):
-    if config[name] <= 0:
-      fail(f"{name} must be positive, got {config[name]}")
-  if config.keep_checkpoint_every_steps < 0:
-    fail("keep_checkpoint_every_steps must be >= 0 (0: only the newest keep_checkpoints), "
-         f"got {config.keep_checkpoint_every_steps}")
-  if config.optim.accum_steps < 1:
-    fail(f"optim.accum_steps must be >= 1, got {config.optim.accum_steps}")
-  group = config.model.head_bn_group_size
-  micro = config.input.batch_size // config.optim.accum_steps
-  if group < 0 or 0 < group < micro and micro % group:
-    fail(f"model.head_bn_group_size must be 0 or divide the (micro-)batch of {micro}, got "
-         f"{group}")
-  o = config.optim
-  if not o.base_lr > 0:
-    fail(f"optim.base_lr must be > 0, got {o.base_lr}")
-  peak_lr = optim.peak_learning_rate(o.base_lr, config.input.batch_size)
-  if not 0 <= o.min_lr <= peak_lr:
-    fail(f"optim.min_lr must be in [0, peak lr {peak_lr:g}], got {o.min_lr}")
-  if not o.weight_decay >= 0:
-    fail(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-  for name in ("b1", "b2"):
-    if not 0 <= o[name] < 1:
-      fail(f"optim.{name} must be in [0, 1), got {o[name]}")
-  if not o.grad_clip_norm >= 0:
-    fail(f"optim.grad_clip_norm must be >= 0 (0 disables clipping), got {o.grad_clip_norm}")
-  if not 0 <= config.ema.momentum <= 1:
-    fail(f"ema.momentum must be in [0, 1], got {config.ema.momentum}")
-  try:
-    # Checked without building the model: build.build_training builds it, once.
-    spec = vit.check_model_config(config.model, image_size=config.input.image_size,
-                                     dtype=config.dtype)
-    masking.check_mask_ratio(config.loss.mask_ratio,
-                             (config.input.image_size // spec.patch_size) ** 2,
-                             two_views=uses_bc(config))
-  except ValueError as e:
-    fail(str(e))
-  if config.input.channels not in (1, 3):
-    fail(f"input.channels must be 1 or 3, got {config.input.channels}")
-  device_input.check_backend(config.input)
-  if config.monitor.every_steps < 0:
-    fail(f"monitor.every_steps must be >= 0 (0 = off), got {config.monitor.every_steps}")
 
 
 CONFIG_FILE = "config.json"
@@ -332,7 +240,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   Fields the package gained after the run was saved read as their defaults: a new field's
   default keeps what earlier versions did, so the run's meaning is unchanged.
   """
-  import json  # local: only this function needs it
   from etils import epath  # local: file systems beyond local disk (gs://, ...)
 
   path = epath.Path(workdir) / CONFIG_FILE
@@ -375,5 +282,6 @@ def config_json(config: ml_collections.ConfigDict) -> str:
 
 def uses_bc(config: ml_collections.ConfigDict) -> bool:
   """Whether the run has the BC branch (second view, teacher, heads): ``method`` decides;
-  ``loss.w_bc`` only weighs it (:func:`validate` keeps the two consistent)."""
+  ``loss.w_bc`` only weighs it (:func:`lut_jax.pretrain.build.validate` keeps the two
+  consistent)."""
   return config.method == "lut"

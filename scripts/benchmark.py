@@ -12,7 +12,7 @@ is created on the device once; the loop only dispatches steps and blocks once at
 of each timed window, so no host synchronisation sits inside it. Compilation is timed
 separately (lower + compile), then ``--warmup`` steps run untimed.
 
-Reported per method: images/s, ms/step, analytic model TFLOP/s (``lut_jax.models.flops``), MFU
+Reported per method: images/s, ms/step, analytic model TFLOP/s (``scripts/flops.py``), MFU
 against the chip's dense peak (table below) and against a measured matmul of the same
 dtype, XLA's cost-analysis FLOPs and the StableHLO matmul FLOPs as cross-checks, peak
 device memory, and the versions. Needs only jax, flax, optax, orbax-checkpoint and
@@ -96,7 +96,7 @@ def load_config_module(path: str):
 def make_config(args: argparse.Namespace, method: str, batch: int, extra: Sequence[str] = ()):
   """The pre-training config of ``args.config`` with the benchmark's overrides applied
   (``--override``, then ``extra``)."""
-  from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from lut_jax.pretrain import build  # pylint: disable=g-import-not-at-top
 
   module = load_config_module(args.config)
   arg = f"method={method}" + (f",variant={args.variant}" if args.variant else "")
@@ -116,7 +116,7 @@ def make_config(args: argparse.Namespace, method: str, batch: int, extra: Sequen
   config.total_steps, config.total_epochs = 100_000, None
   config.optim.warmup_steps, config.optim.warmup_epochs = 1_000, None
   bench_common.apply_overrides(config, list(args.override) + list(extra))
-  config_lib.validate(config)
+  build.validate(config)
   return config.lock()
 
 
@@ -271,7 +271,7 @@ def prepare(args: argparse.Namespace, method: str, batch: int, *, warmup: int,
   and its :class:`Stepper`."""
   import jax  # pylint: disable=g-import-not-at-top
   from lut_jax.pretrain import build, train_step  # pylint: disable=g-import-not-at-top
-  from lut_jax.models import flops
+  import flops  # pylint: disable=g-import-not-at-top (scripts/, beside this file)
   from lut_jax.runtime import sharding
 
   config = make_config(args, method, batch, extra)

@@ -48,7 +48,7 @@ def load_config(spec: str, batch_size: int, overrides=()):
 def measure(config, backend: str, steps: int, warmup: int, repeats: int) -> dict:
   config = config_lib.override(config.copy_and_resolve_references(),
                                {"input.backend": backend})
-  config_lib.validate(config)
+  build.validate(config)
   mesh = sharding.create_mesh(config.mesh.fsdp)
   training = build.build_training(config, mesh, total_steps=10**6, warmup_steps=10)
   state = training.init(jax.random.key(0))

@@ -106,7 +106,7 @@ def run_row(row: str, folder: str, batch: int, seconds: float) -> dict:
   config = ml_collections.ConfigDict(dict(
       dataset="", split="train", data_dir=ml_collections.config_dict.placeholder(str),
       image_size=224, channels=3, batch_size=batch, shuffle_buffer=10_000, prefetch=2,
-      num_parallel_calls=-1))
+      num_parallel_calls=-1, device_augment=False))
   out = {"row": row, "batch": batch}
   if row.startswith("jpeg224"):
     config.dataset, config.split, config.image_size = f"folder:{folder}", "train", 224

@@ -45,7 +45,8 @@ import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import torch  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from lut_jax.models import flops, variants  # noqa: E402  pylint: disable=g-import-not-at-top
+import flops  # noqa: E402  pylint: disable=g-import-not-at-top
+from lut_jax.models import variants  # noqa: E402  pylint: disable=g-import-not-at-top
 from tests import torch_reference as ref  # noqa: E402  pylint: disable=g-import-not-at-top
 
 

@@ -43,11 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fashion_mnist  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import linear_probe as lp_config  # noqa: E402
-from lut_jax import config_lib, errors  # noqa: E402
+from lut_jax import config_lib, errors, metrics  # noqa: E402
 from lut_jax.data import device_input
-from lut_jax.evaluation import features, knn, linear_probe
+from lut_jax.evaluation import features, linear_probe
 from lut_jax.pretrain import build, monitor, train
-from lut_jax.runtime import host_memory, sharding
+from lut_jax.runtime import host_memory, run_identity, sharding
 from lut_jax.weights import loading
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Base directory of the runs.")
@@ -123,8 +123,8 @@ def probe(train_feats, train_labels, test_feats, test_labels, seed: int,
   :func:`probe_recipe`, for ``--lp_epochs``)."""
   recipe = recipe or probe_recipe()
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-  out = {"knn": knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels,
-                                 num_classes=num_classes)["top1"]}
+  out = {"knn": metrics.knn_accuracy(train_feats, train_labels, test_feats, test_labels,
+                                     num_classes=num_classes)["top1"]}
   _, acc = linear_probe.train_linear_probe(
       train_feats, train_labels, test_feats, test_labels, num_classes=num_classes,
       epochs=_LP_EPOCHS.value, seed=seed, eval_every_epochs=_LP_EPOCHS.value,
@@ -142,7 +142,7 @@ def _finished(method: str, run_dir: str, done_file: str, config, settings: dict)
     saved = json.load(f)
   try:
     if method != "random":
-      train.check_resume_config(config, run_dir)
+      run_identity.check_resume_config(config, run_dir)
     if saved.get("settings") != settings:  # older files have none: not this recipe's
       if _REPROBE.value:
         logging.info("%s: probed with %s; probing again with %s.", run_dir,
@@ -358,7 +358,7 @@ def main(argv: list[str]) -> None:
   t0 = time.time()
   for method in _METHODS.value:  # a bad --set fails here, in one line, before any run
     try:
-      config_lib.validate(pretrain_config(method, 0))
+      build.validate(pretrain_config(method, 0))
     except (ValueError, TypeError) as e:
       sys.exit(f"compare_lut_mae.py: {method} config: {e}")
   config = pretrain_config("lut", 0)

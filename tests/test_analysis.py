@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lut_jax import errors
+from lut_jax import errors, metrics
 from lut_jax.analysis import attention_distance, maps, spectrum
 from lut_jax.cli import analyze as analyze_cli
 from lut_jax.models import variants, vit
@@ -72,12 +72,12 @@ def test_effective_rank(k):
   rng = np.random.default_rng(k)
   u, v = _orthonormal(rng, 20, k), _orthonormal(rng, 16, k)
   equal = spectrum.singular_values((u @ v.T)[None], center=False)
-  np.testing.assert_allclose(spectrum.effective_rank(equal), [k], rtol=1e-8)
+  np.testing.assert_allclose(metrics.effective_rank(equal), [k], rtol=1e-8)
   random = spectrum.singular_values((rng.normal(size=(20, k)) @ rng.normal(size=(k, 16)))[None],
                                     center=False)
-  erank = float(spectrum.effective_rank(random)[0])
+  erank = float(metrics.effective_rank(random)[0])
   assert 0.5 * k <= erank <= k + 1e-8
-  assert float(spectrum.effective_rank(np.zeros(4))) == 1.0  # degenerate: no NaN
+  assert float(metrics.effective_rank(np.zeros(4))) == 1.0  # degenerate: no NaN
 
 
 def _tiny_model(use_bc=True):

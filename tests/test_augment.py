@@ -291,7 +291,7 @@ def test_views_shapes_ranges_reproducible_and_different():
   assert not np.array_equal(other[1].numpy(), v2.numpy())
 
   n1, n2 = augment.two_views(image, _seed(0), 224)
-  mean, std = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
+  mean, std = image_utils.IMAGENET_MEAN, image_utils.IMAGENET_STD
   np.testing.assert_allclose(n1.numpy(), (v1.numpy() - mean) / std, atol=1e-5)
   np.testing.assert_allclose(n2.numpy() * std + mean, v2.numpy(), atol=1e-5)
   lo, hi = (0 - mean) / std, (1 - mean) / std
@@ -311,7 +311,7 @@ def test_one_channel_views_and_normalisation():
   grey = augment.decode(tf.constant(_photo("coffee")[::4, ::4]), channels=1)
   v1, v2 = augment.two_views(grey, _seed(3), 64)
   assert v1.shape == (64, 64, 1) and v2.shape == (64, 64, 1)
-  mean, std = augment.mean_std(1)
+  mean, std = image_utils.normalization_constants(1)
   assert mean == pytest.approx((0.449,)) and std == pytest.approx((0.226,), abs=1e-3)
   raw1, _ = augment.two_views(grey, _seed(3), 64, normalized=False)
   np.testing.assert_allclose(v1.numpy(), (raw1.numpy() - mean[0]) / std[0], atol=1e-5)

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _validate(**overrides):
-  config_lib.validate(util.override(fashion_mnist.get_config().unlock(), overrides))
+  build.validate(util.override(fashion_mnist.get_config().unlock(), overrides))
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -35,8 +35,8 @@ def test_contradictory_or_missing_fields_are_refused(overrides, expected):
 
 def test_mae_refuses_a_bc_weight_and_method_decides_the_branch():
   with pytest.raises(errors.ConfigError, match="method='mae'"):
-    config_lib.validate(util.override(fashion_mnist.get_config("method=mae").unlock(),
-                                      {"loss.w_bc": 0.25}))
+    build.validate(util.override(fashion_mnist.get_config("method=mae").unlock(),
+                                 {"loss.w_bc": 0.25}))
   assert config_lib.uses_bc(fashion_mnist.get_config())
   assert not config_lib.uses_bc(fashion_mnist.get_config("method=mae"))
 
@@ -56,7 +56,7 @@ def test_command_line_switches_a_steps_config_to_epochs():
   config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
   flag_values(argv)
   config = flag_values.config
-  config_lib.validate(config)
+  build.validate(config)
   assert build.run_length(config, num_examples=60_000) == (234, 60)
 
 

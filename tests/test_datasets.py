@@ -28,7 +28,7 @@ def _input_config(root, **overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(dict(
       dataset=f"folder:{root}", split="train",
       data_dir=ml_collections.config_dict.placeholder(str), image_size=16, channels=3,
-      batch_size=4, shuffle_buffer=16, prefetch=2, num_parallel_calls=-1))
+      batch_size=4, shuffle_buffer=16, prefetch=2, num_parallel_calls=-1, device_augment=False))
   config.update(overrides)
   return config.lock()
 

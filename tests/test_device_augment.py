@@ -305,7 +305,7 @@ def _folder_config(folder, **overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(dict(
       dataset=f"folder:{folder}", split="train",
       data_dir=ml_collections.config_dict.placeholder(str), image_size=32, channels=3,
-      batch_size=8, shuffle_buffer=8, prefetch=2, num_parallel_calls=-1))
+      batch_size=8, shuffle_buffer=8, prefetch=2, num_parallel_calls=-1, device_augment=False))
   config.update(overrides)
   return config.lock()
 

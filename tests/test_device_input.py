@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lut_jax import errors
-from lut_jax.data import augment, device_input, idx, image_utils, input_pipeline
+from lut_jax.data import augment, device_input, idx, image_utils, input_pipeline, splits
 from lut_jax.pretrain import train
 from lut_jax.runtime import sharding
 from tests import util
@@ -65,7 +65,7 @@ def test_slice_split_matches_tfds(split):
   sizes = {"train": 1000, "test": 77}
   want = tfds.core.ReadInstruction.from_spec(split).to_absolute(
       {k: type("Info", (), {"num_examples": v}) for k, v in sizes.items()})[0]
-  base, start, stop = device_input.slice_split(split, sizes)
+  base, start, stop = splits.slice_split(split, sizes)
   n = sizes[want.splitname]
   assert (base, start, max(start, stop)) == (
       want.splitname, want.from_ or 0, max(want.from_ or 0, n if want.to is None else want.to))
@@ -74,7 +74,7 @@ def test_slice_split_matches_tfds(split):
 @pytest.mark.parametrize("split", ["validation", "train[:x]", "train[1:2:3]", ""])
 def test_bad_split_is_a_data_error(split):
   with pytest.raises(errors.DataError, match="bad split"):
-    device_input.slice_split(split, {"train": 10})
+    splits.slice_split(split, {"train": 10})
 
 
 def test_example_selectors_keep_the_classes_and_per_class_ranges_in_file_order():
@@ -87,12 +87,12 @@ def test_example_selectors_keep_the_classes_and_per_class_ranges_in_file_order()
       ("train{classes=0-1}", [l in (0, 1) for l in labels]),
       ("train{classes=2,per_class=1:}", [l == 2 and r >= 1 for l, r in zip(labels, rank)]),
       ("train{classes=0;2}", [l != 1 for l in labels])]:
-    base, kept = device_input.select_examples(split, labels)
+    base, kept = splits.select_examples(split, labels)
     assert base == "train"
     np.testing.assert_array_equal(kept, np.flatnonzero(keep), err_msg=split)
-  assert device_input.select_examples("test[:5]", labels) == ("test[:5]", None)
+  assert splits.select_examples("test[:5]", labels) == ("test[:5]", None)
   with pytest.raises(errors.DataError, match="bad example selector 'cls=1'"):
-    device_input.select_examples("train{cls=1}", labels)
+    splits.select_examples("train{cls=1}", labels)
   # A class-balanced subset of the real data set: 30 of each class, none of the held-out.
   small = device_input.load_split(_input(), "train{per_class=:30}")
   held = device_input.load_split(_input(), "train{per_class=30:40}")

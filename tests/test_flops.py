@@ -1,4 +1,4 @@
-"""The analytic FLOP count (lut_jax.models.flops) against hand arithmetic and against XLA.
+"""The analytic FLOP count (scripts/flops.py) against hand arithmetic and against XLA.
 
 Three levels of checking:
 * hand-computed totals for a tiny configuration (every term written out below);
@@ -9,15 +9,20 @@ Three levels of checking:
 """
 
 import functools
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from configs import pretrain
-from lut_jax.models import flops, vit
+from lut_jax.models import vit
 from lut_jax.pretrain import train_state, train_step
 from lut_jax.runtime import optim
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+import flops  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 # The tiny shape of the hand computation: 16 px images, patch 4 -> L = 16 patches, keep = 4

@@ -24,7 +24,7 @@ needs_fmnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")),
     reason="Fashion-MNIST idx files absent (apt-get install dataset-fashion-mnist)")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera")
-MEAN, STD = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
+MEAN, STD = image_utils.IMAGENET_MEAN, image_utils.IMAGENET_STD
 
 
 def _input_config(**overrides) -> ml_collections.ConfigDict:
@@ -32,7 +32,7 @@ def _input_config(**overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(dict(
       dataset="fashion_mnist", split="train[:64]",
       data_dir=ml_collections.config_dict.placeholder(str), image_size=28, channels=3,
-      batch_size=8, shuffle_buffer=64, prefetch=2, num_parallel_calls=-1))
+      batch_size=8, shuffle_buffer=64, prefetch=2, num_parallel_calls=-1, device_augment=False))
   config.update(overrides)
   return config.lock()
 
@@ -125,7 +125,7 @@ def test_pretrain_batches_shapes_ranges_and_grey_channels():
 def test_one_channel_output():
   it = input_pipeline.create_pretrain_iterator(_input_config(channels=1), seed=0)
   batch = next(it)
-  mean, std = augment.mean_std(1)
+  mean, std = image_utils.normalization_constants(1)
   for view in batch.values():
     assert view.shape == (8, 28, 28, 1)
     raw = view * std[0] + mean[0]
@@ -202,7 +202,7 @@ def test_two_processes_get_disjoint_covering_shares():
 
 @needs_fmnist
 def test_a_step_holds_other_examples_on_another_process_count():
-  """Why a tf.data run must resume on its own process count (train.check_input_record):
+  """Why a tf.data run must resume on its own process count (run_identity.check_input_record):
   the global batch of the same step is made of other examples."""
   config = _input_config(split="train[:48]")
   one = _take(input_pipeline.create_pretrain_iterator(config, seed=0, with_ids=True), 4)
@@ -285,8 +285,9 @@ def test_eval_two_processes_same_batch_count_covering():
 def test_num_examples_and_steps_per_epoch():
   config = _input_config(split="train", batch_size=128)
   assert datasets.num_examples(config) == 60_000
-  assert input_pipeline.steps_per_epoch(config, process_count=1) == 468
-  assert input_pipeline.steps_per_epoch(config, process_count=2) == 468
+  source = datasets.source_for(config)
+  assert input_pipeline.epoch_steps(source, 1, 128) == 468
+  assert input_pipeline.epoch_steps(source, 2, 64) == 468
   assert datasets.num_examples(_input_config(split="test[:10%]")) == 1000
 
 

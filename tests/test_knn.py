@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lut_jax.evaluation import knn
+from lut_jax import metrics
 
 # Four training features in 2-D and one query. Cosine similarities, by hand:
 #   |q| = sqrt(1 + 0.04) = 1.0198039
@@ -23,7 +23,7 @@ def test_hand_computed_vote_low_temperature():
   # k = 3 keeps banks 0, 3, 1. At T = 0.07 the closest neighbour outweighs the other two:
   # class 0: exp(0.980581 / 0.07) = 1.2133e6; class 1: exp(0.832050 / 0.07) + exp(0.196116
   # / 0.07) = 1.4535e5 + 16.4; class 2: no neighbour.
-  votes = knn.knn_classify(BANK, LABELS, QUERY, num_classes=3, k=3, temperature=0.07)
+  votes = metrics.knn_classify(BANK, LABELS, QUERY, num_classes=3, k=3, temperature=0.07)
   expected = [math.exp(S0 / 0.07), math.exp(S3 / 0.07) + math.exp(S1 / 0.07), 0.0]
   np.testing.assert_allclose(votes[0], expected, rtol=1e-5)
   assert np.argmax(votes[0]) == 0
@@ -32,7 +32,7 @@ def test_hand_computed_vote_low_temperature():
 def test_hand_computed_vote_high_temperature_flips_to_majority():
   # At T = 1 the weights are e^0.9806 = 2.6660 vs e^0.8321 + e^0.1961 = 2.2981 + 1.2167 =
   # 3.5147: the two class-1 neighbours win.
-  votes = knn.knn_classify(BANK, LABELS, QUERY, num_classes=3, k=3, temperature=1.0)
+  votes = metrics.knn_classify(BANK, LABELS, QUERY, num_classes=3, k=3, temperature=1.0)
   np.testing.assert_allclose(votes[0], [math.exp(S0), math.exp(S3) + math.exp(S1), 0.0],
                              rtol=1e-5)
   np.testing.assert_allclose(votes[0], [2.6660, 3.5147, 0.0], atol=1e-4)
@@ -40,10 +40,10 @@ def test_hand_computed_vote_high_temperature_flips_to_majority():
 
 
 def test_k_limits_the_neighbours():
-  votes = knn.knn_classify(BANK, LABELS, QUERY, num_classes=3, k=1, temperature=0.07)
+  votes = metrics.knn_classify(BANK, LABELS, QUERY, num_classes=3, k=1, temperature=0.07)
   np.testing.assert_allclose(votes[0], [math.exp(S0 / 0.07), 0.0, 0.0], rtol=1e-4)
   with pytest.raises(ValueError, match="k must be"):
-    knn.knn_classify(BANK, LABELS, QUERY, num_classes=3, k=5)
+    metrics.knn_classify(BANK, LABELS, QUERY, num_classes=3, k=5)
 
 
 def test_chunked_queries_match_and_accuracy():
@@ -51,11 +51,11 @@ def test_chunked_queries_match_and_accuracy():
   bank = rng.normal(size=(50, 8)).astype(np.float32)
   labels = rng.integers(0, 4, size=50).astype(np.int32)
   queries = bank[:13] * 2.5 + 0.01 * rng.normal(size=(13, 8)).astype(np.float32)
-  whole = knn.knn_classify(bank, labels, queries, num_classes=4, k=5, query_batch=64)
-  chunked = knn.knn_classify(bank, labels, queries, num_classes=4, k=5, query_batch=4)
+  whole = metrics.knn_classify(bank, labels, queries, num_classes=4, k=5, query_batch=64)
+  chunked = metrics.knn_classify(bank, labels, queries, num_classes=4, k=5, query_batch=4)
   np.testing.assert_allclose(whole, chunked, rtol=1e-5)
   # Each query is (a scaled, noisy copy of) a bank entry: with T = 0.07 its own label wins.
-  acc = knn.knn_accuracy(bank, labels, queries, labels[:13], num_classes=4, k=5)
+  acc = metrics.knn_accuracy(bank, labels, queries, labels[:13], num_classes=4, k=5)
   assert acc["top1"] == 100.0 and acc["top5"] == 100.0
 
 
@@ -106,19 +106,19 @@ def test_non_finite_features_score_zero_not_hundred(where):
   bank = rng.normal(size=(20, 8)).astype(np.float32)
   labels = rng.integers(0, 3, size=20).astype(np.int32)
   queries = bank[:6].copy()
-  assert knn.knn_accuracy(bank, labels, queries, labels[:6], num_classes=3, k=3)["top1"] == 100
+  assert metrics.knn_accuracy(bank, labels, queries, labels[:6], num_classes=3,
+                              k=3)["top1"] == 100
   if where == "queries":
     queries[:] = np.nan
   elif where == "one bank entry":
     bank[15] = np.nan
   else:
     queries[:, 0] = np.inf
-  acc = knn.knn_accuracy(bank, labels, queries, labels[:6], num_classes=3, k=3)
+  acc = metrics.knn_accuracy(bank, labels, queries, labels[:6], num_classes=3, k=3)
   assert acc == {"top1": 0.0, "top5": 0.0}
 
 
 def test_topk_correct_counts_an_example_with_a_non_finite_logit_as_wrong():
-  from lut_jax import metrics  # pylint: disable=g-import-not-at-top
   nan, inf = float("nan"), float("inf")
   logits = np.array([[3.0, 1.0, 0.0],    # right: top-1 and top-2
                      [nan, nan, nan],    # all NaN: wrong

@@ -18,7 +18,7 @@ import pytest
 
 from lut_jax import config_lib, errors
 from lut_jax.pretrain import train
-from lut_jax.runtime import checkpointing, loop, workdir_lock
+from lut_jax.runtime import checkpointing, loop, run_identity, workdir_lock
 from tests import util
 
 
@@ -82,8 +82,8 @@ def test_resume_refuses_any_change_outside_the_allow_list(tmp_path, field, value
   config = util.tiny_config(total_steps=3)
   config_lib.save_config(config, str(tmp_path))
   util.override(config, {field: value})
-  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.") + ": "):
-    train.check_resume_config(config, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match=field.replace(".", r"\.") + ": "):
+    run_identity.check_resume_config(config, str(tmp_path))
 
 
 def _image_folder(root, shade: int = 128):
@@ -102,19 +102,21 @@ def test_resume_on_other_input_is_refused(tmp_path, monkeypatch, backend):
                                               "input.dataset": _image_folder(tmp_path / "a")})
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  train.check_input_record(config, workdir, resuming=False)  # a fresh run records its input
-  record = json.loads((tmp_path / "run" / train.INPUT_RECORD_FILE).read_text())
+  check = lambda resuming: run_identity.check_input_record(  # noqa: E731
+      workdir, train.input_record(config), resuming=resuming)
+  check(False)  # a fresh run records its input
+  record = json.loads((tmp_path / "run" / run_identity.INPUT_RECORD_FILE).read_text())
   assert record["backend"] == backend and record["num_examples"] == 8
-  train.check_input_record(config, workdir, resuming=True)  # the same input: resumes
+  check(True)  # the same input: resumes
   if backend == "tfdata":
     assert (record["reader"], record["process_count"]) == ("folder", 1)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(errors.WorkdirError, match="process_count: 1 -> 2"):
-      train.check_input_record(config, workdir, resuming=True)
+      check(True)
   else:  # other pixels under the same layout: another fingerprint
     util.override(config, {"input.dataset": _image_folder(tmp_path / "b", shade=64)})
     with pytest.raises(errors.WorkdirError, match="data_sha256"):
-      train.check_input_record(config, workdir, resuming=True)
+      check(True)
 
 
 def test_restart_rewrites_config_json_with_allowed_changes(tmp_path):

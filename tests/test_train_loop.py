@@ -1,6 +1,7 @@
 """The training loop: resume after a crash, preemption, non-finite loss, outputs."""
 
 import glob
+import importlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from lut_jax import config_lib, errors
 from lut_jax.pretrain import train
-from lut_jax.runtime import checkpointing
+from lut_jax.runtime import checkpointing, run_identity
 from tests import util
 
 
@@ -92,11 +93,28 @@ def test_resume_refuses_a_changed_run_config(tmp_path):
   config_lib.save_config(config, str(tmp_path))
   config.log_every_steps = 5  # logging and checkpoint intervals may change on resume
   config.checkpoint_every_steps = 7
-  train.check_resume_config(config, str(tmp_path))
+  run_identity.check_resume_config(config, str(tmp_path))
   config.input.batch_size = 32
   config.seed = 1
-  with pytest.raises(config_lib.ConfigError, match="seed: 0 -> 1; input.batch_size: 16 -> 32"):
-    train.check_resume_config(config, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match="seed: 0 -> 1; input.batch_size: 16 -> 32"):
+    run_identity.check_resume_config(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("config_module,blocks", [("finetune", ("finetune", "augment")),
+                                                  ("linear_probe", ("linear_probe",)),
+                                                  ("segmentation", ("segmentation",))])
+def test_training_settings_are_the_evaluation_resume_key(config_module, blocks):
+  """run_identity.training_settings is what a supervised evaluation's resume key records
+  besides the seed and dtype (so keys written by earlier runs still match), without the
+  fields a resume may change."""
+  from lut_jax.evaluation import features  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{config_module}").get_config()
+  settings = run_identity.training_settings(config, *blocks)
+  key = features.training_key(config, *blocks)
+  assert settings == {k: v for k, v in key.items() if k not in ("seed", "dtype")}
+  may_change = [k for k in config[blocks[0]] if k in run_identity.TRAINING_MAY_CHANGE]
+  assert may_change and not {f"{blocks[0]}.{k}" for k in may_change} & set(settings)
+  assert f"{blocks[0]}.base_lr" in settings or f"{blocks[0]}.lr" in settings
 
 
 def test_keep_checkpoint_every_steps_keeps_a_history(tmp_path):

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lut_jax import config_lib
 from lut_jax.models import vit
 from lut_jax.pretrain import build, losses, train_state, train_step
 from lut_jax.runtime import optim, sharding
@@ -164,7 +163,7 @@ def test_micro_batches_spread_over_devices():
 def test_bad_configs_are_named(overrides, message):
   config = util.override(util.tiny_config(), overrides)
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(config)
+    build.validate(config)
     sharding.check_batch_size(config.input.batch_size, sharding.create_mesh(1),
                               accum_steps=config.optim.accum_steps)
 

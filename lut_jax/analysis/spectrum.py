@@ -6,8 +6,9 @@ direction) and its singular values are taken. Spectra are normalised by their la
 value and averaged over images. A flatter spectrum / higher effective rank means the
 tokens of one image span more directions, i.e. they are less collapsed onto each other.
 
-Effective rank (Roy & Vetterli 2007): with ``p_i = s_i / sum_j s_j``,
-``erank = exp(-sum_i p_i log p_i)``; it is ``k`` for ``k`` equal non-zero singular values.
+Effective rank (Roy & Vetterli 2007, :func:`lut_jax.metrics.effective_rank`): with
+``p_i = s_i / sum_j s_j``, ``erank = exp(-sum_i p_i log p_i)``; it is ``k`` for ``k`` equal
+non-zero singular values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from lut_jax import metrics
 
 
 def singular_values(tokens: np.ndarray, *, center: bool = True) -> np.ndarray:
@@ -47,18 +50,6 @@ def normalized_spectrum(values: np.ndarray) -> np.ndarray:
   return (s / top).mean(axis=0)
 
 
-def effective_rank(values: np.ndarray) -> np.ndarray:
-  """Roy & Vetterli's effective rank of each row of singular values (``0 log 0 = 0``).
-
-  Returns a scalar array for a 1-D input, else one value per row.
-  """
-  s = np.asarray(values, np.float64)
-  total = s.sum(axis=-1, keepdims=True)
-  p = np.divide(s, total, out=np.zeros_like(s), where=total > 0)
-  entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
-  return np.exp(entropy)
-
-
 def summarize(tokens: np.ndarray, *, center: bool = True) -> dict[str, Any]:
   """JSON-ready spectrum statistics of ``(batch, L, D)`` patch tokens.
 
@@ -67,9 +58,9 @@ def summarize(tokens: np.ndarray, *, center: bool = True) -> dict[str, Any]:
   and ``num_images``.
   """
   s = singular_values(tokens, center=center)
-  ranks = effective_rank(s)
+  ranks = metrics.effective_rank(s)
   spectrum = normalized_spectrum(s)
   return {"spectrum": spectrum.tolist(), "effective_rank": float(ranks.mean()),
           "effective_rank_std": float(ranks.std()),
-          "effective_rank_of_mean_spectrum": float(effective_rank(spectrum)),
+          "effective_rank_of_mean_spectrum": float(metrics.effective_rank(spectrum)),
           "num_images": int(s.shape[0])}

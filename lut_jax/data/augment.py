@@ -31,9 +31,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from lut_jax.data import image_utils
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # ITU-R 601-2 luma (PIL "L"); sums to exactly 1, so a grey image stays the same grey.
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 PADDING = 4  # reflect padding before the random crop (reference: RandomCrop(padding=4))
@@ -49,23 +49,6 @@ BLUR_SIGMA = (0.1, 2.0)  # PIL ImageFilter.GaussianBlur(radius=sigma), sigma ~ U
 # Fixed kernel radius (taps on each side): 4 sigma at the largest sigma, as scipy's default
 # truncation; a fixed size keeps the op shape-static, and small sigmas just get ~0 taps.
 BLUR_RADIUS = 8
-# PIL's ImageOps.solarize inverts uint8 pixels >= 128. On un-rounded floats, x * 255 >= 127.5
-# is the same test as round(x * 255) >= 128: the threshold is 0.5 (see solarize).
-SOLARIZE_THRESHOLD = 127.5 / 255.0
-
-
-def mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Normalisation constants for ``channels`` (3: ImageNet's; 1: the average of the three).
-
-  With one channel (grey inputs kept grey) the ImageNet mean/std are averaged over the
-  channels, mean 0.449 and std 0.226, so a grey image normalised either way has about the
-  same statistics.
-  """
-  if channels == 3:
-    return IMAGENET_MEAN, IMAGENET_STD
-  if channels == 1:
-    return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
-  raise ValueError(f"channels must be 1 or 3, got {channels}")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -270,8 +253,9 @@ def grayscale(image: tf.Tensor) -> tf.Tensor:
 def solarize(image: tf.Tensor) -> tf.Tensor:
   """PIL ``ImageOps.solarize`` (threshold 128 of 255): inverts pixels at/above it.
 
-  With the threshold at exactly 0.5 (``SOLARIZE_THRESHOLD``), "x if x < 0.5 else 1 - x" is
-  ``min(x, 1 - x)``: one fused op instead of a compare and a (slow) broadcasting select.
+  On un-rounded floats, ``x * 255 >= 127.5`` is the same test as ``round(x * 255) >= 128``:
+  the threshold is exactly 0.5, so "x if x < 0.5 else 1 - x" is ``min(x, 1 - x)``, one
+  fused op instead of a compare and a (slow) broadcasting select.
   """
   return tf.minimum(image, 1.0 - image)
 
@@ -330,7 +314,7 @@ def apply_strong_op(image: tf.Tensor, params: StrongOp) -> tf.Tensor:
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
   """``(x - mean) / std`` with ImageNet constants (averaged for one channel)."""
-  mean, std = mean_std(image.shape[-1])
+  mean, std = image_utils.normalization_constants(image.shape[-1])
   return (image - tf.constant(mean, image.dtype)) / tf.constant(std, image.dtype)
 
 

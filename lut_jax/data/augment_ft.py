@@ -38,7 +38,7 @@ _SEED_SALT = 0x4654  # "FT"
 
 
 def _fill(channels: int) -> tf.Tensor:
-  mean, _ = augment.mean_std(channels)
+  mean, _ = image_utils.normalization_constants(channels)
   return tf.constant(mean, tf.float32)
 
 
@@ -311,7 +311,7 @@ def create_finetune_iterator(input_config, augment_config, *, split: str, batch_
   image_utils.check_image_size(input_config.image_size)
   local_batch = batch_size // count
   size, channels = input_config.image_size, input_config.channels
-  source = datasets.get_source(input_config.dataset, split, input_config.get("data_dir", None))
+  source = datasets.get_source(input_config.dataset, split, input_config.data_dir)
   share = source.share(index, count)
   steps = input_pipeline.epoch_steps(source, count, local_batch)
   ft_seed = seed ^ _SEED_SALT
@@ -328,5 +328,5 @@ def create_finetune_iterator(input_config, augment_config, *, split: str, batch_
   return input_pipeline.BatchIterator(
       ds, source=source, steps_per_epoch=steps, local_batch_size=local_batch,
       global_shape={"image": (batch_size, size, size, channels), "label": (batch_size,)},
-      sharding=sharding, device_prefetch=input_config.get("prefetch", 2),
+      sharding=sharding, device_prefetch=input_config.prefetch,
       start_step=start_step)

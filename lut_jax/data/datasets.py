@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import os
 import time
-import types
 from typing import Callable
 
 from absl import logging
@@ -45,7 +44,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lut_jax import errors
-from lut_jax.data import folders, idx, image_decode, tfds_open
+from lut_jax.data import folders, idx, image_decode, splits, tfds_open
 
 FOLDER_PREFIX = folders.FOLDER_PREFIX
 _HASH_BUCKETS = 2**62  # ids from tfds record names: collisions are vanishingly unlikely
@@ -122,7 +121,7 @@ def num_examples(input_config) -> int:
 def source_for(input_config) -> DataSource:
   """The ``DataSource`` named by ``config.input`` (dataset, split, data_dir); cached."""
   return get_source(input_config.dataset, input_config.split,
-                    input_config.get("data_dir", None))
+                    input_config.data_dir)
 
 
 def get_source(dataset: str, split: str, data_dir: str | None = None) -> DataSource:
@@ -185,23 +184,6 @@ def _even_range(n: int, process_index: int, process_count: int) -> tuple[int, in
   base, extra = divmod(n, process_count)
   start = process_index * base + min(process_index, extra)
   return start, start + base + (1 if process_index < extra else 0)
-
-
-def _slice_split(split: str, sizes: dict[str, int]) -> tuple[str, int, int]:
-  """``"train[:90%]"`` -> ("train", 0, 0.9 * n) with tfds's slicing rules."""
-  try:
-    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
-        {k: types.SimpleNamespace(num_examples=v) for k, v in sizes.items()})
-  except (ValueError, KeyError, AssertionError, AttributeError) as e:
-    raise errors.DataError(f"bad split {split!r}; available: {sorted(sizes)}",
-                           hint="tfds slice syntax, e.g. 'train[:90%]'") from e
-  if len(instructions) != 1:
-    raise errors.DataError(f"split {split!r}: only one (sliced) split is supported here")
-  inst = instructions[0]
-  n = sizes[inst.splitname]
-  start = 0 if inst.from_ is None else inst.from_
-  stop = n if inst.to is None else inst.to
-  return inst.splitname, start, stop
 
 
 def _random_access_share(n: int, start: int, load: Callable[[tf.Tensor], dict],
@@ -281,7 +263,7 @@ def _fashion_mnist_source(split: str, data_dir: str | None) -> DataSource:
         hint="input.data_dir is searched for the idx files too (directly and in its "
         "fashion-mnist/ sub-folder)")
   sizes = {"train": 60_000, "test": 10_000}
-  base, start, stop = _slice_split(split, sizes)
+  base, start, stop = splits.slice_split(split, sizes)
   images, labels = idx.load_fashion_mnist(idx_dir, base)
   # Captured once in the read function: 47 MB of uint8 for the train split.
   images_t = tf.constant(images[..., np.newaxis])
@@ -319,7 +301,7 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
         f"{name!r}: no images ({', '.join(folders.IMAGE_EXTENSIONS)}) in class sub-folders "
         f"of {root}",
         hint="expected <folder>/<class>/<image> (or <folder>/<split>/<class>/<image>)")
-  _, start, stop = _slice_split(split, {base: len(files)})
+  _, start, stop = splits.slice_split(split, {base: len(files)})
   files, labels = files[start:stop], labels[start:stop]
   if not files:
     raise _empty_split_error(name, split)

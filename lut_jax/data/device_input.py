@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import hashlib
 import os
-import re
 from typing import Any, Iterator
 
 from absl import logging
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lut_jax import errors
-from lut_jax.data import device_augment, folders, idx
+from lut_jax.data import device_augment, folders, idx, image_decode, splits
 from lut_jax.runtime import sharding
 
 BACKENDS = ("tfdata", "device")
@@ -82,28 +81,6 @@ class Split:
     return digest.hexdigest()
 
 
-_SLICE = re.compile(r"^(?P<base>[\w-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
-
-
-def slice_split(split: str, sizes: dict[str, int]) -> tuple[str, int, int]:
-  """``"train[:90%]"`` -> ``("train", 0, 0.9 * n)``: tfds's slice syntax (absolute or
-  percent bounds, negative from the end, percents rounded to the closest example)."""
-  match = _SLICE.match(split.replace(" ", ""))
-  if match is None or match["base"] not in sizes:
-    raise errors.DataError(f"bad split {split!r}; available: {sorted(sizes)}",
-                           hint="tfds slice syntax, e.g. 'train[:90%]'")
-  n = sizes[match["base"]]
-
-  def bound(text: str | None, default: int) -> int:
-    if text is None:
-      return default
-    value = (round(n * int(text[:-1]) / 100) if text.endswith("%")  # tfds: "closest"
-             else int(text))
-    return min(n, max(0, value + n if value < 0 else value))
-
-  return match["base"], bound(match["start"], 0), bound(match["stop"], n)
-
-
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
   """uint8 NHWC of one shape -> shorter side ``size`` (bicubic, antialiased), centre
   ``size x size`` crop, uint8. Once per split, in chunks to bound host memory."""
@@ -121,7 +98,7 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _fashion_mnist(split: str, data_dir: str | None) -> Split:
-  base, start, stop = slice_split(split, {"train": 60_000, "test": 10_000})
+  base, start, stop = splits.slice_split(split, {"train": 60_000, "test": 10_000})
   idx_dir = idx.find_fashion_mnist(data_dir, base)
   if idx_dir is None:
     raise errors.DataNotFoundError(
@@ -154,8 +131,6 @@ def _folder(name: str, split: str, image_size: int) -> Split:
   pillow, each image resized at load time (shorter side to ``image_size``, bicubic, centre
   crop). Files are decoded by :mod:`lut_jax.data.image_decode`, as on the tf.data path; those
   that do not decode are skipped with one warning."""
-  from lut_jax.data import image_decode  # local: only folders need pillow
-
   root = name[len(folders.FOLDER_PREFIX):]
   if not os.path.isdir(root):
     raise errors.DataNotFoundError(
@@ -168,7 +143,7 @@ def _folder(name: str, split: str, image_size: int) -> Split:
   listing.warn(name)
   if train_root is not None:
     folders.follow_classes(listing, folders.local_class_names(train_root), name, split)
-  _, start, stop = slice_split(split, {base: len(listing.files)})
+  _, start, stop = splits.slice_split(split, {base: len(listing.files)})
   images, labels, skipped, grey = [], [], [], True
   for path, label in zip(listing.files[start:stop], listing.labels[start:stop]):
     try:
@@ -196,7 +171,7 @@ def _folder(name: str, split: str, image_size: int) -> Split:
 def _tfds(name: str, split: str, data_dir: str | None) -> Split:
   """Any prepared tfds split in a random-access format, read without TensorFlow."""
   try:
-    from lut_jax.data import tfds_open  # local: tensorflow_datasets is optional on this route
+    from lut_jax.data import tfds_open  # optional: tensorflow_datasets
   except ImportError:
     raise errors.DataError(
         f"input.backend='device' reads {name!r} through tensorflow_datasets, which is not "
@@ -223,65 +198,20 @@ def _tfds(name: str, split: str, data_dir: str | None) -> Split:
 def load_split(input_config: Any, split: str | None = None) -> Split:
   """See :func:`_load_split` (cached: the loop and the monitor ask for the same splits)."""
   return _load_split(input_config.dataset, split or input_config.split,
-                     input_config.get("data_dir", None), input_config.image_size,
+                     input_config.data_dir, input_config.image_size,
                      input_config.channels)
-
-
-_SELECTOR = re.compile(r"^(?P<split>[^{]+)\{(?P<body>[^}]*)\}$")
-
-
-def select_examples(split: str, labels: np.ndarray) -> tuple[str, np.ndarray | None]:
-  """Splits ``"train{classes=0-4,per_class=:400}"`` into the split to read (``"train"``)
-  and the indices of the selected examples, in file order (``None``: no selector).
-
-  ``classes=A-B`` (or ``A,B`` with ``;``: ``classes=0;3;7``) keeps those labels;
-  ``per_class=START:STOP`` keeps, of each class, its examples ``START..STOP-1`` counted in
-  file order. So ``train{per_class=:400}`` is a fixed, class-balanced subset and
-  ``train{per_class=400:500}`` a disjoint held-out one. ``labels`` may be ``None`` to only
-  parse.
-  """
-  match = _SELECTOR.match(split.replace(" ", ""))
-  if match is None:
-    return split, None
-  keep = None if labels is None else np.ones(len(labels), bool)
-  for item in filter(None, match["body"].split(",")):
-    key, _, value = item.partition("=")
-    try:
-      if key == "classes":
-        wanted = set()
-        for part in value.split(";"):
-          low, _, high = part.partition("-")
-          wanted.update(range(int(low), int(high or low) + 1))
-        if labels is not None:
-          keep &= np.isin(labels, sorted(wanted))
-      elif key == "per_class":
-        start, _, stop = value.partition(":")
-        start, stop = int(start or 0), (int(stop) if stop else None)
-        if labels is not None:
-          rank = np.zeros(len(labels), np.int64)  # index of each example within its class
-          for c in np.unique(labels):
-            rank[labels == c] = np.arange(np.sum(labels == c))
-          keep &= (rank >= start) & (rank < (np.inf if stop is None else stop))
-      else:
-        raise ValueError(key)
-    except ValueError:
-      raise errors.DataError(
-          f"bad example selector {item!r} in split {split!r}",
-          hint="e.g. 'train{per_class=:400}' or 'train{classes=0-4,per_class=:400}'"
-      ) from None
-  return match["split"], None if keep is None else np.flatnonzero(keep)
 
 
 @functools.lru_cache(maxsize=8)
 def _load_split(dataset: str, split: str, data_dir: str | None, image_size: int,
                 channels: int) -> Split:
   """:func:`_read_split`, then the examples ``split``'s selector keeps (see
-  :func:`select_examples`)."""
-  base, _ = select_examples(split, None)
+  :func:`lut_jax.data.splits.select_examples`)."""
+  base, _ = splits.select_examples(split, None)
   data = _read_split(dataset, base, data_dir, image_size, channels)
   if base == split:
     return data
-  _, kept = select_examples(split, data.labels)
+  _, kept = splits.select_examples(split, data.labels)
   if len(kept) == 0:
     raise errors.DataError(f"{dataset!r} split {split!r} selects no examples")
   return Split(data.images[kept], data.labels[kept], f"{data.description} {split}")
@@ -381,7 +311,7 @@ class DeviceData:
     split = split or load_split(input_config)
     self.num_examples = split.num_examples
     self.batch_size = input_config.batch_size
-    self.steps_per_epoch = self.num_examples // self.batch_size
+    self.steps_per_epoch = splits.steps_per_epoch(self.num_examples, self.batch_size)
     if self.steps_per_epoch == 0:
       raise errors.DataError(
           f"{input_config.dataset} split {input_config.split!r} has {self.num_examples} "

@@ -41,7 +41,8 @@ import numpy as np
 import tensorflow as tf
 
 from lut_jax import errors
-from lut_jax.data import augment, datasets, device_augment as device_augment_lib, image_utils
+from lut_jax.data import augment, datasets, image_utils, splits
+from lut_jax.data import device_augment as device_augment_lib
 
 # Keeps this pipeline's random streams apart from anything else keyed on the same seed.
 _SEED_SALT = 0x4C5554_44415441  # "LUTDATA"
@@ -110,14 +111,6 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   if not 0 <= index < count:
     raise ValueError(f"process_index {index} not in [0, {count})")
   return index, count
-
-
-def steps_per_epoch(input_config, *, process_count: int | None = None) -> int:
-  """Batches per epoch: every process's share holds at least ``N // process_count``
-  examples, and each epoch yields that many examples' worth of whole local batches."""
-  count = jax.process_count() if process_count is None else process_count
-  local_batch = _local_batch_size(input_config.batch_size, count)
-  return (datasets.num_examples(input_config) // count) // local_batch
 
 
 def _key(seed: tf.Tensor, data: tf.Tensor) -> tf.Tensor:
@@ -194,7 +187,7 @@ class BatchIterator:
 
 def epoch_steps(source: datasets.DataSource, process_count: int, local_batch: int) -> int:
   """Batches per epoch, the same on every process (from the smallest share)."""
-  steps = (source.num_examples // process_count) // local_batch
+  steps = splits.steps_per_epoch(source.num_examples, local_batch * process_count)
   if steps == 0:
     # A share holds at least N // process_count examples, so this is N < the global batch.
     raise errors.DataError(
@@ -214,9 +207,9 @@ def epoch_batches(share: datasets.Share, make_example: Callable[..., dict[str, t
   per_epoch = steps_per_epoch * local_batch
   start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
   skip = step_in_epoch * local_batch
-  parallel = input_config.get("num_parallel_calls", -1)
+  parallel = input_config.num_parallel_calls
   parallel = tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
-  shuffle_buffer = max(1, min(input_config.get("shuffle_buffer", 10_000), share.num_examples))
+  shuffle_buffer = max(1, min(input_config.shuffle_buffer, share.num_examples))
 
   def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
     key = epoch_key(seed, epoch)
@@ -302,7 +295,7 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
   source = datasets.source_for(input_config)
   share = source.share(index, count)
   steps = epoch_steps(source, count, local_batch)
-  on_device = bool(input_config.get("device_augment", False))
+  on_device = input_config.device_augment
 
   def make_views(epoch: tf.Tensor, element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = augment.decode(element["image"], channels)
@@ -346,7 +339,7 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
   return BatchIterator(
       ds, source=source, steps_per_epoch=steps, local_batch_size=local_batch,
       global_shape=global_shape, sharding=sharding,
-      device_prefetch=input_config.get("prefetch", 2), start_step=start_step)
+      device_prefetch=input_config.prefetch, start_step=start_step)
 
 
 class EvalDataset:
@@ -417,11 +410,11 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
   crop_pct = image_utils.eval_crop_pct(size, crop_pct)
   if not 0.0 < crop_pct <= 1.0:
     raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-  source = datasets.get_source(input_config.dataset, split, input_config.get("data_dir", None))
+  source = datasets.get_source(input_config.dataset, split, input_config.data_dir)
   share = source.share(index, count)
   largest_share = -(-source.num_examples // count)
   num_batches = -(-largest_share // local_batch)
-  parallel = input_config.get("num_parallel_calls", -1)
+  parallel = input_config.num_parallel_calls
   parallel = tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
 
   def view(element: dict) -> dict[str, tf.Tensor]:

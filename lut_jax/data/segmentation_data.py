@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from lut_jax import errors
-from lut_jax.data import augment, datasets, input_pipeline, segmentation_synthetic
+from lut_jax.data import augment, datasets, input_pipeline, segmentation_synthetic, splits
 
 DATASETS = ("fashion_seg", "folder", "scene_parse150")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -79,11 +79,11 @@ def get_source(input_config: Any, split: str, synthetic: Any = None) -> SegSourc
   """The source ``input_config.dataset`` names (see module doc)."""
   name = input_config.dataset
   if name == "fashion_seg":
-    return _synthetic_source(split, synthetic, input_config.get("data_dir"))
+    return _synthetic_source(split, synthetic, input_config.data_dir)
   if name == "folder":
     return _folder_source(input_config.folder, split)
   if name == "scene_parse150":
-    return _scene_parse_source(split, input_config.get("data_dir"),
+    return _scene_parse_source(split, input_config.data_dir,
                                input_config.reduce_zero_label)
   raise errors.ConfigError(f"unknown segmentation dataset {name!r}; expected one of "
                            f"{DATASETS}")
@@ -132,8 +132,7 @@ def list_folder(folder: str, split: str) -> list[tuple[str, str]]:
   if not names:
     raise errors.DataNotFoundError(f"segmentation folder: no images in {image_dir}",
                                    hint=f"expected {layout}")
-  _, start, stop = datasets._slice_split(  # pylint: disable=protected-access
-      split, {base: len(names)})
+  _, start, stop = splits.slice_split(split, {base: len(names)})
   from PIL import Image  # pylint: disable=g-import-not-at-top (headers only)
   pairs = []
   for name in names[start:stop]:
@@ -340,7 +339,7 @@ def create_train_iterator(seg: SegSource, input_config: Any, *, batch_size: int,
       ds, source=seg.source, steps_per_epoch=steps, local_batch_size=local_batch,
       global_shape={"image": (batch_size, crop, crop, channels),
                     "label": (batch_size, crop, crop)},
-      sharding=sharding, device_prefetch=input_config.get("prefetch", 2),
+      sharding=sharding, device_prefetch=input_config.prefetch,
       start_step=start_step)
 
 

@@ -30,7 +30,6 @@ from lut_jax.data import idx
 TEXTURES = ("brick", "grass", "gravel", "camera", "coins", "moon", "text", "page", "clock",
             "cell")
 NUM_CLASSES = 11  # background + the 10 Fashion-MNIST classes
-CLASS_NAMES = ("background",) + idx.FASHION_MNIST_CLASSES
 SPLITS = {"train": 0, "test": 1}  # also the Fashion-MNIST split the items come from
 TRAIN_FRACTION = 0.7  # of each photo's width, for training backgrounds
 ITEM_SIZE = 28

@@ -3,94 +3,22 @@
 For each query: cosine similarity to every training feature (both L2-normalised), the ``k``
 most similar neighbours (k = 20), each voting for its label with weight
 ``exp(similarity / T)`` (T = 0.07); the class with the largest total vote wins (top-5: the
-five largest). Queries are processed in fixed-size chunks so the ``(chunk, N_train)``
-similarity matrix bounds memory; the training bank stays on the device.
+five largest). The classifier is :func:`lut_jax.metrics.knn_accuracy`, which the
+pre-training monitor uses too.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
-from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from lut_jax import metrics
 from lut_jax.evaluation import eval_config, features
 from lut_jax.weights import loading
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows scaled to unit L2 norm (``torch.nn.functional.normalize``'s eps convention)."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes", "k"))
-def knn_votes(bank: jax.Array, bank_labels: jax.Array, queries: jax.Array, *,
-              num_classes: int, k: int = 20, temperature: float = 0.07) -> jax.Array:
-  """Class votes ``(num_queries, num_classes)`` of the ``k`` nearest bank entries.
-
-  Args:
-    bank: ``(N, D)`` training features, already L2-normalised.
-    bank_labels: ``(N,)`` int labels.
-    queries: ``(Q, D)`` features (normalised here).
-    num_classes: number of classes.
-    k: neighbours per query (at most N).
-    temperature: T of the weights ``exp(sim / T)``.
-  """
-  sims = l2_normalize(queries) @ bank.T  # (Q, N) cosine similarities
-  top_sims, top_ids = jax.lax.top_k(sims, k)
-  weights = jnp.exp(top_sims / temperature)
-  onehot = jax.nn.one_hot(bank_labels[top_ids], num_classes, dtype=jnp.float32)  # (Q, k, C)
-  votes = jnp.einsum("qk,qkc->qc", weights, onehot)
-  # A query with a non-finite similarity (its feature, or any bank feature) gets NaN votes,
-  # which score as wrong (metrics.topk_correct): whether top_k picks a NaN neighbour is the
-  # backend's choice, and a vote that skipped it would score a broken encoder.
-  return jnp.where(jnp.all(jnp.isfinite(sims), axis=-1, keepdims=True), votes, jnp.nan)
-
-
-def knn_classify(train_features: Any, train_labels: Any, test_features: Any, *,
-                 num_classes: int, k: int = 20, temperature: float = 0.07,
-                 query_batch: int = 256) -> np.ndarray:
-  """Votes ``(num_test, num_classes)`` for every test feature (numpy), in query chunks.
-
-  The last chunk is zero-padded to ``query_batch`` so one compiled function serves them all.
-  """
-  num_train = int(np.shape(train_features)[0])
-  if not 0 < k <= num_train:
-    raise ValueError(f"k must be in [1, {num_train}] (the training set size), got {k}")
-  bank = l2_normalize(jnp.asarray(train_features))
-  bank_labels = jnp.asarray(train_labels, jnp.int32)
-  test_features = np.asarray(test_features, np.float32)
-  num_test = test_features.shape[0]
-  query_batch = max(1, min(query_batch, num_test))
-  votes = []
-  for start in range(0, num_test, query_batch):
-    chunk = test_features[start:start + query_batch]
-    pad = query_batch - chunk.shape[0]
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])
-    out = knn_votes(bank, bank_labels, jnp.asarray(chunk), num_classes=num_classes, k=k,
-                    temperature=temperature)
-    votes.append(np.asarray(out)[:query_batch - pad])
-  return np.concatenate(votes)
-
-
-def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any,
-                 test_labels: Any, *, num_classes: int, k: int = 20,
-                 temperature: float = 0.07, query_batch: int = 256) -> dict[str, float]:
-  """Top-1 / top-5 accuracy (percent) of the weighted kNN classifier on the test set."""
-  votes = knn_classify(train_features, train_labels, test_features, num_classes=num_classes,
-                       k=k, temperature=temperature, query_batch=query_batch)
-  correct = metrics.topk_correct(jnp.asarray(votes), jnp.asarray(test_labels, jnp.int32))
-  n = len(test_labels)
-  return {name: 100.0 * float(count) / n for name, count in correct.items()}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -127,7 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   num_classes = eval_config.num_classes(config, train["label"])
   results = {}
   for pool in pools:
-    acc = knn_accuracy(train[pool], train["label"], test[pool], test["label"],
+    acc = metrics.knn_accuracy(train[pool], train["label"], test[pool], test["label"],
                        num_classes=num_classes, k=config.knn.k,
                        temperature=config.knn.temperature)
     results.update({f"{pool}/{name}": value for name, value in acc.items()})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lut_jax import metrics
+
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """NHWC images -> ``(batch, L, p*p*C)`` patches, row-major patches, pixels ordered
@@ -46,19 +48,9 @@ def reconstruction_loss(pred: jax.Array, images: jax.Array, mask: jax.Array, *,
   return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``x / max(||x||, eps)`` along the last axis (``torch.nn.functional.normalize``).
-
-  Written as ``rsqrt(max(sum(x^2), eps^2))`` so the gradient stays finite at ``x = 0``
-  (the gradient of ``jnp.linalg.norm`` there is NaN).
-  """
-  sum_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
-
-
 def cosine_distance(q: jax.Array, z: jax.Array) -> jax.Array:
   """Per-example ``2 - 2 cos(q, z)``: 0 for equal directions, 4 for opposite ones."""
-  q, z = l2_normalize(q.astype(jnp.float32)), l2_normalize(z.astype(jnp.float32))
+  q, z = metrics.l2_normalize(q), metrics.l2_normalize(z)
   return 2.0 - 2.0 * jnp.sum(q * z, axis=-1)
 
 
@@ -74,7 +66,7 @@ def normalized_std(v: jax.Array) -> jax.Array:
   """Mean over dimensions of the across-batch std of the L2-normalised rows of ``v``
   (BYOL/SimSiam's collapse indicator): about ``1/sqrt(dim)`` for well-spread vectors, 0 when
   every example maps to the same direction."""
-  return jnp.mean(jnp.std(l2_normalize(v.astype(jnp.float32)), axis=0))
+  return jnp.mean(jnp.std(metrics.l2_normalize(v), axis=0))
 
 
 def total_loss(rec: jax.Array, bc: jax.Array | float, *, w_mae: float, w_bc: float) -> jax.Array:

@@ -35,10 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lut_jax import errors
-from lut_jax.analysis import spectrum
+from lut_jax import errors, metrics
 from lut_jax.data import device_input, folders
-from lut_jax.evaluation import knn
 from lut_jax.models import vit
 from lut_jax.pretrain import losses
 
@@ -47,10 +45,10 @@ _CHUNK = 512  # images per encoder call: bounds the activations' memory
 
 
 def effective_rank(x: Any) -> float:
-  """Effective rank of the centred rows of ``x`` ``(n, d)`` (the formula is
-  :func:`lut_jax.analysis.spectrum.effective_rank`'s, over the singular values)."""
+  """Effective rank of the centred rows of ``x`` ``(n, d)`` (:func:`lut_jax.metrics.effective_rank`
+  of their singular values)."""
   x = np.asarray(x, np.float64)
-  return float(spectrum.effective_rank(np.linalg.svd(x - x.mean(axis=0), compute_uv=False)))
+  return float(metrics.effective_rank(np.linalg.svd(x - x.mean(axis=0), compute_uv=False)))
 
 
 class Monitor:
@@ -121,7 +119,7 @@ class Monitor:
     query_cls, query_mean = self._map(self._online, self._queries.images, state.params)
     out = {}
     for name, bank, query in (("cls", bank_cls, query_cls), ("mean", bank_mean, query_mean)):
-      acc = knn.knn_accuracy(bank, self._bank.labels, query, self._queries.labels,
+      acc = metrics.knn_accuracy(bank, self._bank.labels, query, self._queries.labels,
                              num_classes=self._num_classes, k=self._k,
                              temperature=self._temperature)
       out[f"knn_{name}"] = acc["top1"]
@@ -130,7 +128,7 @@ class Monitor:
       z = self._map(self._teacher, self._queries.images, state.target_params,
                     state.target_batch_stats)
       out["z_std"] = float(losses.normalized_std(z))
-      out["z_rank"] = effective_rank(losses.l2_normalize(jnp.asarray(z)))
+      out["z_rank"] = effective_rank(metrics.l2_normalize(jnp.asarray(z)))
     out["seconds"] = time.time() - t0
     return out
 

@@ -16,30 +16,24 @@ from absl import logging
 from etils import epath
 from clu import metrics as clu_metrics
 from clu import parameter_overview
-import flax
 import jax
 import ml_collections
 import numpy as np
 
 from lut_jax import config_lib, errors
-from lut_jax.data import device_input, image_utils
+from lut_jax.data import device_augment, device_input, image_utils
 from lut_jax.pretrain import build, monitor as monitor_lib, reconstruction, train_state, train_step
-from lut_jax.runtime import checkpointing, host_memory, loop, sharding, workdir_lock, writers
+from lut_jax.runtime import checkpointing, host_memory, loop, run_identity, sharding
+from lut_jax.runtime import workdir_lock, writers
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  """Averages of the step metrics over a logging interval (merged on device)."""
-
-  loss: clu_metrics.Average.from_output("loss")
-  rec_loss: clu_metrics.Average.from_output("rec_loss")
-  bc_loss: clu_metrics.Average.from_output("bc_loss")
-  lr: clu_metrics.LastValue.from_output("lr")
-  momentum: clu_metrics.LastValue.from_output("momentum")
-  grad_norm: clu_metrics.Average.from_output("grad_norm")
-  q_std: clu_metrics.Average.from_output("q_std")  # BC-branch collapse indicators
-  z_std: clu_metrics.Average.from_output("z_std")
-  first_nonfinite_step: loop.FirstNonFiniteStep
+# Averages of the step metrics over a logging interval (merged on device); the schedules'
+# values are their last ones.
+TrainMetrics = clu_metrics.Collection.create(
+    **{name: clu_metrics.Average.from_output(name) for name in train_step.AVERAGED_METRICS},
+    lr=clu_metrics.LastValue.from_output("lr"),
+    momentum=clu_metrics.LastValue.from_output("momentum"),
+    first_nonfinite_step=loop.FirstNonFiniteStep)
 
 
 def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
@@ -55,7 +49,7 @@ def _data_iterator(config: ml_collections.ConfigDict, *, start_step: int,
 
 def _tfdata_iterator(config: ml_collections.ConfigDict, *, start_step: int, two_views: bool,
                      batch_sharding: jax.sharding.NamedSharding) -> Iterator[dict[str, Any]]:
-  from lut_jax.data import input_pipeline  # local: tf.data is only needed here
+  from lut_jax.data import input_pipeline  # optional: tensorflow (tf.data only here)
 
   it = input_pipeline.create_pretrain_iterator(config.input, seed=config.seed,
                                                start_step=start_step, sharding=batch_sharding,
@@ -63,110 +57,30 @@ def _tfdata_iterator(config: ml_collections.ConfigDict, *, start_step: int, two_
   if not config.input.device_augment:
     yield from it
     return
-  from lut_jax.data import device_augment  # local: only this mode needs it
   # Per-example ops on batch-sharded inputs keep the batch sharding.
   finish = jax.jit(device_augment.finish_batch)
   for batch in it:
     yield finish(batch)
 
 
-# Fields a resumed run may change: how it logs, saves and lays out the computation, never
-# what it computes. Every other field must equal the saved config.json, else the resumed
-# run would silently be a different run.
-RESUME_MAY_CHANGE = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                     "keep_checkpoint_every_steps",
-                     "image_summary_every_steps", "profile_steps", "monitor", "input.data_dir",
-                     "input.prefetch", "input.num_parallel_calls", "mesh", "model.remat",
-                     "model.remat_policy", "model.attention_impl")
+def input_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What fixes the examples of every step besides the config
+  (:func:`lut_jax.runtime.run_identity.check_input_record` compares it on resume).
 
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """``{"a.b": leaf}`` of a nested dict, in insertion order."""
-  out = {}
-  for key, value in (tree or {}).items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def config_changes(saved: ml_collections.ConfigDict,
-                   config: ml_collections.ConfigDict) -> list[str]:
-  """``["field: saved -> now", ...]``: where ``config`` differs from a run's ``saved``
-  config outside ``RESUME_MAY_CHANGE`` (empty: it continues that run)."""
-  now = _flat(json.loads(config.to_json_best_effort()))
-  before = _flat(json.loads(saved.to_json_best_effort()))
-  may_change = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)  # noqa: E731
-  return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in {**now, **before}
-          if not may_change(k) and now.get(k) != before.get(k)]
-
-
-def check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
-                         adopt: bool = False) -> None:
-  """Raises ``ConfigError`` when a resumed run's config differs from the saved one outside
-  ``RESUME_MAY_CHANGE``, or when there is no saved config (unless ``adopt``)."""
-  try:
-    saved = config_lib.load_config(workdir)
-  except FileNotFoundError:
-    if adopt:
-      logging.warning("%s has checkpoints but no config.json: adopting them with this "
-                      "config (--adopt_checkpoint).", workdir)
-      return
-    raise errors.WorkdirError(
-        f"{workdir} holds checkpoints but no {config_lib.CONFIG_FILE}, so this config cannot "
-        "be checked against the one they were trained with",
-        hint="pass --adopt_checkpoint if this config is the checkpoints' own (it is then "
-             "saved), or use a new --workdir") from None
-  changed = config_changes(saved, config)
-  if changed:
-    raise config_lib.ConfigError(
-        f"{workdir} holds a run with a different config ({'; '.join(changed)}); resuming "
-        "would not continue that run",
-        hint="use a new --workdir, or restore the saved values (see its config.json)")
-
-
-INPUT_RECORD_FILE = "input_record.json"
-
-
-def _input_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What fixes the examples of every step besides the config (see check_input_record)."""
+  ``input.data_dir`` may change on resume (the data moved), and with it the reader
+  (Fashion-MNIST from a tfds copy or from the idx files: two orders); a folder may have
+  gained files; and on the tf.data path each process reads its own share of every epoch, so
+  a step's examples (and an epoch's steps) depend on the process count. The device path's
+  batches depend only on ``(seed, step)`` and the data, which its fingerprint covers.
+  """
   if config.input.backend == "device":
     split = device_input.load_split(config.input)  # cached: the loop reads the same
     return {"backend": "device", "num_examples": split.num_examples,
             "data_sha256": split.fingerprint}
-  from lut_jax.data import datasets  # local: TensorFlow only where data is read
+  from lut_jax.data import datasets  # optional: tensorflow (only where data is read)
   source = datasets.source_for(config.input)
   return {"backend": "tfdata", "num_examples": source.num_examples, "reader": source.reader,
           "process_count": jax.process_count()}
-
-
-def check_input_record(config: ml_collections.ConfigDict, workdir: str, *,
-                       resuming: bool) -> None:
-  """Records in ``workdir`` what the run's input is read from, or checks it on resume.
-
-  A resumed step must see the examples the uninterrupted run would have seen, and the
-  config alone does not fix them: ``input.data_dir`` may change (the data moved), and
-  with it the reader (Fashion-MNIST from a tfds copy or from the idx files: two orders);
-  a folder may have gained files; and on the tf.data path each process reads its own
-  share of every epoch, so a step's examples (and an epoch's steps) depend on the process
-  count. The device path's batches depend only on ``(seed, step)`` and the data, which
-  its fingerprint covers.
-  """
-  path = epath.Path(workdir) / INPUT_RECORD_FILE
-  now = _input_record(config)
-  if resuming and path.exists():
-    before = json.loads(path.read_text())
-    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in {**before, **now}
-               if before.get(k) != now.get(k)]
-    if changed:
-      raise errors.WorkdirError(
-          f"{workdir} was trained on other input ({'; '.join(changed)}); resuming would "
-          "not give its steps the examples of the uninterrupted run",
-          hint="resume on the same data and process count, or start a new --workdir")
-    return
-  if jax.process_index() == 0:  # a fresh run, or one from before this record existed
-    path.write_text(json.dumps(now, indent=1) + "\n")
 
 
 def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Optional[int]:
@@ -180,7 +94,7 @@ def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Opti
     return device_input.load_split(config.input).num_examples
   errors.require("tensorflow", purpose="input.backend='tfdata' (tf.data pipelines)",
                  extra="data")
-  from lut_jax.data import datasets  # local: TensorFlow only where data is read
+  from lut_jax.data import datasets  # optional: tensorflow (only where data is read)
   return datasets.num_examples(config.input)
 
 
@@ -196,7 +110,7 @@ def pretrain(
   checkpoints that have no ``config.json`` beside them (copied by hand) with ``config``.
   """
   # Everything that can be checked is checked before the workdir is touched.
-  config_lib.validate(config)
+  build.validate(config)
   mesh = sharding.create_mesh(config.mesh.fsdp)
   sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.optim.accum_steps,
                             process_count=jax.process_count())
@@ -234,25 +148,26 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   base_key = jax.random.key(config.seed)
   init_key, step_base_key, summary_key = jax.random.split(base_key, 3)
   if ckpt.latest_step() is not None:
-    check_resume_config(config, workdir, adopt=adopt_checkpoint)
+    run_identity.check_resume_config(config, workdir, adopt=adopt_checkpoint)
     # Each step's own config.json is checked too: a step copied in from another run.
     state, step = ckpt.restore_newest_intact(
         checkpointing.abstract_like(abstract_state, training.state_shardings),
-        config_changes=lambda saved: config_changes(saved, config))
+        config_changes=lambda saved: run_identity.config_changes(saved, config))
     logging.info("Resuming from %s step %d", ckpt.directory, step)
     state = state.replace(tx=abstract_state.tx)
   else:
     state = training.init(init_key)
   start_step = int(jax.device_get(state.step))
   if data_fn is None:
-    check_input_record(config, workdir, resuming=start_step > 0)
+    run_identity.check_input_record(workdir, input_record(config), resuming=start_step > 0)
 
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
-  # Written at every start: the checks above allow only RESUME_MAY_CHANGE fields to differ,
-  # and the file must say what the run does now.
+  # Written at every start: the checks above allow only run_identity.RESUME_MAY_CHANGE
+  # fields to differ, and the file must say what the run does now.
   config_lib.save_config(config, workdir)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+    hparams = run_identity.flat(json.loads(config.to_json_best_effort()))
+    writer.write_hparams({k: v for k, v in hparams.items()
                           if isinstance(v, (int, float, str, bool))})
   if config.optim.accum_steps > 1 and config_lib.uses_bc(config) and \
       config.model.head_norm == "batch":

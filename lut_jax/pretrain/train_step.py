@@ -22,6 +22,9 @@ from lut_jax.runtime import loop
 from lut_jax.runtime.optim import Schedule
 
 Batch = dict[str, jax.Array]
+# The step's metrics that the loop averages over each logging interval (train.TrainMetrics):
+# the losses, the gradient norm and the BC branch's collapse indicators.
+AVERAGED_METRICS = ("loss", "rec_loss", "bc_loss", "grad_norm", "q_std", "z_std")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lut_jax.config_lib import ConfigError
+from lut_jax.errors import ConfigError
 
 DATA_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated: splitting them saves nothing and costs latency.

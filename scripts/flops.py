@@ -38,6 +38,8 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+from lut_jax.models import variants  # pure Python: no JAX
+
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
@@ -165,8 +167,6 @@ def shape_from_model(model: Any, mask_ratio: float) -> StepShape:
 
 def shape_from_config(config: Mapping[str, Any]) -> StepShape:
   """The :class:`StepShape` of a pre-training config (``configs/*.py``)."""
-  from lut_jax.models import variants  # local: pure Python, but keep the import surface explicit
-
   spec = variants.parse_variant(config["model"]["variant"])
   model = config["model"]
   return StepShape(image_size=config["input"]["image_size"], patch_size=spec.patch_size,
