@@ -50,7 +50,6 @@ _TRANSFER_SCHEDULES = {
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(arg, dataset="fashion_mnist")
   config = eval_config.base_config("finetune", args.dataset)
-  config.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
   config.log_every_steps = 50
 
   ft = config.finetune = ml_collections.ConfigDict()

@@ -46,7 +46,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown segmentation preset {args.dataset!r}; expected one of "
                      f"{PRESETS}")
   config = eval_config.base_config("segmentation", "fashion_mnist")
-  config.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
   config.log_every_steps = 50
 
   inp = config.input

@@ -99,6 +99,7 @@ def base_config(mode: str, dataset: str = "fashion_mnist") -> ml_collections.Con
     c.num_classes = -1  # -1: from the dataset (or the largest label + 1)
     c.cache_features = True  # kNN / linear probe: keep extracted features in workdir/features
   c.seed = 0
+  c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
 
   c.input = ml_collections.ConfigDict()
   if reads_encoder:

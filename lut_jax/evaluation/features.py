@@ -31,6 +31,7 @@ import numpy as np
 
 from lut_jax import errors
 from lut_jax.models import vit
+from lut_jax.runtime import run_identity
 from lut_jax.weights import loading, sources
 
 POOLS = ("cls", "mean")
@@ -208,20 +209,12 @@ def cached_features(path: Optional[str], key: Mapping[str, Any],
 # Fields of a probe / fine-tuning / segmentation block that say how often to evaluate, or
 # what to recompute in the backward pass, never what is trained: a resumed run may change
 # them. Every other field, with the seed and compute dtype, is part of the resume key.
-RESUME_MAY_CHANGE = ("eval_every_epochs", "eval_every_steps", "eval_mode", "eval_stride",
-                     "remat")
-
-
 def training_key(config: ml_collections.ConfigDict, *blocks: str) -> dict[str, Any]:
-  """The settings of ``config``'s ``blocks`` (e.g. ``"finetune", "augment"``) that decide
-  the trained state, as dotted keys, with the seed and compute dtype: add it to the resume
-  key, so that a rerun with another learning rate or schedule in the same work directory
-  is refused instead of resuming (or, finished, re-reporting) the old run's state."""
-  out = {"seed": config.get("seed"), "dtype": config.get("dtype", "float32")}
-  for block in blocks:
-    out.update({f"{block}.{k}": v for k, v in config[block].to_dict().items()
-                if k not in RESUME_MAY_CHANGE})
-  return out
+  """The settings of ``config``'s ``blocks`` that decide the trained state
+  (:func:`lut_jax.runtime.run_identity.training_settings`), with the seed and compute dtype:
+  part of the resume key."""
+  return {"seed": config.seed, "dtype": config.dtype,
+          **run_identity.training_settings(config, *blocks)}
 
 
 def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
