@@ -2,6 +2,11 @@ r"""LUT vs MAE at equal budget, several seeds each: kNN and linear probe, curves
 
   python scripts/compare_lut_mae.py --workdir=runs/compare --total_steps=600 \
       --seeds=0,1,2 --results=docs/results.md --plots=docs/images/compare
+  # The small-data regime: a fixed class-balanced 4,000-image subset, probes on it.
+  python scripts/compare_lut_mae.py --workdir=runs/small4k --total_steps=2400 \
+      --set='input.split=train{per_class=:400}' \
+      --set='monitor.bank_split=train{per_class=:400}' \
+      --probe_train_split='train{per_class=:400}' --tag=small4k_2400
 
 Pre-trains every (method, seed) with ``configs/fashion_mnist.py`` on the on-device input
 path (no TensorFlow needed), with the run monitor on (kNN top-1 of the online encoder and,
@@ -12,7 +17,8 @@ token), the DINO kNN classifier (k 20, T 0.07) and the linear probe of
 ``--probe_eval_split``. Two floors a learned encoder should beat, with the same probes: raw
 pixels, and the untrained encoder (seed 0's initialisation).
 
-Writes ``<workdir>/compare_results.json``, a Markdown section (mean +- sample std over the
+The section title, table and JSON name the pre-training data set and split, and epochs
+count its examples. Writes ``<workdir>/compare_results.json``, a Markdown section (mean +- sample std over the
 seeds, and every run) into ``--results`` between this script's markers for ``--tag``, and,
 with matplotlib, ``<plots>_knn.png`` (monitor kNN vs epoch) and ``<plots>_collapse.png``.
 Everything is resumable: a rerun resumes unfinished pre-training (a preempted run stops the
