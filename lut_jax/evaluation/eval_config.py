@@ -152,7 +152,7 @@ def num_classes(config: ml_collections.ConfigDict, labels=None) -> int:
   """``config.num_classes``, else the dataset's, else the largest label + 1."""
   if config.num_classes > 0:
     return int(config.num_classes)
-  from lut_jax.data import datasets  # local: tfds
+  from lut_jax.data import datasets  # optional: tensorflow_datasets
   try:
     n = datasets.get_source(config.input.dataset, config.input.train_split,
                             config.input.data_dir).num_classes

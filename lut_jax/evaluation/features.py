@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lut_jax import errors
+from lut_jax import errors, metrics
 from lut_jax.models import vit
 from lut_jax.runtime import run_identity
 from lut_jax.weights import loading, sources
@@ -101,7 +101,6 @@ def extract_features(encoder: vit.Encoder, params: Any,
 
 
 def _append(out: dict[str, list[np.ndarray]], batch: Mapping[str, Any]) -> None:
-  from lut_jax import metrics  # local: avoid a cycle at import time
   host = metrics.to_host(dict(batch))
   for k, v in host.items():
     out[k].append(np.asarray(v))
@@ -265,7 +264,7 @@ def dataset_features(pretrained: loading.Pretrained, input_config: ml_collection
   """Features of a whole split through ``input_pipeline.create_eval_dataset`` (centre
   crops), cached as ``cache_dir/<split>.npz`` under :func:`features_key` when ``cache_dir``
   is given."""
-  from lut_jax.data import input_pipeline  # local: tf.data only where data is read
+  from lut_jax.data import input_pipeline  # optional: tensorflow
 
   def compute():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))

@@ -210,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
   batch_sharding, replicated = shardings = supervised.data_parallel(ft.batch_size)
 
   if num_train_examples is None:
-    from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top (TensorFlow)
+    from lut_jax.data import datasets  # optional: tensorflow
     num_train_examples = datasets.get_source(config.input.dataset, config.input.train_split,
                                              config.input.data_dir).num_examples
   steps_per_epoch = max(num_train_examples // ft.batch_size, 1)
@@ -230,13 +230,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
                     cutmix_alpha=ft.cutmix_alpha, prob=ft.mixup_prob,
                     switch_prob=ft.mixup_switch_prob, label_smoothing=ft.label_smoothing)
   if train_data_fn is None:
-    from lut_jax.data import augment_ft  # pylint: disable=g-import-not-at-top (TensorFlow)
+    from lut_jax.data import augment_ft  # optional: tensorflow
     train_data_fn = lambda start_step: augment_ft.create_finetune_iterator(  # noqa: E731
         input_config, config.augment, split=config.input.train_split,
         batch_size=ft.batch_size, seed=config.seed, start_step=start_step,
         sharding=batch_sharding)
   if eval_data is None:
-    from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+    from lut_jax.data import input_pipeline  # optional: tensorflow
     eval_data = input_pipeline.create_eval_dataset(
         input_config, config.input.eval_split, batch_size=config.input.eval_batch_size,
         crop_pct=config.input.crop_pct, sharding=batch_sharding)

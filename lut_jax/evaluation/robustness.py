@@ -383,7 +383,7 @@ def label_map(part: Part, num_classes: Optional[int]) -> Optional[np.ndarray]:
 def _find_sources(all_parts: Sequence[Part], data_dir: Optional[str]):
   """``(present, missing)``: ``[(part, source)]`` of the prepared parts, and per set the
   ``DataNotFoundError`` of its first missing part and how many parts are missing."""
-  from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from lut_jax.data import datasets  # optional: tensorflow
   present, missing = [], {}
   for part in all_parts:
     try:
@@ -456,7 +456,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     errors.DataNotFoundError: no set is prepared, or one is not and ``skip_missing`` is off.
     errors.ConfigError: the classifier is not an ImageNet-1k one.
   """
-  from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from lut_jax.data import input_pipeline  # optional: tensorflow
 
   all_parts = parts(config)
   present, missing = _find_sources(all_parts, config.input.data_dir)

@@ -255,7 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Fine-tunes (or resumes) a segmentation model in ``workdir`` (``configs/segmentation.py``):
   checkpoints (latest + best mIoU), CLU logs, ``segmentation_results.json``; returns the
   final and best scores."""
-  from lut_jax.data import segmentation_data  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from lut_jax.data import segmentation_data  # optional: tensorflow
   seg = config.segmentation
   pretrained = loading.load(config.pretrained, config.pretrained_step, encoder_only=True)
   crop = config.input.image_size
