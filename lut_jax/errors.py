@@ -260,8 +260,10 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
   if record.levelno < logging.WARNING:
     return "/orbax/" not in record.pathname
   error = record.exc_info[1] if record.exc_info else None
-  return not (os_error_in(error) and any(
-      "/orbax/" in frame.filename for frame in traceback.extract_tb(error.__traceback__)))
+  # asyncio's "Future exception was never retrieved" of a TensorStore write carries no
+  # Orbax frame (the write failed in TensorStore's threads): its logger names it instead.
+  return not (os_error_in(error) and (record.name == "asyncio" or any(
+      "/orbax/" in frame.filename for frame in traceback.extract_tb(error.__traceback__))))
 
 
 def _quiet_closed_loop(hook: Callable[..., None]) -> Callable[..., None]:
