@@ -14,7 +14,6 @@ import optax
 import pytest
 
 from lut_jax import config_lib, errors
-from lut_jax.evaluation import features
 from lut_jax.models import variants, vit
 from lut_jax.pretrain import train_state
 from lut_jax.runtime import checkpointing
@@ -262,74 +261,6 @@ def test_export_of_weights_made_elsewhere_needs_an_output_directory(tmp_path):
   assert set(written) == {"encoder"}
   reloaded = loading.load(written["encoder"]).params
   _assert_bit_exact(jax.device_get(params), reloaded)
-
-
-@pytest.fixture
-def memory_fs(monkeypatch):
-  """epath's ``s3://`` paths served by fsspec's in-memory file system: a non-local file
-  system without a network. Yields the ``s3://`` root of this test's files."""
-  fsspec = pytest.importorskip("fsspec")
-  from etils.epath import backend, gpath  # pylint: disable=g-import-not-at-top
-  memory = fsspec.filesystem("memory")
-  monkeypatch.setattr(backend.fsspec_backend, "fs", lambda path: memory)
-  # With TensorFlow installed epath would serve s3:// with tf.io.gfile instead.
-  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-  root = f"s3://lut-jax-test/{os.getpid()}-{id(memory)}"
-  yield root
-  if memory.exists(root):
-    memory.rm(root, recursive=True)
-
-
-def test_timm_folder_round_trips_through_a_non_local_file_system(tmp_path, memory_fs):
-  config = {"image_size": util.IMAGE_SIZE, "patch_size": 4, "width": 32, "depth": 2,
-            "num_heads": 2, "mlp_ratio": 4.0}
-  encoder = vit.Encoder(**config)
-  params = jax.device_get(jax.jit(encoder.init)(
-      jax.random.key(1), np.zeros((1, util.IMAGE_SIZE, util.IMAGE_SIZE, 3)))["params"])
-  remote = f"{memory_fs}/timm"
-  export.check_output_dir(remote)  # an object store has nothing to refuse up front
-  export.write_timm_folder(remote, params, variants.EncoderConfig(**config))
-  assert not os.path.exists(remote) and not os.path.exists(os.path.join(REPO, "s3:"))
-  assert sources.locate(remote) == ("timm", remote, None)
-  loaded = loading.load(remote, encoder_only=True)
-  assert loaded.kind == "timm" and loaded.path == remote and loaded.config == config
-  _assert_bit_exact(params, loaded.params)
-  # Converted from there into a local export (Orbax copy + timm folder).
-  written = export.export(remote, str(tmp_path / "local"))
-  reloaded = loading.load(written["encoder"]).params
-  _assert_bit_exact(params, reloaded)
-  with pytest.raises(FileNotFoundError, match="no such file"):
-    loading.load(f"{memory_fs}/missing", encoder_only=True)
-
-
-def test_evaluation_files_round_trip_through_a_non_local_file_system(memory_fs):
-  """Results, feature caches and resume records are written with epath, so an evaluation
-  work directory can live on an object store (gs://) as a pre-training one can."""
-  from lut_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
-  workdir = f"{memory_fs}/knn"
-  path = eval_config.write_results(workdir, "knn", {"top1": 71.5}, source={"step": 3})
-  assert path == f"{workdir}/knn_results.json" and not os.path.exists(path)
-  assert json.loads(checkpointing.absolute(path).read_text()) == {"top1": 71.5,
-                                                                  "source": {"step": 3}}
-  calls = []
-
-  def compute():
-    calls.append(1)
-    return {"cls": np.arange(6, dtype=np.float32).reshape(2, 3), "label": np.array([1, 0])}
-
-  cache = f"{workdir}/features/train.npz"
-  first = features.cached_features(cache, {"split": "train"}, compute)
-  again = features.cached_features(cache, {"split": "train"}, compute)
-  assert len(calls) == 1
-  np.testing.assert_array_equal(first["cls"], again["cls"])
-  features.cached_features(cache, {"split": "test"}, compute)  # another key: recomputed
-  assert len(calls) == 2
-  checkpoints = f"{workdir}/checkpoints"
-  features.check_resume_key(checkpoints, "linear_probe", {"split": "train"})
-  checkpointing.absolute(f"{checkpoints}/10").mkdir()
-  features.check_resume_key(checkpoints, "linear_probe", {"split": "train"})  # same: resumes
-  with pytest.raises(errors.WorkdirError, match="a different split"):
-    features.check_resume_key(checkpoints, "linear_probe", {"split": "test"})
 
 
 def test_hub_push_uploads_the_timm_folder_that_hf_hub_reads_back(tmp_path, monkeypatch):

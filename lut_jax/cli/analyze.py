@@ -43,6 +43,7 @@ from lut_jax import errors
 from lut_jax.analysis import attention_distance, images as images_lib, maps, plots, spectrum
 from lut_jax.data import idx, image_utils
 from lut_jax.pretrain import reconstruction
+from lut_jax.runtime import checkpointing
 from lut_jax.weights import loading
 
 
@@ -243,6 +244,9 @@ def _load_probe(path: str, args: flags.FlagValues,
 
 
 def _make_output_dir(out: str) -> None:
+  if checkpointing.is_url(out):  # matplotlib and json write local files
+    raise errors.UserError(f"--out {out}: lut-analyze writes its figures to a local "
+                           "directory", hint="write them locally, then copy the directory")
   try:
     os.makedirs(out, exist_ok=True)
   except FileExistsError as e:  # exist_ok covers directories only

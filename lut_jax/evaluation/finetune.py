@@ -37,6 +37,7 @@ import ml_collections
 import optax
 
 from lut_jax import metrics
+from lut_jax.data import splits
 from lut_jax.evaluation import eval_config, features, supervised
 from lut_jax.models import classifier
 from lut_jax.pretrain import train_state
@@ -213,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, pretrained=None,
     from lut_jax.data import datasets  # optional: tensorflow
     num_train_examples = datasets.get_source(config.input.dataset, config.input.train_split,
                                              config.input.data_dir).num_examples
-  steps_per_epoch = max(num_train_examples // ft.batch_size, 1)
+  steps_per_epoch = max(splits.steps_per_epoch(num_train_examples, ft.batch_size), 1)
   total_steps = int(round(ft.epochs * steps_per_epoch))
   warmup_steps = int(round(ft.warmup_epochs * steps_per_epoch))
   num_classes = eval_config.num_classes(config)

@@ -75,8 +75,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, pretrai
                                               tx)
 
   state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, init_key))
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  root = checkpointing.absolute(workdir)  # through epath: gs:// as well as local disk
+  root.mkdir(parents=True, exist_ok=True)
+  checkpoint_dir = os.fspath(root / checkpointing.CHECKPOINT_DIR)
   features.check_resume_key(checkpoint_dir, mode, resume_key)
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)

@@ -58,7 +58,7 @@ class Checkpointer:
                checksums: bool = True, best_metric: Optional[str] = None,
                keep_every_steps: int = 0, run_config: Optional[str] = None):
     # Local paths made absolute (Orbax needs that); URLs (gs://...) kept as they are.
-    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self.directory = directory if is_url(directory) else os.path.abspath(directory)
     self.checksums = checksums
     self.run_config = run_config
     self.async_save = async_save
@@ -143,7 +143,7 @@ class Checkpointer:
       for tmp in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
         tmp.rmtree(missing_ok=True)
     free = ""
-    if os_error.errno == errno.ENOSPC and "://" not in self.directory:
+    if os_error.errno == errno.ENOSPC and not is_url(self.directory):
       with contextlib.suppress(OSError):
         free = f" ({shutil.disk_usage(self.directory).free / 2**20:.1f} MB free)"
     raise errors.WorkdirError(errors.describe_os_error(
@@ -322,10 +322,17 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 CHECKPOINT_DIR = "checkpoints"  # a work directory's Checkpointer directory
 
 
+def is_url(path: Any) -> bool:
+  """Whether ``path`` is a URL (``gs://...``): an object store, which only ``epath`` (and
+  Orbax) reach; ``os`` functions would take it for a local folder named ``gs:``."""
+  return "://" in os.fspath(path)
+
+
 def absolute(path: str) -> epath.Path:
   """``path`` as an ``epath.Path``, made absolute when local (a URL such as ``gs://...`` is
-  absolute already; Orbax needs absolute paths)."""
-  return epath.Path(path) if "://" in str(path) else epath.Path(path).resolve()
+  absolute already; Orbax needs absolute paths). Every file of a work directory is reached
+  through it or ``epath``, so that a work directory can be on an object store."""
+  return epath.Path(path) if is_url(path) else epath.Path(path).resolve()
 
 
 def finished_steps(checkpoint_dir: epath.Path) -> list[int]:

@@ -10,7 +10,9 @@ taken over with one warning line; a lock held by a live process, or by another h
 :class:`lut_jax.errors.WorkdirError` that says who holds it. Only process 0 of a
 multi-process run takes the lock: the others write into the same run.
 
-On object stores (``gs://...``) there is no atomic create: the check is best effort.
+On an object store (``gs://...``) there is no exclusive create: the lock is written if
+absent and read back, which detects a run started while another holds the directory, but
+not two runs started within the same moment; taking it says so in one log line.
 
 A lock taken for a ``kind`` of run (pre-training, evaluation) also refuses a directory that
 holds a run of the other kind, before writing anything: an evaluation saving its
@@ -97,6 +99,10 @@ class WorkdirLock:
       raise errors.WorkdirError(f"--workdir {workdir} holds a run of another kind ({found}); "
                                 f"this {self.kind} run would write over its files",
                                 hint="use another --workdir")
+    if checkpointing.is_url(self.path):
+      logging.warning("Lock on %s: object stores offer no exclusive create; a run started "
+                      "while this one runs is refused, two started at the same moment are "
+                      "not detected.", self.path)
     try:
       workdir.mkdir(parents=True, exist_ok=True)
       self._acquire()
@@ -131,11 +137,13 @@ class WorkdirLock:
 
   def _try_create(self) -> bool:
     text = json.dumps(self._owner)
-    if "://" in str(self.path):  # object store: no O_EXCL
+    if checkpointing.is_url(self.path):  # object store: no O_EXCL
       if self.path.exists():
         return False
       self.path.write_text(text)
-      return True
+      # Of two writers, the store keeps the last: the first one to read back another's
+      # lock gives way (a narrower window, not an exclusion).
+      return self._read_owner() == self._owner
     try:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -158,7 +166,7 @@ class WorkdirLock:
       return True
     if owner is None:
       try:
-        age = time.time() - os.path.getmtime(self.path)
+        age = time.time() - self.path.stat().mtime
       except OSError:
         return True
       return age > _UNREADABLE_STALE_S

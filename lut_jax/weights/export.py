@@ -275,7 +275,7 @@ def check_output_dir(out_dir: str) -> None:
     if existing.exists() and not existing.is_dir():
       raise errors.UserError(f"cannot create {out_dir}: {existing} is not a directory (a "
                              "file is in the way)")
-  if "://" not in out_dir and not os.access(existing, os.W_OK | os.X_OK):
+  if not checkpointing.is_url(out_dir) and not os.access(existing, os.W_OK | os.X_OK):
     raise errors.UserError(f"cannot write to {out_dir}: {existing} is not writable")
 
 
