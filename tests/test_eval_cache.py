@@ -34,13 +34,14 @@ def tiny_encoder(seed: int) -> loading.Pretrained:
 
 @pytest.fixture
 def reads(monkeypatch):
-  """Replaces the eval images (both paths) with a small synthetic split (a faint brightness
-  offset per class: random encoders separate it, each to its own accuracy); returns the
-  list of splits read, one entry per read."""
+  """Replaces the eval images (both paths, and the tf.data pipeline itself) with a small
+  synthetic split (a faint brightness offset per class: random encoders separate it, each
+  to its own accuracy); returns the list of splits read, one entry per read."""
+  from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   calls = []
 
-  def eval_batches(input_config, split, backend, *, batch_size, crop_pct, sharding):
-    del backend, crop_pct, sharding
+  def create_eval_dataset(input_config, split, *, batch_size, crop_pct=None, sharding=None):
+    del crop_pct, sharding
     calls.append(split)
     rng = np.random.default_rng(0 if split == "train" else 1)
     n, size = SIZES[split], input_config.image_size
@@ -50,7 +51,10 @@ def reads(monkeypatch):
     return [{"image": images[i:i + batch_size], "label": labels[i:i + batch_size],
              "mask": np.ones(batch_size, bool)} for i in range(0, n, batch_size)]
 
-  monkeypatch.setattr(features, "eval_batches", eval_batches)
+  monkeypatch.setattr(input_pipeline, "create_eval_dataset", create_eval_dataset)
+  monkeypatch.setattr(features, "eval_batches",
+                      lambda input_config, split, backend, **kwargs: create_eval_dataset(
+                          input_config, split, **kwargs))
   return calls
 
 
