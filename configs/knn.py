@@ -9,6 +9,10 @@ r"""kNN evaluation (DINO protocol: k = 20, T = 0.07, cosine on L2-normalised fea
 or an exported encoder directory (``python -m lut_jax.weights.export``). Both feature
 kinds are evaluated: ``cls`` (the cls token after the final norm) and ``mean`` (mean of the
 patch tokens).
+
+Without TensorFlow on Fashion-MNIST and local image folders: ``input.backend`` (in
+``lut_jax/evaluation/eval_config.py``) says which data sets are read in memory and which
+through tf.data.
 """
 
 import ml_collections

@@ -8,7 +8,8 @@ r"""Linear probe of frozen features, MAE's recipe (BatchNorm without affine + li
 ImageNet: the documented recipe (90 epochs, batch 16384, LARS, base lr 0.1 -> peak
 0.1 x batch / 256, warmup 10 epochs, cosine, weight decay 0, cls token). Features are
 extracted once from centre crops and cached in ``workdir/features`` (see
-``lut_jax/evaluation/linear_probe.py`` for why and what it changes).
+``lut_jax/evaluation/linear_probe.py`` for why and what it changes), without TensorFlow on
+Fashion-MNIST and local image folders (``input.backend``, as in ``configs/knn.py``).
 
 Fashion-MNIST (60k training images): SGD with momentum 0.9 and base lr 0.1 (peak 0.4 at
 batch 1024). LARS scales each layer's step to ``lr x 0.001 x |w|``: with MAE's base lr a

@@ -34,9 +34,9 @@ def tiny_encoder(seed: int) -> loading.Pretrained:
 
 @pytest.fixture
 def reads(monkeypatch):
-  """Replaces the tf.data eval pipeline with a small synthetic split (a faint brightness
-  offset per class: random encoders separate it, each to its own accuracy); returns the
-  list of splits read, one entry per read."""
+  """Replaces the eval images (both paths, and the tf.data pipeline itself) with a small
+  synthetic split (a faint brightness offset per class: random encoders separate it, each
+  to its own accuracy); returns the list of splits read, one entry per read."""
   from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   calls = []
 
@@ -52,6 +52,9 @@ def reads(monkeypatch):
              "mask": np.ones(batch_size, bool)} for i in range(0, n, batch_size)]
 
   monkeypatch.setattr(input_pipeline, "create_eval_dataset", create_eval_dataset)
+  monkeypatch.setattr(features, "eval_batches",
+                      lambda input_config, split, backend, **kwargs: create_eval_dataset(
+                          input_config, split, **kwargs))
   return calls
 
 
@@ -105,6 +108,31 @@ def test_unchanged_rerun_reuses_the_cache_and_a_changed_input_recomputes(tmp_pat
   del reads[:]
   knn.run(config, workdir, pretrained=a)
   assert reads == ["train", "test"]
+
+
+def test_features_of_the_other_path_are_recomputed_and_a_probe_on_them_not_resumed(
+    tmp_path, reads):
+  """The in-memory and tf.data paths agree to float tolerance, not bit for bit: a cache or
+  a probe of one is not taken for the other's (nor is one from before the key named it)."""
+  a = tiny_encoder(0)
+  config = knn_config_for_tests()
+  config.input.backend = "tfdata"
+  workdir = str(tmp_path / "knn")
+  knn.run(config, workdir, pretrained=a)
+  config.input.backend = "device"
+  del reads[:]
+  knn.run(config, workdir, pretrained=a)
+  assert reads == ["train", "test"]
+  key = features.features_key(a, eval_config.input_config(config, a), "test",
+                              pools=("cls", "mean"), crop_pct=1.0, backend="device")
+  with np.load(os.path.join(workdir, "features", "test.npz")) as data:
+    assert json.loads(str(data[features.CACHE_KEY])) == key
+  probe = _tiny_probe_config()
+  probe.input.backend = "tfdata"
+  linear_probe.run(probe, str(tmp_path / "lp"), pretrained=a)
+  probe.input.backend = "device"
+  with pytest.raises(errors.WorkdirError, match="a different backend"):
+    linear_probe.run(probe, str(tmp_path / "lp"), pretrained=a)
 
 
 @pytest.mark.parametrize("content", ["old_format", "garbage"])

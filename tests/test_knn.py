@@ -61,7 +61,8 @@ def test_chunked_queries_match_and_accuracy():
 
 def test_eval_main_knn_and_linear_probe_on_a_fashion_mnist_subset(tmp_path):
   """End to end: pre-training workdir -> eval_main (tf.data eval pipeline, feature cache,
-  CLU writer, results file) for kNN and the linear probe."""
+  TensorBoard writer, results file) for kNN and the linear probe. The in-memory path's
+  end to end run is tests/test_no_tensorflow.py's."""
   pytest.importorskip("tensorflow")
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
@@ -81,6 +82,7 @@ def test_eval_main_knn_and_linear_probe_on_a_fashion_mnist_subset(tmp_path):
                                          "eval_every_epochs": 1})):
     config = module.get_config()
     config.pretrained = pretrain
+    config.input.backend = "tfdata"
     config.input.train_split = "train[:256]"
     config.input.eval_split = "test[:96]"
     config.input.eval_batch_size = 64  # 96 = one full and one padded batch

@@ -1,6 +1,10 @@
-"""The core and the fine-tuning / probe maths run without TensorFlow: checked in a
-subprocess where importing it fails."""
+"""The core, the fine-tuning / probe maths, and the commands a pre-training run's summary
+prints (kNN, linear probe, export) run without TensorFlow: checked in subprocesses where
+importing it fails."""
 
+import json
+import pathlib
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -11,7 +15,7 @@ CORE_MODULES = ["lut_jax", "lut_jax.models.vit", "lut_jax.pretrain.masking", "lu
                 "lut_jax.weights.convert", "lut_jax.runtime.optim", "lut_jax.pretrain.train_state", "lut_jax.pretrain.train_step",
                 "lut_jax.runtime.sharding", "lut_jax.runtime.checkpointing", "lut_jax.config_lib",
                 "lut_jax.models.variants", "lut_jax.runtime.loop", "lut_jax.evaluation.finetune",
-                "lut_jax.evaluation.linear_probe"]
+                "lut_jax.evaluation.linear_probe", "lut_jax.evaluation.knn", "lut_jax.data.eval_input"]
 
 
 def test_core_imports_and_steps_without_tensorflow(tmp_path):
@@ -73,46 +77,59 @@ def test_core_imports_and_steps_without_tensorflow(tmp_path):
   assert "OK" in result.stdout
 
 
+# Runs a command-line tool in a subprocess where TensorFlow and tfds are not installed, and
+# prints the TensorFlow modules imported all the same (none, if it holds).
+_WITHOUT_TENSORFLOW = textwrap.dedent("""
+    import json, runpy, sys
+    for name in ("tensorflow", "tensorflow_datasets"):
+      sys.modules[name] = None
+    module, sys.argv = sys.argv[1], json.loads(sys.argv[2])
+    try:
+      runpy.run_module(module, run_name="__main__")
+    finally:
+      bad = [m for m, mod in sys.modules.items()
+             if mod is not None and m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
+      print("TF MODULES", bad)
+""")
+# The console scripts the pre-training summary names.
+_TOOLS = {"lut-eval": "lut_jax.cli.evaluate", "lut-export": "lut_jax.weights.export"}
+
+
+def _run_without_tensorflow(module: str, argv: list[str],
+                            returncode: int = 0) -> subprocess.CompletedProcess:
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, module, json.dumps(argv)],
+                          capture_output=True, text=True, timeout=600, cwd=root,
+                          env=util.one_device_env())
+  assert result.returncode == returncode, (argv, result.stderr[-3000:])
+  assert "TF MODULES []" in result.stdout, result.stdout[-2000:]
+  return result
+
+
 def test_pretraining_command_runs_without_tensorflow(tmp_path):
   """``lut-pretrain`` on the device input path, with TensorFlow and tfds not installed:
   trains, logs TensorBoard files through tensorboardX, runs the monitor, checkpoints, and
-  restores (exact resume on this path: tests/test_device_input.py). Skipped where Fashion-MNIST's idx files are absent."""
+  restores (exact resume on this path: tests/test_device_input.py); then the kNN,
+  linear-probe and export commands its summary prints run too. Skipped where
+  Fashion-MNIST's idx files are absent."""
   from lut_jax.data import idx
   if idx.find_fashion_mnist() is None:
     import pytest
     pytest.skip("Fashion-MNIST idx files not installed")
   workdir = tmp_path / "run"
-  script = textwrap.dedent(f"""
-      import runpy, sys
-      for name in ("tensorflow", "tensorflow_datasets"):
-        sys.modules[name] = None
-      sys.argv = ["lut-pretrain", "--config=configs/fashion_mnist.py:variant=mu/4",
-                  "--workdir={workdir}", "--config.input.image_size=16",
-                  "--config.input.batch_size=16", "--config.total_steps=" + sys.argv[1],
-                  "--config.optim.warmup_steps=1", "--config.log_every_steps=1",
-                  "--config.checkpoint_every_steps=2", "--config.image_summary_every_steps=2",
-                  "--config.monitor.every_steps=2", "--config.monitor.bank_split=train[:64]",
-                  "--config.monitor.query_split=test[:32]", "--config.model.decoder_width=32",
-                  "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
-                  "--config.model.head_hidden_dim=64"]
-      try:
-        runpy.run_module("lut_jax.cli.pretrain", run_name="__main__")
-      finally:
-        bad = [m for m, mod in sys.modules.items()
-               if mod is not None and m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
-        print("TF MODULES", bad)
-  """)
-  root = __import__("pathlib").Path(__file__).resolve().parents[1]
-  env = util.one_device_env()
-  results = []
-  for total in ("4", "4"):  # the second command finds the run finished and resumes it
-    result = subprocess.run([sys.executable, "-c", script, total], capture_output=True,
-                            text=True, timeout=600, cwd=root, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "TF MODULES []" in result.stdout, result.stdout[-2000:]
-    results.append(result)
+  argv = ["lut-pretrain", "--config=configs/fashion_mnist.py:variant=mu/4",
+          f"--workdir={workdir}", "--config.input.image_size=16",
+          "--config.input.batch_size=16", "--config.total_steps=4",
+          "--config.optim.warmup_steps=1", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=2", "--config.image_summary_every_steps=2",
+          "--config.monitor.every_steps=2", "--config.monitor.bank_split=train[:64]",
+          "--config.monitor.query_split=test[:32]", "--config.model.decoder_width=32",
+          "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
+          "--config.model.head_hidden_dim=64"]
+  # The second command finds the run finished and resumes it.
+  results = [_run_without_tensorflow("lut_jax.cli.pretrain", argv) for _ in range(2)]
+  result = results[-1]
   assert "Resuming from" in result.stderr
-  import json
   records = [json.loads(line) for line in (workdir / "monitor.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [2, 4]
   assert all(0 <= r["knn_cls"] <= 100 and r["z_rank"] >= 1 for r in records)
@@ -136,9 +153,39 @@ def test_pretraining_command_runs_without_tensorflow(tmp_path):
   assert f"Checkpoint: {workdir}/checkpoints/4." in first_log and "lut-eval" in first_log
   assert "already finished" in result.stderr
   assert "encoder/patch_embed/proj/kernel" in (workdir / "parameters.txt").read_text()
+  _check_next_commands(first_log, workdir)
   # Every checkpoint carries the run's config, covered by its checksum manifest.
   saved = json.loads((workdir / "config.json").read_text())
   for step in ("2", "4"):
     assert json.loads((workdir / "checkpoints" / step / "config.json").read_text()) == saved
     assert "config.json" in json.loads(
         (workdir / "checkpoints" / step / "sha256.json").read_text())
+
+
+def _check_next_commands(log: str, workdir: pathlib.Path) -> None:
+  """Runs exactly the kNN, linear-probe and export commands the run's summary printed,
+  still without TensorFlow, and checks what they wrote."""
+  commands = [shlex.split(line, comments=True) for line in log.splitlines()
+              if line.strip().split(" ")[0] in _TOOLS]
+  assert [c[0] for c in commands] == ["lut-eval", "lut-eval", "lut-export"], log[-2000:]
+  assert "pip install 'lut_jax[data]'" in log  # fine-tuning's install line instead
+  for argv in commands:
+    if argv[0] == "lut-eval":
+      # The printed commands read all 70,000 images; these slices keep the test fast.
+      argv += ["--config.input.train_split=train[:512]", "--config.input.eval_split=test[:256]"]
+    _run_without_tensorflow(_TOOLS[argv[0]], argv)
+  for mode, suffix in (("knn", "knn"), ("linear_probe", "probe")):
+    results = json.loads((workdir.parent / f"{workdir.name}_{suffix}" /
+                          f"{mode}_results.json").read_text())
+    scores = {k: v for k, v in results.items() if k != "source"}
+    assert scores and all(0 <= v <= 100 for v in scores.values()), results
+    assert results["source"]["pretrained"] == str(workdir)
+  assert {"encoder_config.json", "params", "model.safetensors", "config.json"} <= {
+      p.name for p in (workdir / "encoder").iterdir()}
+  # Fine-tuning's input is tf.data's: one line says what to install.
+  result = _run_without_tensorflow("lut_jax.cli.evaluate", [
+      "lut-eval", "--config=configs/finetune.py", f"--workdir={workdir}_finetune",
+      f"--config.pretrained={workdir}"], returncode=2)
+  assert result.stderr.strip().splitlines()[-1] == (
+      "lut-eval: error: lut-eval finetune (RandAugment tf.data pipeline) needs tensorflow, "
+      "which is not installed; hint: pip install 'lut_jax[data]'")

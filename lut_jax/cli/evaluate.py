@@ -11,8 +11,9 @@ robustness, segmentation (:mod:`lut_jax.evaluation.protocols`).
 The mode is the config file's (``config.mode``). ``--config.pretrained`` is a pre-training
 work directory (the *online* encoder of its latest checkpoint, or ``pretrained_step``) or
 an exported encoder. Rerunning the same command resumes: features are cached, the linear
-probe and fine-tuning restore their latest Orbax checkpoint. Results go to CLU writers
-(TensorBoard + log) and ``workdir/<mode>_results.json``.
+probe and fine-tuning restore their latest Orbax checkpoint. Results go to TensorBoard
+event files, the log and ``workdir/<mode>_results.json``. kNN and the linear probe run
+without TensorFlow on the data sets that fit in memory (``input.backend``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with cluster auto-detection.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# The protocols whose input is tf.data's whatever the data set. kNN and the linear probe
+# read in-memory data sets without TensorFlow (configs' input.backend; on the tf.data path
+# lut_jax.evaluation.features says what is missing).
+NEEDS_TENSORFLOW = {"finetune": "RandAugment tf.data pipeline",
+                    "robustness": "tf.data test sets", "segmentation": "tf.data pipeline"}
+
 
 def evaluate(config, workdir: str) -> dict[str, float]:
   """Runs ``config.mode``'s protocol (``protocols.PROTOCOLS``); returns its result metrics."""
@@ -50,8 +57,10 @@ def evaluate(config, workdir: str) -> dict[str, float]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  errors.require("tensorflow", purpose="lut-eval (tf.data evaluation pipelines)",
-                 extra="data")
+  mode = _CONFIG.value.mode
+  if mode in NEEDS_TENSORFLOW:
+    errors.require("tensorflow", purpose=f"lut-eval {mode} ({NEEDS_TENSORFLOW[mode]})",
+                   extra="data")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__,

@@ -125,12 +125,10 @@ def _resize_one(image: Any, size: int) -> Any:
       (left, top, left + size, top + size))
 
 
-def _folder(name: str, split: str, image_size: int) -> Split:
-  """A local image folder (``<folder>/<class>/**/<image>``, or ``<folder>/<split>/<class>/...``
-  when a sub-folder named like the split exists, as on the tf.data path), decoded with
-  pillow, each image resized at load time (shorter side to ``image_size``, bicubic, centre
-  crop). Files are decoded by :mod:`lut_jax.data.image_decode`, as on the tf.data path; those
-  that do not decode are skipped with one warning."""
+def folder_files(name: str, split: str) -> tuple[list[str], np.ndarray, str]:
+  """The files and labels of a local image folder's split (``<folder>/<class>/**/<image>``,
+  or ``<folder>/<split>/<class>/...`` when a sub-folder named like the split exists, as on
+  the tf.data path), and a description for logs."""
   root = name[len(folders.FOLDER_PREFIX):]
   if not os.path.isdir(root):
     raise errors.DataNotFoundError(
@@ -144,8 +142,18 @@ def _folder(name: str, split: str, image_size: int) -> Split:
   if train_root is not None:
     folders.follow_classes(listing, folders.local_class_names(train_root), name, split)
   _, start, stop = splits.slice_split(split, {base: len(listing.files)})
+  return (listing.files[start:stop], np.asarray(listing.labels[start:stop], np.int32),
+          f"image folder {root} ({len(listing.classes)} classes, {split})")
+
+
+def _folder(name: str, split: str, image_size: int) -> Split:
+  """:func:`folder_files`, decoded with pillow, each image resized at load time (shorter
+  side to ``image_size``, bicubic, centre crop). Files are decoded by
+  :mod:`lut_jax.data.image_decode`, as on the tf.data path; those that do not decode are
+  skipped with one warning."""
+  files, all_labels, description = folder_files(name, split)
   images, labels, skipped, grey = [], [], [], True
-  for path, label in zip(listing.files[start:stop], listing.labels[start:stop]):
+  for path, label in zip(files, all_labels):
     try:
       image = image_decode.open_image(path)
     except image_decode.DECODE_ERRORS:
@@ -159,13 +167,12 @@ def _folder(name: str, split: str, image_size: int) -> Split:
                     len(skipped), skipped[:3])
   if not images:
     raise errors.DataNotFoundError(
-        f"{name!r} split {split!r}: no decodable images in class sub-folders of {root}",
+        f"{name!r} split {split!r}: no decodable images in {description}",
         hint="expected <folder>/<class>/<image> (or <folder>/<split>/<class>/<image>)")
   stacked = np.stack(images)
   if grey:  # every file was single-channel: keep one channel (views add the rest)
     stacked = stacked[..., :1]
-  return Split(stacked, np.asarray(labels, np.int32),
-               f"image folder {root} ({len(listing.classes)} classes, {split})")
+  return Split(stacked, np.asarray(labels, np.int32), description)
 
 
 def _tfds(name: str, split: str, data_dir: str | None) -> Split:
@@ -193,6 +200,18 @@ def _tfds(name: str, split: str, data_dir: str | None) -> Split:
   labels = np.asarray([r.get("label", -1) for r in records], np.int32)
   return Split(np.stack([np.asarray(r["image"], np.uint8) for r in records]), labels,
                f"tfds {name} ({split}) via tfds.data_source")
+
+
+def stored_images(dataset: str, split: str, data_dir: str | None) -> Split:
+  """Fashion-MNIST's idx files or a tfds split (images of one size), NHWC at their stored
+  size."""
+  if dataset == "fashion_mnist":
+    data = _fashion_mnist(split, data_dir)
+  else:
+    data = _tfds(dataset, split, data_dir)
+  if data.images.ndim == 3:
+    data = dataclasses.replace(data, images=data.images[..., None])
+  return data
 
 
 def load_split(input_config: Any, split: str | None = None) -> Split:
@@ -231,14 +250,10 @@ def _read_split(dataset: str, split: str, data_dir: str | None, image_size: int,
   """
   if dataset.startswith(folders.FOLDER_PREFIX):
     data = _folder(dataset, split, image_size)
-  elif dataset == "fashion_mnist":
-    data = _fashion_mnist(split, data_dir)
   else:
-    data = _tfds(dataset, split, data_dir)
+    data = stored_images(dataset, split, data_dir)
   if data.num_examples == 0:
     raise errors.DataError(f"{dataset!r} split {split!r} selects no examples")
-  if data.images.ndim == 3:
-    data = dataclasses.replace(data, images=data.images[..., None])
   images = _resize(data.images, image_size)
   if channels == 1 and images.shape[-1] == 3:
     grey = images.astype(np.float32) @ np.asarray(device_augment.GRAY_WEIGHTS, np.float32)

@@ -106,6 +106,12 @@ def base_config(mode: str, dataset: str = "fashion_mnist") -> ml_collections.Con
     c.input.dataset = preset.source
     c.input.train_split = preset.train_split
     c.input.eval_split = preset.eval_split
+    # Where kNN / linear-probe images are made: "device" (in memory, no TensorFlow:
+    # Fashion-MNIST's idx files, local folders, tfds splits of one image size as
+    # array_record), "tfdata", or "auto": Fashion-MNIST's idx files in memory, any other
+    # data set through tf.data when TensorFlow is installed, else in memory
+    # (lut_jax.data.eval_input.backend). The two agree to float tolerance.
+    c.input.backend = "auto"
   c.input.data_dir = ml_collections.config_dict.placeholder(str)
   c.input.image_size = -1  # -1: the pre-trained encoder's image size
   c.input.channels = -1  # -1: the pre-trained encoder's input channels
@@ -152,11 +158,11 @@ def num_classes(config: ml_collections.ConfigDict, labels=None) -> int:
   """``config.num_classes``, else the dataset's, else the largest label + 1."""
   if config.num_classes > 0:
     return int(config.num_classes)
-  from lut_jax.data import datasets  # optional: tensorflow_datasets
   try:
+    from lut_jax.data import datasets  # optional: tensorflow_datasets
     n = datasets.get_source(config.input.dataset, config.input.train_split,
                             config.input.data_dir).num_classes
-  except (ValueError, FileNotFoundError):
+  except (ImportError, ValueError, FileNotFoundError):  # no TensorFlow: the labels say
     n = None
   if n:
     return int(n)

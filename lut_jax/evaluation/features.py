@@ -9,9 +9,15 @@ Features are float32 vectors per image: ``"cls"`` is the cls token after the enc
 LayerNorm (MAE's linear-probe feature), ``"mean"`` the mean of the normalised patch tokens
 (cls excluded; the vector LUT's BC loss trains). Both come from one forward pass.
 
+The centre crops come from one of two paths (:func:`eval_batches`, chosen by
+``input.backend``'s rule in :func:`lut_jax.data.eval_input.backend`): in memory without
+TensorFlow (Fashion-MNIST, local folders, tfds splits of one image size) or tf.data
+(ImageNet and any tfds data set); they agree to float tolerance.
+
 Cached features and resumable evaluation checkpoints are keyed by :func:`features_key`
-(the encoder's source, step and weights, and every input field that changes the features),
-so a work directory reused for another encoder or input never reports stale numbers.
+(the encoder's source, step and weights, and every input field that changes the features,
+the path included), so a work directory reused for another encoder or input never reports
+stale numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from lut_jax import errors, metrics
+from lut_jax.data import eval_input
 from lut_jax.models import vit
 from lut_jax.runtime import run_identity
 from lut_jax.weights import loading, sources
@@ -107,8 +114,8 @@ def _append(out: dict[str, list[np.ndarray]], batch: Mapping[str, Any]) -> None:
 
 
 def features_key(pretrained: loading.Pretrained, input_config: ml_collections.ConfigDict,
-                 split: str, *, pools: Sequence[str] = (),
-                 crop_pct: Optional[float] = None) -> dict[str, Any]:
+                 split: str, *, pools: Sequence[str] = (), crop_pct: Optional[float] = None,
+                 backend: Optional[str] = None) -> dict[str, Any]:
   """Everything that determines what ``pretrained`` computes on ``split``.
 
   The key of the cached features of ``split`` and of the checkpoints trained on them (see
@@ -121,6 +128,9 @@ def features_key(pretrained: loading.Pretrained, input_config: ml_collections.Co
     split: the split read.
     pools: the features computed from the tokens.
     crop_pct: the centre crop of the eval view (None: the pipeline's default for the size).
+    backend: the path that computed the images (:func:`eval_backend`; the two agree to
+      float tolerance, not bit for bit), for features of :func:`dataset_features`; None
+      (not in the key) for the other protocols' keys, whose images are always tf.data's.
 
   Returns:
     A JSON-able dict.
@@ -132,7 +142,8 @@ def features_key(pretrained: loading.Pretrained, input_config: ml_collections.Co
           "params_sha256": pretrained.fingerprint, "encoder": dict(pretrained.config),
           "encoder_channels": pretrained.channels, "dataset": input_config.dataset,
           "data_dir": data_dir, "split": split, "image_size": int(input_config.image_size),
-          "channels": int(input_config.channels), "crop_pct": crop_pct, "pools": list(pools)}
+          "channels": int(input_config.channels), "crop_pct": crop_pct, "pools": list(pools),
+          **({"backend": backend} if backend else {})}
 
 
 def key_hash(key: Mapping[str, Any]) -> str:
@@ -257,14 +268,34 @@ def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def dataset_features(pretrained: loading.Pretrained, input_config: ml_collections.ConfigDict,
-                     split: str, *, batch_size: int, pools: Sequence[str] = POOLS,
-                     cache_dir: Optional[str] = None, crop_pct: Optional[float] = None,
-                     ) -> dict[str, np.ndarray]:
-  """Features of a whole split through ``input_pipeline.create_eval_dataset`` (centre
-  crops), cached as ``cache_dir/<split>.npz`` under :func:`features_key` when ``cache_dir``
-  is given."""
+def eval_backend(config: ml_collections.ConfigDict) -> str:
+  """Which path computes the images of kNN and linear-probe features
+  (``eval_input.backend``'s rule on ``config.input``): ``"device"`` or ``"tfdata"``."""
+  return eval_input.backend(config.input.dataset, config.input.backend, config.input.data_dir)
+
+
+def eval_batches(input_config: ml_collections.ConfigDict, split: str, backend: str, *,
+                 batch_size: int, crop_pct: Optional[float],
+                 sharding: jax.sharding.Sharding) -> Iterable[Mapping[str, Any]]:
+  """Centre-crop batches of ``split`` from ``backend``'s path: without TensorFlow
+  (``eval_input.eval_batches``) or through tf.data (``input_pipeline.create_eval_dataset``)."""
+  if backend == "device":
+    return eval_input.eval_batches(input_config, split, batch_size=batch_size,
+                                   crop_pct=crop_pct, sharding=sharding)
+  errors.require("tensorflow", purpose="input.backend='tfdata' (tf.data evaluation images)",
+                 extra="data")
   from lut_jax.data import input_pipeline  # optional: tensorflow
+  return input_pipeline.create_eval_dataset(input_config, split, batch_size=batch_size,
+                                            crop_pct=crop_pct, sharding=sharding)
+
+
+def dataset_features(pretrained: loading.Pretrained, input_config: ml_collections.ConfigDict,
+                     split: str, *, batch_size: int, backend: str,
+                     pools: Sequence[str] = POOLS, cache_dir: Optional[str] = None,
+                     crop_pct: Optional[float] = None) -> dict[str, np.ndarray]:
+  """Features of a whole split's centre crops (:func:`eval_batches` from ``backend``),
+  cached as ``cache_dir/<split>.npz`` under :func:`features_key` when ``cache_dir`` is
+  given."""
 
   def compute():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
@@ -272,11 +303,12 @@ def dataset_features(pretrained: loading.Pretrained, input_config: ml_collection
     if batch_size % jax.device_count():
       raise ValueError(f"feature batch size {batch_size} is not divisible by the "
                        f"{jax.device_count()} devices")
-    dataset = input_pipeline.create_eval_dataset(input_config, split, batch_size=batch_size,
-                                                 crop_pct=crop_pct, sharding=sharding)
-    return extract_features(pretrained.encoder, pretrained.params, dataset, pools=pools)
+    batches = eval_batches(input_config, split, backend, batch_size=batch_size,
+                           crop_pct=crop_pct, sharding=sharding)
+    return extract_features(pretrained.encoder, pretrained.params, batches, pools=pools)
 
   name = split.replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
   path = os.path.join(cache_dir, f"{name}.npz") if cache_dir else None
-  key = features_key(pretrained, input_config, split, pools=pools, crop_pct=crop_pct)
+  key = features_key(pretrained, input_config, split, pools=pools, crop_pct=crop_pct,
+                     backend=backend)
   return cached_features(path, key, compute)

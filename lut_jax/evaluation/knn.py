@@ -18,12 +18,14 @@ import ml_collections
 
 from lut_jax import metrics
 from lut_jax.evaluation import eval_config, features
+from lut_jax.runtime import writers
 from lut_jax.weights import loading
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """The kNN fields (``configs/knn.py``)."""
   eval_config.check_distinct_splits(config)
+  features.eval_backend(config)  # an unknown input.backend fails here
   if config.knn.k <= 0 or config.knn.temperature <= 0:
     eval_config.fail(f"knn.k and knn.temperature must be positive, got {config.knn.k}, "
                      f"{config.knn.temperature}")
@@ -32,23 +34,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         pretrained=None) -> dict[str, float]:
-  """kNN evaluation of a pre-trained encoder (``config.mode == "knn"``); writes CLU scalars.
+  """kNN evaluation of a pre-trained encoder (``config.mode == "knn"``); writes TensorBoard scalars.
 
   ``pretrained`` (a :class:`lut_jax.weights.loading.Pretrained`) overrides ``config.pretrained``.
   Returns ``{"<pool>/top1": ..., "<pool>/top5": ...}`` for each of ``config.knn.pools``.
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top (imports TF)
-
   pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
                                          encoder_only=True)
   input_config = eval_config.input_config(config, pretrained)
   pools = eval_config.pools(config.knn.pools)
+  backend = features.eval_backend(config)
   cache = os.path.join(workdir, "features") if config.cache_features else None
   splits = (config.input.train_split, config.input.eval_split)
   t0 = time.time()
   train, test = (features.dataset_features(pretrained, input_config, split,
                                            batch_size=config.input.eval_batch_size,
-                                           pools=pools, cache_dir=cache,
+                                           backend=backend, pools=pools, cache_dir=cache,
                                            crop_pct=config.input.crop_pct)
                  for split in splits)
   extract_s = time.time() - t0
@@ -61,13 +62,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     results.update({f"{pool}/{name}": value for name, value in acc.items()})
   logging.info("kNN (k=%d, T=%g) of %s: %s", config.knn.k, config.knn.temperature,
                pretrained.source, results)
-  writer = metric_writers.create_default_writer(workdir,
-                                                just_logging=jax.process_index() > 0)
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(0, {f"knn/{k}": v for k, v in results.items()}
                        | {"knn/feature_seconds": extract_s})
   writer.flush()
   keys = [features.features_key(pretrained, input_config, split, pools=pools,
-                                 crop_pct=config.input.crop_pct) for split in splits]
+                                 crop_pct=config.input.crop_pct, backend=backend)
+          for split in splits]
   eval_config.write_results(workdir, "knn", results,
                             source=features.describe_source(pretrained, keys))
   return results

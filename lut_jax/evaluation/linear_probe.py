@@ -39,10 +39,11 @@ import numpy as np
 import optax
 
 from lut_jax import metrics
+from lut_jax.data import splits
 from lut_jax.evaluation import eval_config, features
 from lut_jax.models import vit
 from lut_jax.pretrain import train_state
-from lut_jax.runtime import checkpointing, loop, optim
+from lut_jax.runtime import checkpointing, loop, optim, writers
 from lut_jax.weights import loading
 
 
@@ -94,8 +95,9 @@ def batches(train_features: jax.Array, train_labels: jax.Array, key: jax.Array, 
   the order of ``permutation(fold_in(key, e))``, ``N // batch_size`` batches (the remainder
   dropped, as MAE's ``drop_last``), so a resumed run sees an uninterrupted run's batches."""
   n = train_features.shape[0]
+  steps_per_epoch = splits.steps_per_epoch(n, batch_size)
   for step in itertools.count(start_step):
-    epoch, i = divmod(step, n // batch_size)
+    epoch, i = divmod(step, steps_per_epoch)
     if i == 0 or step == start_step:
       order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
     idx = order[i * batch_size:(i + 1) * batch_size]
@@ -160,7 +162,7 @@ def train_linear_probe(
   train_labels = jnp.asarray(train_labels, jnp.int32)
   n, dim = train_features.shape
   batch_size = min(batch_size, n)
-  steps = n // batch_size
+  steps = splits.steps_per_epoch(n, batch_size)
   schedule = optim.learning_rate_schedule(
       peak_lr=optim.peak_learning_rate(base_lr, batch_size),
       warmup_steps=int(round(warmup_epochs * steps)), total_steps=epochs * steps)
@@ -207,6 +209,7 @@ def train_linear_probe(
 def validate(config: ml_collections.ConfigDict) -> None:
   """The ``linear_probe`` fields (``configs/linear_probe.py``)."""
   eval_config.check_distinct_splits(config)
+  features.eval_backend(config)  # an unknown input.backend fails here
   lp = config.linear_probe
   eval_config.check_pools(lp.pool, "linear_probe.pool", features.POOLS)
   if lp.pool.count(",") > 0:
@@ -221,36 +224,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str,
         pretrained=None) -> dict[str, float]:
   """Linear probe of a pre-trained encoder (``config.mode == "linear_probe"``): extracts
-  (or loads cached) features of both splits, trains the head, writes CLU scalars and
+  (or loads cached) features of both splits, trains the head, writes TensorBoard scalars and
   ``workdir/linear_probe_results.json``.
 
   Raises:
     errors.WorkdirError: ``workdir`` holds a probe of another encoder or input (checked
       before any feature is extracted, so that run's cache is kept too).
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top (imports TF)
-
   lp = config.linear_probe
   pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
                                          encoder_only=True)
   input_config = eval_config.input_config(config, pretrained)
+  backend = features.eval_backend(config)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   # The probe's state depends on the training features of its pool only.
   features.check_resume_key(checkpoint_dir, "linear_probe", {
       **features.features_key(pretrained, input_config, config.input.train_split,
-                              pools=(lp.pool,), crop_pct=config.input.crop_pct),
+                              pools=(lp.pool,), crop_pct=config.input.crop_pct,
+                              backend=backend),
       **features.training_key(config, "linear_probe")})
   cache = os.path.join(workdir, "features") if config.cache_features else None
-  splits = (config.input.train_split, config.input.eval_split)
+  split_names = (config.input.train_split, config.input.eval_split)
   pools = ("cls", "mean")
   train, test = (features.dataset_features(pretrained, input_config, split,
                                            batch_size=config.input.eval_batch_size,
-                                           pools=pools, cache_dir=cache,
+                                           backend=backend, pools=pools, cache_dir=cache,
                                            crop_pct=config.input.crop_pct)
-                 for split in splits)
+                 for split in split_names)
   num_classes = eval_config.num_classes(config, train["label"])
-  writer = metric_writers.create_default_writer(workdir,
-                                                just_logging=jax.process_index() > 0)
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   _, results = train_linear_probe(
       train[lp.pool], train["label"], test[lp.pool], test["label"], num_classes=num_classes,
       epochs=lp.epochs, batch_size=lp.batch_size, base_lr=lp.base_lr,
@@ -261,7 +263,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   results = {f"{lp.pool}/{k}": v for k, v in results.items()}
   logging.info("linear probe (%s) of %s: %s", lp.pool, pretrained.source, results)
   keys = [features.features_key(pretrained, input_config, split, pools=pools,
-                                 crop_pct=config.input.crop_pct) for split in splits]
+                                 crop_pct=config.input.crop_pct, backend=backend)
+          for split in split_names]
   eval_config.write_results(workdir, "linear_probe", results,
                             source=features.describe_source(pretrained, keys))
   return results

@@ -7,8 +7,10 @@ backend reads data with tf.data.
 """
 
 
+import importlib.util
 import json
 import os
+import shlex
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -21,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from lut_jax import config_lib, errors
-from lut_jax.data import device_augment, device_input, image_utils
+from lut_jax.data import device_augment, device_input, folders, image_utils
 from lut_jax.pretrain import build, monitor as monitor_lib, reconstruction, train_state, train_step
 from lut_jax.runtime import checkpointing, host_memory, loop, run_identity, sharding
 from lut_jax.runtime import workdir_lock, writers
@@ -260,7 +262,7 @@ def _train(config, workdir, data_fn, *, mesh, total_steps, warmup_steps, adopt_c
   if int(jax.device_get(state.step)) == total_steps:
     _log_summary(workdir, ckpt.directory, start_step=start_step, total_steps=total_steps,
                  t_start=t_start, t_first_step=t_first_step,
-                 batch_size=config.input.batch_size)
+                 batch_size=config.input.batch_size, dataset=config.input.dataset)
   return state
 
 
@@ -293,20 +295,29 @@ def _progress_line(scalars: dict[str, float], done: int, total_steps: int,
 
 
 def _log_summary(workdir: str, checkpoint_dir: str, *, start_step: int, total_steps: int,
-                 t_start: float, t_first_step: Optional[float], batch_size: int) -> None:
-  """The last lines of a finished run: what ran, how fast, where it is, what to run next."""
+                 t_start: float, t_first_step: Optional[float], batch_size: int,
+                 dataset: str) -> None:
+  """The last lines of a finished run: what ran, how fast, where it is, what to run next
+  (commands that run in this install: kNN and the linear probe read the run's data set
+  without TensorFlow; an install line for what needs more)."""
   now = time.time()
   rate = ""
   if t_first_step is not None and total_steps - start_step > 1:
     images = (total_steps - start_step - 1) * batch_size
     rate = f", {images / max(now - t_first_step, 1e-9):.0f} images/s on average after the first"
-  run = workdir.rstrip("/")
+  run = shlex.quote(workdir.rstrip("/"))
   ran = (f"steps {start_step + 1}-{total_steps} in {_duration(now - t_start)}{rate}"
          if start_step < total_steps else f"the run had already finished ({total_steps} steps)")
-  logging.info(
-      "Finished: %s. Checkpoint: %s/%d.\nNext:\n"
-      "  lut-eval --config=configs/knn.py --workdir=%s_knn --config.pretrained=%s\n"
-      "  lut-eval --config=configs/linear_probe.py --workdir=%s_probe --config.pretrained=%s\n"
-      "  lut-export --workdir=%s      (timm / Hugging Face folder)\n"
-      "  tensorboard --logdir=%s", ran, checkpoint_dir, total_steps, run, run, run, run, run,
-      run)
+  # The evaluation configs' name for the run's data set (their default: Fashion-MNIST).
+  data = "" if dataset == "fashion_mnist" else ":dataset=" + shlex.quote(
+      dataset if dataset.startswith(folders.FOLDER_PREFIX) else "tfds:" + dataset)
+  lines = [f"lut-eval --config=configs/{name}.py{data} --workdir={run}_{short} "
+           f"--config.pretrained={run}" for name, short in (("knn", "knn"),
+                                                          ("linear_probe", "probe"))]
+  lines.append(f"lut-export --workdir={run}      # timm / Hugging Face folder")
+  lines.append(("" if importlib.util.find_spec("tensorboard") else "pip install tensorboard && ")
+               + f"tensorboard --logdir={run}")
+  if importlib.util.find_spec("tensorflow") is None:
+    lines.append("# fine-tuning, robustness, segmentation need: pip install 'lut_jax[data]'")
+  logging.info("Finished: %s. Checkpoint: %s/%d.\nNext:\n  %s", ran, checkpoint_dir,
+               total_steps, "\n  ".join(lines))
