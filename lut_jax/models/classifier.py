@@ -1,12 +1,10 @@
-"""The ViT classifier of fine-tuning (and of robustness, which reads it back): the
-pre-trained encoder with MAE's global-average-pool head, and the copy of pre-trained encoder
-weights into a new model (also the segmentation model's, :mod:`lut_jax.models.segmenter`).
+"""The ViT classifier of fine-tuning and robustness (:class:`FinetuneViT`), and the copy of
+pre-trained encoder weights into a new model (also the segmentation model's).
 
-* :class:`FinetuneViT`: the pre-trained ViT with stochastic depth (drop path linearly
-  increasing over the blocks), then MAE's global-average-pool head: mean of the patch tokens
-  -> ``fc_norm`` LayerNorm -> ``head`` linear (weights N(0, 2e-5), zero bias). As in MAE,
-  the encoder's final ``norm`` is dropped in this mode (``fc_norm`` replaces it); with
-  ``pool="cls"`` the final ``norm`` is kept and the cls token classified.
+:class:`FinetuneViT`: the pre-trained ViT with stochastic depth (drop path rising linearly
+over the blocks), then MAE's global-pool head: mean patch token -> ``fc_norm`` LayerNorm
+-> ``head`` linear (N(0, 2e-5), zero bias), the encoder's final ``norm`` dropped; with
+``pool="cls"`` the final ``norm`` is kept and the cls token classified.
 """
 
 from __future__ import annotations
@@ -24,8 +22,7 @@ from lut_jax.models import variants, vit
 
 
 class FinetuneViT(nn.Module):
-  """Pre-trained encoder + classification head (``pool``: ``"mean"`` = MAE's global pool
-  with ``fc_norm``; ``"cls"`` = the cls token after the final norm)."""
+  """Pre-trained encoder + classification head (``pool``: ``"mean"`` or ``"cls"``)."""
 
   num_classes: int
   image_size: int
@@ -83,11 +80,9 @@ def build_model(encoder: variants.EncoderConfig, *, num_classes: int, image_size
 
 def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
                 channels: int) -> Any:
-  """Fresh head parameters with the pre-trained encoder's weights in ``params["encoder"]``.
+  """Fresh head parameters with the pre-trained encoder's weights in ``params["encoder"]``
+  (:func:`copy_pretrained_encoder`)."""
 
-  The encoder's final ``norm`` is dropped for the global-pool head (MAE deletes it); any
-  other missing, extra or mis-shaped encoder tensor is an error.
-  """
   images = jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
   # jit: fast when called eagerly, inlined when called under an outer jit.
   params = jax.jit(functools.partial(model.init, train=False))(key, images)["params"]
