@@ -9,7 +9,6 @@ rounded: 4, 6, 8, 12 of 12 (BEiT's ``[3, 5, 7, 11]``), 8, 12, 16, 24 of 24, 2, 3
 follow the grid, so the encoder runs at the crop size whatever size it was pre-trained at
 (learned position tables are refused when loaded: none needs interpolating).
 
-
 The encoder's parameters keep their pre-trained names under ``params["encoder"]``, so
 :func:`lut_jax.runtime.optim.layer_id` puts them in layers ``0 .. depth`` of the layer-wise
 lr decay and the new neck and heads in layer ``depth + 1`` (BEiT's
@@ -48,23 +47,15 @@ def token_maps(tokens: Sequence[jax.Array]) -> list[jax.Array]:
   return out
 
 
-class SegmentationViT(nn.Module):
+class SegmentationViT(vit.EncoderArchitecture, kw_only=True):
   """Pre-trained encoder + :class:`upernet.MultiLevelNeck` + :class:`upernet.UperNetHead`
   (+ the auxiliary :class:`upernet.FCNHead` on level ``aux_level`` when ``aux_channels``).
-
   Returns ``{"logits"}`` (and ``"aux_logits"`` in training) as float32
   ``(batch, H, W, num_classes)`` at the input's resolution (bilinear upsampling, as mmseg
-  before its loss and in inference).
-  """
+  before its loss and in inference)."""
 
   num_classes: int
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
   feature_blocks: Sequence[int]
-  mlp_ratio: float = 4.0
   rescales: Sequence[float] = (4, 2, 1, 0.5)
   channels: int = 768
   pool_scales: Sequence[int] = (1, 2, 3, 6)
@@ -76,7 +67,6 @@ class SegmentationViT(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
-  gelu_approximate: bool = False  # as the encoder was pre-trained (model.gelu_approximate)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
@@ -132,8 +122,6 @@ def init_variables(model: SegmentationViT, key: jax.Array, pretrained_params: An
 
 
 # ------------------------------------------------------------------------ inference
-
-
 def window_starts(size: jax.Array, canvas: int, crop: int, stride: int) -> tuple[jax.Array,
                                                                                jax.Array]:
   """Origins of mmseg's sliding windows along one axis of an image ``size`` pixels long
@@ -152,12 +140,10 @@ def slide_logits(forward: Callable[[jax.Array], jax.Array], image: jax.Array,
                  size: jax.Array, *, crop: int, stride: int, num_classes: int) -> jax.Array:
   """Sliding-window logits of one image, ``(H, W, num_classes)`` float32: the mean of the
   logits of every window that covers a pixel (mmseg's ``slide_inference``), zero outside.
-
   ``forward``: ``(n, crop, crop, C) -> (n, crop, crop, num_classes)`` logits. ``image``
   ``(H, W, C)``, at least ``crop`` on each side: the image in its top-left ``size`` (``(2,)``
-  int, may be traced) corner, padding beyond it (in a window only if the image is smaller
-  than the crop). ``stride``: step between windows.
-  """
+  int, may be traced) corner, padding beyond it (in a window only if the image is smaller than
+  the crop). ``stride``: step between windows."""
 
   height, width = image.shape[:2]
   if height < crop or width < crop:

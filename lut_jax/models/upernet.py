@@ -15,7 +15,6 @@ classifiers N(0, 0.01)). ``"batch"`` norm is the recipe's SyncBN (under ``jax.ji
 batch-sharded input the statistics are the global batch's); ``"group"`` (32 groups) has no
 batch statistics, for batches too small for BatchNorm.
 
-
 Upsampling is bilinear with half-pixel centres and no antialiasing (PyTorch's
 ``interpolate(mode="bilinear", align_corners=False)``). Images are NHWC. No TensorFlow.
 """

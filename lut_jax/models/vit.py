@@ -29,12 +29,10 @@ token_init = nn.initializers.normal(stddev=0.02)
 
 
 def sincos_pos_embed_2d(width: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
-  """Fixed 2-D sine-cosine position embedding, shape ``(grid_size**2 [+1], width)``.
-
-  Half of the channels encode the column, half the row (each as sin then cos over
-  ``width // 4`` frequencies ``1 / 10000**(i / (width/4))``), the MAE convention. The cls
-  position (first row, when requested) is all zeros. It is a constant, never trained.
-  """
+  """Fixed 2-D sine-cosine position embedding, shape ``(grid_size**2 [+1], width)``. Half of
+  the channels encode the column, half the row (each as sin then cos over ``width // 4``
+  frequencies ``1 / 10000**(i / (width/4))``), the MAE convention. The cls position (first row,
+  when requested) is all zeros. It is a constant, never trained."""
   if width % 4:
     raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
   quarter = width // 4
@@ -53,14 +51,12 @@ def sincos_pos_embed_2d(width: int, grid_size: int, cls_token: bool = True) -> n
 
 
 class BatchNorm(nn.Module):
-  """Batch normalisation over axis 0 with PyTorch's semantics: the running variance takes
-  the *unbiased* batch variance, ``momentum`` weighs the new batch (0.1). Under ``jax.jit``
-  with a batch-sharded input the statistics are the global batch's, as SyncBatchNorm's.
-
-  ``group_size`` > 0 normalises consecutive groups of that many examples by their own
-  statistics, updating the running averages once per group in order: SyncBatchNorm fed the
-  batch as micro-batches (the reference's ImageNet command: 8 GPUs x 128, 4 per step).
-  """
+  """Batch normalisation over axis 0 with PyTorch's semantics: the running variance takes the
+  *unbiased* batch variance, ``momentum`` weighs the new batch (0.1). Under ``jax.jit`` with a
+  batch-sharded input the statistics are the global batch's, as SyncBatchNorm's. ``group_size``
+  > 0 normalises consecutive groups of that many examples by their own statistics, updating the
+  running averages once per group in order: SyncBatchNorm fed the batch as micro-batches (the
+  reference's ImageNet command: 8 GPUs x 128, 4 per step)."""
 
   momentum: float = 0.1
   epsilon: float = 1e-5
@@ -129,11 +125,9 @@ class Mlp(nn.Module):
 
 
 def attention_padding(length: int, implementation: Optional[str]) -> int:
-  """How many tokens to append so ``implementation`` can train on ``length`` tokens.
-
-  jax's cuDNN path trains only on even sequence lengths (its backward rejects odd ones),
-  and ViT sequences are odd: 196 patches + cls = 197 in the MAE decoder and the teacher.
-  """
+  """How many tokens to append so ``implementation`` can train on ``length`` tokens. jax's
+  cuDNN path trains only on even sequence lengths (its backward rejects odd ones), and ViT
+  sequences are odd: 196 patches + cls = 197 in the MAE decoder and the teacher."""
   return 1 if implementation == "cudnn" and length % 2 else 0
 
 
@@ -141,11 +135,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           valid_length: Optional[int] = None,
                           implementation: Optional[str] = None) -> jax.Array:
   """``jax.nn.dot_product_attention`` on ``(B, T, N, H)`` inputs, any length with cuDNN.
-
-  ``valid_length < T`` marks the last tokens as padding, masked out of every softmax.
-  Without it an odd sequence under cuDNN is padded here, for this call only (block stacks
-  pad once instead: ``apply_blocks``).
-  """
+  ``valid_length < T`` marks the last tokens as padding, masked out of every softmax. Without
+  it an odd sequence under cuDNN is padded here, for this call only (block stacks pad once
+  instead: ``apply_blocks``)."""
   batch, length = q.shape[:2]
   if valid_length is None:
     pad = attention_padding(length, implementation)
@@ -355,7 +347,20 @@ class PatchEmbed(nn.Module):
     return x.reshape(x.shape[0], -1, self.width)
 
 
-class Encoder(nn.Module):
+class EncoderArchitecture(nn.Module):
+  """The fields of :class:`lut_jax.models.variants.EncoderConfig`, shared by the encoder and
+  the models built around it (``variants.EncoderConfig.of(module)`` reads them back)."""
+
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  gelu_approximate: bool = False
+
+
+class Encoder(EncoderArchitecture):
   """ViT encoder of LUT/MAE: patch embedding + fixed sin-cos positions, cls token,
   pre-norm blocks, final LayerNorm (eps 1e-6).
 
@@ -368,13 +373,6 @@ class Encoder(nn.Module):
   parameter ``pos_embed`` (cls row first), initialised to the sin-cos one (fine-tuning).
   """
 
-
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   final_norm: bool = True
   dtype: Dtype = jnp.float32
@@ -382,7 +380,6 @@ class Encoder(nn.Module):
   attention_impl: Optional[str] = None
   output_blocks: tuple[int, ...] = ()
   remat_policy: str = ""
-  gelu_approximate: bool = False
   learned_pos_embed: bool = False
 
   @nn.compact
@@ -506,27 +503,16 @@ def mean_patch_token(tokens: jax.Array) -> jax.Array:
   return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
 
 
-class LUTModel(nn.Module):
+class LUTModel(EncoderArchitecture, kw_only=True):
   """The online network; the EMA target is a second copy of the same variables.
-
-  ``use_bc=False`` builds plain MAE: no projector/predictor parameters at all. Call the
-  methods through ``model.apply(variables, ..., method=...)``:
-
-  * :meth:`student`: two masked views -> pixel prediction of view 1 and predictor vectors
-    of both views; head batch norm in training mode (``batch_stats`` must be mutable).
-  * :meth:`mae`: one masked view -> pixel prediction (the MAE baseline).
-  * :meth:`teacher`: two full views -> projector vectors; batch norm on running averages
-    (``teacher_bn="running"``) or on each view's batch statistics (``"batch"``).
-  * :meth:`encode`: the encoder alone, for evaluation and analysis.
+  ``use_bc=False`` builds plain MAE: no projector/predictor parameters at all. Methods (for
+  ``model.apply(variables, ..., method=...)``): :meth:`student` (two masked views; head
+  batch norm in training mode: ``batch_stats`` mutable), :meth:`mae` (one masked view),
+  :meth:`teacher` (two full views) and :meth:`encode` (the encoder alone).
   """
 
   # No recipe defaults: the recipe is the config's (lut_jax.config_lib.base_config), and
-  # build_model passes every field of it.
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
+  # build_model passes every field of it (mlp_ratio is the ViT architecture's).
   channels: int
   decoder_width: int
   decoder_depth: int
@@ -539,14 +525,12 @@ class LUTModel(nn.Module):
   head_activation: str
   teacher_bn: str = "running"  # see TEACHER_BN
   head_bn_group_size: int = 0  # examples per batch-norm statistics group; 0: the batch
-  mlp_ratio: float = 4.0  # the ViT architecture's, not a config field
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
   # Speed levers (config.model; docs/benchmarks.md measures them): what remat keeps, the
-  # tanh GELU, and the teacher's residual stream in the compute dtype.
+  # tanh GELU (gelu_approximate), and the teacher's residual stream in the compute dtype.
   remat_policy: str = ""
-  gelu_approximate: bool = False
   teacher_residual_in_compute_dtype: bool = False
 
   @property
@@ -671,5 +655,4 @@ def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bo
       head_bn_group_size=m.head_bn_group_size, dtype=dtype, remat=m.remat,
       remat_policy=m.remat_policy, gelu_approximate=m.gelu_approximate,
       teacher_residual_in_compute_dtype=m.teacher_residual_in_compute_dtype,
-
       attention_impl=m.attention_impl or default_attention_impl(dtype))
