@@ -126,14 +126,11 @@ def adjust_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
 
 
 def adjust_hue(image: jax.Array, delta: jax.Array) -> jax.Array:
-  """Rotates the HSV hue by ``delta`` turns: TensorFlow's ``adjust_hue`` CPU kernel.
-
-  That kernel works in "hue sextant + (max, mid, min)" form instead of full HSV: the sextant
-  and which channel is max/mid/min come from comparisons, the position inside the sextant is
-  ``(mid - min) / (max - min)``; rotating the hue only changes which channel gets which of
-  max/min and the new mid. Restating the same float32 steps (and its tie-breaking) keeps
-  the result equal to augment.adjust_hue to rounding, which plain HSV formulas would not.
-  Only compares and selects (no gathers): it vectorises on CPU and fuses on accelerators.
+  """Rotates the HSV hue by ``delta`` turns as TensorFlow's ``adjust_hue`` CPU kernel does,
+  in "hue sextant + (max, mid, min)" form: the sextant and the channels' roles come from
+  comparisons, the position in the sextant is ``(mid - min) / (max - min)``. Its float32
+  steps and tie-breaking, restated, keep the result equal to augment.adjust_hue to rounding
+  (plain HSV formulas would not); only compares and selects, which vectorise and fuse.
   """
   r, g, b = image[..., 0], image[..., 1], image[..., 2]
   category = jnp.where(r < g,

@@ -135,10 +135,8 @@ def load(path: str, step: Optional[int] = None, *, which: str = "params",
     num_heads, decoder_num_heads, image_size: of a checkpoint file, where its tensor shapes
       do not say (default: the standard ViT size of its width; 16; read from pos_embed).
 
-  Raises:
-    errors.UserError: (or FileNotFoundError) ``path`` is none of these, holds an
-      architecture the encoder cannot represent or non-finite weights, or ``step`` /
-      ``which`` ask for what it cannot give.
+  A UserError (or FileNotFoundError) when ``path`` holds nothing it reads, an architecture
+  the encoder cannot represent or non-finite weights, or ``step`` / ``which`` ask too much.
   """
   kind, location, path_step = sources.locate(path)
   if step is not None and step >= 0:
