@@ -13,10 +13,8 @@ METHODS = ("lut", "mae")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parses ``"variant=B/16,method=mae"`` (the text after the config file's colon).
-
-  Unknown keys raise ``ValueError`` naming the accepted ones.
-  """
+  """Parses ``"variant=B/16,method=mae"`` (the text after the config file's colon); an
+  unknown key is a ``ValueError`` naming the accepted ones."""
   out = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
@@ -75,11 +73,9 @@ def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
 
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   """Sets existing dotted keys (``{"model.head_norm": "layer"}``) as ``--config.x=y`` does,
-  and returns ``config``.
-
-  A key the config does not have raises ``ValueError`` naming the nearest existing key: an
-  unlocked ConfigDict would otherwise grow a new field that nothing reads (an ablation of
-  ``w_bc=1.0`` silently ran the default ``loss.w_bc``).
+  and returns ``config``. A key the config does not have is a ``ValueError`` naming the
+  nearest one: an unlocked ConfigDict would otherwise grow a field that nothing reads (an
+  ablation of ``w_bc=1.0`` silently ran the default ``loss.w_bc``).
   """
   for key, value in overrides.items():
     node = config
@@ -97,11 +93,8 @@ def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-  """``["loss.w_bc=1", "model.teacher_bn=batch"]`` -> ``{key: value}`` for :func:`override`.
-
-  Values are JSON where they parse (numbers, ``true``, ``null``, ``"quoted"``, lists);
-  ``True``/``False`` are booleans; anything else is the string itself.
-  """
+  """``["loss.w_bc=1", "model.teacher_bn=batch"]`` -> ``{key: value}`` for :func:`override`:
+  JSON where it parses, ``True``/``False`` booleans, else the string itself."""
   out = {}
   for item in items:
     key, sep, text = item.partition("=")
@@ -117,11 +110,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 def _steps_or_epochs(value: float | None = None) -> config_dict.FieldReference:
   """A field of a steps / epochs pair: a number, or None when the other one is set.
-
-  Untyped, because a typed ``int`` field cannot be set to None on the command line
-  (``--config.total_steps=None``); :func:`lut_jax.pretrain.build.validate` checks the
-  value instead.
-  """
+  Untyped: a typed ``int`` field cannot be set to None on the command line
+  (``--config.total_steps=None``); ``pretrain.build.validate`` checks the value instead."""
   return config_dict.FieldReference(value, field_type=object)
 
 
@@ -229,17 +219,13 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
 
 
 DTYPES = ("float32", "bfloat16")
-
-
 CONFIG_FILE = "config.json"
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run saved in ``WORKDIR/config.json`` (see :func:`save_config`).
-
-  Fields the package gained after the run was saved read as their defaults: a new field's
-  default keeps what earlier versions did, so the run's meaning is unchanged.
-  """
+  """The config a run saved in ``WORKDIR/config.json``. Fields the package gained after
+  the run was saved read as their defaults: a new field's default keeps what earlier
+  versions did, so the run's meaning is unchanged."""
   from etils import epath  # local: file systems beyond local disk (gs://, ...)
 
   path = epath.Path(workdir) / CONFIG_FILE

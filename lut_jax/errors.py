@@ -1,13 +1,9 @@
 """The errors a user can fix, and how every command-line tool reports them.
 
 A :class:`UserError` is bad input (a config value, a data set, a work directory, a
-checkpoint): the tools print it as one line, ``lut_jax: error: <what>; hint: <how to fix>``
-(the hint when there is one), and exit with status 2. Anything else is a bug and keeps its traceback.
-``--debug`` (or ``LUT_JAX_DEBUG=1``) shows the traceback of user errors too.
-
-:func:`run_app` is also where every command-line tool starts: it makes ``--help`` list the
-tool's flags, keeps Orbax's INFO lines out of the log and, for the tools that read data
-with tf.data, keeps TensorFlow off the GPUs.
+checkpoint): the tools print it as one line, ``lut_jax: error: <what>; hint: <how to fix>``,
+and exit with status 2; anything else is a bug and keeps its traceback (user errors' too
+with ``--debug`` or ``LUT_JAX_DEBUG=1``). :func:`run_app` starts every command-line tool.
 
 This module imports only the standard library, so config files, the data modules (which
 never import JAX) and the core can all raise these.
@@ -64,8 +60,6 @@ class NonFiniteError(UserError, FloatingPointError):
 def require(module: str, *, purpose: str, extra: str) -> None:
   """Raises a ``ConfigError`` naming the extra to install when ``module`` is missing (the
   core install has no TensorFlow, matplotlib or torch)."""
-  import importlib.util  # local: only this function needs it
-
   if importlib.util.find_spec(module) is None:
     raise ConfigError(f"{purpose} needs {module}, which is not installed",
                       hint=f"pip install 'lut_jax[{extra}]'")
@@ -156,13 +150,9 @@ def reporting_user_errors(fn: Callable[[], T], prog: str = "lut_jax",
 def run_app(main: Callable[[list[str]], None], prog: str = "lut_jax", *,
             uses_tensorflow: bool = False) -> None:
   """``absl.app.run(main)`` where bad flags, bad config files and user errors raised by
-  ``main`` all end as one line and exit status 2. Adds a ``--debug`` flag.
-
-  Args:
-    main: the program; its module's flags are the ones ``--help`` lists.
-    prog: the name errors are reported under.
-    uses_tensorflow: the program reads data with tf.data (pre-training, evaluation): the
-      GPUs are hidden from TensorFlow before ``main`` runs.
+  ``main`` all end as one line and exit status 2, under the name ``prog``. Adds a
+  ``--debug`` flag; ``--help`` lists the flags of ``main``'s module; Orbax's INFO lines are
+  kept out of the log; ``uses_tensorflow`` (tf.data) hides the GPUs from TensorFlow.
   """
   from absl import app, flags, logging as absl_logging  # local: the rest needs the stdlib
 

@@ -14,11 +14,9 @@ import numpy as np
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``x / max(||x||, eps)`` along the last axis in float32 (``torch.nn.functional.normalize``).
-
-  Written as ``rsqrt(max(sum(x^2), eps^2))`` so the gradient stays finite at ``x = 0``
-  (the gradient of ``jnp.linalg.norm`` there is NaN).
-  """
+  """``x / max(||x||, eps)`` along the last axis in float32
+  (``torch.nn.functional.normalize``). Written as ``rsqrt(max(sum(x^2), eps^2))`` so the
+  gradient stays finite at ``x = 0`` (the gradient of ``jnp.linalg.norm`` there is NaN)."""
   x = x.astype(jnp.float32)
   sum_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
@@ -26,13 +24,11 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 def topk_correct(logits: jax.Array, labels: jax.Array, ks: tuple[int, ...] = (1, 5),
                  mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-  """Number of examples whose label is among the ``k`` highest logits, per ``k``.
-
-  ``k`` is capped at the number of classes (top-5 of a 3-class problem is top-3). Masked-out
-  examples (padding) count for nothing. Ties rank the lower class index first. An example
-  with any NaN or infinite logit is wrong: NaN compares false with everything, so it would
-  otherwise rank first, and a diverged model would score 100%.
-  """
+  """Number of examples whose label is among the ``k`` highest logits, per ``k``. ``k`` is
+  capped at the number of classes (top-5 of a 3-class problem is top-3). Masked-out examples
+  (padding) count for nothing. Ties rank the lower class index first. An example with any NaN
+  or infinite logit is wrong: NaN compares false with everything, so it would otherwise rank
+  first, and a diverged model would score 100%."""
   num_classes = logits.shape[-1]
   # Rank of the true class: how many classes score strictly higher (or equal and earlier).
   true = jnp.take_along_axis(logits, labels[:, None], axis=-1)
@@ -47,16 +43,10 @@ def topk_correct(logits: jax.Array, labels: jax.Array, ks: tuple[int, ...] = (1,
 @functools.partial(jax.jit, static_argnames=("num_classes", "k"))
 def knn_votes(bank: jax.Array, bank_labels: jax.Array, queries: jax.Array, *,
               num_classes: int, k: int = 20, temperature: float = 0.07) -> jax.Array:
-  """Class votes ``(num_queries, num_classes)`` of the ``k`` nearest bank entries (DINO's
-  weighted kNN: cosine similarity, each neighbour voting ``exp(similarity / T)``).
-
-  Args:
-    bank: ``(N, D)`` training features, already L2-normalised.
-    bank_labels: ``(N,)`` int labels.
-    queries: ``(Q, D)`` features (normalised here).
-    num_classes: number of classes.
-    k: neighbours per query (at most N).
-    temperature: T of the weights ``exp(sim / T)``.
+  """Class votes ``(Q, num_classes)`` of the ``k`` (at most N) nearest bank entries (DINO's
+  weighted kNN: cosine similarity, each neighbour voting ``exp(similarity / temperature)``).
+  ``bank`` ``(N, D)``: L2-normalised training features with int ``bank_labels``;
+  ``queries`` ``(Q, D)``: normalised here.
   """
   sims = l2_normalize(queries) @ bank.T  # (Q, N) cosine similarities
   top_sims, top_ids = jax.lax.top_k(sims, k)
@@ -73,10 +63,8 @@ def knn_classify(train_features: Any, train_labels: Any, test_features: Any, *,
                  num_classes: int, k: int = 20, temperature: float = 0.07,
                  query_batch: int = 256) -> np.ndarray:
   """Votes ``(num_test, num_classes)`` for every test feature (numpy), in query chunks: the
-  ``(chunk, N_train)`` similarity matrix bounds memory; the bank stays on the device.
-
-  The last chunk is zero-padded to ``query_batch`` so one compiled function serves them all.
-  """
+  ``(chunk, N_train)`` similarity matrix bounds memory; the bank stays on the device. The last
+  chunk is zero-padded to ``query_batch`` so one compiled function serves them all."""
   num_train = int(np.shape(train_features)[0])
   if not 0 < k <= num_train:
     raise ValueError(f"k must be in [1, {num_train}] (the training set size), got {k}")
@@ -109,12 +97,9 @@ def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any,
 
 
 def effective_rank(values: np.ndarray) -> np.ndarray:
-  """Roy & Vetterli's effective rank of each row of singular values (``0 log 0 = 0``):
-  with ``p_i = s_i / sum_j s_j``, ``exp(-sum_i p_i log p_i)``; ``k`` for ``k`` equal
-  non-zero values, 1 for one.
-
-  Returns a scalar array for a 1-D input, else one value per row.
-  """
+  """Roy & Vetterli's effective rank of each row of singular values (``0 log 0 = 0``): with
+  ``p_i = s_i / sum_j s_j``, ``exp(-sum_i p_i log p_i)``; ``k`` for ``k`` equal non-zero
+  values, 1 for one. Returns a scalar array for a 1-D input, else one value per row."""
   s = np.asarray(values, np.float64)
   total = s.sum(axis=-1, keepdims=True)
   p = np.divide(s, total, out=np.zeros_like(s), where=total > 0)

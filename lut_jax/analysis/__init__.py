@@ -1,10 +1,6 @@
-"""Analysis tools for pre-trained encoders: the paper's attention, spectrum and map studies.
-
-* :mod:`.attention_distance`: mean attention distance per layer and head;
-* :mod:`.spectrum`: singular-value spectrum and effective rank of the patch tokens;
-* :mod:`.maps`: attention maps of chosen query patches, Grad-CAM of a classifier;
-* :mod:`.images`: evaluation images; :mod:`.plots`: matplotlib figures. Models are loaded
-  by :mod:`lut_jax.weights.loading` (a pre-training workdir, an export, a PyTorch checkpoint).
-
-The command-line front end is :mod:`lut_jax.cli.analyze`. Nothing here imports TensorFlow.
+"""The paper's analyses of pre-trained encoders: mean attention distance per layer and head
+(:mod:`.attention_distance`), the patch tokens' singular-value spectrum (:mod:`.spectrum`),
+attention maps and Grad-CAM (:mod:`.maps`), evaluation images (:mod:`.images`) and figures
+(:mod:`.plots`). Models come from :mod:`lut_jax.weights.loading`; the command line is
+:mod:`lut_jax.cli.analyze`. Nothing here imports TensorFlow.
 """

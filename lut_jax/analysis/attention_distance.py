@@ -1,14 +1,11 @@
 """Mean attention distance per layer and head (Dosovitskiy et al. 2021, Fig. 7; LUT Fig. 4).
 
 For a query patch the distance is the attention-weighted mean of the Euclidean distances,
-in pixels, from its centre to the centres of the key patches; it is then averaged over the
-query patches and the images. Small values mean local attention, large values global.
-
-The cls token is neither a query nor a key here: its row is dropped and each query's
-attention over the *patch* keys is renormalised to sum to one. The cls token has no
-position in the image, so it cannot take part in a distance, and renormalising (rather than
-counting the cls weight as distance 0) keeps the measure about *where among the patches*
-a head looks, independent of how much weight it parks on cls.
+in pixels, from its centre to the key patches' centres, averaged over query patches and
+images: small means local attention, large global. The cls token (no position in the
+image) is neither query nor key: each query's attention over the *patch* keys is
+renormalised to sum to one (rather than counting cls as distance 0), so the measure says
+*where among the patches* a head looks, whatever weight it parks on cls.
 """
 
 from __future__ import annotations
@@ -48,18 +45,9 @@ def patch_attention(probs: jax.Array, *, has_cls: bool = True) -> jax.Array:
 
 def mean_attention_distance(probs: jax.Array, patch_size: int, *,
                             has_cls: bool = True) -> np.ndarray:
-  """Mean attention distance per head, in pixels.
-
-  Args:
-    probs: attention probabilities ``(batch, heads, queries, keys)`` of one layer, over all
-      patches of the image (no masking), cls first when ``has_cls``.
-    patch_size: patch side in pixels (distances are between patch centres).
-    has_cls: whether token 0 is the cls token (dropped as query and key; see the module
-      docstring).
-
-  Returns:
-    ``(heads,)`` float64: mean over images and query patches of
-    ``sum_k a[q, k] * ||c_q - c_k||``.
+  """``(heads,)`` float64 mean attention distances in pixels: the mean over images and
+  query patches of ``sum_k a[q, k] * ||c_q - c_k||``, from one layer's unmasked attention
+  ``probs`` ``(batch, heads, queries, keys)`` (cls first when ``has_cls``).
   """
   attn = patch_attention(probs, has_cls=has_cls)
   num_patches = attn.shape[-1]
@@ -73,13 +61,9 @@ def mean_attention_distance(probs: jax.Array, patch_size: int, *,
 
 
 def collect_attention(encoder: Any, encoder_params: Any, images: jax.Array) -> list[jax.Array]:
-  """Attention probabilities of every block of an :class:`~lut_jax.models.vit.Encoder`.
-
-  Making ``intermediates`` mutable switches the attention layers to their explicit path,
-  which sows ``(batch, heads, 1 + L, 1 + L)`` probabilities (cls first).
-
-  Returns:
-    One array per block, in depth order.
+  """The ``(batch, heads, 1 + L, 1 + L)`` attention probabilities (cls first) of every
+  block of an :class:`~lut_jax.models.vit.Encoder`, in depth order: a mutable
+  ``intermediates`` switches the attention layers to their explicit path, which sows them.
   """
   _, state = encoder.apply({"params": encoder_params}, images, mutable=["intermediates"])
   inter = state["intermediates"]
@@ -93,14 +77,10 @@ AttentionFn = Callable[[Any, jax.Array], list[jax.Array]]
 def attention_distance_per_layer(encoder: Any, encoder_params: Any, images: np.ndarray, *,
                                  batch_size: int = 16,
                                  apply_fn: Optional[AttentionFn] = None) -> np.ndarray:
-  """``(layers, heads)`` mean attention distances in pixels over ``images``.
-
-  ``apply_fn(params, images)`` returns the per-block attention (default: a jitted
-  :func:`collect_attention`); pass one to share its compilation with other uses.
-
-  Images are processed in chunks of ``batch_size`` (the explicit attention matrices of a
-  ViT-B/16 at 224 px take ~22 MB per image); per-chunk means are weighted by the number of
-  real images in the chunk, so the result equals the mean over all images at once.
+  """``(layers, heads)`` mean attention distances in pixels over ``images``, in chunks of
+  ``batch_size`` (a ViT-B/16's attention matrices take ~22 MB per 224 px image), weighted
+  by their real images. ``apply_fn(params, images)``: the per-block attention (default: a
+  jitted :func:`collect_attention`), to share its compilation.
   """
   fn = apply_fn or jax.jit(lambda p, x: collect_attention(encoder, p, x))
   patch = encoder.patch_size

@@ -43,16 +43,9 @@ def query_name(query: Query) -> str:
 
 
 def attention_maps(probs: jax.Array, query: Query) -> np.ndarray:
-  """Attention from one query to every patch, per head, on the patch grid.
-
-  Args:
-    probs: ``(batch, heads, 1 + L, 1 + L)`` attention of one layer (cls first, unmasked).
-    query: ``(row, col)`` of the query patch, or ``"cls"``.
-
-  Returns:
-    ``(batch, heads, grid, grid)`` float32. Each map is renormalised over the patch keys
-    (as for the attention distance), so maps of different heads share one scale: they sum
-    to one.
+  """``(batch, heads, grid, grid)`` float32 attention from one ``query`` (``(row, col)``
+  or ``"cls"``) to every patch, from one layer's unmasked ``probs`` ``(batch, heads, 1 + L,
+  1 + L)`` (cls first); renormalised over the patch keys, so every map sums to one.
   """
   probs = jnp.asarray(probs, jnp.float32)
   num_patches = probs.shape[-1] - 1
@@ -70,12 +63,10 @@ def attention_maps(probs: jax.Array, query: Query) -> np.ndarray:
 
 def _block_interceptor(block_index: int, delta_ref: dict[str, Any], captured: list[jax.Array]):
   """A Flax method interceptor that records the output of encoder block ``block_index``
-  (negative counts from the end) and adds ``delta_ref["delta"]`` to it, so that the
-  gradient with respect to that zero perturbation is the gradient with respect to the
-  block's activations, whatever function the classifier wraps around the encoder.
-
-  The encoder's depth is taken from the enclosing :class:`~lut_jax.models.vit.Encoder` call.
-  """
+  (negative counts from the end) and adds ``delta_ref["delta"]`` to it, so that the gradient
+  with respect to that zero perturbation is the gradient with respect to the block's
+  activations, whatever function the classifier wraps around the encoder. The encoder's depth
+  is taken from the enclosing :class:`~lut_jax.models.vit.Encoder` call."""
   # depth: of the Encoder being run (None outside one); inside: within the matched block,
   # so that nothing nested in it is taken for it.
   state = {"depth": None, "inside": False}
@@ -108,30 +99,20 @@ def _block_interceptor(block_index: int, delta_ref: dict[str, Any], captured: li
 def gradcam(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any, images: jax.Array,
             targets: Optional[Sequence[int]] = None, *, block_index: int = -1,
             has_cls: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Grad-CAM (Selvaraju et al. 2017) of a ViT classifier, on the patch grid.
+  """Grad-CAM (Selvaraju et al. 2017) of a ViT classifier on the patch grid:
+  ``(cams (batch, grid, grid) float32 in [0, 1], targets (batch,) int)``.
 
-  The "feature maps" are the patch tokens output by encoder block ``block_index`` (the
-  last one by default); channel weights are the gradients of the target logit averaged
-  over the patch tokens; the map is ``ReLU(sum_d w_d A[:, d])`` per patch, scaled to
-  ``[0, 1]`` per image.
+  The "feature maps" are the patch tokens output by encoder block ``block_index``; channel
+  weights are the gradients of the ``targets`` logits (default: the predicted classes)
+  averaged over the patch tokens; the map is ``ReLU(sum_d w_d A[:, d])`` per patch, scaled
+  to ``[0, 1]`` per image (``has_cls``: token 0, excluded, is cls).
 
   ``logits_fn(params, images) -> (batch, classes)`` may be any function that runs a
-  :class:`~lut_jax.models.vit.Encoder` (directly or inside a LUTModel) exactly once: the block
-  output is reached with a Flax method interceptor, so the classifier needs no hooks.
-  A head that reads only the cls token gets no gradient through the *last* block's patch
-  tokens (after it, tokens do not mix); use ``block_index=-2`` for such heads. The encoder
-  must be built with ``remat=False`` (the loaders of :mod:`.loading` always are).
-
-  Args:
-    logits_fn: the classifier.
-    params: its parameters (passed through unchanged).
-    images: ``(batch, H, W, C)`` normalised images.
-    targets: class per image; default: the predicted class.
-    block_index: which encoder block's output to use.
-    has_cls: whether token 0 is cls (excluded from the map).
-
-  Returns:
-    ``(cams (batch, grid, grid) float32 in [0, 1], targets (batch,) int)``.
+  :class:`~lut_jax.models.vit.Encoder` (built with ``remat=False``, as the loaders of
+  :mod:`lut_jax.weights.loading` build it) exactly once: the block output is reached with a
+  Flax method interceptor, so the classifier needs no hooks. A head that reads only the cls
+  token gets no gradient through the *last* block's patch tokens (after it, tokens do not
+  mix); use ``block_index=-2`` for such heads.
   """
   images = jnp.asarray(images)
   captured: list[jax.Array] = []

@@ -97,13 +97,9 @@ def spectrum(spectra: Mapping[str, np.ndarray], path: str, *,
 def attention_maps(images: np.ndarray, maps: np.ndarray, path: str, *,
                    query: Optional[tuple[int, int]] = None, patch_size: int = 16,
                    title: str = "") -> str:
-  """Rows: images; columns: the image (query patch boxed) then one overlay per head.
-
-  Args:
-    images: ``(N, S, S, C)`` display images in ``[0, 1]``.
-    maps: ``(N, heads, grid, grid)`` attention of the query.
-    query: ``(row, col)`` of the query patch (``None`` for cls: nothing is boxed).
-  """
+  """Rows: ``(N, S, S, C)`` display ``images`` in ``[0, 1]``; columns: the image (``query``
+  patch ``(row, col)`` boxed; None for cls) then one overlay per head of ``maps`` ``(N,
+  heads, grid, grid)``."""
   n, heads = maps.shape[:2]
   cell = 1.3
   fig, axes = plt.subplots(n, heads + 1, figsize=(cell * (heads + 1), cell * n + 0.4),

@@ -1,14 +1,10 @@
 """Singular-value spectrum and effective rank of the encoder's patch-token features.
 
-Per image, the ``L x D`` matrix of output patch tokens is centred over its tokens (the
-per-image mean token is removed, so a shared offset does not show up as one dominant
-direction) and its singular values are taken. Spectra are normalised by their largest
-value and averaged over images. A flatter spectrum / higher effective rank means the
-tokens of one image span more directions, i.e. they are less collapsed onto each other.
-
-Effective rank (Roy & Vetterli 2007, :func:`lut_jax.metrics.effective_rank`): with
-``p_i = s_i / sum_j s_j``, ``erank = exp(-sum_i p_i log p_i)``; it is ``k`` for ``k`` equal
-non-zero singular values.
+Per image, the ``L x D`` matrix of output patch tokens is centred over its tokens (so a
+shared offset does not show as one dominant direction) and its singular values taken;
+spectra are normalised by their largest value and averaged over images. A flatter
+spectrum / higher effective rank (:func:`lut_jax.metrics.effective_rank`) means the tokens
+of one image span more directions: they are less collapsed onto each other.
 """
 
 from __future__ import annotations
@@ -21,17 +17,10 @@ from lut_jax import metrics
 
 
 def singular_values(tokens: np.ndarray, *, center: bool = True) -> np.ndarray:
-  """Singular values per image, largest first.
-
-  Args:
-    tokens: ``(batch, L, D)`` patch tokens (cls already removed).
-    center: subtract each image's mean token first.
-
-  Returns:
-    ``(batch, k)`` float64 with ``k = min(L, D)``, or ``min(L - 1, D)`` when centred:
-    centring puts the ones vector in the null space of the token matrix, so its rank is at
-    most ``L - 1`` and the value dropped is zero up to rounding (it would only add a
-    meaningless ~1e-16 tail to the spectrum).
+  """Singular values of ``(batch, L, D)`` patch tokens (no cls) per image, largest first:
+  ``(batch, k)`` float64, ``k = min(L, D)``, or ``min(L - 1, D)`` when ``center``ed (each
+  image's mean token subtracted): centring puts the ones vector in the token matrix's null
+  space, so the value dropped is zero up to rounding (a meaningless ~1e-16 tail).
   """
   x = np.asarray(tokens, np.float64)
   if x.ndim != 3:
@@ -51,12 +40,9 @@ def normalized_spectrum(values: np.ndarray) -> np.ndarray:
 
 
 def summarize(tokens: np.ndarray, *, center: bool = True) -> dict[str, Any]:
-  """JSON-ready spectrum statistics of ``(batch, L, D)`` patch tokens.
-
-  Keys: ``spectrum`` (mean normalised spectrum), ``effective_rank`` (mean over images of
-  the per-image effective rank), ``effective_rank_std``, ``effective_rank_of_mean_spectrum``
-  and ``num_images``.
-  """
+  """JSON-ready spectrum statistics of ``(batch, L, D)`` patch tokens: ``spectrum`` (mean
+  normalised spectrum), ``effective_rank`` (mean of the per-image ones) and its ``_std``,
+  ``effective_rank_of_mean_spectrum`` and ``num_images``."""
   s = singular_values(tokens, center=center)
   ranks = metrics.effective_rank(s)
   spectrum = normalized_spectrum(s)

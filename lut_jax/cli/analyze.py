@@ -144,10 +144,8 @@ def analyze_model(m: loading.Pretrained, raw: list[np.ndarray],
                   true_labels: Optional[np.ndarray], args: flags.FlagValues,
                   class_names: Optional[Sequence[str]],
                   probe: Optional[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-  """Every analysis of one model; writes its per-model figures, returns its metrics.
-
-  ``probe`` is ``(path, loading.load_probe(path))`` for Grad-CAM, or None.
-  """
+  """Every analysis of one model; writes its per-model figures, returns its metrics. ``probe``
+  is ``(path, loading.load_probe(path))`` for Grad-CAM, or None."""
   name = _file_label(m.label)
   x, display = images_lib.prepare(raw, m.image_size, m.channels)
   num_show = min(args.num_show, len(x))
@@ -255,10 +253,8 @@ def _make_output_dir(out: str) -> None:
 
 def analyze(args: flags.FlagValues) -> dict[str, Any]:
   """Loads every checkpoint, analyses it and writes the figures and ``metrics.json``.
-
-  Everything the user gave (output directory, checkpoints, probes, model-dependent
-  options) is checked before the first analysis, so bad input fails at once.
-  """
+  Everything the user gave (output directory, checkpoints, probes, model-dependent options) is
+  checked before the first analysis, so bad input fails at once."""
   start = time.time()
   _check_flags(args)
   _make_output_dir(args.out)

@@ -6,9 +6,8 @@ r"""Command-line entry point for LUT / MAE pre-training.
 
 Rerunning the same command resumes from the latest checkpoint in ``--workdir``. Errors the
 user can fix (config, data, workdir) print one line and exit with status 2; ``--debug``
-adds the traceback. Several
-processes (multi-host GPU or TPU): pass ``--distributed`` (cluster auto-detection) or the
-explicit ``--coordinator_address/--num_processes/--process_id``.
+adds the traceback. Several processes (multi-host GPU or TPU): pass ``--distributed``
+(cluster auto-detection) or the explicit ``--coordinator_address/--num_processes/--process_id``.
 """
 
 from __future__ import annotations

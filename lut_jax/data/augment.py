@@ -9,20 +9,15 @@ torchvision on PIL images:
   0.4, 0.2, 0.1), p=0.8)``, then exactly one of {grayscale, solarize, Gaussian blur with
   sigma ~ U(0.1, 2)} chosen uniformly, then ``Normalize(ImageNet)``.
 
-Here every random draw is a ``tf.random.stateless_*`` op keyed by an explicit seed (a
-``[2]`` int64 tensor), so a view is a pure function of (image, seed): the input pipeline
-derives the seed from (base seed, epoch, example id), which makes a resumed run produce the
-same pixels as an uninterrupted one. Sampling (``sample_*``) is kept apart from applying
-(``apply_*`` / the op itself), like torchvision's ``get_params``, so tests can check the
-distributions and the ops separately.
+Here every draw is a ``tf.random.stateless_*`` op keyed by a ``[2]`` int64 seed, so a view
+is a pure function of (image, seed); the input pipeline derives the seed from (base seed,
+epoch, example id), so a resumed run sees the same pixels. Sampling (``sample_*``) is kept
+apart from applying, like torchvision's ``get_params``, so tests check both separately.
 
-Images are float32 HWC in [0, 1] between decoding and normalisation. The PIL reference
-rounds to uint8 after every op; we do not (differences are below one grey level, except
-where noted). Grey conversions use ITU-R 601 luma weights (0.299, 0.587, 0.114), the ones
-PIL's ``convert("L")`` uses and therefore the reference's path (torchvision's tensor path
-uses 0.2989, which is not exactly grey-preserving).
-
-This module imports TensorFlow; the model/training core never imports it.
+Images are float32 HWC in [0, 1] between decoding and normalisation; unlike PIL we do not
+round to uint8 after every op (below one grey level apart). Grey is ITU-R 601 luma (PIL's
+``convert("L")``, the reference's path; torchvision's tensor path uses 0.2989, which is not
+exactly grey-preserving). This module imports TensorFlow; the training core never does.
 """
 
 from __future__ import annotations
@@ -52,15 +47,9 @@ BLUR_RADIUS = 8
 
 
 # ----------------------------------------------------------------------------- decoding
-
-
 def decode(image: tf.Tensor, channels: int) -> tf.Tensor:
-  """Encoded bytes (JPEG/PNG/GIF/BMP/WebP) or a uint8 HWC array -> float32 HWC in [0, 1].
-
-  Grey inputs are replicated to RGB; with ``channels == 1`` colour inputs are converted to
-  grey (ITU-R 601) here, so that the rest of the pipeline sees one grey level per pixel.
-  The result has 3 channels when ``channels == 3`` and 1 when ``channels == 1``.
-  """
+  """Encoded bytes (JPEG/PNG/GIF/BMP/WebP) or a uint8 HWC array -> float32 HWC in [0, 1]
+  with ``channels`` channels: grey inputs replicated to RGB, or colour ones made grey."""
   if image.dtype == tf.string:
     # Always decode to RGB: libpng's own grey conversion uses BT.709 weights, not 601.
     # JPEGs with libjpeg's accurate integer DCT, as PIL (the reference's loader) decodes
@@ -93,15 +82,10 @@ def rgb_to_grayscale(image: tf.Tensor) -> tf.Tensor:
 
 
 # ----------------------------------------------------------------------------- geometry
-
-
 def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bicubic resize so that the shorter side is ``size`` (torchvision ``Resize(size)``).
-
-  The longer side becomes ``int(size * long / short)`` as in torchvision; an image whose
-  shorter side is already ``size`` is returned unchanged (torchvision does the same).
-  Anti-aliasing is on, like PIL's bicubic filter when it shrinks. Output clipped to [0, 1]
-  (bicubic overshoots; PIL clips when it stores uint8).
+  """Bicubic resize of the shorter side to ``size``, the longer to ``int(size * long /
+  short)``, unchanged when already there (torchvision ``Resize(size)``). Anti-aliased, as
+  PIL's bicubic when it shrinks; clipped to [0, 1] (bicubic overshoots; PIL stores uint8).
   """
   shape = tf.shape(image, out_type=tf.int64)
   height, width = shape[0], shape[1]
@@ -129,10 +113,8 @@ class CropFlip(NamedTuple):
 
 def sample_crop_flip(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, size: int,
                      padding: int = PADDING) -> CropFlip:
-  """Samples ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()`` parameters.
-
-  Offsets are uniform integers over every valid position of the padded image, as
-  torchvision's ``randint(0, h - th + 1)``.
+  """Samples ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()`` parameters: offsets
+  uniform over every position in the padded image (torchvision's ``randint(0, h - th + 1)``).
   """
   seeds = tf.random.experimental.stateless_split(seed, 3)
   max_y = tf.cast(height, tf.int32) + 2 * padding - size
@@ -147,10 +129,8 @@ def sample_crop_flip(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, size:
 
 def crop_flip(image: tf.Tensor, params: CropFlip, size: int,
               padding: int = PADDING) -> tf.Tensor:
-  """Reflect-pads by ``padding``, crops ``size x size`` at the offsets, flips if asked.
-
-  ``REFLECT`` is torchvision's ``padding_mode="reflect"`` (edge pixel not repeated).
-  """
+  """Reflect-pads by ``padding`` (torchvision's ``padding_mode="reflect"``: edge pixel not
+  repeated), crops ``size x size`` at the offsets, flips if asked."""
   padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
   crop = tf.slice(padded, tf.stack([params.offset_y, params.offset_x, 0]),
                   tf.stack([size, size, tf.shape(image)[2]]))
@@ -169,8 +149,6 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 # ----------------------------------------------------------------------------- colour
-
-
 def _blend(image1: tf.Tensor, image2: tf.Tensor, ratio: tf.Tensor) -> tf.Tensor:
   # torchvision F._blend: ratio * img1 + (1 - ratio) * img2, clamped to the valid range.
   return tf.clip_by_value(ratio * image1 + (1.0 - ratio) * image2, 0.0, 1.0)
@@ -211,11 +189,8 @@ class ColorJitter(NamedTuple):
 def sample_color_jitter(seed: tf.Tensor, brightness: float = BRIGHTNESS,
                         contrast: float = CONTRAST, saturation: float = SATURATION,
                         hue: float = HUE, p: float = JITTER_PROB) -> ColorJitter:
-  """Samples ``RandomApply(ColorJitter(b, c, s, h), p)`` as torchvision defines it.
-
-  Factors: brightness/contrast/saturation uniform in ``[1 - x, 1 + x]``, hue uniform in
-  ``[-h, h]``; the four ops run in a uniformly random order (``randperm(4)``).
-  """
+  """Samples ``RandomApply(ColorJitter(b, c, s, h), p)`` as torchvision does: factors
+  uniform in ``[1 - x, 1 + x]``, hue in ``[-h, h]``, the ops in random order."""
   seeds = tf.random.experimental.stateless_split(seed, 6)
   u = lambda s, lo, hi: tf.random.stateless_uniform([], s, minval=lo, maxval=hi)  # noqa
   return ColorJitter(
@@ -251,21 +226,17 @@ def grayscale(image: tf.Tensor) -> tf.Tensor:
 
 
 def solarize(image: tf.Tensor) -> tf.Tensor:
-  """PIL ``ImageOps.solarize`` (threshold 128 of 255): inverts pixels at/above it.
-
-  On un-rounded floats, ``x * 255 >= 127.5`` is the same test as ``round(x * 255) >= 128``:
-  the threshold is exactly 0.5, so "x if x < 0.5 else 1 - x" is ``min(x, 1 - x)``, one
-  fused op instead of a compare and a (slow) broadcasting select.
+  """PIL ``ImageOps.solarize`` (threshold 128 of 255): inverts pixels at/above it. On
+  un-rounded floats the threshold is exactly 0.5, so this is ``min(x, 1 - x)``: one fused
+  op instead of a compare and a (slow) broadcasting select.
   """
   return tf.minimum(image, 1.0 - image)
 
 
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
-  """Separable Gaussian blur with standard deviation ``sigma`` (PIL's ``radius``).
-
-  The kernel reaches ``round(4 sigma)`` pixels each side (scipy's default truncation; at
-  most ``BLUR_RADIUS``) and is renormalised to sum 1; borders are mirrored with the edge
-  pixel repeated (``SYMMETRIC``, scipy's ``reflect``), close to PIL's edge extension.
+  """Separable Gaussian blur with standard deviation ``sigma`` (PIL's ``radius``): a kernel
+  of ``round(4 sigma)`` taps each side (scipy's truncation; at most ``BLUR_RADIUS``) summing
+  to 1, borders mirrored with the edge repeated (scipy's ``reflect``, close to PIL's).
   """
   sigma = tf.convert_to_tensor(sigma, tf.float32)
   # scipy: int(truncate * sigma + 0.5); cost grows with the taps, so no wider than needed.
@@ -310,8 +281,6 @@ def apply_strong_op(image: tf.Tensor, params: StrongOp) -> tf.Tensor:
 
 
 # ----------------------------------------------------------------------------- views
-
-
 def normalize(image: tf.Tensor) -> tf.Tensor:
   """``(x - mean) / std`` with ImageNet constants (averaged for one channel)."""
   mean, std = image_utils.normalization_constants(image.shape[-1])
@@ -330,26 +299,17 @@ def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   then one of grayscale / solarize / blur. ``image`` is resized RGB or grey (1 channel);
   grey images are processed as RGB (colour ops keep the channels equal) and returned grey.
   """
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  channels = image.shape[-1]
-  view = to_rgb(weak_view(image, seeds[0], size))
-  view = color_jitter(view, sample_color_jitter(seeds[1]))
-  view = apply_strong_op(view, sample_strong_op(seeds[2]))
-  return view if channels == 3 else view[..., :1]
+  geometry_seed, jitter, strong = strong_view_draws(seed)
+  view = to_rgb(weak_view(image, geometry_seed, size))
+  view = apply_strong_op(color_jitter(view, jitter), strong)
+  return view if image.shape[-1] == 3 else view[..., :1]
 
 
 def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *,
               normalized: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
-  """LUT's (weak, strong) views of one decoded image, a pure function of ``seed``.
-
-  Args:
-    image: float32 HWC in [0, 1] (3 channels, or 1 for grey output; see ``decode``).
-    seed: int64 ``[2]`` stateless seed for this example.
-    size: output side S.
-    normalized: apply ImageNet normalisation (False: return values in [0, 1]).
-
-  Returns:
-    Two float32 ``(S, S, C)`` tensors. The resize is deterministic and shared by both views.
+  """LUT's (weak, strong) float32 ``(size, size, C)`` views of one decoded image (``decode``'s
+  output), a pure function of the int64 ``[2]`` ``seed``; ImageNet-normalised, or in [0, 1]
+  without ``normalized``. Both share the (deterministic) resize.
   """
   seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   resized = resize_shorter_side(image, size)
@@ -370,23 +330,17 @@ def first_view(image: tf.Tensor, seed: tf.Tensor, size: int, *,
 
 
 def strong_view_draws(seed: tf.Tensor) -> tuple[tf.Tensor, ColorJitter, StrongOp]:
-  """``strong_view``'s three draws, not applied: (crop/flip seed, jitter, strong op).
-
-  Splits ``seed`` exactly as ``strong_view`` does, so the parameters are the ones the host
-  path would apply to the same example.
-  """
+  """``strong_view``'s three draws, not applied: (crop/flip seed, jitter, strong op)."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
   return seeds[0], sample_color_jitter(seeds[1]), sample_strong_op(seeds[2])
 
 
 def two_views_geometric(image: tf.Tensor, seed: tf.Tensor, size: int
                         ) -> tuple[tf.Tensor, tf.Tensor, ColorJitter, StrongOp]:
-  """``two_views`` split for device augmentation (``input.device_augment``).
-
-  Returns the resized image's two crop/flip views (float32 ``(S, S, C)`` in [0, 1], not
-  normalised) and view 2's colour parameters; applying ``color_jitter`` then
-  ``apply_strong_op`` with them to view 2 (as RGB) gives ``two_views(..., normalized=False)``
-  exactly. lut_jax/data/device_augment.py applies them in JAX instead.
+  """``two_views`` split for ``input.device_augment``: the two crop/flip views (in [0, 1])
+  and view 2's colour parameters, which ``color_jitter`` then ``apply_strong_op`` turn into
+  ``two_views(..., normalized=False)`` exactly (:mod:`lut_jax.data.device_augment` applies
+  them in JAX).
   """
   seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   resized = resize_shorter_side(image, size)

@@ -43,8 +43,6 @@ def _fill(channels: int) -> tf.Tensor:
 
 
 # ----------------------------------------------------------------- RandomResizedCrop
-
-
 def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int, *,
                         scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
@@ -84,8 +82,6 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int, *,
 
 
 # ----------------------------------------------------------------- RandAugment ops
-
-
 def _luma(image: tf.Tensor) -> tf.Tensor:
   return augment.rgb_to_grayscale(image) if image.shape[-1] == 3 else image
 
@@ -276,11 +272,9 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, *, probability: float = 0.
 
 def train_view(image: tf.Tensor, seed: tf.Tensor, size: int,
                config: Any) -> tf.Tensor:
-  """One augmented, normalised fine-tuning view of a decoded [0, 1] image.
-
-  ``config`` (``config.augment``): crop_scale_min, hflip, randaug_num_ops,
-  randaug_magnitude, randaug_magnitude_std, randaug_prob, reprob.
-  """
+  """One augmented, normalised fine-tuning view of a decoded [0, 1] image. ``config``
+  (``config.augment``): crop_scale_min, hflip, randaug_num_ops, randaug_magnitude,
+  randaug_magnitude_std, randaug_prob, reprob."""
   seeds = tf.random.experimental.stateless_split(seed, 4)
   view = random_resized_crop(image, seeds[0], size, scale=(config.crop_scale_min, 1.0))
   flip = tf.random.stateless_uniform([], seeds[1]) < config.hflip

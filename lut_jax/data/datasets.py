@@ -11,23 +11,16 @@
   ``/path/<split>/<class>/...`` when a sub-folder named like the split exists. Files that
   cannot be decoded are skipped and counted once, when the source is built.
 
-Symbolic links in a local folder (gs:// has none) never make an example appear twice or
-under another class's label (:mod:`lut_jax.data.folders` lists them).
-
 Building a source logs one summary line (name, split, examples, classes, files skipped);
-everything that stops a source from being built raises ``errors.DataError`` (a
-``ValueError``; ``errors.DataNotFoundError`` is also a ``FileNotFoundError``).
+what stops it raises ``errors.DataError`` (``DataNotFoundError``: also a FileNotFoundError).
 
 A source hands each process its *share* of the split (disjoint, covering; sizes differ by at
-most one) as elements ``{"image", "label", "id"}``: ``image`` is encoded bytes or a uint8
-HWC array (``augment.decode`` takes both; folder files come decoded by
-:mod:`lut_jax.data.image_decode`, as on the device path), ``label`` int64 (-1 if the dataset has
-none), and
-``id`` an int64 that names the example independently of shuffling, process count and read
-order (its global index, or a hash of tfds's record id). The input pipeline keys each
-example's augmentation on it.
-
-This module imports TensorFlow and tfds, never JAX.
+most one) as elements ``{"image", "label", "id"}``: ``image`` encoded bytes or a uint8 HWC
+array (folder files come decoded by :mod:`lut_jax.data.image_decode`, as on the device
+path), ``label`` int64 (-1 if the dataset has none), ``id`` an int64 naming the example
+whatever the shuffle, process count and read order (its global index, or a hash of tfds's
+record id): the input pipeline keys each example's augmentation on it. This module imports
+TensorFlow and tfds, never JAX.
 """
 
 from __future__ import annotations
@@ -52,15 +45,10 @@ _HASH_BUCKETS = 2**62  # ids from tfds record names: collisions are vanishingly 
 
 @dataclasses.dataclass(frozen=True)
 class Share:
-  """One process's part of a split.
-
-  Attributes:
-    num_examples: examples in this share.
-    random_access: True when ``read`` maps a position to an element (in-memory arrays,
-      file lists): the pipeline can then permute positions and skip for free. False when
-      ``read()`` returns a ``tf.data.Dataset`` of elements in a fixed order (tfds records).
-    read: see ``random_access``. Positions are int64 scalars in ``[0, num_examples)``.
-  """
+  """One process's part of a split. With ``random_access``, ``read`` maps a position (an
+  int64 scalar in ``[0, num_examples)``) to an element (in-memory arrays, file lists), so
+  the pipeline permutes and skips for free; else ``read()`` returns a ``tf.data.Dataset``
+  of the elements in a fixed order (tfds records)."""
 
   num_examples: int
   random_access: bool
@@ -69,31 +57,21 @@ class Share:
 
 @dataclasses.dataclass(frozen=True)
 class DataSource:
-  """A split of a dataset; ``share(p, n)`` gives process ``p`` of ``n`` its part.
+  """A split of a dataset; ``share(p, n)`` gives process ``p`` of ``n`` its part."""
 
-  Attributes:
-    name: the ``config.input.dataset`` string.
-    split: the split (tfds syntax; slices like ``train[:90%]`` are accepted everywhere).
-    num_examples: examples in the whole split (after leaving out skipped files).
-    num_classes: label classes, or None when the dataset has no labels.
-    num_skipped: files left out: undecodable, or listed twice (folder sources).
-    description: where the data comes from, for logs.
-    reader: how it is read (``"tfds"``, ``"idx"``, ``"folder"``): two readers of one data
-      set may hold its examples in different orders.
-    skipped_by_reason: ``(reason, count)`` pairs of what was left out, for the summary
-      line; directory links that were not followed count as links, not files.
-  """
-
-  name: str
-  split: str
-  num_examples: int
-  num_classes: int | None
-  num_skipped: int
-  description: str
+  name: str  # config.input.dataset
+  split: str  # tfds syntax (slices like train[:90%] everywhere)
+  num_examples: int  # in the whole split, skipped files left out
+  num_classes: int | None  # None: no labels
+  num_skipped: int  # files left out: undecodable, or listed twice (folder sources)
+  description: str  # where the data comes from, for logs
   _share: Callable[[int, int], Share] = dataclasses.field(repr=False)
+  # (reason, count) of what was left out, for the summary line (a directory link that was
+  # not followed counts as a link, not as files).
   skipped_by_reason: tuple[tuple[str, int], ...] = ()
   _explain: Callable[[tf.errors.OpError], errors.DataError | None] | None = (
       dataclasses.field(default=None, repr=False))
+  # "tfds", "idx" or "folder": two readers of one data set may order its examples apart.
   reader: str = ""
 
   def share(self, process_index: int, process_count: int) -> Share:
@@ -103,13 +81,9 @@ class DataSource:
     return self._share(process_index, process_count)
 
   def read_error(self, error: tf.errors.OpError) -> errors.DataError | None:
-    """The ``DataError`` behind a TensorFlow error raised while reading this source.
-
-    For a folder source: a ``DataError`` naming the file(s) that went bad after the source
-    was built, found in the error's text or else by checking every file again (slow, but
-    only on this path). None when the error is not explained by the data (then it is a
-    bug, and the caller re-raises the original).
-    """
+    """The ``DataError`` behind a TensorFlow error raised while reading this source (a
+    folder's: naming the files that went bad, from the error's text or else by checking
+    every file again); None when the data does not explain it (the caller re-raises)."""
     return self._explain(error) if self._explain is not None else None
 
 
@@ -126,14 +100,9 @@ def source_for(input_config) -> DataSource:
 
 def get_source(dataset: str, split: str, data_dir: str | None = None) -> DataSource:
   """Builds (and caches, so folder validation runs once) the source of ``dataset/split``
-  and logs one summary line about it.
-
-  Raises:
-    errors.ConfigError: ``dataset`` is not a non-empty string.
-    errors.DataError: unknown dataset or split, a split that selects no examples, a folder
-      without decodable images, unreadable idx files.
-    errors.DataNotFoundError: (also a FileNotFoundError) a known dataset or a folder that
-      is not on this machine; the message says how to get it.
+  and logs one summary line about it. A DataError for an unknown dataset or split, an
+  empty one, a folder without decodable images or unreadable idx files; DataNotFoundError
+  for a dataset or folder not on this machine (saying how to get it).
   """
   if not isinstance(dataset, str) or not dataset:
     raise errors.ConfigError(f"input.dataset must be a non-empty string, got {dataset!r}")
@@ -176,8 +145,6 @@ def _empty_split_error(name: str, split: str) -> errors.DataError:
 
 
 # ----------------------------------------------------------------------------- splits
-
-
 def _even_range(n: int, process_index: int, process_count: int) -> tuple[int, int]:
   # Same sizes as tfds.even_splits(drop_remainder=False): the first n % count parts get one
   # more example; every part has at least n // count.
@@ -199,8 +166,6 @@ def _random_access_share(n: int, start: int, load: Callable[[tf.Tensor], dict],
 
 
 # ----------------------------------------------------------------------------- tfds
-
-
 def _tfds_source(name: str, split: str, data_dir: str | None) -> DataSource:
   builder = tfds_open.prepared_builder(name, data_dir)
   if "image" not in builder.info.features:
@@ -242,8 +207,6 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> DataSource:
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
-
-
 def _fashion_mnist_source(split: str, data_dir: str | None) -> DataSource:
   tfds_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
   builder = None
@@ -280,8 +243,6 @@ def _fashion_mnist_source(split: str, data_dir: str | None) -> DataSource:
 
 
 # ----------------------------------------------------------------------------- folders
-
-
 def _folder_source(name: str, path: str, split: str) -> DataSource:
   if not path or not tf.io.gfile.isdir(path):
     raise errors.DataNotFoundError(
@@ -341,10 +302,8 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
 
 
 def _decode_file(encoded: tf.Tensor) -> tf.Tensor:
-  """An image file's bytes -> uint8 ``(H, W, 3)``, decoded by the device path's function
-  (:mod:`lut_jax.data.image_decode`: bit depth, EXIF orientation, palettes, alpha, CMYK), so that
-  both paths read a folder alike. Python, in the map's threads: pillow's decoders release
-  the GIL."""
+  """An image file's bytes -> uint8 ``(H, W, 3)`` by the device path's decoder, so both
+  paths read a folder alike; Python in the map's threads (pillow releases the GIL)."""
   image = tf.numpy_function(_decode_rgb, [encoded], tf.uint8, stateful=False)
   image.set_shape([None, None, 3])
   return image
@@ -423,12 +382,9 @@ def _file_problem(path: str, decodes_now: bool) -> str:
 
 
 def _decodable(files: list[str]) -> np.ndarray:
-  """Which files decode to a non-empty image: one parallel decode pass over all of them.
-
-  Done once when the source is built, so that the examples per epoch (and the resume
-  arithmetic) are fixed and a bad file can never stop training. It costs one full decode of
-  the folder, timed in the log line below.
-  """
+  """Which files decode to a non-empty image: one parallel decode pass (timed in the log),
+  when the source is built, so that the examples per epoch (and the resume arithmetic) are
+  fixed and a bad file can never stop training."""
   t0 = time.time()
   ds = tf.data.Dataset.from_tensor_slices((tf.range(len(files), dtype=tf.int64),
                                            tf.constant(files)))

@@ -1,30 +1,17 @@
 """LUT's view-2 colour augmentations and the normalisation of both views, in JAX.
 
-The host pipeline (``input.device_augment = True``, see ``input_pipeline``) then only
-decodes, resizes and crops/flips: it ships both views as uint8 crops plus, for view 2, the
-per-example colour parameters it drew (``view2_params``, packed as ``pack_params`` lays them
-out). ``finish_batch`` turns such a batch into the ``{"view1", "view2"}`` normalised float32
-images the train step takes. The host's colour work and the bytes sent to the device both
-shrink (uint8 instead of float32) for a little elementwise work on the accelerator; the
-measured effect is in docs/benchmarks.md ("Colour augmentation on the device").
+With ``input.device_augment`` the host pipeline only decodes, resizes and crops/flips: it
+ships both views as uint8 crops plus view 2's colour parameters (``view2_params``, laid out
+as ``pack_params``), and ``finish_batch`` turns the batch into the normalised float32
+``{"view1", "view2"}`` the train step takes: less host work and fewer bytes to the device
+for a little elementwise work on it (docs/benchmarks.md).
 
-The ops are the ones ``augment.py`` applies with TensorFlow (torchvision semantics), restated
-per example and vmapped over the batch, with per-example branching by ``jnp.where`` /
-``lax.switch`` (under ``vmap`` both are selects: every candidate is computed for every
-example, which is cheap elementwise work on an accelerator, far cheaper than host cores):
-
-* ``RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8)``: brightness, contrast, saturation,
-  hue in a random order per example, factors uniform in ``[1 - x, 1 + x]``, hue shift in
-  ``[-0.1, 0.1]`` turns;
-* then exactly one of {grayscale (ITU-R 601), solarize (threshold 128 of 255), Gaussian blur
-  (sigma ~ U(0.1, 2), kernel radius ``round(4 sigma)`` clipped to [1, 8], mirrored edges)};
-* then ImageNet normalisation (``image_utils.normalization_constants``).
-
-For the same input and parameters each op equals its ``augment.py`` counterpart to float32
-rounding (tests/test_device_augment.py). ``sample_params`` draws the parameters from a JAX
-key instead (per-example keys), for use without the host's draws.
-
-No TensorFlow here: this module is part of the accelerator-side core.
+The ops are ``augment.py``'s (torchvision semantics: colour jitter with p 0.8 in a random
+order, then one of grayscale / solarize / blur, then ImageNet normalisation), restated per
+example and vmapped, branching by ``jnp.where`` / ``lax.switch`` (selects under ``vmap``:
+every candidate computed for every example, cheap on an accelerator). For the same input and
+parameters each equals its ``augment.py`` counterpart to float32 rounding. ``sample_params``
+draws the parameters from per-example JAX keys instead. No TensorFlow: part of the core.
 """
 
 from __future__ import annotations
@@ -111,8 +98,6 @@ def sample_params(key: jax.Array, num: int) -> ColourParams:
 
 # ----------------------------------------------------------------------------- per-image ops
 # Each takes one float32 HWC RGB image in [0, 1] and scalar parameters.
-
-
 def rgb_to_grayscale(image: jax.Array) -> jax.Array:
   """``(..., 3) -> (..., 1)`` ITU-R 601 luma, summed in augment.py's order."""
   r, g, b = GRAY_WEIGHTS
@@ -141,14 +126,11 @@ def adjust_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
 
 
 def adjust_hue(image: jax.Array, delta: jax.Array) -> jax.Array:
-  """Rotates the HSV hue by ``delta`` turns: TensorFlow's ``adjust_hue`` CPU kernel.
-
-  That kernel works in "hue sextant + (max, mid, min)" form instead of full HSV: the sextant
-  and which channel is max/mid/min come from comparisons, the position inside the sextant is
-  ``(mid - min) / (max - min)``; rotating the hue only changes which channel gets which of
-  max/min and the new mid. Restating the same float32 steps (and its tie-breaking) keeps
-  the result equal to augment.adjust_hue to rounding, which plain HSV formulas would not.
-  Only compares and selects (no gathers): it vectorises on CPU and fuses on accelerators.
+  """Rotates the HSV hue by ``delta`` turns as TensorFlow's ``adjust_hue`` CPU kernel does,
+  in "hue sextant + (max, mid, min)" form: the sextant and the channels' roles come from
+  comparisons, the position in the sextant is ``(mid - min) / (max - min)``. Its float32
+  steps and tie-breaking, restated, keep the result equal to augment.adjust_hue to rounding
+  (plain HSV formulas would not); only compares and selects, which vectorise and fuse.
   """
   r, g, b = image[..., 0], image[..., 1], image[..., 2]
   category = jnp.where(r < g,
@@ -190,10 +172,8 @@ def solarize(image: jax.Array) -> jax.Array:
 
 def blur_kernel(sigma: jax.Array) -> jax.Array:
   """The 1-D Gaussian of augment.gaussian_blur, zero-padded to ``2 * BLUR_RADIUS + 1`` taps.
-
   Radius ``int(4 sigma + 0.5)`` clipped to [1, BLUR_RADIUS] (scipy's truncation), normalised
-  over the taps it keeps. A fixed width keeps shapes static under vmap/jit.
-  """
+  over the taps it keeps. A fixed width keeps shapes static under vmap/jit."""
   sigma = jnp.asarray(sigma, jnp.float32)
   radius = jnp.clip((4.0 * sigma + 0.5).astype(jnp.int32), 1, BLUR_RADIUS)
   x = jnp.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=jnp.float32)
@@ -220,16 +200,12 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- per example
-
-
 def _jitter_step(image: jax.Array, op: jax.Array, params: ColourParams) -> jax.Array:
-  """One ColorJitter step: ``op`` indexes JITTER_OPS.
-
-  Brightness, contrast and saturation are the same blend with different targets (black,
-  the image's mean luma, each pixel's luma), so a step is one blend with a selected target
-  and factor, or the hue rotation: under vmap every example pays for 2 candidate results,
-  not 4, with the same float32 operations as the separate ``adjust_*`` functions.
-  """
+  """One ColorJitter step: ``op`` indexes JITTER_OPS. Brightness, contrast and saturation are
+  the same blend with different targets (black, the image's mean luma, each pixel's luma), so a
+  step is one blend with a selected target and factor, or the hue rotation: under vmap every
+  example pays for 2 candidate results, not 4, with the same float32 operations as the separate
+  ``adjust_*`` functions."""
   factor = jnp.where(op == 0, params.brightness,
                      jnp.where(op == 1, params.contrast, params.saturation))
   luma = rgb_to_grayscale(image)
@@ -260,8 +236,6 @@ def _colour_one(image: jax.Array, params: ColourParams) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- batches
-
-
 def to_unit(images: jax.Array) -> jax.Array:
   """uint8 0..255 -> float32 0..1; float input is taken to be in [0, 1] already."""
   images = jnp.asarray(images)
@@ -295,12 +269,10 @@ def strong_view(images: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def finish_batch(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """A device-augmentation batch -> ``{"view1", "view2"}`` normalised float32 NHWC.
-
-  ``batch`` holds ``view1_crop``/``view2_crop`` (uint8 NHWC) and ``view2_params`` (float32
-  ``[B, NUM_PARAMS]``), as input_pipeline yields with ``input.device_augment = True``.
-  Jit it; with batch-sharded inputs every op is per example, so it runs where the data is.
-  """
+  """A device-augmentation batch -> ``{"view1", "view2"}`` normalised float32 NHWC. ``batch``
+  holds ``view1_crop``/``view2_crop`` (uint8 NHWC) and ``view2_params`` (float32
+  ``[B, NUM_PARAMS]``), as input_pipeline yields with ``input.device_augment = True``. Jit it;
+  with batch-sharded inputs every op is per example, so it runs where the data is."""
   out = {"view1": normalize(batch[VIEW1_CROP])}
   if VIEW2_CROP in batch:  # absent for the MAE baseline (one view)
     view2 = colour_augment(batch[VIEW2_CROP], unpack_params(batch[VIEW2_PARAMS]))

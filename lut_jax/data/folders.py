@@ -31,23 +31,17 @@ def plural(n: int, singular: str, plural: str) -> str:
   return f"{n} {singular if n == 1 else plural}"
 
 
-
 @dataclasses.dataclass
 class Listing:
-  """The image files of a folder in reading order, and what was left out of it.
+  """The image files of a folder in reading order, and what was left out of it."""
 
-  Attributes:
-    classes: class folder names; a file's label is its class's index here.
-    files, labels: the image files (paths as listed, under their class folder) and labels.
-    duplicates: files left out because another entry already lists the same file.
-    links: ``"link -> target (why)"`` of the directory links that were not followed.
-    unreadable: ``"folder (why)"`` of the folders that could not be listed.
-  """
-
-  classes: list[str]
-  files: list[str] = dataclasses.field(default_factory=list)
+  classes: list[str]  # class folder names; a file's label is its class's index here
+  files: list[str] = dataclasses.field(default_factory=list)  # as listed, under their class
   labels: list[int] = dataclasses.field(default_factory=list)
+  # Files left out because another entry already lists the same file.
   duplicates: list[str] = dataclasses.field(default_factory=list)
+  # "link -> target (why)" of the directory links not followed; "folder (why)" of the
+  # folders that could not be listed.
   links: list[str] = dataclasses.field(default_factory=list)
   unreadable: list[str] = dataclasses.field(default_factory=list)
 
@@ -138,17 +132,12 @@ def local_class_names(root: str) -> list[str]:
 
 def split_folder(name: str, root: str, split: str, *, isdir=os.path.isdir
                  ) -> tuple[str, str | None]:
-  """Where split ``split`` (``"val"``, ``"train[:90%]"``) of image folder ``root`` is:
-  ``(folder, train_folder)``.
-
-  ``<root>/<split>/`` when it exists; for other splits than ``train``, ``train_folder`` is
-  ``<root>/train`` when that exists too, whose classes then define every split's labels
-  (:func:`follow_classes`), so that ``val/c`` never takes ``train/b``'s label. Without such
-  a sub-folder the whole folder is the split (a released evaluation set's layout); a run
-  that reads two splits checks that they are not the same images
-  (:func:`check_distinct_splits`).
-
-  ``isdir`` tells folders (``tf.io.gfile.isdir`` for object stores).
+  """``(folder, train_folder)`` of split ``split`` (``"val"``, ``"train[:90%]"``) of image
+  folder ``root``: ``<root>/<split>/`` when it exists, with, for other splits than
+  ``train``, ``<root>/train`` when that exists too, whose classes then define every split's
+  labels (:func:`follow_classes`: ``val/c`` never takes ``train/b``'s label). Else the whole
+  folder (a released evaluation set's layout; :func:`check_distinct_splits` checks that two
+  splits are not the same images). ``isdir``: ``tf.io.gfile.isdir`` for object stores.
   """
   base = split.split("[")[0]
   if base and isdir(os.path.join(root, base)):

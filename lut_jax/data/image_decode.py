@@ -1,8 +1,7 @@
 """Decoding an image file to uint8 pixels: the one rule of both input paths.
 
-The device path (:mod:`lut_jax.data.device_input`) decodes folder images with this when it
-loads them, the tf.data path (:mod:`lut_jax.data.datasets`) in its pipeline (through
-``tf.numpy_function``) and when it checks a folder's files, so a file gives the same
+Both input paths decode folder images with this (the tf.data one through
+``tf.numpy_function``, also when it checks a folder's files), so a file gives the same
 pixels, and is skipped or kept alike, whichever path reads it:
 
 * the EXIF orientation is applied (cameras store portraits sideways);
@@ -32,11 +31,8 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def open_image(source: str | bytes | BinaryIO) -> Image.Image:
-  """A path, the file's bytes, or an open file -> a loaded PIL image, mode ``L`` or ``RGB``.
-
-  Raises:
-    DECODE_ERRORS: not an image PIL can decode (unknown format, truncated, too large).
-  """
+  """A path, the file's bytes, or an open file -> a loaded PIL image, mode ``L`` or ``RGB``;
+  ``DECODE_ERRORS`` for what PIL cannot decode (unknown format, truncated, too large)."""
   if isinstance(source, bytes):
     source = io.BytesIO(source)
   with Image.open(source) as im:

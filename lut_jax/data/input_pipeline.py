@@ -6,28 +6,21 @@ Pre-training (``create_pretrain_iterator``), per process:
   resume point -> decode -> two views (augment.py), keyed by (seed, epoch, example id)
   -> batch (drop remainder) -> tf.data prefetch -> global jax.Array (double-buffered).
 
-Every random choice is a function of (seed, epoch, example id) and the epoch's order is a
-function of (seed, epoch), so the batch at step k is the same whether the run started at 0
-or resumed at k; nothing about the data has to go into checkpoints. Each epoch yields exactly
-``steps_per_epoch`` batches on every process (the same number everywhere, computed from the
-smallest share), so epochs start at known steps and processes never disagree on how many
-batches there are. Examples an epoch leaves out (the remainder) change from epoch to epoch
-with the shuffle.
+Every random choice is a function of (seed, epoch, example id) and the epoch's order of
+(seed, epoch), so the batch at step k is the same whether the run started at 0 or resumed at
+k: nothing about the data goes into checkpoints. Each epoch yields exactly
+``steps_per_epoch`` batches on every process (from the smallest share), so epochs start at
+known steps; the examples an epoch leaves out change with the shuffle.
 
-Shuffling: sources with random access (Fashion-MNIST idx arrays, image folders) get a full
-permutation per epoch, and resuming skips for free. tfds sources are read in file order and
-shuffled through a ``config.input.shuffle_buffer`` window (tfds shuffles records when it
-prepares a dataset); resuming reads and drops the skipped records of the current epoch,
-still encoded.
+Shuffling: random-access sources (idx arrays, image folders) get a full permutation per
+epoch, and resuming skips for free. tfds sources are read in file order and shuffled through
+a ``config.input.shuffle_buffer`` window (tfds shuffles records when it prepares a dataset);
+resuming reads and drops the skipped records of the current epoch, still encoded.
 
-Errors: a split smaller than one global batch raises ``errors.DataError``; a file of a folder
-source that goes bad after the source was checked (deleted, corrupted) stops the iterator
-with a ``DataError`` naming it. Only the host side of the iterator handles that, and only
-once TensorFlow has raised: the tf.data graph is the same either way.
-
-This module imports TensorFlow (tf.data); the model/training core must not import it.
-Programs that use it hide the GPUs from TensorFlow first (``errors.run_app``), so that
-tf.data takes no GPU memory from JAX.
+A file of a folder source that goes bad after the source was checked stops the iterator
+with a ``DataError`` naming it, found on the host side once TensorFlow has raised (the
+tf.data graph is the same either way). This module imports TensorFlow, which the training
+core must not; programs using it hide the GPUs from TensorFlow first (``errors.run_app``).
 """
 
 from __future__ import annotations
@@ -133,16 +126,7 @@ def example_key(seed: int, epoch: tf.Tensor, example_id: tf.Tensor) -> tf.Tensor
 
 class BatchIterator:
   """Yields the global batches of :func:`epoch_batches` forever (pre-training's views,
-  fine-tuning's labelled images); also says what it reads.
-
-  Attributes:
-    source: the ``datasets.DataSource``.
-    num_examples: examples in the split.
-    num_skipped: undecodable files left out of the split (folder sources); log it.
-    steps_per_epoch: batches per epoch (equal on every process).
-    local_batch_size: examples per batch from this process.
-    step: the step of the next batch.
-  """
+  fine-tuning's labelled images); also says what it reads."""
 
   def __init__(self, dataset: tf.data.Dataset, *, source: datasets.DataSource,
                steps_per_epoch: int, local_batch_size: int, global_shape: dict,
@@ -150,10 +134,10 @@ class BatchIterator:
                start_step: int):
     self.source = source
     self.num_examples = source.num_examples
-    self.num_skipped = source.num_skipped
-    self.steps_per_epoch = steps_per_epoch
+    self.num_skipped = source.num_skipped  # files left out (folder sources); log it
+    self.steps_per_epoch = steps_per_epoch  # equal on every process
     self.local_batch_size = local_batch_size
-    self.step = start_step
+    self.step = start_step  # of the next batch
     self.element_spec = dataset.element_spec
     self._batches = numpy_batches(dataset, source)  # endless: epoch_batches repeats
     self._global_shape = global_shape
@@ -207,8 +191,6 @@ def epoch_batches(share: datasets.Share, make_example: Callable[..., dict[str, t
   per_epoch = steps_per_epoch * local_batch
   start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
   skip = step_in_epoch * local_batch
-  parallel = input_config.num_parallel_calls
-  parallel = tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
   shuffle_buffer = max(1, min(input_config.shuffle_buffer, share.num_examples))
 
   def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
@@ -228,14 +210,23 @@ def epoch_batches(share: datasets.Share, make_example: Callable[..., dict[str, t
     return make_example(epoch, share.read(x) if share.random_access else x)
 
   ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_stream)
-  ds = ds.map(read_and_make, num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
+  ds = ds.map(read_and_make, num_parallel_calls=_parallel_calls(input_config),
+              deterministic=True)
+  return _deterministic(ds.batch(local_batch, drop_remainder=True))
+
+
+def _parallel_calls(input_config) -> int:
+  parallel = input_config.num_parallel_calls
+  return tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
+
+
+def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """``ds`` prefetched, in a fixed order (the resume guarantee needs it)."""
   options = tf.data.Options()
-  options.deterministic = True  # the resume guarantee needs the order fixed
+  options.deterministic = True
   # One thread per op: parallelism comes from the map's many elements (big_vision does this).
   options.threading.max_intra_op_parallelism = 1
-  return ds.with_options(options)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
@@ -244,45 +235,29 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
                              process_count: int | None = None,
                              with_ids: bool = False,
                              two_views: bool = True) -> BatchIterator:
-  """The two-view pre-training stream, starting at ``start_step``.
-
-  With ``two_views=False`` (the MAE baseline) only view 1 is made and transferred; it is
-  the same view 1 a two-view stream with the same seed yields.
+  """A ``BatchIterator`` of the two-view pre-training stream from ``start_step`` on:
+  ``{"view1", "view2"}``, float32 ``(B, S, S, C)`` normalised images, forever; the batches
+  an uninterrupted run yields from that step. ``two_views=False`` (MAE): view 1 alone, the
+  same view 1.
 
   Args:
-    input_config: ``config.input`` (dataset, split, data_dir, image_size, channels,
-      batch_size, shuffle_buffer, num_parallel_calls, and prefetch: the number of global
-      batches kept on the devices ahead of the one being returned; tf.data's own prefetch
-      is autotuned).
+    input_config: ``config.input``; ``prefetch`` is the number of global batches kept on the
+      devices ahead of the one returned (tf.data's own prefetch is autotuned).
+      ``device_augment``: the host only decodes, resizes and crops, yielding uint8
+      ``view1_crop``/``view2_crop`` and ``view2_params`` (float32 ``(B,
+      device_augment.NUM_PARAMS)``, the host path's draws), which the jitted
+      ``device_augment.finish_batch`` turns into ``{"view1", "view2"}``.
     seed: base seed of the shuffles and augmentations.
-    start_step: first step to produce; the batches are exactly those an uninterrupted run
-      produces from that step on.
-    sharding: sharding of the global batch (batch dimension over the data axis); each
-      process loads ``batch_size / process_count`` examples and the global arrays are
-      assembled with ``jax.make_array_from_process_local_data``. None: numpy arrays of this
-      process's examples.
+    sharding: of the global batch, assembled with
+      ``jax.make_array_from_process_local_data`` from ``batch_size / process_count``
+      examples per process. None: numpy arrays of this process's examples.
     process_index, process_count: override ``jax.process_index/count()`` (tests simulate
       several processes with them).
     with_ids: also yield ``"id"`` (int64 example ids; numpy output only), for debugging.
 
-  ``input_config.device_augment`` (optional, default False): leave view 2's colour ops and
-  the normalisation of both views to the accelerator (lut_jax/data/device_augment.py). The host
-  then only decodes, resizes and crops, and yields ``view1_crop``/``view2_crop`` (uint8
-  ``(B, S, S, C)``) and ``view2_params`` (float32 ``(B, device_augment.NUM_PARAMS)``, the
-  same draws the host path applies); ``device_augment.finish_batch`` (jitted) turns them
-  into ``{"view1", "view2"}``.
-
-  Returns:
-    A ``BatchIterator`` yielding ``{"view1", "view2"}``: float32 ``(B, S, S, C)``
-    normalised images, forever (with ``device_augment``: the crops and parameters above).
-
-  Raises:
-    ValueError: batch size not divisible by the process count, bad image size or channels,
-      negative start_step.
-    errors.DataError: (a ValueError) unknown dataset or split, a split smaller than one
-      batch; while iterating, a file of a folder source that went bad (named).
-    errors.DataNotFoundError: (also a FileNotFoundError) the dataset is not on this
-      machine (the message says how to get it).
+  Raises ValueError for a bad batch size, image size, channels or start_step; DataError
+  for an unknown dataset or split, or one smaller than a batch; DataNotFoundError (also a
+  FileNotFoundError) for a dataset not on this machine.
   """
   index, count = _process(process_index, process_count)
   _check_input(input_config)
@@ -343,12 +318,10 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
 
 
 class EvalDataset:
-  """Re-iterable single-view evaluation batches (``for batch in eval_ds``).
-
-  Each batch: ``image`` float32 ``(B, S, S, C)`` normalised centre crops, ``label`` int32,
-  ``mask`` bool (False on padding; padded labels are -1). Every process yields
-  ``num_batches`` batches; together they hold each example of the split exactly once.
-  """
+  """Re-iterable single-view evaluation batches (``for batch in eval_ds``). Each batch:
+  ``image`` float32 ``(B, S, S, C)`` normalised centre crops, ``label`` int32, ``mask`` bool
+  (False on padding; padded labels are -1). Every process yields ``num_batches`` batches;
+  together they hold each example of the split exactly once."""
 
   def __init__(self, dataset: tf.data.Dataset, *, source: datasets.DataSource,
                num_batches: int, local_batch_size: int,
@@ -380,28 +353,14 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
                         sharding: jax.sharding.NamedSharding | None = None,
                         process_index: int | None = None,
                         process_count: int | None = None) -> EvalDataset:
-  """Centre-crop single-view batches of ``split`` with labels, for probing and kNN.
+  """An ``EvalDataset`` of centre-crop views of ``split`` (tfds syntax) with labels, in
+  global batches of ``batch_size``, the last ones padded (``mask`` False) so that every
+  process yields as many; ``input_config``'s split and batch size are not used.
 
-  Args:
-    input_config: ``config.input`` (dataset, data_dir, image_size, channels; its split and
-      batch_size are not used).
-    split: the split to read (tfds syntax, e.g. ``"test"`` or ``"train[:10%]"``).
-    batch_size: global batch size; each process loads ``batch_size / process_count``.
-    crop_pct: the shorter side is resized to ``int(S / crop_pct)`` before the ``S x S``
-      centre crop. None or -1: the reference's rule, 224/256 for ``S <= 224`` else 1.0. Use 1.0
-      to keep whole images (e.g. 28 px Fashion-MNIST, whose train views are not rescaled).
-    sharding: as in ``create_pretrain_iterator``; None yields numpy.
-    process_index, process_count: override ``jax.process_index/count()``.
-
-  Returns:
-    An ``EvalDataset``; the last batches are padded (``mask`` False) so that every process
-    yields the same number of full batches.
-
-  Raises:
-    errors.DataError: unknown dataset or split, a split that selects no examples (a split
-      smaller than one batch is fine: it is padded); while iterating, a file of a folder
-      source that went bad (named).
-    errors.DataNotFoundError: the dataset is not on this machine.
+  ``crop_pct``: the shorter side is resized to ``int(S / crop_pct)`` before the ``S x S``
+  centre crop; None or -1: the reference's rule, 224/256 for ``S <= 224`` else 1.0 (1.0
+  keeps whole images, e.g. 28 px Fashion-MNIST). ``sharding``, ``process_index``,
+  ``process_count``: as in ``create_pretrain_iterator``. Errors as there.
   """
   index, count = _process(process_index, process_count)
   _check_input(input_config)
@@ -414,8 +373,7 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
   share = source.share(index, count)
   largest_share = -(-source.num_examples // count)
   num_batches = -(-largest_share // local_batch)
-  parallel = input_config.num_parallel_calls
-  parallel = tf.data.AUTOTUNE if parallel is None or parallel < 0 else parallel
+  parallel = _parallel_calls(input_config)
 
   def view(element: dict) -> dict[str, tf.Tensor]:
     image = augment.decode(element["image"], channels)
@@ -432,11 +390,7 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
       "image": tf.zeros([size, size, channels], tf.float32),
       "label": tf.constant(-1, tf.int32), "mask": tf.constant(False)})
   ds = ds.concatenate(padding.repeat(num_batches * local_batch - share.num_examples))
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  ds = ds.with_options(options)
+  ds = _deterministic(ds.batch(local_batch, drop_remainder=True))
   return EvalDataset(ds, source=source, num_batches=num_batches, local_batch_size=local_batch,
                      sharding=sharding, global_batch_size=local_batch * count)
 

@@ -1,44 +1,26 @@
 """Segmentation data: sources (``config.input.dataset``) and tf.data pipelines.
 
-Sources (elements ``{"image", "annotation", "id"}``, see :mod:`lut_jax.data.datasets`):
+Sources (elements ``{"image", "annotation", "id"}``; layouts in docs/downstream.md):
+``fashion_seg``, the synthetic task of :mod:`segmentation_synthetic`, generated in memory;
+``folder``, ``config.input.folder`` laid out as ADE20K's ``ADEChallengeData2016`` (checked
+when the source is built: an image without its annotation, sizes that differ, a palette PNG
+whose indices TensorFlow would turn into colours); ``scene_parse150``, tfds's, whose
+annotations are instance masks: the class (one of 100 categories) is the red channel.
+``input.reduce_zero_label``: mmseg's (0 -> ignore, ``1 .. K`` -> ``0 .. K - 1``).
 
-* ``fashion_seg``: the synthetic task of :mod:`segmentation_synthetic`, generated in
-  memory (splits ``train`` / ``test``, sizes from ``config.synthetic``);
-* ``folder``: ``config.input.folder`` laid out as ADE20K's ``ADEChallengeData2016``::
+Training view (mmseg's ADE20K pipeline without its crop retry and photometric distortion):
+resize by a random ratio in ``input.ratio_range`` (of the keep-ratio fit into
+``input.train_scale`` when set, else of the image; bilinear, labels nearest) -> random
+``crop x crop`` crop -> flip with ``input.hflip`` -> normalise -> pad to the crop (image 0,
+labels ignored). Draws are keyed by (seed, epoch, example id), so resuming is exact.
 
-    FOLDER/images/<split>/NAME.jpg   (or .jpeg / .png)
-    FOLDER/annotations/<split>/NAME.png   (one 8-bit channel: the class of each pixel)
-
-  An image without its annotation, sizes that differ, or a palette PNG (whose indices
-  TensorFlow would turn into colours) is a one-line ``errors.DataError`` when the source is
-  built, before any training. Split slices (``training[:100]``) are accepted;
-* ``scene_parse150``: tfds's dataset of that name (``image``, ``annotation``; splits
-  ``train`` and ``test``). Its annotations are the Places Challenge 2017 *instance* masks:
-  the red channel holds one of 100 object categories (0: none), not ADE20K's 150-class
-  semantic maps; the class is read from the red channel. For the published ADE20K-150
-  numbers use ``folder`` on ``ADEChallengeData2016``.
-
-``input.reduce_zero_label`` (ADE20K): label 0 ("other") becomes the ignore label and
-``1 .. K`` become ``0 .. K - 1`` (mmseg's ``reduce_zero_label``).
-
-Training view (mmseg's ADE20K pipeline, simplified): resize by a random ratio in
-``input.ratio_range`` (of the keep-ratio fit into ``input.train_scale`` when set, else of
-the image itself; bilinear, labels nearest) -> random ``crop x crop`` crop -> horizontal
-flip with ``input.hflip`` -> normalise -> pad to the crop (image 0, labels ignored).
-mmseg's crop retry (``cat_max_ratio`` 0.75) and photometric distortion are left out (our
-simplification). Draws are keyed by (seed, epoch, example id): a resumed run sees the
-batches of an uninterrupted one (:func:`lut_jax.data.input_pipeline.epoch_batches`).
-
-Evaluation view: resized to fit ``input.eval_scale`` keeping the ratio (when set;
-mmseg's test resize), normalised, and placed in the top-left corner of a canvas whose
-sides are rounded up to ``input.eval_canvas_multiple`` (and at least the crop): the
-labels are resized with the image (nearest) and scored at that resolution, where mmseg
-resizes the logits back to the original one (our choice: a few canvas shapes, so a few
-compilations, instead of one per image size). Fixed-size sources (``fashion_seg``) come in
-batches of ``input.eval_batch_size``, the last one padded with ignored pixels; others one
-image per process and batch.
-
-This module imports TensorFlow; the model, loss and metrics do not.
+Evaluation view: resized to fit ``input.eval_scale`` keeping the ratio (when set), normalised
+and put in the top-left corner of a canvas with sides rounded up to
+``input.eval_canvas_multiple`` (at least the crop); the labels are resized with it (nearest)
+and scored there, where mmseg resizes the logits back (a few canvas shapes, so a few
+compilations, not one per image size). Fixed-size sources come in batches of
+``input.eval_batch_size`` (the last padded with ignored pixels), others one image per
+process and batch. This module imports TensorFlow; the model, loss and metrics do not.
 """
 
 from __future__ import annotations
@@ -62,17 +44,11 @@ _SEED_SALT = 0x5345  # "SE": keeps these streams apart from the other pipelines'
 
 @dataclasses.dataclass(frozen=True)
 class SegSource:
-  """A split and what the pipelines need to know of it.
+  """A split and what the pipelines need to know of it."""
 
-  Attributes:
-    source: the ``datasets.DataSource`` (elements ``{"image", "annotation", "id"}``).
-    num_classes: classes of the labels after ``reduce_zero_label`` (None: unknown).
-    fixed_size: the side of every (square) image of a fixed-size source, else None.
-  """
-
-  source: datasets.DataSource
-  num_classes: Optional[int]
-  fixed_size: Optional[int] = None
+  source: datasets.DataSource  # elements {"image", "annotation", "id"}
+  num_classes: Optional[int]  # after reduce_zero_label; None: unknown
+  fixed_size: Optional[int] = None  # the side of every (square) image, if they are equal
 
 
 def get_source(input_config: Any, split: str, synthetic: Any = None) -> SegSource:
@@ -113,13 +89,8 @@ def _synthetic_source(split: str, synthetic: Any, data_dir: Optional[str]) -> Se
 
 
 def list_folder(folder: str, split: str) -> list[tuple[str, str]]:
-  """``(image, annotation)`` path pairs of ``split`` (see module doc), sorted by name.
-
-  Raises:
-    errors.DataNotFoundError: no ``images/<split>`` folder or no images in it.
-    errors.DataError: an image without its annotation, sizes that differ, a palette or
-      multi-channel annotation.
-  """
+  """``(image, annotation)`` path pairs of ``split`` (see module doc), sorted by name; a
+  DataNotFoundError without images, a DataError for a pair that does not fit."""
   base = split.split("[")[0]
   image_dir = os.path.join(folder, "images", base)
   label_dir = os.path.join(folder, "annotations", base)
@@ -213,8 +184,6 @@ def _scene_parse_source(split: str, data_dir: Optional[str],
 
 
 # ------------------------------------------------------------------------- decoding
-
-
 def decode_annotation(annotation: tf.Tensor) -> tf.Tensor:
   """Encoded PNG or a uint8 array -> int32 ``(H, W)`` class indices (the first channel:
   the only one of an ADE20K map, the category of a scene_parse150 instance mask)."""
@@ -305,8 +274,6 @@ def eval_view(image: tf.Tensor, labels: tf.Tensor, *, crop: int,
 
 
 # ------------------------------------------------------------------------- pipelines
-
-
 def create_train_iterator(seg: SegSource, input_config: Any, *, batch_size: int, crop: int,
                           channels: int, seed: int, start_step: int = 0,
                           sharding: Optional[jax.sharding.NamedSharding] = None,

@@ -2,13 +2,11 @@
 backgrounds (``fashion_seg``).
 
 Each example is a grey ``S x S`` image: a crop of one of scikit-image's bundled photos
-(:data:`TEXTURES`: files inside the package, no download) with one to ``max_items`` 28 x 28
-Fashion-MNIST items pasted at random positions (56 px and two items by default; the CPU
-preset, ``configs/segmentation.py``, uses 28 px and one item, which then fills the image
-as in pre-training). An item's pixels brighter than
-``threshold`` replace the background; the mask holds ``class + 1`` there (1 .. 10) and 0
-(background) elsewhere, 11 classes in all. A later item covers an earlier one, in the image
-and in the mask alike.
+(:data:`TEXTURES`: no download) with one to ``max_items`` 28 x 28 Fashion-MNIST items
+pasted at random positions (56 px and two items by default; ``configs/segmentation.py``'s
+CPU preset: 28 px, one item, filling the image as in pre-training). An item's pixels
+brighter than ``threshold`` replace the background; the mask holds ``class + 1`` there
+(1 .. 10) and 0 elsewhere, 11 classes in all; a later item covers an earlier one.
 
 Training examples take their items from Fashion-MNIST's train split and their backgrounds
 from the left 70 % of each photo; evaluation examples take items from the test split and
@@ -93,12 +91,9 @@ def make_example(index: int, *, split: str, seed: int, image_size: int, max_item
 def make_split(split: str, num_examples: int, *, seed: int = 0, image_size: int = 56,
                max_items: int = 2, threshold: float = 0.2,
                data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """``num_examples`` examples of ``split`` ("train" or "test"): ``(images uint8
-  (N, S, S), masks uint8 (N, S, S))``.
-
-  Raises:
-    errors.DataError: a bad split or size; Fashion-MNIST or scikit-image missing.
-  """
+  """``(images uint8 (N, S, S), masks uint8 (N, S, S))``: ``num_examples`` examples of
+  ``split`` ("train" or "test"); a DataError for a bad split or size, or Fashion-MNIST or
+  scikit-image missing."""
   if split not in SPLITS:
     raise errors.DataError(f"fashion_seg has splits {sorted(SPLITS)}, not {split!r}")
   if image_size < ITEM_SIZE:

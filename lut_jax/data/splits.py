@@ -11,7 +11,6 @@ import numpy as np
 
 from lut_jax import errors
 
-
 _SLICE = re.compile(r"^(?P<base>[\w-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
 
 
@@ -38,15 +37,12 @@ _SELECTOR = re.compile(r"^(?P<split>[^{]+)\{(?P<body>[^}]*)\}$")
 
 
 def select_examples(split: str, labels: np.ndarray) -> tuple[str, np.ndarray | None]:
-  """Splits ``"train{classes=0-4,per_class=:400}"`` into the split to read (``"train"``)
-  and the indices of the selected examples, in file order (``None``: no selector).
-
-  ``classes=A-B`` (or ``A,B`` with ``;``: ``classes=0;3;7``) keeps those labels;
-  ``per_class=START:STOP`` keeps, of each class, its examples ``START..STOP-1`` counted in
-  file order. So ``train{per_class=:400}`` is a fixed, class-balanced subset and
-  ``train{per_class=400:500}`` a disjoint held-out one. ``labels`` may be ``None`` to only
-  parse.
-  """
+  """Splits ``"train{classes=0-4,per_class=:400}"`` into the split to read (``"train"``) and
+  the indices of the selected examples, in file order (``None``: no selector). ``classes=A-B``
+  (or ``A,B`` with ``;``: ``classes=0;3;7``) keeps those labels; ``per_class=START:STOP``
+  keeps, of each class, its examples ``START..STOP-1`` counted in file order. So
+  ``train{per_class=:400}`` is a fixed, class-balanced subset and ``train{per_class=400:500}``
+  a disjoint held-out one. ``labels`` may be ``None`` to only parse."""
   match = _SELECTOR.match(split.replace(" ", ""))
   if match is None:
     return split, None

@@ -1,13 +1,10 @@
 """Opening a tfds data set for either input path, without ever downloading it.
 
-``tfds.data_source`` and ``tfds.load`` download and prepare a data set that is missing
-unless told ``download=False`` (CIFAR-10 offline: minutes of retries, then ``*.tmp.*``
-files left in the data directory). Both input paths open tfds names here instead:
-``tfds.builder`` only reads (the builder's code and any prepared copy's metadata), and a
-data set that is not prepared stops with one line on how to prepare it, before anything
-is written.
-
-No TensorFlow here (tensorflow_datasets imports it lazily): the device path uses this.
+``tfds.data_source`` and ``tfds.load`` download a missing data set unless told
+``download=False`` (CIFAR-10 offline: minutes of retries, then ``*.tmp.*`` files left
+behind). ``tfds.builder`` only reads, and a data set that is not prepared stops here with
+one line on how to prepare it. No TensorFlow (tfds imports it lazily): the device path
+uses this too.
 """
 
 from __future__ import annotations
@@ -21,19 +18,10 @@ from lut_jax import errors
 
 def prepared_builder(name: str, data_dir: str | None, *, random_access: bool = False):
   """The builder of tfds data set ``name`` (``"cifar10"``, ``"imagenet2012:5.1.0"``),
-  prepared under ``data_dir`` (tfds's default when None).
-
-  Args:
-    name: tfds name, with optional config and version.
-    data_dir: where the prepared data set is.
-    random_access: the caller reads through ``as_data_source`` (the device path), which
-      needs the array_record format: the advice on preparing it says so.
-
-  Raises:
-    errors.DataError: tfds knows no data set ``name`` (the message names close ones), or
-      not its config or version.
-    errors.DataNotFoundError: (also a FileNotFoundError) the data set is not prepared under
-      ``data_dir``; the message says how to prepare it.
+  prepared under ``data_dir`` (tfds's default when None). A DataError when tfds knows no
+  such name (naming close ones), config or version; a DataNotFoundError saying how to
+  prepare it when it is not prepared (in array_record for ``random_access``, the device
+  path's ``as_data_source``).
   """
   try:
     builder = tfds.builder(name, data_dir=data_dir)

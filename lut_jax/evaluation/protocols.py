@@ -1,9 +1,8 @@
 """The evaluation protocols by name (``config.mode``), which ``lut-eval`` dispatches through.
 
 A protocol is a module with ``validate(config)`` (its own fields; raises
-``eval_config.EvalConfigError``) and ``run(config, workdir)`` (runs it, writes
-``workdir/<mode>_results.json`` and returns the results). Adding one: its module, its
-config file (``configs/<mode>.py``, built on ``eval_config.base_config``) and a line below.
+``eval_config.EvalConfigError``) and ``run(config, workdir)`` (writes and returns its
+results); adding one: docs/architecture.md.
 """
 
 from __future__ import annotations

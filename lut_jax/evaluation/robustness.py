@@ -1,28 +1,12 @@
-"""Robustness of a fine-tuned ImageNet classifier on ImageNet's shifted test sets.
+"""Robustness of a fine-tuned ImageNet classifier (a checkpoint of a fine-tuning work
+directory) on ImageNet-V2, -A, -R, -Sketch and -C: what is measured, and the outputs, are
+in docs/downstream.md.
 
-The classifier is a checkpoint of a fine-tuning work directory
-(:mod:`lut_jax.evaluation.finetune`; its best top-1 one by default): the parameters, and the
-encoder architecture and input size that the run recorded beside its checkpoints. It is
-evaluated with ImageNet's centre-crop view on
-
-* ImageNet-V2 (matched frequency) and ImageNet-Sketch: top-1 over the 1000 classes;
-* ImageNet-A and ImageNet-R, 200-class subsets: their authors' protocol keeps the logits of
-  the subset's classes only and takes the argmax among them;
-* ImageNet-C: top-1 per corruption and severity, the corruption error
-  ``CE_c = sum_s err(s, c) / sum_s err_AlexNet(s, c)`` and ``mCE``, the mean CE over the 15
-  benchmark corruptions (both x 100; Hendrycks & Dietterich, ICLR 2019), and the plain mean
-  top-1 over the benchmark corruptions and severities.
-
-Labels: tfds labels all five sets with ImageNet-1k indices (its ``imagenet2012`` label
-order, the sorted WordNet IDs). An image folder in a set's released layout (one sub-folder
-per WordNet ID) lists its classes in sorted order too: 1000 folders are ImageNet-1k indices
-as they are, 200 (ImageNet-A / -R) index the subset's sorted list; folders named otherwise
-(ImageNet-V2's release numbers them) are refused rather than mislabelled.
-
-Results: ``workdir/robustness_results.json`` (``"<set>/top1"`` keys, the ImageNet-C
-breakdown under ``"imagenet_c/..."``) and the same as Markdown tables in
-``workdir/robustness_results.md``. A set that is not prepared is skipped and listed, or
-stops the run with ``skip_missing=False``.
+Labels: tfds labels all five sets with ImageNet-1k indices (the sorted WordNet IDs). An
+image folder in a set's released layout (one sub-folder per WordNet ID) lists its classes
+sorted too: 1000 folders are ImageNet-1k indices as they are, 200 (ImageNet-A / -R) index
+the subset's sorted list; folders named otherwise (ImageNet-V2's release numbers them) are
+refused rather than mislabelled.
 """
 
 from __future__ import annotations
@@ -78,69 +62,57 @@ ALEXNET_ERRORS = {
 # The WordNet IDs of ImageNet-A's and ImageNet-R's 200 classes, sorted: the classes that
 # thousand_k_to_200 maps in github.com/hendrycks/natural-adv-examples' eval.py, and
 # imagenet_r_wnids of github.com/hendrycks/imagenet-r's eval.py.
-IMAGENET_A_WNIDS = (
-    "n01498041", "n01531178", "n01534433", "n01558993", "n01580077", "n01614925", "n01616318",
-    "n01631663", "n01641577", "n01669191", "n01677366", "n01687978", "n01694178", "n01698640",
-    "n01735189", "n01770081", "n01770393", "n01774750", "n01784675", "n01819313", "n01820546",
-    "n01833805", "n01843383", "n01847000", "n01855672", "n01882714", "n01910747", "n01914609",
-    "n01924916", "n01944390", "n01985128", "n01986214", "n02007558", "n02009912", "n02037110",
-    "n02051845", "n02077923", "n02085620", "n02099601", "n02106550", "n02106662", "n02110958",
-    "n02119022", "n02123394", "n02127052", "n02129165", "n02133161", "n02137549", "n02165456",
-    "n02174001", "n02177972", "n02190166", "n02206856", "n02219486", "n02226429", "n02231487",
-    "n02233338", "n02236044", "n02259212", "n02268443", "n02279972", "n02280649", "n02281787",
-    "n02317335", "n02325366", "n02346627", "n02356798", "n02361337", "n02410509", "n02445715",
-    "n02454379", "n02486410", "n02492035", "n02504458", "n02655020", "n02669723", "n02672831",
-    "n02676566", "n02690373", "n02701002", "n02730930", "n02777292", "n02782093", "n02787622",
-    "n02793495", "n02797295", "n02802426", "n02814860", "n02815834", "n02837789", "n02879718",
-    "n02883205", "n02895154", "n02906734", "n02948072", "n02951358", "n02980441", "n02992211",
-    "n02999410", "n03014705", "n03026506", "n03124043", "n03125729", "n03187595", "n03196217",
-    "n03223299", "n03250847", "n03255030", "n03291819", "n03325584", "n03355925", "n03384352",
-    "n03388043", "n03417042", "n03443371", "n03444034", "n03445924", "n03452741", "n03483316",
-    "n03584829", "n03590841", "n03594945", "n03617480", "n03666591", "n03670208", "n03717622",
-    "n03720891", "n03721384", "n03724870", "n03775071", "n03788195", "n03804744", "n03837869",
-    "n03840681", "n03854065", "n03888257", "n03891332", "n03935335", "n03982430", "n04019541",
-    "n04033901", "n04039381", "n04067472", "n04086273", "n04099969", "n04118538", "n04131690",
-    "n04133789", "n04141076", "n04146614", "n04147183", "n04179913", "n04208210", "n04235860",
-    "n04252077", "n04252225", "n04254120", "n04270147", "n04275548", "n04310018", "n04317175",
-    "n04344873", "n04347754", "n04355338", "n04366367", "n04376876", "n04389033", "n04399382",
-    "n04442312", "n04456115", "n04482393", "n04507155", "n04509417", "n04532670", "n04540053",
-    "n04554684", "n04562935", "n04591713", "n04606251", "n07583066", "n07695742", "n07697313",
-    "n07697537", "n07714990", "n07718472", "n07720875", "n07734744", "n07749582", "n07753592",
-    "n07760859", "n07768694", "n07831146", "n09229709", "n09246464", "n09472597", "n09835506",
-    "n11879895", "n12057211", "n12144580", "n12267677",
-)
+IMAGENET_A_WNIDS = tuple("""
+    n01498041 n01531178 n01534433 n01558993 n01580077 n01614925 n01616318 n01631663 n01641577
+    n01669191 n01677366 n01687978 n01694178 n01698640 n01735189 n01770081 n01770393 n01774750
+    n01784675 n01819313 n01820546 n01833805 n01843383 n01847000 n01855672 n01882714 n01910747
+    n01914609 n01924916 n01944390 n01985128 n01986214 n02007558 n02009912 n02037110 n02051845
+    n02077923 n02085620 n02099601 n02106550 n02106662 n02110958 n02119022 n02123394 n02127052
+    n02129165 n02133161 n02137549 n02165456 n02174001 n02177972 n02190166 n02206856 n02219486
+    n02226429 n02231487 n02233338 n02236044 n02259212 n02268443 n02279972 n02280649 n02281787
+    n02317335 n02325366 n02346627 n02356798 n02361337 n02410509 n02445715 n02454379 n02486410
+    n02492035 n02504458 n02655020 n02669723 n02672831 n02676566 n02690373 n02701002 n02730930
+    n02777292 n02782093 n02787622 n02793495 n02797295 n02802426 n02814860 n02815834 n02837789
+    n02879718 n02883205 n02895154 n02906734 n02948072 n02951358 n02980441 n02992211 n02999410
+    n03014705 n03026506 n03124043 n03125729 n03187595 n03196217 n03223299 n03250847 n03255030
+    n03291819 n03325584 n03355925 n03384352 n03388043 n03417042 n03443371 n03444034 n03445924
+    n03452741 n03483316 n03584829 n03590841 n03594945 n03617480 n03666591 n03670208 n03717622
+    n03720891 n03721384 n03724870 n03775071 n03788195 n03804744 n03837869 n03840681 n03854065
+    n03888257 n03891332 n03935335 n03982430 n04019541 n04033901 n04039381 n04067472 n04086273
+    n04099969 n04118538 n04131690 n04133789 n04141076 n04146614 n04147183 n04179913 n04208210
+    n04235860 n04252077 n04252225 n04254120 n04270147 n04275548 n04310018 n04317175 n04344873
+    n04347754 n04355338 n04366367 n04376876 n04389033 n04399382 n04442312 n04456115 n04482393
+    n04507155 n04509417 n04532670 n04540053 n04554684 n04562935 n04591713 n04606251 n07583066
+    n07695742 n07697313 n07697537 n07714990 n07718472 n07720875 n07734744 n07749582 n07753592
+    n07760859 n07768694 n07831146 n09229709 n09246464 n09472597 n09835506 n11879895 n12057211
+    n12144580 n12267677
+""".split())
 
-IMAGENET_R_WNIDS = (
-    "n01443537", "n01484850", "n01494475", "n01498041", "n01514859", "n01518878", "n01531178",
-    "n01534433", "n01614925", "n01616318", "n01630670", "n01632777", "n01644373", "n01677366",
-    "n01694178", "n01748264", "n01770393", "n01774750", "n01784675", "n01806143", "n01820546",
-    "n01833805", "n01843383", "n01847000", "n01855672", "n01860187", "n01882714", "n01910747",
-    "n01944390", "n01983481", "n01986214", "n02007558", "n02009912", "n02051845", "n02056570",
-    "n02066245", "n02071294", "n02077923", "n02085620", "n02086240", "n02088094", "n02088238",
-    "n02088364", "n02088466", "n02091032", "n02091134", "n02092339", "n02094433", "n02096585",
-    "n02097298", "n02098286", "n02099601", "n02099712", "n02102318", "n02106030", "n02106166",
-    "n02106550", "n02106662", "n02108089", "n02108915", "n02109525", "n02110185", "n02110341",
-    "n02110958", "n02112018", "n02112137", "n02113023", "n02113624", "n02113799", "n02114367",
-    "n02117135", "n02119022", "n02123045", "n02128385", "n02128757", "n02129165", "n02129604",
-    "n02130308", "n02134084", "n02138441", "n02165456", "n02190166", "n02206856", "n02219486",
-    "n02226429", "n02233338", "n02236044", "n02268443", "n02279972", "n02317335", "n02325366",
-    "n02346627", "n02356798", "n02363005", "n02364673", "n02391049", "n02395406", "n02398521",
-    "n02410509", "n02423022", "n02437616", "n02445715", "n02447366", "n02480495", "n02480855",
-    "n02481823", "n02483362", "n02486410", "n02510455", "n02526121", "n02607072", "n02655020",
-    "n02672831", "n02701002", "n02749479", "n02769748", "n02793495", "n02797295", "n02802426",
-    "n02808440", "n02814860", "n02823750", "n02841315", "n02843684", "n02883205", "n02906734",
-    "n02909870", "n02939185", "n02948072", "n02950826", "n02951358", "n02966193", "n02980441",
-    "n02992529", "n03124170", "n03272010", "n03345487", "n03372029", "n03424325", "n03452741",
-    "n03467068", "n03481172", "n03494278", "n03495258", "n03498962", "n03594945", "n03602883",
-    "n03630383", "n03649909", "n03676483", "n03710193", "n03773504", "n03775071", "n03888257",
-    "n03930630", "n03947888", "n04086273", "n04118538", "n04133789", "n04141076", "n04146614",
-    "n04147183", "n04192698", "n04254680", "n04266014", "n04275548", "n04310018", "n04325704",
-    "n04347754", "n04389033", "n04409515", "n04465501", "n04487394", "n04522168", "n04536866",
-    "n04552348", "n04591713", "n07614500", "n07693725", "n07695742", "n07697313", "n07697537",
-    "n07714571", "n07714990", "n07718472", "n07720875", "n07734744", "n07742313", "n07745940",
-    "n07749582", "n07753275", "n07753592", "n07768694", "n07873807", "n07880968", "n07920052",
-    "n09472597", "n09835506", "n10565667", "n12267677",
-)
+IMAGENET_R_WNIDS = tuple("""
+    n01443537 n01484850 n01494475 n01498041 n01514859 n01518878 n01531178 n01534433 n01614925
+    n01616318 n01630670 n01632777 n01644373 n01677366 n01694178 n01748264 n01770393 n01774750
+    n01784675 n01806143 n01820546 n01833805 n01843383 n01847000 n01855672 n01860187 n01882714
+    n01910747 n01944390 n01983481 n01986214 n02007558 n02009912 n02051845 n02056570 n02066245
+    n02071294 n02077923 n02085620 n02086240 n02088094 n02088238 n02088364 n02088466 n02091032
+    n02091134 n02092339 n02094433 n02096585 n02097298 n02098286 n02099601 n02099712 n02102318
+    n02106030 n02106166 n02106550 n02106662 n02108089 n02108915 n02109525 n02110185 n02110341
+    n02110958 n02112018 n02112137 n02113023 n02113624 n02113799 n02114367 n02117135 n02119022
+    n02123045 n02128385 n02128757 n02129165 n02129604 n02130308 n02134084 n02138441 n02165456
+    n02190166 n02206856 n02219486 n02226429 n02233338 n02236044 n02268443 n02279972 n02317335
+    n02325366 n02346627 n02356798 n02363005 n02364673 n02391049 n02395406 n02398521 n02410509
+    n02423022 n02437616 n02445715 n02447366 n02480495 n02480855 n02481823 n02483362 n02486410
+    n02510455 n02526121 n02607072 n02655020 n02672831 n02701002 n02749479 n02769748 n02793495
+    n02797295 n02802426 n02808440 n02814860 n02823750 n02841315 n02843684 n02883205 n02906734
+    n02909870 n02939185 n02948072 n02950826 n02951358 n02966193 n02980441 n02992529 n03124170
+    n03272010 n03345487 n03372029 n03424325 n03452741 n03467068 n03481172 n03494278 n03495258
+    n03498962 n03594945 n03602883 n03630383 n03649909 n03676483 n03710193 n03773504 n03775071
+    n03888257 n03930630 n03947888 n04086273 n04118538 n04133789 n04141076 n04146614 n04147183
+    n04192698 n04254680 n04266014 n04275548 n04310018 n04325704 n04347754 n04389033 n04409515
+    n04465501 n04487394 n04522168 n04536866 n04552348 n04591713 n07614500 n07693725 n07695742
+    n07697313 n07697537 n07714571 n07714990 n07718472 n07720875 n07734744 n07742313 n07745940
+    n07749582 n07753275 n07753592 n07768694 n07873807 n07880968 n07920052 n09472597 n09835506
+    n10565667 n12267677
+""".split())
 SUBSETS = {"imagenet_a": IMAGENET_A_WNIDS, "imagenet_r": IMAGENET_R_WNIDS}
 
 # ImageNet-C besides tfds (which makes it from ImageNet's manual download): the authors'
@@ -164,8 +136,6 @@ def subset_indices(wnids: Sequence[str]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ metrics
-
-
 def restricted_predictions(logits: jax.Array,
                            class_indices: Optional[np.ndarray] = None) -> jax.Array:
   """The ImageNet-1k index of each row's highest logit among ``class_indices`` (all
@@ -186,13 +156,11 @@ def correct_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array,
 
 
 def corruption_metrics(top1: Mapping[tuple[str, int], float]) -> dict[str, float]:
-  """ImageNet-C metrics from the top-1 (percent) of each ``(corruption, severity)``.
-
-  Returns ``imagenet_c/<c>/<s>/top1``; ``imagenet_c/<c>/top1`` (mean over the severities);
-  ``imagenet_c/<c>/ce`` = 100 x sum_s err / sum_s err_AlexNet for a benchmark corruption
-  with all five severities; ``imagenet_c/mce``, the mean CE, once all 15 have one; and
-  ``imagenet_c/mean_top1`` over the benchmark corruptions' evaluated severities.
-  """
+  """ImageNet-C metrics from the top-1 (percent) of each ``(corruption, severity)``. Returns
+  ``imagenet_c/<c>/<s>/top1``; ``imagenet_c/<c>/top1`` (mean over the severities);
+  ``imagenet_c/<c>/ce`` = 100 x sum_s err / sum_s err_AlexNet for a benchmark corruption with
+  all five severities; ``imagenet_c/mce``, the mean CE, once all 15 have one; and
+  ``imagenet_c/mean_top1`` over the benchmark corruptions' evaluated severities."""
   out = {f"imagenet_c/{c}/{s}/top1": float(v) for (c, s), v in sorted(top1.items())}
   for c in dict.fromkeys(c for c, _ in sorted(top1)):
     accuracies = [top1[(c, s)] for s in SEVERITIES if (c, s) in top1]
@@ -210,32 +178,18 @@ def corruption_metrics(top1: Mapping[tuple[str, int], float]) -> dict[str, float
 
 
 # ------------------------------------------------------------------------------ classifier
-
-
 @dataclasses.dataclass(frozen=True)
 class FinetunedClassifier:
-  """A fine-tuned classifier read back from its work directory.
-
-  Attributes:
-    model: the :class:`lut_jax.models.classifier.FinetuneViT`.
-    params: its parameters (replicated on every device).
-    channels: input channels.
-    num_classes: classes of its head.
-    step: the checkpoint step loaded.
-    top1: the eval top-1 recorded with that checkpoint (fine-tuning's eval split), or None.
-    workdir: the fine-tuning work directory (absolute when local).
-    record: what the fine-tuning run recorded of its encoder and input (the resume key of
-      :func:`lut_jax.evaluation.features.check_resume_key`).
-  """
+  """A fine-tuned classifier read back from its work directory."""
 
   model: classifier_lib.FinetuneViT
-  params: Any
+  params: Any  # replicated on every device
   channels: int
   num_classes: int
-  step: int
-  top1: Optional[float]
-  workdir: str
-  record: dict[str, Any]
+  step: int  # of the checkpoint loaded
+  top1: Optional[float]  # the eval top-1 recorded with that checkpoint, if any
+  workdir: str  # absolute when local
+  record: dict[str, Any]  # the fine-tuning run's resume key: its encoder and input
 
   @property
   def image_size(self) -> int:
@@ -244,18 +198,9 @@ class FinetunedClassifier:
 
 def load_finetuned(workdir: str, checkpoint: str = "best", dtype: str = "",
                    sharding: Optional[jax.sharding.Sharding] = None) -> FinetunedClassifier:
-  """The classifier of a fine-tuning work directory (``configs/finetune.py``'s ``--workdir``).
-
-  Args:
-    workdir: the fine-tuning work directory.
-    checkpoint: ``"best"`` (the kept step with the highest eval top-1), ``"latest"`` or a
-      step number.
-    dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; ``""``: the fine-tuning run's
-      (its ``config.json``), else float32.
-    sharding: of the parameters; default replicated on every device.
-
-  Raises:
-    errors.WorkdirError: not a fine-tuning work directory, or no such checkpoint.
+  """The classifier of a fine-tuning work directory at ``checkpoint`` (as
+  :func:`lut_jax.weights.loading.load_finetuned`); ``dtype`` ``"float32"`` or
+  ``"bfloat16"``, ``""``: the fine-tuning run's (its ``config.json``), else float32.
   """
   if sharding is None:
     sharding = sharding_lib.replicated(sharding_lib.create_mesh(1))
@@ -284,29 +229,17 @@ def load_finetuned(workdir: str, checkpoint: str = "best", dtype: str = "",
 
 
 # ------------------------------------------------------------------------------ data
-
-
 @dataclasses.dataclass(frozen=True)
 class Part:
-  """One dataset read: a set, or one corruption and severity of ImageNet-C.
+  """One dataset read: a set, or one corruption and severity of ImageNet-C."""
 
-  Attributes:
-    set_name: a :data:`SETS` name.
-    key: the results' key prefix: the set name, or ``imagenet_c/<corruption>/<severity>``.
-    dataset: the data source (a tfds name or ``folder:PATH``; ``lut_jax.data.datasets``).
-    split: the split read.
-    crop_pct: the eval view's centre crop.
-    set_dataset: the set's ``robustness.<set>.dataset`` (ImageNet-C's root).
-    corruption: ``(corruption, severity)`` for ImageNet-C.
-  """
-
-  set_name: str
-  key: str
-  dataset: str
+  set_name: str  # a SETS name
+  key: str  # the results' key prefix: the set name, or imagenet_c/<corruption>/<severity>
+  dataset: str  # a tfds name or folder:PATH
   split: str
-  crop_pct: float
-  set_dataset: str
-  corruption: Optional[tuple[str, int]] = None
+  crop_pct: float  # the eval view's centre crop
+  set_dataset: str  # the set's robustness.<set>.dataset (ImageNet-C's root)
+  corruption: Optional[tuple[str, int]] = None  # (corruption, severity) for ImageNet-C
 
 
 def _items(value: str) -> list[str]:
@@ -353,12 +286,9 @@ def _class_folders(part: Part) -> list[str]:
 
 
 def label_map(part: Part, num_classes: Optional[int]) -> Optional[np.ndarray]:
-  """ImageNet-1k index of each of the source's labels; None when they are already that.
-
-  Raises:
-    errors.DataError: the source's classes are neither ImageNet-1k's nor its subset's
-      (checked by name for an image folder).
-  """
+  """ImageNet-1k index of each of the source's labels; None when they are already that. A
+  DataError when its classes are neither ImageNet-1k's nor its subset's (an image folder's
+  are checked by name)."""
   subset = SUBSETS.get(part.set_name)
   expected = {NUM_IMAGENET_CLASSES: imagenet_wnids()}
   if subset is not None:
@@ -403,8 +333,6 @@ def _skip_reason(name: str, error: errors.DataNotFoundError, count: int, total: 
 
 
 # ------------------------------------------------------------------------------ run
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """The robustness fields (``configs/robustness.py``)."""
   fail = eval_config.fail
@@ -446,15 +374,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         classifier: Optional[FinetunedClassifier] = None) -> dict[str, Any]:
-  """Evaluates ``config.finetuned`` on ``config.sets``; writes and returns the results.
-
-  Returns:
-    ``{"<set>/top1": percent, "imagenet_c/...": ..., "examples": {key: images},
-    "checkpoint": {"step", "top1"}, "skipped": {set: why}}``.
-
-  Raises:
-    errors.DataNotFoundError: no set is prepared, or one is not and ``skip_missing`` is off.
-    errors.ConfigError: the classifier is not an ImageNet-1k one.
+  """Evaluates ``config.finetuned`` on ``config.sets``; writes and returns the results
+  (``{"<set>/top1": percent, "imagenet_c/...": ..., "examples", "checkpoint", "skipped"}``).
   """
   from lut_jax.data import input_pipeline  # optional: tensorflow
 
@@ -563,8 +484,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 # ------------------------------------------------------------------------------ report
-
-
 def _fmt(value: Optional[float]) -> str:
   return "-" if value is None else f"{value:.2f}"
 

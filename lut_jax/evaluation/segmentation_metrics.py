@@ -26,11 +26,8 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                         ignore_label: int = IGNORE_LABEL) -> jax.Array:
   """Mean softmax cross-entropy over the labelled pixels (PyTorch's ``cross_entropy`` with
   ``ignore_index``); 0 for a batch without any. ``logits`` ``(..., K)``, ``labels`` ``(...)``.
-
-  mmseg's ``CrossEntropyLoss`` (without ``avg_non_ignore``) divides by every pixel,
-  labelled or not; here ignored pixels do not dilute the loss (our choice, PyTorch's
-  default).
-  """
+  mmseg's ``CrossEntropyLoss`` (without ``avg_non_ignore``) divides by every pixel, labelled or
+  not; here ignored pixels do not dilute the loss (our choice, PyTorch's default)."""
   num_classes = logits.shape[-1]
   valid = valid_pixels(labels, num_classes, ignore_label)
   safe = jnp.where(valid, labels, 0)

@@ -1,12 +1,10 @@
-"""The ViT classifier of fine-tuning (and of robustness, which reads it back): the
-pre-trained encoder with MAE's global-average-pool head, and the copy of pre-trained encoder
-weights into a new model (also the segmentation model's, :mod:`lut_jax.models.segmenter`).
+"""The ViT classifier of fine-tuning and robustness (:class:`FinetuneViT`), and the copy of
+pre-trained encoder weights into a new model (also the segmentation model's).
 
-* :class:`FinetuneViT`: the pre-trained ViT with stochastic depth (drop path linearly
-  increasing over the blocks), then MAE's global-average-pool head: mean of the patch tokens
-  -> ``fc_norm`` LayerNorm -> ``head`` linear (weights N(0, 2e-5), zero bias). As in MAE,
-  the encoder's final ``norm`` is dropped in this mode (``fc_norm`` replaces it); with
-  ``pool="cls"`` the final ``norm`` is kept and the cls token classified.
+:class:`FinetuneViT`: the pre-trained ViT with stochastic depth (drop path rising linearly
+over the blocks), then MAE's global-pool head: mean patch token -> ``fc_norm`` LayerNorm
+-> ``head`` linear (N(0, 2e-5), zero bias), the encoder's final ``norm`` dropped; with
+``pool="cls"`` the final ``norm`` is kept and the cls token classified.
 """
 
 from __future__ import annotations
@@ -23,23 +21,15 @@ import numpy as np
 from lut_jax.models import variants, vit
 
 
-class FinetuneViT(nn.Module):
-  """Pre-trained encoder + classification head (``pool``: ``"mean"`` = MAE's global pool
-  with ``fc_norm``; ``"cls"`` = the cls token after the final norm)."""
+class FinetuneViT(vit.EncoderArchitecture, kw_only=True):
+  """Pre-trained encoder + classification head (``pool``: ``"mean"`` or ``"cls"``)."""
 
   num_classes: int
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_ratio: float = 4.0
   drop_path_rate: float = 0.1
   pool: str = "mean"
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
-  gelu_approximate: bool = False  # as the encoder was pre-trained (model.gelu_approximate)
   learned_pos_embed: bool = True  # finetune.learn_pos_embed
 
   @nn.compact
@@ -66,12 +56,10 @@ def build_model(encoder: variants.EncoderConfig, *, num_classes: int, image_size
                 drop_path_rate: float, pool: str = "mean", dtype: Any = jnp.float32,
                 remat: bool = False, attention_impl: Optional[str] = None,
                 learned_pos_embed: bool = True) -> FinetuneViT:
-  """The fine-tuning model around a pre-trained encoder's architecture.
-
-  ``image_size`` may differ from pre-training: the sin-cos positions are computed for the
-  new grid (the reference interpolates the pre-training table bicubically instead). With
-  ``learned_pos_embed`` (the reference's fine-tuning) they start there and are trained.
-  """
+  """The fine-tuning model around a pre-trained encoder's architecture. ``image_size`` may
+  differ from pre-training: the sin-cos positions are computed for the new grid (the reference
+  interpolates the pre-training table bicubically instead). With ``learned_pos_embed`` (the
+  reference's fine-tuning) they start there and are trained."""
   if image_size % encoder.patch_size:
     raise ValueError(f"image size {image_size} is not divisible by patch size "
                      f"{encoder.patch_size}")
@@ -83,11 +71,9 @@ def build_model(encoder: variants.EncoderConfig, *, num_classes: int, image_size
 
 def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
                 channels: int) -> Any:
-  """Fresh head parameters with the pre-trained encoder's weights in ``params["encoder"]``.
+  """Fresh head parameters with the pre-trained encoder's weights in ``params["encoder"]``
+  (:func:`copy_pretrained_encoder`)."""
 
-  The encoder's final ``norm`` is dropped for the global-pool head (MAE deletes it); any
-  other missing, extra or mis-shaped encoder tensor is an error.
-  """
   images = jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
   # jit: fast when called eagerly, inlined when called under an outer jit.
   params = jax.jit(functools.partial(model.init, train=False))(key, images)["params"]
@@ -95,14 +81,11 @@ def init_params(model: FinetuneViT, key: jax.Array, pretrained_params: Any,
 
 
 def copy_pretrained_encoder(encoder_params: Any, pretrained_params: Any) -> Any:
-  """``encoder_params`` (a freshly initialised encoder tree) with every tensor replaced by
-  the pre-trained one, in the target's dtype.
-
-  The pre-trained final ``norm`` is dropped when the target has none (MAE's global-pool
-  head, segmentation's multi-level features); a learned ``pos_embed`` the pre-trained
-  encoder lacks (its table was fixed) keeps its initial value, that same sin-cos table;
-  any other missing, extra or mis-shaped tensor is an error.
-  """
+  """``encoder_params`` (a freshly initialised encoder tree) with every tensor replaced by the
+  pre-trained one, in the target's dtype. The pre-trained final ``norm`` is dropped when the
+  target has none (MAE's global-pool head, segmentation's multi-level features); a learned
+  ``pos_embed`` the pre-trained encoder lacks (its table was fixed) keeps its initial value,
+  that same sin-cos table; any other missing, extra or mis-shaped tensor is an error."""
   target = traverse_util.flatten_dict(encoder_params)
   source = traverse_util.flatten_dict(jax.tree.map(np.asarray, pretrained_params))
   if ("pos_embed",) in target and ("pos_embed",) not in source:

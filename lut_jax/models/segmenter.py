@@ -1,23 +1,18 @@
 """The segmentation model (pre-trained ViT -> multi-level features -> neck -> UperNet) and
-its inference: whole-image and sliding-window logits.
+its inference: whole-image and sliding-window logits. No TensorFlow.
 
 Backbone (BEiT's ``out_indices``): the patch tokens after four blocks of the pre-trained
-encoder, each reshaped to a ``(grid, grid, width)`` map; no final LayerNorm (BEiT's
-backbone has none on these outputs, so the pre-trained ``norm`` is dropped). The blocks
-(counted from one) are those at a third, half, two thirds and the whole of the depth,
-rounded: 4, 6, 8, 12 of 12 (BEiT's ``[3, 5, 7, 11]``), 8, 12, 16, 24 of 24 (BEiT-L's),
-2, 3, 4, 6 of 6; a depth below 4 repeats blocks (:func:`feature_blocks`).
+encoder as ``(grid, grid, width)`` maps, without the final LayerNorm (BEiT's has none
+there). The blocks (from one) are at a third, half, two thirds and all of the depth,
+rounded: 4, 6, 8, 12 of 12 (BEiT's ``[3, 5, 7, 11]``), 8, 12, 16, 24 of 24, 2, 3, 4, 6 of
+6; a depth below 4 repeats blocks (:func:`feature_blocks`). The fixed sin-cos positions
+follow the grid, so the encoder runs at the crop size whatever size it was pre-trained at
+(learned position tables are refused when loaded: none needs interpolating).
 
-Positions are the encoder's fixed sin-cos table, a function of the grid
-(:class:`lut_jax.models.vit.Encoder`), so the encoder runs at the crop size whatever size it
-was pre-trained at. Weights with a learned position table are refused when loaded
-(:func:`lut_jax.weights.loading.load`), so none needs interpolating.
-
-The encoder's parameters sit under ``params["encoder"]`` with the pre-trained names
-(``patch_embed``, ``cls_token``, ``blocks_i``), so :func:`lut_jax.runtime.optim.layer_id` puts
-them in layers ``0 .. depth`` of the layer-wise lr decay and the new neck and heads in
-layer ``depth + 1`` (the full lr), as BEiT's ``LayerDecayOptimizerConstructor``. No
-TensorFlow.
+The encoder's parameters keep their pre-trained names under ``params["encoder"]``, so
+:func:`lut_jax.runtime.optim.layer_id` puts them in layers ``0 .. depth`` of the layer-wise
+lr decay and the new neck and heads in layer ``depth + 1`` (BEiT's
+``LayerDecayOptimizerConstructor``).
 """
 
 from __future__ import annotations
@@ -52,23 +47,15 @@ def token_maps(tokens: Sequence[jax.Array]) -> list[jax.Array]:
   return out
 
 
-class SegmentationViT(nn.Module):
+class SegmentationViT(vit.EncoderArchitecture, kw_only=True):
   """Pre-trained encoder + :class:`upernet.MultiLevelNeck` + :class:`upernet.UperNetHead`
   (+ the auxiliary :class:`upernet.FCNHead` on level ``aux_level`` when ``aux_channels``).
-
   Returns ``{"logits"}`` (and ``"aux_logits"`` in training) as float32
   ``(batch, H, W, num_classes)`` at the input's resolution (bilinear upsampling, as mmseg
-  before its loss and in inference).
-  """
+  before its loss and in inference)."""
 
   num_classes: int
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
   feature_blocks: Sequence[int]
-  mlp_ratio: float = 4.0
   rescales: Sequence[float] = (4, 2, 1, 0.5)
   channels: int = 768
   pool_scales: Sequence[int] = (1, 2, 3, 6)
@@ -80,7 +67,6 @@ class SegmentationViT(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
-  gelu_approximate: bool = False  # as the encoder was pre-trained (model.gelu_approximate)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
@@ -136,8 +122,6 @@ def init_variables(model: SegmentationViT, key: jax.Array, pretrained_params: An
 
 
 # ------------------------------------------------------------------------ inference
-
-
 def window_starts(size: jax.Array, canvas: int, crop: int, stride: int) -> tuple[jax.Array,
                                                                                jax.Array]:
   """Origins of mmseg's sliding windows along one axis of an image ``size`` pixels long
@@ -154,21 +138,13 @@ def window_starts(size: jax.Array, canvas: int, crop: int, stride: int) -> tuple
 
 def slide_logits(forward: Callable[[jax.Array], jax.Array], image: jax.Array,
                  size: jax.Array, *, crop: int, stride: int, num_classes: int) -> jax.Array:
-  """Sliding-window logits of one image: the mean of the logits of every window that
-  covers a pixel (mmseg's ``slide_inference``).
+  """Sliding-window logits of one image, ``(H, W, num_classes)`` float32: the mean of the
+  logits of every window that covers a pixel (mmseg's ``slide_inference``), zero outside.
+  ``forward``: ``(n, crop, crop, C) -> (n, crop, crop, num_classes)`` logits. ``image``
+  ``(H, W, C)``, at least ``crop`` on each side: the image in its top-left ``size`` (``(2,)``
+  int, may be traced) corner, padding beyond it (in a window only if the image is smaller than
+  the crop). ``stride``: step between windows."""
 
-  Args:
-    forward: ``(n, crop, crop, C) -> (n, crop, crop, num_classes)`` logits.
-    image: ``(H, W, C)``: the image in the top-left ``size`` corner of a canvas (padding
-      beyond it is never inside a window unless the image is smaller than the crop).
-    size: ``(2,)`` int: the image's height and width (may be traced).
-    crop: window side (the model's input size); ``H`` and ``W`` must be at least that.
-    stride: step between windows.
-    num_classes: logits per pixel.
-
-  Returns:
-    ``(H, W, num_classes)`` float32; zero outside the windows (the padding).
-  """
   height, width = image.shape[:2]
   if height < crop or width < crop:
     raise ValueError(f"canvas {height}x{width} is smaller than the {crop}-pixel window")

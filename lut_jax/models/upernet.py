@@ -1,23 +1,19 @@
 """UperNet and the ViT neck of BEiT's semantic-segmentation protocol (MAE and LUT use it).
 
-* :class:`MultiLevelNeck` (BEiT's ``fpn1`` .. ``fpn4``): one ViT feature map per level,
-  each rescaled by its factor: 4 = 2x2 transposed conv -> norm -> GELU -> 2x2 transposed
-  conv; 2 = one transposed conv; 1 = identity; 1/2, 1/4, ... = max-pooling. With patch 16
-  the factors (4, 2, 1, 1/2) give maps at strides 4, 8, 16 and 32, the pyramid UperNet
-  was designed for.
-* :class:`UperNetHead` (mmseg's ``UPerHead``): a pyramid pooling module (average pooling
-  to 1x1, 2x2, 3x3, 6x6 bins, PyTorch's adaptive bins) on the coarsest level, 1x1 lateral
-  convs on the others, a top-down pathway (upsample and add), 3x3 convs, every level
-  upsampled to the finest and concatenated, a fused 3x3 conv, channel dropout and a 1x1
-  classifier.
+* :class:`MultiLevelNeck` (BEiT's ``fpn1`` .. ``fpn4``): each ViT feature map rescaled by
+  its factor: 4 = 2x2 transposed conv -> norm -> GELU -> 2x2 transposed conv; 2 = one
+  transposed conv; 1 = identity; 1/2, 1/4, ... = max-pooling (patch 16 and (4, 2, 1, 1/2):
+  strides 4, 8, 16 and 32).
+* :class:`UperNetHead` (mmseg's ``UPerHead``): pyramid pooling (PyTorch's adaptive bins
+  1, 2, 3, 6) on the coarsest level, 1x1 lateral convs on the others, a top-down pathway,
+  3x3 convs, all levels upsampled to the finest and concatenated, a fused 3x3 conv,
+  channel dropout and a 1x1 classifier.
 * :class:`FCNHead`: the auxiliary head (one 3x3 conv, dropout, 1x1 classifier) on one level.
 
-Every conv is conv (no bias) -> norm -> ReLU as mmseg's ``ConvModule``, with its
-initialisation (He normal, fan out; the classifiers N(0, 0.01)). Norms: ``"batch"`` is the
-published recipe's SyncBN: under ``jax.jit`` with a batch-sharded input the statistics of
-:class:`lut_jax.models.vit.BatchNorm` are over the global batch, so no cross-device code is
-needed (the running averages are used at evaluation). ``"group"`` (32 groups) has no batch
-statistics at all: for batches too small for BatchNorm (one image per step).
+Every conv is mmseg's ``ConvModule`` (conv without bias -> norm -> ReLU, He normal fan-out;
+classifiers N(0, 0.01)). ``"batch"`` norm is the recipe's SyncBN (under ``jax.jit`` with a
+batch-sharded input the statistics are the global batch's); ``"group"`` (32 groups) has no
+batch statistics, for batches too small for BatchNorm.
 
 Upsampling is bilinear with half-pixel centres and no antialiasing (PyTorch's
 ``interpolate(mode="bilinear", align_corners=False)``). Images are NHWC. No TensorFlow.

@@ -49,12 +49,10 @@ def parse_variant(variant: str) -> EncoderSpec:
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """The architecture of a pre-trained encoder: what rebuilds it anywhere.
-
-  :class:`lut_jax.models.vit.Encoder` and the fine-tuning and segmentation models around
-  it take these fields (:meth:`kwargs`); :meth:`to_json` is what an export's
-  ``encoder_config.json`` and the evaluation keys hold, and ``EncoderConfig(**json)`` reads
-  it back.
-  """
+  :class:`lut_jax.models.vit.Encoder` and the fine-tuning and segmentation models around it
+  take these fields (:meth:`kwargs`); :meth:`to_json` is what an export's
+  ``encoder_config.json`` and the evaluation keys hold, and ``EncoderConfig(**json)`` reads it
+  back."""
 
   image_size: int
   patch_size: int

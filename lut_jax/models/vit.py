@@ -1,13 +1,9 @@
 """Flax Linen modules of LUT: ViT encoder, MAE decoder, projector/predictor heads.
 
-Layout conventions: images are NHWC float arrays; tokens are ``(batch, length, width)``.
-Submodule and parameter names follow the reference PyTorch code (``patch_embed``,
-``blocks_N``, ``norm``, ``decoder_embed``, ``mask_token``, ``decoder_blocks_N``,
-``decoder_pred``, ``head``, ``predictor``) so the two can be compared by eye and
-converted by :mod:`lut_jax.weights.convert`.
-
-All modules are pure: masking indices come in as arguments (see :mod:`lut_jax.pretrain.masking`),
-so a forward pass is a deterministic function of parameters, images and indices.
+Images are NHWC, tokens ``(batch, length, width)``. Submodule and parameter names follow the
+reference PyTorch code (``patch_embed``, ``blocks_N``, ``decoder_pred``, ``head``, ...), so
+:mod:`lut_jax.weights.convert` maps one onto the other. Modules are pure: masking indices
+come in as arguments (:mod:`lut_jax.pretrain.masking`).
 """
 
 from __future__ import annotations
@@ -33,12 +29,10 @@ token_init = nn.initializers.normal(stddev=0.02)
 
 
 def sincos_pos_embed_2d(width: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
-  """Fixed 2-D sine-cosine position embedding, shape ``(grid_size**2 [+1], width)``.
-
-  Half of the channels encode the column, half the row (each as sin then cos over
-  ``width // 4`` frequencies ``1 / 10000**(i / (width/4))``), the MAE convention. The cls
-  position (first row, when requested) is all zeros. It is a constant, never trained.
-  """
+  """Fixed 2-D sine-cosine position embedding, shape ``(grid_size**2 [+1], width)``. Half of
+  the channels encode the column, half the row (each as sin then cos over ``width // 4``
+  frequencies ``1 / 10000**(i / (width/4))``), the MAE convention. The cls position (first row,
+  when requested) is all zeros. It is a constant, never trained."""
   if width % 4:
     raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
   quarter = width // 4
@@ -57,18 +51,12 @@ def sincos_pos_embed_2d(width: int, grid_size: int, cls_token: bool = True) -> n
 
 
 class BatchNorm(nn.Module):
-  """Batch normalisation over axis 0 with PyTorch's semantics.
-
-  Differences from ``flax.linen.BatchNorm`` that matter for exactness with the reference:
-  the running variance is updated with the *unbiased* batch variance, and ``momentum`` is
-  PyTorch's (weight of the new batch, 0.1). Under ``jax.jit`` with a batch-sharded input
-  the mean and variance are over the global batch, which is what SyncBatchNorm computes.
-
-  ``group_size`` > 0 splits a larger batch into consecutive groups of that many examples,
-  each normalised by its own statistics, the running averages updated once per group in
-  order: what SyncBatchNorm computes when the batch is fed as that many micro-batches (the
-  reference's ImageNet command: 8 GPUs x 128 examples per micro-batch, 4 per step).
-  """
+  """Batch normalisation over axis 0 with PyTorch's semantics: the running variance takes the
+  *unbiased* batch variance, ``momentum`` weighs the new batch (0.1). Under ``jax.jit`` with a
+  batch-sharded input the statistics are the global batch's, as SyncBatchNorm's. ``group_size``
+  > 0 normalises consecutive groups of that many examples by their own statistics, updating the
+  running averages once per group in order: SyncBatchNorm fed the batch as micro-batches (the
+  reference's ImageNet command: 8 GPUs x 128, 4 per step)."""
 
   momentum: float = 0.1
   epsilon: float = 1e-5
@@ -110,14 +98,10 @@ class BatchNorm(nn.Module):
 
 
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
-  """Exact GELU, ``x * Phi(x)`` with the erf (as ``torch.nn.GELU()``), in float32.
-
-  Written with ``erf`` rather than ``jax.nn.gelu(approximate=False)``, whose ``erfc``
-  XLA expands into exponentials and branches (``erf`` is one native op with a cheap
-  polynomial; the cost of the erfc form is in docs/benchmarks.md). float32 inside, as torch
-  evaluates GELU under autocast; the result comes back in ``x``'s dtype. ``approximate``:
-  the tanh form instead (``GELU(approximate="tanh")``), an opt-in speed lever that changes
-  the model's function slightly (the reference uses the exact form).
+  """Exact GELU ``x * Phi(x)`` (``torch.nn.GELU()``), in float32 as under torch autocast;
+  returned in ``x``'s dtype. Written with ``erf``, one native op: ``jax.nn.gelu``'s ``erfc``
+  form expands into exponentials and branches (docs/benchmarks.md). ``approximate``: the
+  tanh form, an opt-in speed lever that changes the function slightly.
   """
   x32 = x.astype(jnp.float32)
   if approximate:
@@ -126,7 +110,7 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
 
 
 class Mlp(nn.Module):
-  """Transformer MLP: fc1 -> GELU (exact erf form, as torch.nn.GELU) -> fc2."""
+  """Transformer MLP: fc1 -> GELU -> fc2."""
 
   hidden_dim: int
   dtype: Dtype = jnp.float32
@@ -141,11 +125,9 @@ class Mlp(nn.Module):
 
 
 def attention_padding(length: int, implementation: Optional[str]) -> int:
-  """How many tokens to append so ``implementation`` can train on ``length`` tokens.
-
-  jax's cuDNN path trains only on even sequence lengths (its backward rejects odd ones),
-  and ViT sequences are odd: 196 patches + cls = 197 in the MAE decoder and the teacher.
-  """
+  """How many tokens to append so ``implementation`` can train on ``length`` tokens. jax's
+  cuDNN path trains only on even sequence lengths (its backward rejects odd ones), and ViT
+  sequences are odd: 196 patches + cls = 197 in the MAE decoder and the teacher."""
   return 1 if implementation == "cudnn" and length % 2 else 0
 
 
@@ -153,12 +135,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           valid_length: Optional[int] = None,
                           implementation: Optional[str] = None) -> jax.Array:
   """``jax.nn.dot_product_attention`` on ``(B, T, N, H)`` inputs, any length with cuDNN.
-
-  ``valid_length < T`` marks the last tokens as padding: sequence-length masks keep them
-  out of every softmax (their own outputs are meaningless). Without it, an odd sequence
-  under cuDNN is padded here, for this call only; the block stacks pad once instead
-  (``apply_blocks``), which saves a pad and a slice of q, k, v per layer.
-  """
+  ``valid_length < T`` marks the last tokens as padding, masked out of every softmax. Without
+  it an odd sequence under cuDNN is padded here, for this call only (block stacks pad once
+  instead: ``apply_blocks``)."""
   batch, length = q.shape[:2]
   if valid_length is None:
     pad = attention_padding(length, implementation)
@@ -177,15 +156,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """XLA attention on ``(B, T, N, H)`` inputs, computed on head-major ``(B, N, T, H)``
-  copies of q, k and v; the math of ``jax.nn.dot_product_attention``'s XLA path (float32
-  logits, scale, float32 softmax, probabilities cast back to the inputs' dtype).
-
-  Why a second form: in it both products are plain batched matrix products, so XLA:CPU
-  multiplies the probabilities by v as they are; ``jax.nn``'s form, lowered by XLA:CPU,
-  first copies the probabilities into transposed layout and transposes the product back.
-  Its forward is faster on CPU, its derivative slower (docs/benchmarks.md), so only forwards
-  without gradients (the teacher) use it.
+  """The math of ``jax.nn.dot_product_attention``'s XLA path on ``(B, T, N, H)`` inputs,
+  computed on head-major ``(B, N, T, H)`` copies: both products are then plain batched
+  matmuls, where XLA:CPU transposes ``jax.nn``'s probabilities and product. Faster forward
+  on CPU, slower derivative (docs/benchmarks.md): for forwards without gradients only.
   """
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
   logits = jnp.einsum("bnth,bnsh->bnts", q, k,
@@ -196,37 +170,28 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _softmax_with_custom_gradient():
-  """Tracing context in which ``jax.nn.softmax`` (inside the XLA attention) uses its
-  custom derivative, ``y * (g - sum(g * y))``, instead of differentiating
-  ``exp(x - max) / sum`` op by op: the same gradient with fewer, smaller kernels in the
-  backward (docs/benchmarks.md). JAX keeps the op-by-op rule as its default only until
-  the ``jax_softmax_custom_jvp`` upgrade flag flips; setting it here, for the attention's
-  trace only, leaves a user's own softmax untouched."""
+  """Tracing context in which ``jax.nn.softmax`` uses its custom derivative
+  ``y * (g - sum(g * y))``: the same gradient as op by op, in fewer kernels
+  (docs/benchmarks.md). Set for the attention's trace only (the ``jax_softmax_custom_jvp``
+  upgrade flag is off by default), so a user's own softmax is untouched."""
   return jax.softmax_custom_jvp(True)
 
 
 def _matmul_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``x @ kernel`` as one 2-D product: every leading axis of ``x`` flattened into rows.
-
-  Why not ``dot_general`` on ``(batch, tokens, width)`` directly: the weight gradient of that
-  product contracts two axes, and XLA:CPU lowers it with a transposed copy of the output
-  gradient and a product of two transposed operands (at half the speed of a plain product;
-  docs/benchmarks.md). Flattened, the weight gradient is one ``x^T g``. The reshapes are free
-  (row-major, contiguous), and a batch sharded over devices stays sharded over the rows.
+  """``x @ kernel`` as one 2-D product, the leading axes of ``x`` flattened into rows: the
+  weight gradient is then one ``x^T g``, where a 3-D ``dot_general``'s contracts two axes,
+  which XLA:CPU runs at half speed (docs/benchmarks.md). The reshapes are free, and a
+  batch sharded over devices stays sharded over the rows.
   """
   rows = x.reshape(-1, x.shape[-1])
   return jnp.dot(rows, kernel).reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
 class Dense(nn.Module):
-  """``nn.Dense`` with the reference's Xavier-uniform kernel (``dense_init``): same parameters,
-  names and initialisation, computed by :func:`_matmul_rows`;
-  ``parts > 1`` returns the output as that many equal slices, each from its own product with
-  a slice of the kernel (the fused ``qkv`` projection).
-
-  Slicing the kernel instead of the output keeps q, k and v contiguous: no strided copies
-  of the activations forward, and the backward assembles the small weight gradient instead
-  of padding and adding three activation-sized gradients.
+  """``nn.Dense`` (same parameters) with the reference's Xavier-uniform kernel, computed by
+  :func:`_matmul_rows`. ``parts > 1`` returns that many equal slices of the output, each
+  from a slice of the kernel (the fused ``qkv``): q, k and v stay contiguous, and the
+  backward assembles the small weight gradient, not three activation-sized ones.
   """
 
   features: int
@@ -247,13 +212,10 @@ class Dense(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with one fused ``qkv`` projection (timm layout).
-
-  The product runs through ``jax.nn.dot_product_attention`` so a fused kernel (cuDNN flash
-  attention) is used where ``implementation='cudnn'`` is available. When the caller makes
-  the ``intermediates`` collection mutable, the attention probabilities are computed
-  explicitly and sown as ``attention`` (shape ``(batch, heads, queries, keys)``) for the
-  analysis tools; training never pays for that.
+  """Multi-head self-attention with one fused ``qkv`` projection (timm layout), through
+  ``jax.nn.dot_product_attention`` (cuDNN flash attention with ``implementation='cudnn'``).
+  With a mutable ``intermediates`` collection the probabilities are also sown as
+  ``attention`` ``(batch, heads, queries, keys)`` for the analysis tools.
   """
 
   num_heads: int
@@ -385,23 +347,9 @@ class PatchEmbed(nn.Module):
     return x.reshape(x.shape[0], -1, self.width)
 
 
-class Encoder(nn.Module):
-  """ViT encoder of LUT/MAE: patch embedding + fixed sin-cos positions, cls token,
-  pre-norm blocks, final LayerNorm (eps 1e-6).
-
-  ``keep_ids`` ``(batch, keep)`` selects the visible patches of a masked view; ``None``
-  encodes every patch (the teacher, evaluation). Returns ``(batch, 1 + kept, width)``
-  tokens, cls first. ``final_norm=False`` skips the last LayerNorm (MAE's global-pool
-  fine-tuning normalises the pooled token instead); ``drop_path_rate`` is for fine-tuning.
-  ``output_blocks`` (0-based block indices; segmentation's multi-level features) returns
-  the tokens after each of those blocks instead, a list, without the final LayerNorm.
-  Calls whose outputs are never differentiated (the teacher, feature extraction) pass
-  ``forward_only=True``: the same function, computed in forms that are faster without a
-  backward pass (:func:`head_major_attention`); gradients through it stay correct.
-  ``learned_pos_embed`` makes the position table a parameter ``pos_embed`` (cls row first),
-  initialised to the fixed sin-cos table: pre-training keeps it fixed, the reference's
-  fine-tuning trains it.
-  """
+class EncoderArchitecture(nn.Module):
+  """The fields of :class:`lut_jax.models.variants.EncoderConfig`, shared by the encoder and
+  the models built around it (``variants.EncoderConfig.of(module)`` reads them back)."""
 
   image_size: int
   patch_size: int
@@ -409,6 +357,22 @@ class Encoder(nn.Module):
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
+  gelu_approximate: bool = False
+
+
+class Encoder(EncoderArchitecture):
+  """ViT encoder of LUT/MAE: patch embedding + fixed sin-cos positions, cls token,
+  pre-norm blocks, final LayerNorm (eps 1e-6).
+
+  ``keep_ids`` ``(batch, keep)`` selects the visible patches (``None``: all); returns
+  ``(batch, 1 + kept, width)`` tokens, cls first. ``final_norm=False`` skips the last
+  LayerNorm (MAE's global-pool fine-tuning). ``output_blocks`` (0-based; segmentation's
+  features) returns a list of the tokens after those blocks instead, without it.
+  ``forward_only=True``: the same function in forms faster without a backward pass
+  (:func:`head_major_attention`). ``learned_pos_embed``: the position table becomes a
+  parameter ``pos_embed`` (cls row first), initialised to the sin-cos one (fine-tuning).
+  """
+
   drop_path_rate: float = 0.0
   final_norm: bool = True
   dtype: Dtype = jnp.float32
@@ -416,7 +380,6 @@ class Encoder(nn.Module):
   attention_impl: Optional[str] = None
   output_blocks: tuple[int, ...] = ()
   remat_policy: str = ""
-  gelu_approximate: bool = False
   learned_pos_embed: bool = False
 
   @nn.compact
@@ -540,27 +503,16 @@ def mean_patch_token(tokens: jax.Array) -> jax.Array:
   return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
 
 
-class LUTModel(nn.Module):
+class LUTModel(EncoderArchitecture, kw_only=True):
   """The online network; the EMA target is a second copy of the same variables.
-
-  ``use_bc=False`` builds plain MAE: no projector/predictor parameters at all. Call the
-  methods through ``model.apply(variables, ..., method=...)``:
-
-  * :meth:`student`: two masked views -> pixel prediction of view 1 and predictor vectors
-    of both views; head batch norm in training mode (``batch_stats`` must be mutable).
-  * :meth:`mae`: one masked view -> pixel prediction (the MAE baseline).
-  * :meth:`teacher`: two full views -> projector vectors; batch norm on running averages
-    (``teacher_bn="running"``) or on each view's batch statistics (``"batch"``).
-  * :meth:`encode`: the encoder alone, for evaluation and analysis.
+  ``use_bc=False`` builds plain MAE: no projector/predictor parameters at all. Methods (for
+  ``model.apply(variables, ..., method=...)``): :meth:`student` (two masked views; head
+  batch norm in training mode: ``batch_stats`` mutable), :meth:`mae` (one masked view),
+  :meth:`teacher` (two full views) and :meth:`encode` (the encoder alone).
   """
 
   # No recipe defaults: the recipe is the config's (lut_jax.config_lib.base_config), and
-  # build_model passes every field of it.
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
+  # build_model passes every field of it (mlp_ratio is the ViT architecture's).
   channels: int
   decoder_width: int
   decoder_depth: int
@@ -573,14 +525,12 @@ class LUTModel(nn.Module):
   head_activation: str
   teacher_bn: str = "running"  # see TEACHER_BN
   head_bn_group_size: int = 0  # examples per batch-norm statistics group; 0: the batch
-  mlp_ratio: float = 4.0  # the ViT architecture's, not a config field
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: Optional[str] = None
   # Speed levers (config.model; docs/benchmarks.md measures them): what remat keeps, the
-  # tanh GELU, and the teacher's residual stream in the compute dtype.
+  # tanh GELU (gelu_approximate), and the teacher's residual stream in the compute dtype.
   remat_policy: str = ""
-  gelu_approximate: bool = False
   teacher_residual_in_compute_dtype: bool = False
 
   @property
@@ -619,12 +569,9 @@ class LUTModel(nn.Module):
     return self.decoder(self.encoder(view1, keep1), ids_restore)
 
   def student(self, view1, view2, keep1, keep2, ids_restore) -> dict[str, jax.Array]:
-    """Online network on two masked views -> ``{"pred", "q1", "q2"}``.
-
-    Both views share one encoder call (the same computation as two calls, in one larger
-    batch: the encoder has no batch statistics). The heads run once per view, as in the
-    reference, so each view normalises with its own batch statistics and the running
-    averages are updated twice per step, view 1 first.
+    """Online network on two masked views -> ``{"pred", "q1", "q2"}``. Both views share
+    one encoder call (it has no batch statistics); the heads run once per view, as in the
+    reference, so each view has its own batch statistics (running averages: view 1 first).
     """
     batch = view1.shape[0]
     latent = self.encoder(jnp.concatenate([view1, view2]), jnp.concatenate([keep1, keep2]))
@@ -635,12 +582,9 @@ class LUTModel(nn.Module):
     return {"pred": pred, "q1": q1, "q2": q2}
 
   def teacher(self, view1: jax.Array, view2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Target network on two full views -> projector vectors ``(z1, z2)``.
-
-    With ``teacher_bn="running"`` (the reference: its EMA model is in eval mode) batch norm
-    uses the running averages, so the target is a fixed function of its weights. With
-    ``"batch"`` each view is normalised by its own batch statistics, as the student's
-    heads are, and the running averages are left alone.
+    """Target network on two full views -> projector vectors ``(z1, z2)``; batch norm on
+    the running averages (``teacher_bn="running"``, the reference's EMA model in eval mode)
+    or on each view's batch statistics (``"batch"``), leaving the running averages alone.
     """
     batch = view1.shape[0]
     pooled = mean_patch_token(self._teacher_encode(jnp.concatenate([view1, view2])))
@@ -664,11 +608,8 @@ class LUTModel(nn.Module):
 
 
 def default_attention_impl(dtype: Dtype) -> Optional[str]:
-  """The attention kernel when the config leaves ``model.attention_impl`` empty.
-
-  cuDNN's flash attention on NVIDIA GPUs in bf16 (faster than XLA's attention there;
-  docs/benchmarks.md); XLA's everywhere else (CPU, TPU, ROCm, float32, where cuDNN has no kernel).
-  """
+  """The attention kernel when ``model.attention_impl`` is empty: cuDNN's flash attention
+  on NVIDIA GPUs in bf16 (faster there; docs/benchmarks.md), XLA's everywhere else."""
   if jnp.dtype(dtype) == jnp.float32:
     return None
   device = jax.devices()[0]
@@ -679,26 +620,17 @@ def default_attention_impl(dtype: Dtype) -> Optional[str]:
 def check_model_config(model_config: Any, *, image_size: int,
                        dtype: Dtype) -> variants.EncoderSpec:
   """Validates a ``config.model`` block for ``image_size``-pixel images and compute
-  ``dtype``, without building anything; returns the variant's encoder spec.
-
-  Raises ``ValueError`` naming the bad field.
-  """
+  ``dtype`` (a ``ValueError`` naming the bad field); returns the variant's encoder spec."""
   spec = variants.parse_variant(model_config.variant)
   if image_size % spec.patch_size:
     raise ValueError(f"image size {image_size} is not divisible by patch size {spec.patch_size} "
                      f"(variant {model_config.variant!r})")
-  if model_config.head_norm not in HEAD_NORMS:
-    raise ValueError(f"unknown model.head_norm {model_config.head_norm!r}; "
-                     f"expected one of {HEAD_NORMS}")
-  if model_config.teacher_bn not in TEACHER_BN:
-    raise ValueError(f"unknown model.teacher_bn {model_config.teacher_bn!r}; "
-                     f"expected one of {TEACHER_BN}")
-  if model_config.head_activation not in ACTIVATIONS:
-    raise ValueError(f"unknown model.head_activation {model_config.head_activation!r}; "
-                     f"expected one of {tuple(ACTIVATIONS)}")
-  if model_config.remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"unknown model.remat_policy {model_config.remat_policy!r}; expected one "
-                     f"of {REMAT_POLICIES}")
+  for field, allowed in (("head_norm", HEAD_NORMS), ("teacher_bn", TEACHER_BN),
+                         ("head_activation", tuple(ACTIVATIONS)),
+                         ("remat_policy", REMAT_POLICIES)):
+    if getattr(model_config, field) not in allowed:
+      raise ValueError(f"unknown model.{field} {getattr(model_config, field)!r}; expected one "
+                       f"of {allowed}")
   impl = model_config.attention_impl
   if impl not in ("", "xla", "cudnn"):
     raise ValueError(f"unknown model.attention_impl {impl!r}; expected '', 'xla' or 'cudnn'")
@@ -721,7 +653,6 @@ def build_model(model_config: Any, *, image_size: int, channels: int, use_bc: bo
       head_depth=m.head_depth, pred_depth=m.pred_depth, head_hidden_dim=m.head_hidden_dim,
       head_norm=m.head_norm, head_activation=m.head_activation, teacher_bn=m.teacher_bn,
       head_bn_group_size=m.head_bn_group_size, dtype=dtype, remat=m.remat,
-      remat_policy=m.remat_policy,
-      gelu_approximate=m.gelu_approximate,
+      remat_policy=m.remat_policy, gelu_approximate=m.gelu_approximate,
       teacher_residual_in_compute_dtype=m.teacher_residual_in_compute_dtype,
       attention_impl=m.attention_impl or default_attention_impl(dtype))

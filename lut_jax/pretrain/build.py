@@ -18,10 +18,8 @@ from lut_jax.runtime import optim, sharding
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a pre-training config; raises :class:`errors.ConfigError` naming the bad field.
-
-  Here, not in :mod:`lut_jax.config_lib`, because it asks the model, masking, optimizer
-  and input code what they accept: config files import config_lib without JAX.
-  """
+  Here, not in :mod:`lut_jax.config_lib`, because it asks the model, masking, optimizer and
+  input code what they accept: config files import config_lib without JAX."""
   def fail(msg, hint=""):
     raise errors.ConfigError(msg, hint)
 

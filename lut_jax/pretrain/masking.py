@@ -47,10 +47,8 @@ def check_mask_ratio(mask_ratio: float, num_patches: int, *, two_views: bool = T
 
 def masks_from_noise(noise: jax.Array, mask_ratio: float, *, two_views: bool = True) -> Masks:
   """Masks from explicit noise ``(batch, L)``: lower noise = kept first (as the reference).
-
-  With ``two_views=False`` (the MAE baseline) any ratio in [0, 1) is allowed; ``keep2`` is
-  then empty and ``mask2`` all ones.
-  """
+  With ``two_views=False`` (the MAE baseline) any ratio in [0, 1) is allowed; ``keep2`` is then
+  empty and ``mask2`` all ones."""
   batch, num_patches = noise.shape
   check_mask_ratio(mask_ratio, num_patches, two_views=two_views)
   keep = num_kept(num_patches, mask_ratio)

@@ -1,25 +1,19 @@
 """What a pre-training run measures of its own encoder while it trains (``config.monitor``).
 
-Every ``monitor.every_steps`` steps and at the end, on whole (un-augmented) held-out
-images read by :mod:`lut_jax.data.device_input`:
+Every ``monitor.every_steps`` steps and at the end, on whole held-out images read by
+:mod:`lut_jax.data.device_input`: ``knn_cls`` / ``knn_mean``, the weighted kNN top-1 (as
+``configs/knn.py``'s) of the *online* encoder's cls / mean patch token, bank
+``monitor.bank_split``, queries ``monitor.query_split`` (a small bank: lower numbers than
+the full evaluation, the same trend, in seconds); ``feature_rank``, the effective rank of
+the queries' mean-token features; for LUT, the BC branch on the queries: ``z_std``, the
+per-dimension std of the teacher's L2-normalised projector outputs (about
+``1/sqrt(width)`` when spread, towards 0 when collapsing), and ``z_rank``, their effective
+rank. How to read them: docs/method.md.
 
-* ``knn_cls`` / ``knn_mean``: weighted kNN top-1 (DINO's classifier, as ``lut-eval
-  --config=configs/knn.py``) of the *online* encoder's cls token / mean patch token, the
-  bank from ``monitor.bank_split`` and the queries from ``monitor.query_split``. A small
-  bank gives lower numbers than the full evaluation, but the same trend, in seconds.
-* ``feature_rank``: the effective rank of the queries' mean-token features;
-* LUT only, the BC branch on the queries: ``z_std``, the per-dimension std of the teacher's
-  L2-normalised projector outputs (about ``1/sqrt(width)`` when spread, towards 0 when
-  collapsing), and ``z_rank``, their effective rank (up to ``width``).
-
-Effective rank (Roy & Vetterli, 2007; RankMe's measure): ``exp`` of the entropy of the
-singular values normalised to sum 1, ``d`` for ``d`` equal singular values and 1 for rank
-one. Taken of the *centred* features: uncentred, the mean that every feature shares is one
-large singular value, and the rank then says little about how the examples differ.
-
-Results go to the metric writer (``monitor/...``), the log, and ``WORKDIR/monitor.jsonl``
-(one JSON object per evaluation; after a resume from an older checkpoint a step can appear
-twice, the later line being the current run's).
+Effective ranks are taken of the *centred* features: uncentred, the mean every feature
+shares is one large singular value, and the rank says little about how the examples differ.
+Results go to the metric writer (``monitor/...``), the log and ``WORKDIR/monitor.jsonl``
+(after a resume from an older checkpoint a step can appear twice: the later line counts).
 """
 
 from __future__ import annotations

@@ -13,18 +13,12 @@ from lut_jax.pretrain import losses, masking
 
 def reconstruct(model: vit.LUTModel, params: Any, images: jax.Array, key: jax.Array, *,
                 mask_ratio: float, norm_pix: bool) -> dict[str, jax.Array]:
-  """Masks ``images`` at random (one view) and reconstructs them with the decoder.
-
-  With ``norm_pix`` the decoder predicts per-patch standardised pixels; they are mapped
-  back with each true patch's mean and ``sqrt(var + 1e-6)``. The same ``key`` and image
-  count give the same masks for every model with the same patch grid, so checkpoints
-  compare on the same visible patches. Jit-able.
-
-  Returns:
-    ``{"input", "masked", "reconstruction", "reconstruction_visible", "mask"}``: normalised
-    NHWC images (``reconstruction`` is the prediction everywhere, ``reconstruction_visible``
-    pastes the visible input patches back, the MAE paper's figure) and the ``(batch, L)``
-    mask, 1 where hidden.
+  """Masks ``images`` at random (one view) and reconstructs them with the decoder (jit-able):
+  ``{"input", "masked", "reconstruction", "reconstruction_visible", "mask"}``, normalised
+  NHWC images (``reconstruction_visible`` pastes the visible input patches back, the MAE
+  paper's figure) and the ``(batch, L)`` mask, 1 where hidden. ``norm_pix`` predictions are
+  mapped back with each true patch's mean and ``sqrt(var + 1e-6)``. The same ``key`` and
+  image count mask alike every model with the same patch grid, so checkpoints compare.
   """
   images = jnp.asarray(images, jnp.float32)
   masks = masking.random_masks(key, images.shape[0], model.num_patches, mask_ratio,

@@ -68,11 +68,9 @@ def init_variables(model: LUTModel, key: jax.Array) -> dict[str, Any]:
 
 def create_train_state(model: LUTModel, tx: optax.GradientTransformation, key: jax.Array,
                        variables: Optional[dict[str, Any]] = None) -> TrainState:
-  """Fresh state; the target starts as an exact copy of the online network.
-
-  Pass ``variables`` to start from given weights (e.g. converted PyTorch ones). Call it
-  under ``jax.jit(..., out_shardings=...)`` to create the state directly with its sharding.
-  """
+  """Fresh state; the target starts as an exact copy of the online network. Pass ``variables``
+  to start from given weights (e.g. converted PyTorch ones). Call it under
+  ``jax.jit(..., out_shardings=...)`` to create the state directly with its sharding."""
   if variables is None:
     variables = init_variables(model, key)
   params, batch_stats = variables["params"], variables["batch_stats"]
@@ -86,10 +84,8 @@ def create_train_state(model: LUTModel, tx: optax.GradientTransformation, key: j
 
 
 def ema_update(target: Any, online: Any, momentum: jax.Array) -> Any:
-  """``target <- momentum * target + (1 - momentum) * online``, leaf by leaf.
-
-  Not ``optax.incremental_update(online, target, 1 - momentum)``: equal in exact arithmetic
-  but not bit-identical once compiled (XLA fuses the two forms differently), so switching
-  would change every run's weights in the last bits.
-  """
+  """``target <- momentum * target + (1 - momentum) * online``, leaf by leaf. Not
+  ``optax.incremental_update(online, target, 1 - momentum)``: equal in exact arithmetic but not
+  bit-identical once compiled (XLA fuses the two forms differently), so switching would change
+  every run's weights in the last bits."""
   return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)

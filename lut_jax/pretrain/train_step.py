@@ -39,11 +39,9 @@ class LossConfig:
 
 
 def _micro_batches(tree: Any, accum_steps: int) -> Any:
-  """Splits the leading axis into ``accum_steps`` interleaved micro-batches.
-
-  Example ``j * accum_steps + i`` goes to micro-batch ``i``: with the batch sharded in
-  contiguous blocks over devices, every micro-batch stays spread over all devices.
-  """
+  """Splits the leading axis into ``accum_steps`` interleaved micro-batches. Example
+  ``j * accum_steps + i`` goes to micro-batch ``i``: with the batch sharded in contiguous
+  blocks over devices, every micro-batch stays spread over all devices."""
   def split(x):
     x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
@@ -76,13 +74,11 @@ def _loss_fn(params, batch_stats, micro, *, model: LUTModel, loss_config: LossCo
 def train_step(state: TrainState, batch: Batch, key: jax.Array, *, model: LUTModel,
                loss_config: LossConfig, learning_rate: Schedule, momentum: Schedule,
                accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step over the global ``batch`` (``view1`` and, for LUT, ``view2``).
-
-  ``key`` is this step's key (``fold_in(base_key, step)``); it only draws the masking
-  noise. With ``accum_steps > 1`` the batch is processed in micro-batches whose gradients
-  are averaged: the same as one large batch except for batch-norm statistics, which are
-  per micro-batch (as they would be per device without SyncBN). The EMA ticks once.
-  """
+  """One optimizer step over the global ``batch`` (``view1`` and, for LUT, ``view2``). ``key``
+  is this step's key (``fold_in(base_key, step)``); it only draws the masking noise. With
+  ``accum_steps > 1`` the batch is processed in micro-batches whose gradients are averaged: the
+  same as one large batch except for batch-norm statistics, which are per micro-batch (as they
+  would be per device without SyncBN). The EMA ticks once."""
   view1 = batch["view1"]
   masks = masking.random_masks(key, view1.shape[0], model.num_patches, loss_config.mask_ratio,
                                two_views=model.use_bc)

@@ -1,23 +1,16 @@
 """Orbax checkpoints of the train state: periodic async saves, resume, and reading chosen
 subtrees of a step (:func:`restore_subtrees`, which ``lut_jax.weights`` loads through).
 
-Orbax writes each step into a temporary directory and renames it when complete, so a
-crash or preemption mid-save never damages the last finished checkpoint. On top of that:
-
-* every finished step gets a SHA-256 manifest of its files (``<step>/sha256.json``),
-  written in the background and verified before a restore, so a bit flip on disk is
-  caught instead of restored;
-* every finished step carries the run's config (``<step>/config.json``, covered by the
-  manifest), so a step copied out of its work directory still says what it is;
-* a restore that fails (damaged files, a bad manifest, non-finite values) falls back to the
-  next older step, logging one line per damaged step; damaged steps are moved aside to
-  ``damaged_<step>`` (never deleted), so later saves of that step number cannot collide;
-* a resume sets aside to ``foreign_<step>`` a step whose own ``config.json`` is another
-  run's (copied in), and every load of weights refuses NaN or infinite ones
-  (:func:`check_finite`);
-* a save that fails (disk full, permissions) is reported as a one-line
-  :class:`lut_jax.errors.WorkdirError` naming the step (and on a full disk the space left),
-  and its temporary directory is removed so a full disk is not filled further.
+Orbax writes each step into a temporary directory and renames it when complete, so a crash
+mid-save never damages the last finished checkpoint. On top of that, every finished step
+gets a SHA-256 manifest of its files (``<step>/sha256.json``, written in the background,
+verified before a restore: a bit flip is caught, not restored) and the run's config
+(``<step>/config.json``: a step copied elsewhere still says what it is). A restore that
+fails (damaged files, a bad manifest, non-finite values) falls back to the next older step,
+moving the damaged one aside to ``damaged_<step>`` (never deleted); a resume sets aside to
+``foreign_<step>`` a step whose ``config.json`` is another run's. A save that fails (disk
+full, permissions) is one :class:`lut_jax.errors.WorkdirError` line naming the step (and
+the space left), its temporary directory removed so a full disk is not filled further.
 """
 
 from __future__ import annotations
@@ -45,12 +38,10 @@ MANIFEST = "sha256.json"  # inside each step directory: copying a step copies it
 
 
 class Checkpointer:
-  """A thin wrapper over ``ocp.CheckpointManager`` for one train-state pytree.
-
-  Keeps the ``max_to_keep`` newest steps, with ``keep_every_steps > 0`` also every step
-  that is a multiple of it (a run's history, as the reference's save periods), and with
-  ``best_metric`` also the step whose ``metrics[best_metric]`` (passed to :meth:`save`) is
-  highest. ``run_config`` (JSON text) is written into every finished step.
+  """A thin wrapper over ``ocp.CheckpointManager`` for one train-state pytree: keeps the
+  ``max_to_keep`` newest steps, also every multiple of ``keep_every_steps > 0`` and, with
+  ``best_metric``, the step whose ``metrics[best_metric]`` (given to :meth:`save`) is
+  highest; writes ``run_config`` (JSON text) into every finished step.
   ``async_save=False`` saves (and hashes) each step before :meth:`save` returns.
   """
 
@@ -92,11 +83,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, force: bool = False,
            metrics: Optional[dict[str, float]] = None) -> bool:
-    """Starts saving ``state`` as ``step``; returns whether it saves. ``metrics`` rank it
-    for ``best_metric``.
-
-    The previous save is finished (and its failure, if any, raised) first.
-    """
+    """Starts saving ``state`` as ``step`` (once the previous save is finished, its failure
+    raised); returns whether it saves. ``metrics`` rank it for ``best_metric``."""
     self.wait()
     try:
       saved = self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
@@ -176,13 +164,11 @@ class Checkpointer:
 
   def restore_newest_intact(self, abstract_state: Any, config_changes: Optional[
       Callable[[Any], list[str]]] = None) -> tuple[Any, int]:
-    """``(state, step)`` of the newest step that restores cleanly, all finite.
-
-    A damaged step is logged in one line and moved aside to ``damaged_<step>``; older
-    steps are tried in turn. With ``config_changes`` (a step's saved config -> how it
-    differs from this run's), a step whose own ``config.json`` differs is another run's:
-    moved aside to ``foreign_<step>`` the same way. Raises ``WorkdirError`` if none
-    restores.
+    """``(state, step)`` of the newest step that restores cleanly, all finite (older steps
+    tried in turn; a damaged one logged and moved aside to ``damaged_<step>``). With
+    ``config_changes`` (a step's saved config -> how it differs from this run's), a step
+    whose ``config.json`` differs is moved aside to ``foreign_<step>``. A WorkdirError if
+    none restores.
     """
     failures, aside = [], {}  # aside: {step: (name prefix, why)}
     for step in reversed(self.all_steps()):
@@ -277,10 +263,9 @@ def verify_checksums(step_dir: epath.Path) -> None:
 
 def check_finite(tree: Any, what: str, hint: str = "") -> None:
   """Raises ``NonFiniteError`` naming ``what`` and the first leaves of ``tree`` that hold
-  NaN or infinity. Every load of weights (resume, evaluation, analysis, export) checks
-  them: checksums only say the files are as written, and a step that was never hashed (a
-  run killed before its manifest) or weights made elsewhere can hold NaN, which would
-  train on silently or score as if correct."""
+  NaN or infinity. Every load of weights checks: checksums only say the files are as
+  written, and an unhashed step or weights made elsewhere can hold NaN, which would train
+  on silently or score as if correct."""
   leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
             if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else np.result_type(x),
                               jnp.inexact)]
@@ -347,22 +332,12 @@ def restore_subtrees(checkpoint_dir: str, subtrees: Sequence[str],
                      step: Optional[int] = None, *,
                      sharding: Optional[jax.sharding.Sharding] = None,
                      ) -> tuple[dict[str, Any], int]:
-  """Chosen subtrees of a train-state checkpoint step: an Orbax partial restore guided by
-  the checkpoint's own metadata, so nothing else is read (not the optimizer state) and
-  neither the model nor the run's mesh has to be rebuilt.
-
-  Args:
-    checkpoint_dir: a :class:`Checkpointer` directory, e.g. ``WORKDIR/checkpoints``.
-    subtrees: ``/``-separated paths into the saved state: ``"params/encoder"`` (the online
-      encoder), ``"params"``, ``"target_params"`` (the EMA teacher), ``"batch_stats"``...
-    step: the step to read; None or negative: the latest.
-    sharding: of every restored array; by default replicated on all devices.
-
-  Returns:
-    ``({subtree: arrays}, step)``.
-
-  Raises:
-    errors.WorkdirError: no such step, or it holds no such subtree.
+  """``({subtree: arrays}, step)`` of a :class:`Checkpointer` directory's ``step`` (None or
+  negative: the latest): an Orbax partial restore guided by the checkpoint's metadata, so
+  nothing else is read and neither the model nor the mesh is rebuilt. ``subtrees``:
+  ``/``-separated paths (``"params/encoder"``, ``"target_params"``, ``"batch_stats"``...);
+  ``sharding``: of every array (default replicated). A WorkdirError for a missing step or
+  subtree.
   """
   root = absolute(checkpoint_dir)  # Orbax's reader needs absolute paths
   checkpoint_dir = os.fspath(root)

@@ -1,39 +1,29 @@
 """Host memory for XLA:CPU's per-step buffers: the command-line tools restart once to tune it.
 
-XLA:CPU allocates an executable's temporary buffer with ``malloc`` on every call, and for
-the train step that buffer is large (hundreds of MB for the embedded default's batch).
-By default glibc serves a request that large with a fresh ``mmap`` and unmaps it on
-``free``, so every step the kernel maps the buffer anew and zero-fills it, one page fault
-per page: on a CPU, time the step does not spend computing (docs/benchmarks.md measures
-it). Four glibc tunables remove that cost:
+XLA:CPU ``malloc``s an executable's temporary buffer on every call, hundreds of MB for the
+train step, which glibc by default serves with a fresh ``mmap``: every step the kernel maps
+and zero-fills it anew, a page fault per page (docs/benchmarks.md measures the cost). Four
+glibc tunables remove that cost:
 
-* ``glibc.malloc.arena_max=1``, ``glibc.malloc.mmap_max=0`` and a ``trim_threshold`` of
-  1 TiB keep the buffer mapped from one step to the next. The request comes from one of
-  XLA's worker threads, and a thread's own arena cannot serve it (glibc caps those heaps
-  at 64 MiB and falls back to ``mmap``), so all threads share the main heap, which grows
-  instead of mapping, and is never given back to the system: a freed buffer waits for the
-  next step. The price: the process keeps its high-water mark of host memory resident.
-* ``glibc.malloc.hugetlb=1`` (glibc >= 2.35, transparent huge pages on ``madvise``)
-  backs the heap with 2 MiB pages: fewer TLB misses in the step's kernels.
+* ``glibc.malloc.arena_max=1``, ``mmap_max=0`` and a 1 TiB ``trim_threshold`` keep the
+  buffer mapped from step to step: the request comes from an XLA worker thread, whose own
+  arena cannot serve it (capped at 64 MiB, it falls back to ``mmap``), so all threads share
+  the main heap, which grows and is never given back. The price: the process keeps its
+  high-water mark of host memory resident.
+* ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) backs the heap with 2 MiB pages: fewer TLB
+  misses in the step's kernels.
 
-Tunables are read only when a process starts, so :func:`restart_with_tuned_malloc`
-re-executes the process with them added to ``GLIBC_TUNABLES``, before any work is done. It
-changes where the buffers live, never what is computed.
-
-It is for runs on the CPU only, decided before JAX starts, so from the environment:
-``JAX_PLATFORMS`` decides when it is set (``cpu`` first: tuned); otherwise any sign of an
-accelerator plug-in (installed where JAX looks for one, or named by ``PJRT_NAMES_AND_LIBRARY_PATHS``
-or ``TPU_LIBRARY_PATH``) leaves glibc's defaults. On a GPU or TPU host the step's buffers
-live on the accelerator, and one arena for all threads could slow a many-threaded input
-pipeline. Not Linux with glibc >= 2.26: nothing to do. A tunable you set yourself (in
-``GLIBC_TUNABLES`` or as glibc's older ``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``,
-``MALLOC_TRIM_THRESHOLD_``) keeps your value; ``LUT_JAX_MALLOC_TUNING=0`` keeps glibc's
-defaults altogether. Code that calls the trainer from Python gets the tuning by starting
-Python with ``GLIBC_TUNABLES`` as :func:`missing_tuning_note` prints it; ``train.pretrain``
-logs that note on a CPU where the tuning is missing, and one line saying it is on where it
-is (:func:`applied_tuning_note`).
-
-This module imports only the standard library.
+Tunables are read when a process starts, so :func:`restart_with_tuned_malloc` re-executes
+it with them added to ``GLIBC_TUNABLES`` before any work (where buffers live changes, never
+what is computed). CPU runs only, decided from the environment before JAX starts:
+``JAX_PLATFORMS`` when set (``cpu`` first: tuned), else any sign of an accelerator plug-in
+(where JAX looks for one, ``PJRT_NAMES_AND_LIBRARY_PATHS``, ``TPU_LIBRARY_PATH``) keeps
+glibc's defaults: one arena for all threads could slow a many-threaded input pipeline.
+Nothing without glibc >= 2.26. A tunable you set yourself (also glibc's older
+``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``) keeps your value;
+``LUT_JAX_MALLOC_TUNING=0`` keeps glibc's defaults. Python callers of the trainer start
+Python with ``GLIBC_TUNABLES`` as :func:`missing_tuning_note` prints it (``train.pretrain``
+logs that note, or :func:`applied_tuning_note`). Standard library only.
 """
 
 from __future__ import annotations
@@ -95,11 +85,9 @@ def accelerator_plugin_installed() -> bool:
 
 
 def runs_on_cpu(environ: Mapping[str, str], accelerator_plugin: bool) -> bool:
-  """Whether JAX will run on the CPU, as far as the environment tells before it starts.
-
-  A plug-in installed on a machine without its accelerator counts as "not the CPU": the
-  tuning is then skipped, which costs speed, never correctness.
-  """
+  """Whether JAX will run on the CPU, as far as the environment tells before it starts. A
+  plug-in installed on a machine without its accelerator counts as "not the CPU": the tuning is
+  then skipped, which costs speed, never correctness."""
   platforms = environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
@@ -165,11 +153,9 @@ def applied_tuning_note() -> Optional[str]:
 
 
 def restart_with_tuned_malloc() -> None:
-  """Re-executes this process with the tuned ``malloc`` where that helps; else returns.
-
-  Call it first thing in a command-line entry point: the process is replaced (same PID,
-  same arguments and open files), so nothing done before the call survives.
-  """
+  """Re-executes this process with the tuned ``malloc`` where that helps; else returns. Call it
+  first thing in a command-line entry point: the process is replaced (same PID, same arguments
+  and open files), so nothing done before the call survives."""
   env = _restart_environment()
   if env is None or not sys.executable or not getattr(sys, "orig_argv", None):
     return

@@ -1,10 +1,7 @@
-"""What the loops of pre-training (:mod:`lut_jax.pretrain.train`) and the supervised
-protocols (linear probe, fine-tuning, segmentation: :func:`train_evaluate_save`) share:
-stopping for preemption, and the guard that keeps NaN and infinity out of every
-checkpoint. Each step reports its ``first_nonfinite_step`` (:func:`first_nonfinite_step`);
-an :class:`Interval` merges it with the other metrics and checks it when read, which the
-loops do before every save.
-TensorFlow-free (CLU's metrics, not its writers).
+"""What the loops of pre-training and the supervised protocols (:func:`train_evaluate_save`)
+share: stopping for preemption, and the guard that keeps NaN and infinity out of every
+checkpoint (each step reports its :func:`first_nonfinite_step`; an :class:`Interval` merges
+and checks it when read, before every save). TensorFlow-free (CLU's metrics only).
 """
 
 from __future__ import annotations
@@ -79,10 +76,9 @@ class Interval:
 
   @contextlib.contextmanager
   def timed(self, name: str) -> Iterator[None]:
-    """Counts the host time spent inside as ``name``; :meth:`read` reports its share of
-    the interval (``time_share/<name>``), e.g. waiting for input or for a checkpoint save.
-    Steps are dispatched asynchronously, so the share is time the host could not spend
-    feeding the device."""
+    """Counts the host time spent inside as ``name`` (waiting for input, a checkpoint...);
+    :meth:`read` reports its share of the interval as ``time_share/<name>``: with steps
+    dispatched asynchronously, time the host could not spend feeding the device."""
     start = time.time()
     try:
       yield
@@ -101,11 +97,8 @@ class Interval:
 
   def read(self, done: int) -> dict[str, float]:
     """The interval's scalars (and ``images_per_sec``) up to step ``done``; starts the next.
-
-    Raises:
-      errors.NonFiniteError: a step of the interval produced a NaN or an infinity.
-      errors.WorkdirError: a background save failed.
-    """
+    A NonFiniteError when a step of it produced a NaN or an infinity, a WorkdirError when a
+    background save failed."""
     scalars = {k: float(v) for k, v in self._acc.compute().items()}
     first_bad = int(scalars.pop("first_nonfinite_step"))
     if first_bad != ALL_FINITE:
@@ -135,13 +128,11 @@ class Interval:
 
 class PreemptionGuard:
   """Says when to save and stop for a preemption: after SIGTERM, or at the step Orbax's
-  ``reached_preemption`` names on every process once any got a notice (multi-host).
-
-  The SIGTERM handler is for single-process runs only: with several processes every host
-  must stop at the same step (a save is a collective), which JAX's preemption service
-  decides; a local handler would also replace that service's own. Without a checkpointer
-  nothing could be saved: SIGTERM keeps its own handler (it ends the process).
-  """
+  ``reached_preemption`` names on every process once any got a notice (multi-host). The SIGTERM
+  handler is for single-process runs only: with several processes every host must stop at the
+  same step (a save is a collective), which JAX's preemption service decides; a local handler
+  would also replace that service's own. Without a checkpointer nothing could be saved: SIGTERM
+  keeps its own handler (it ends the process)."""
 
   def __init__(self, checkpointer: Optional[checkpointing.Checkpointer]):
     self._ckpt = checkpointer

@@ -1,9 +1,7 @@
 """Optimizers and schedules of pre-training, fine-tuning and the linear probe (optax pieces).
 
-* Peak learning rate ``base_lr * global_batch / 256`` everywhere (the linear rule; the LUT
-  reference code uses ``base_lr * sqrt(batch) / 4`` in pre-training, equal only at batch
-  4096, and ``/ 8`` in fine-tuning, equal at batch 1024),
-  then per-step linear warmup and cosine decay to ``min_lr``.
+* Peak learning rate ``base_lr * global_batch / 256`` everywhere (the linear rule; the
+  reference's square-root rules differ: README), per-step linear warmup, cosine to ``min_lr``.
 * Weight decay only on tensors of rank >= 2 (never on biases or normalisation parameters);
   fine-tuning also skips the cls token and positions (MAE's ``no_weight_decay()``).
 * Pre-training: AdamW (b1 0.9, b2 0.95, weight decay 0.05), and the EMA momentum
@@ -36,12 +34,10 @@ def peak_learning_rate(base_lr: float, global_batch: int) -> float:
 
 def learning_rate_schedule(*, peak_lr: float, warmup_steps: int, total_steps: int,
                            min_lr: float = 0.0) -> Schedule:
-  """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine to ``min_lr``
-  at ``total_steps`` (per step, as MAE's per-iteration ``adjust_learning_rate``).
-
-  A warmup as long as the run (evaluation configs allow ``warmup_epochs == epochs``) stops
-  one step short: optax needs at least one cosine step.
-  """
+  """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine to ``min_lr`` at
+  ``total_steps`` (per step, as MAE's per-iteration ``adjust_learning_rate``). A warmup as long
+  as the run (evaluation configs allow ``warmup_epochs == epochs``) stops one step short: optax
+  needs at least one cosine step."""
   if not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"warmup steps ({warmup_steps}) must be in [0, total steps "
                      f"({total_steps})]")
@@ -60,12 +56,10 @@ def momentum_schedule(*, base_momentum: float, total_steps: int) -> Schedule:
 
 
 def weight_decay_mask(params: Any, skip: tuple[str, ...] = ()) -> Any:
-  """True for leaves that get weight decay: rank >= 2 (weight matrices, conv kernels, the
-  cls / mask tokens) unless named in ``skip``; False for biases and normalisation scales.
-
-  Pre-training and the probe skip nothing (as MAE's pre-training ``add_weight_decay``,
-  which decays the tokens); fine-tuning skips :data:`FINETUNE_NO_DECAY`.
-  """
+  """True for leaves that get weight decay: rank >= 2 (weight matrices, conv kernels, the cls /
+  mask tokens) unless named in ``skip``; False for biases and normalisation scales.
+  Pre-training and the probe skip nothing (as MAE's pre-training ``add_weight_decay``, which
+  decays the tokens); fine-tuning skips :data:`FINETUNE_NO_DECAY`."""
   return jax.tree_util.tree_map_with_path(
       lambda path, p: p.ndim > 1 and getattr(path[-1], "key", None) not in skip, params)
 
@@ -109,11 +103,9 @@ def create_finetune_optimizer(learning_rate: optax.ScalarOrSchedule, *, depth: i
                               layer_decay_rate: float = 0.75, weight_decay: float = 0.05,
                               b1: float = 0.9, b2: float = 0.999,
                               grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
-  """Fine-tuning's AdamW with layer-wise lr decay: ``-lr * scale_l * (adam + wd * p)``.
-
-  The per-layer scale multiplies both the Adam step and the decoupled decay, as a
-  PyTorch param group's ``lr * lr_scale`` does in MAE.
-  """
+  """Fine-tuning's AdamW with layer-wise lr decay: ``-lr * scale_l * (adam + wd * p)``. The
+  per-layer scale multiplies both the Adam step and the decoupled decay, as a PyTorch param
+  group's ``lr * lr_scale`` does in MAE."""
   mask = functools.partial(weight_decay_mask, skip=FINETUNE_NO_DECAY)
   return _chain(grad_clip_norm, optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
                 optax.add_decayed_weights(weight_decay, mask),

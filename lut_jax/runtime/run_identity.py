@@ -103,14 +103,12 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def check_input_record(workdir: str, record: Mapping[str, Any], *, resuming: bool) -> None:
-  """Records in ``workdir`` what the run's input is read from (``record``: JSON-able), or,
-  on resume, raises ``WorkdirError`` when it differs from the recorded one.
-
-  A resumed step must see the examples the uninterrupted run would have seen, and the
-  config alone does not fix them: the data behind a path can change, and so can the
-  process count that splits each epoch (``lut_jax.pretrain.train.input_record`` says what
-  pre-training records). A run from before this record existed records it now.
-  """
+  """Records in ``workdir`` what the run's input is read from (``record``: JSON-able), or, on
+  resume, raises ``WorkdirError`` when it differs from the recorded one. A resumed step must
+  see the examples the uninterrupted run would have seen, and the config alone does not fix
+  them: the data behind a path can change, and so can the process count that splits each epoch
+  (``lut_jax.pretrain.train.input_record`` says what pre-training records). A run from before
+  this record existed records it now."""
   path = epath.Path(workdir) / INPUT_RECORD_FILE
   if resuming and path.exists():
     changed = differences(json.loads(path.read_text()), record)

@@ -1,11 +1,9 @@
 """Device mesh and shardings: data parallelism plus optional FSDP.
 
-The mesh has two axes, ``data`` and ``fsdp``. The batch is split over both (every device
-holds a different slice of examples). Parameters and optimizer state are replicated over
-``data`` and, when ``fsdp > 1``, each large leaf is split along its largest divisible
-dimension over ``fsdp`` (ZeRO-3 style); XLA inserts the all-gathers and reduce-scatters.
-Under ``jax.jit`` with these shardings, gradients and batch statistics are global: there is
-no pmean and no SyncBatchNorm code.
+The mesh has two axes, ``data`` and ``fsdp``; the batch is split over both. Parameters and
+optimizer state are replicated over ``data`` and, when ``fsdp > 1``, each large leaf is
+split along its largest divisible dimension over ``fsdp`` (ZeRO-3 style). Under ``jax.jit``
+gradients and batch statistics are then global: no pmean, no SyncBatchNorm code.
 """
 
 from __future__ import annotations

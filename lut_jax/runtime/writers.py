@@ -1,11 +1,9 @@
 """Metric writers for the training loops, with or without TensorFlow.
 
-With TensorFlow installed, CLU's TensorBoard writer (event files through ``tf.summary``)
-beside log lines. Without it (the TF-free install; GPU images often lack TensorFlow), a
-writer with the same methods over ``tensorboardX`` (event files TensorBoard reads), plus the
-same log lines; without ``tensorboardX`` too, log lines only, said once. Either way the log
-gets scalars only: hyperparameters and images are for TensorBoard (the console is for
-progress, and a run's config is in its ``config.json``).
+With TensorFlow, CLU's TensorBoard writer beside log lines; without it (GPU images often
+lack TensorFlow), a writer with the same methods over ``tensorboardX``; without that too,
+log lines only, said once. The log gets scalars only: hyperparameters and images are for
+TensorBoard (a run's config is in its ``config.json``).
 """
 
 from __future__ import annotations

@@ -1,27 +1,17 @@
-"""Weight conversion between lut_jax and the PyTorch reference / timm.
+"""Weight conversion between our Flax trees (``encoder/blocks_0/attn/qkv/kernel``,
+``head/norm_0/mean``, ...) and the state dicts of the PyTorch reference (naver-ai/lut, on
+facebookresearch/mae: ``blocks.0.attn.qkv.weight``, ``head.1.running_mean``, ...) and of
+timm's ``VisionTransformer`` (the reference's encoder names).
 
-Three naming schemes meet here:
+Layouts: a torch ``Linear`` weight is ``(out, in)``, a Flax kernel ``(in, out)``; the patch
+convolution is ``(D, C, p, p)`` in torch, ``(p, p, C, D)`` here; norm ``weight`` is our
+``scale``, ``running_mean`` / ``running_var`` our ``batch_stats`` ``mean`` / ``var``. The
+reference heads are ``nn.Sequential`` lists (``Linear, [Norm,] Act, Linear, ...``), ours
+name ``linear_i`` / ``norm_i``: the index follows from the head's norm choice.
 
-* ours: Flax trees ``{"params": ..., "batch_stats": ...}`` of :class:`~lut_jax.models.vit.LUTModel`
-  (``encoder/blocks_0/attn/qkv/kernel``, ``head/norm_0/mean``, ...);
-* the reference pre-training ``state_dict`` (naver-ai/lut, built on facebookresearch/mae):
-  ``blocks.0.attn.qkv.weight``, ``head.1.running_mean``, ...;
-* timm's ``VisionTransformer``, whose encoder names are the reference's encoder names.
-
-Layout rules: a torch ``Linear`` weight is ``(out, in)``, a Flax ``Dense`` kernel
-``(in, out)``; the patch convolution is ``(D, C, p, p)`` in torch and ``(p, p, C, D)`` in
-Flax; LayerNorm / BatchNorm ``weight`` is our ``scale``; BatchNorm ``running_mean`` /
-``running_var`` are our ``batch_stats`` ``mean`` / ``var``. The reference heads are
-``nn.Sequential`` lists (``Linear, Norm, Act, Linear, ...``, or ``Linear, Act, ...`` without
-a norm) while ours name their layers ``linear_i`` / ``norm_i``, so the Sequential index is
-computed from the head's norm choice.
-
-The fixed sin-cos position embeddings (``pos_embed``, ``decoder_pos_embed``) are constants
-in our model, not parameters: they are written on export (so ``load_state_dict(strict=True)``
-works) and, on import, checked against ours rather than loaded.
-
-This module never imports torch: it works on mappings of arrays and converts torch tensors
-lazily (``.detach().cpu().numpy()``) when it meets them.
+The fixed sin-cos position embeddings are constants here, not parameters: written on export
+(so ``load_state_dict(strict=True)`` works), checked rather than loaded on import. torch is
+never imported: its tensors are converted when met (``.detach().cpu().numpy()``).
 """
 
 from __future__ import annotations
@@ -61,10 +51,7 @@ _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
                   "mean": "running_mean", "var": "running_var"}
 
 
-# ------------------------------------------------------------------------------------------
-# Helpers: arrays, templates, names.
-
-
+# ------------------------------------------------------------ helpers: arrays, templates, names
 def _to_numpy(value: Any) -> np.ndarray:
   """``value`` as a numpy array (no copy where possible). Torch tensors are detected by
   duck typing, so torch is only touched when the caller already has it loaded."""
@@ -77,16 +64,10 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any], key: Optional[str] = None) -> dict[str, Any]:
-  """The model ``state_dict`` inside a reference checkpoint, without ``module.`` prefixes.
-
-  Args:
-    checkpoint: a ``state_dict`` or a training checkpoint wrapping one (the reference saves
-      ``{"model": ..., "model_ema": ..., "optimizer": ...}``).
-    key: which entry to take (e.g. ``"model_ema"`` for the teacher); by default ``"model"``
-      or ``"state_dict"`` when present, else ``checkpoint`` itself.
-
-  Returns:
-    A new ``{name: tensor}`` dict; a leading ``module.`` (DistributedDataParallel) is removed.
+  """A new ``{name: tensor}`` dict of the model ``state_dict`` in ``checkpoint`` (a state
+  dict, or the reference's ``{"model", "model_ema", "optimizer"}``), without the ``module.``
+  prefix of DistributedDataParallel. ``key``: the entry to take (``"model_ema"``: the
+  teacher); by default ``"model"`` or ``"state_dict"`` when present, else ``checkpoint``.
   """
   if key is not None:
     if key not in checkpoint:
@@ -106,9 +87,8 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], key: Optional[str] = None) 
 @functools.lru_cache(maxsize=32)
 def _variable_shapes(module: nn.Module,
                      channels: int = 3) -> dict[str, dict[Path, jax.ShapeDtypeStruct]]:
-  """``{collection: {path: ShapeDtypeStruct}}`` of ``module``'s variables, by abstract
-  evaluation of ``init`` (no FLOPs, no memory), so the converter follows the model's actual
-  structure instead of a hand-written copy of it."""
+  """``{collection: {path: ShapeDtypeStruct}}`` of ``module``'s variables by abstract
+  evaluation of ``init``: the converter follows the model's actual structure."""
   rng = jax.random.PRNGKey(0)
   if isinstance(module, vit.LUTModel):
     variables = jax.eval_shape(functools.partial(train_state.init_variables, module), rng)
@@ -126,11 +106,9 @@ def _head_stride(head_norm: str) -> int:
 
 
 def _torch_name(path: Path, head_stride: int) -> str:
-  """Reference/timm name of our variable at ``path`` (collection excluded).
-
-  ``path`` starts at the LUTModel level (``encoder``/``decoder``/``head``/``predictor``);
-  the reference model is flat, so our ``encoder``/``decoder`` scopes disappear.
-  """
+  """Reference/timm name of our variable at ``path`` (collection excluded). ``path`` starts at
+  the LUTModel level (``encoder``/``decoder``/``head``/``predictor``); the reference model is
+  flat, so our ``encoder``/``decoder`` scopes disappear."""
   top, rest = path[0], list(path[1:])
   parts = [] if top in ("encoder", "decoder") else [top]
   in_head = top in ("head", "predictor")
@@ -148,21 +126,12 @@ def _torch_name(path: Path, head_stride: int) -> str:
   return ".".join(parts)
 
 
-def _to_torch_layout(path: Path, value: np.ndarray) -> np.ndarray:
-  """Our array -> torch layout (Dense kernels transposed, conv kernel to OIHW)."""
+def _to_torch_layout(path: Path, value: np.ndarray, inverse: bool = False) -> np.ndarray:
+  """Our array -> torch layout (Dense kernels transposed, conv kernel to OIHW), or back."""
   if path[-1] == "kernel" and value.ndim == 2:
     return value.T
   if path[-1] == "kernel" and value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)
-  return value
-
-
-def _from_torch_layout(path: Path, value: np.ndarray) -> np.ndarray:
-  """Inverse of :func:`_to_torch_layout`."""
-  if path[-1] == "kernel" and value.ndim == 2:
-    return value.T
-  if path[-1] == "kernel" and value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)
+    return value.transpose((2, 3, 1, 0) if inverse else (3, 2, 0, 1))
   return value
 
 
@@ -203,11 +172,9 @@ class _Problems:
 
 def _check_pos_embed(name: str, value: np.ndarray, width: int, grid: int,
                      problems: _Problems) -> None:
-  """Records a problem unless ``value`` is our fixed sin-cos embedding (cls row included).
-
-  A mismatch means the checkpoint's model does not use the fixed embedding (e.g. a
-  fine-tuned timm ViT with a learned one): loading it silently would change the model.
-  """
+  """Records a problem unless ``value`` is our fixed sin-cos embedding (cls row included). A
+  mismatch means the checkpoint's model does not use the fixed embedding (e.g. a fine-tuned
+  timm ViT with a learned one): loading it silently would change the model."""
   expected = vit.sincos_pos_embed_2d(width, grid)[None]
   if value.shape != expected.shape:
     problems.shapes.append(f"{name}: expected {expected.shape}, got {value.shape}")
@@ -233,7 +200,7 @@ def _load(state_dict: StateDict, template: Mapping[str, Mapping[Path, Any]],
       if value.shape != expected:
         problems.shapes.append(f"{name}: expected {expected}, got {value.shape}")
         continue
-      value = np.ascontiguousarray(_from_torch_layout(path, value)).astype(spec.dtype)
+      value = np.ascontiguousarray(_to_torch_layout(path, value, inverse=True)).astype(spec.dtype)
       flat.setdefault(collection, {})[path] = value
   return flat
 
@@ -242,34 +209,20 @@ def _unflatten(flat: Mapping[Path, np.ndarray]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(dict(flat)) if flat else {}
 
 
-# ------------------------------------------------------------------------------------------
-# Full model: reference pre-training checkpoints <-> LUTModel variables.
-
-
+# ------------------------ full model: reference pre-training checkpoints <-> LUTModel variables
 def params_from_torch_state_dict(
     state_dict: StateDict, model: vit.LUTModel, *, key: Optional[str] = None,
     ignore_unexpected: bool = False, check_pos_embed: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Converts a reference (naver-ai/lut or MAE) pre-training ``state_dict`` to our variables.
+  """A reference (naver-ai/lut or MAE) pre-training ``state_dict`` (or a checkpoint wrapping
+  it: :func:`unwrap_state_dict` with ``key``) -> ``(params, batch_stats)`` of ``model``
+  (numpy; an MAE checkpoint fits a ``use_bc=False`` model), whose configuration decides
+  which tensors are required and their shapes.
 
-  Args:
-    state_dict: ``{name: tensor or array}``, or a checkpoint wrapping it (see
-      :func:`unwrap_state_dict`); ``module.`` prefixes are accepted. An MAE checkpoint (no
-      ``head``/``predictor``) converts into a ``use_bc=False`` model.
-    model: the :class:`~lut_jax.models.vit.LUTModel` whose variables to produce; its
-      configuration decides which tensors are required and their shapes.
-    key: checkpoint entry to read (``"model_ema"`` gives the reference's teacher).
-    ignore_unexpected: skip tensors our model has no place for instead of failing.
-    check_pos_embed: verify that ``pos_embed`` / ``decoder_pos_embed``, when present, equal
-      our fixed sin-cos constants (they are never loaded).
-
-  Returns:
-    ``(params, batch_stats)`` as nested dicts of numpy arrays (``batch_stats`` is ``{}``
-    without batch-norm heads).
-
-  Raises:
-    ValueError: listing, by torch name, every missing tensor, every shape mismatch (expected
-      vs got, in torch layout), every unexpected tensor and any position-embedding mismatch.
+  ``ignore_unexpected``: skip tensors ``model`` has no place for. ``check_pos_embed``: the
+  position embeddings, when present, must equal our fixed sin-cos constants. Raises a
+  ``DataError`` (a ValueError) listing by torch name every missing, mis-shaped (in torch
+  layout) and unexpected tensor and any position-embedding mismatch.
   """
   state_dict = unwrap_state_dict(state_dict, key)
   stride = _head_stride(model.head_norm)
@@ -295,13 +248,10 @@ def params_to_torch_state_dict(
     params: Mapping[str, Any], batch_stats: Optional[Mapping[str, Any]],
     model: vit.LUTModel, *, num_batches_tracked: int = 0,
 ) -> dict[str, np.ndarray]:
-  """Our variables -> a reference-named ``state_dict`` of numpy arrays.
-
-  The result loads with ``load_state_dict(strict=True)`` into the reference module of the
-  same configuration (wrap each value with ``torch.from_numpy``): it includes the fixed
-  position embeddings and, for each BatchNorm, a ``num_batches_tracked`` counter (we do not
-  count batches; the value is ``num_batches_tracked``, harmless with a fixed momentum).
-  :func:`params_from_torch_state_dict` inverts it exactly.
+  """Our variables -> a reference-named ``state_dict`` of numpy arrays, which loads with
+  ``load_state_dict(strict=True)`` into the reference module of the same configuration: it
+  holds the fixed position embeddings and each BatchNorm's ``num_batches_tracked`` (the
+  argument: we do not count batches). :func:`params_from_torch_state_dict` inverts it.
   """
   stride = _head_stride(model.head_norm)
   out: dict[str, np.ndarray] = {}
@@ -319,35 +269,27 @@ def params_to_torch_state_dict(
   return out
 
 
-# ------------------------------------------------------------------------------------------
-# Encoder alone: reference checkpoints and timm VisionTransformer.
-
-
+# ------------------------------ encoder alone: reference checkpoints and timm VisionTransformer
 def encoder_params_from_torch_state_dict(
     state_dict: StateDict, model: Union[vit.LUTModel, vit.Encoder], *,
     key: Optional[str] = None, ignore_unexpected: bool = False, check_pos_embed: bool = True,
 ) -> dict[str, Any]:
   """Encoder parameters (the tree under ``params["encoder"]``) from a reference, MAE or timm
-  ``state_dict``.
-
-  The decoder, mask token, projector/predictor and a timm classifier (``head.*``) are
-  skipped silently; anything else our encoder has no place for (e.g. timm's ``fc_norm``) is
-  reported unless ``ignore_unexpected``. ``model`` may be a LUTModel or an Encoder (whose
-  input channels are read from ``patch_embed.proj.weight``, default 3). Raises ValueError
-  listing every missing, mis-shaped or unexpected tensor, as
-  :func:`params_from_torch_state_dict`.
+  ``state_dict``, as :func:`params_from_torch_state_dict`. The decoder, mask token, heads
+  and a timm classifier (``head.*``) are skipped silently; anything else ``model`` (a
+  LUTModel, or an Encoder: channels from ``patch_embed.proj.weight``) has no place for
+  (e.g. timm's ``fc_norm``) is reported unless ``ignore_unexpected``.
   """
   state_dict = unwrap_state_dict(state_dict, key)
   if isinstance(model, vit.LUTModel):
     template = {"params": {p[1:]: s for p, s in _variable_shapes(model)["params"].items()
                            if p[0] == "encoder"}}
-    width, grid = model.width, model.image_size // model.patch_size
   else:
     weight = state_dict.get("patch_embed.proj.weight")
     weight_shape = _to_numpy(weight).shape if weight is not None else ()
     channels = weight_shape[1] if len(weight_shape) == 4 else 3
     template = _variable_shapes(model, channels)
-    width, grid = model.width, model.image_size // model.patch_size
+  width, grid = model.width, model.image_size // model.patch_size
   problems = _Problems()
   name_of = lambda path: _torch_name(("encoder",) + path, 3)  # noqa: E731
   flat = _load(state_dict, template, name_of, problems)
@@ -364,27 +306,19 @@ def encoder_params_from_timm_state_dict(
     state_dict: StateDict, model: Union[vit.LUTModel, vit.Encoder], *,
     ignore_unexpected: bool = False, check_pos_embed: bool = True,
 ) -> dict[str, Any]:
-  """Encoder parameters from a timm ``VisionTransformer`` ``state_dict`` (cls token, fixed
-  sin-cos ``pos_embed``, pre-norm blocks, final ``norm``).
-
-  timm's encoder names are the reference's, so this is
-  :func:`encoder_params_from_torch_state_dict`; a classifier ``head.*`` is skipped. A
-  ``pos_embed`` that is not our fixed sin-cos embedding (a learned one) is an error unless
-  ``check_pos_embed=False``: our encoder cannot represent it.
-  """
+  """Encoder parameters from a timm ``VisionTransformer`` ``state_dict``: timm's encoder
+  names are the reference's, so this is :func:`encoder_params_from_torch_state_dict`."""
   return encoder_params_from_torch_state_dict(
       state_dict, model, ignore_unexpected=ignore_unexpected, check_pos_embed=check_pos_embed)
 
 
 def encoder_to_timm_state_dict(encoder_params: Mapping[str, Any], *,
                                image_size: int) -> dict[str, np.ndarray]:
-  """Encoder parameters -> timm ``VisionTransformer`` ``state_dict`` (numpy arrays).
-
-  The result loads with ``strict=True`` into ``VisionTransformer(img_size=image_size,
-  patch_size=p, embed_dim=D, depth=N, num_heads=H, qkv_bias=True, class_token=True,
-  num_classes=0, global_pool='', norm_layer=partial(nn.LayerNorm, eps=1e-6))`` and computes
-  the same ``forward_features``. ``pos_embed`` is our fixed sin-cos constant (timm stores it
-  as a parameter), sized from ``image_size`` and the patch kernel.
+  """Encoder parameters -> timm ``VisionTransformer`` ``state_dict`` (numpy), which loads
+  with ``strict=True`` into ``VisionTransformer(img_size=image_size, patch_size=p,
+  embed_dim=D, depth=N, num_heads=H, num_classes=0, global_pool='', norm_layer=partial(
+  nn.LayerNorm, eps=1e-6))`` with the same ``forward_features``; ``pos_embed`` (a timm
+  parameter) is our sin-cos constant for ``image_size``.
   """
   flat = traverse_util.flatten_dict(dict(encoder_params))
   kernel = _to_numpy(flat[("patch_embed", "proj", "kernel")])
@@ -402,10 +336,3 @@ def torch_tensors(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """``{name: torch.Tensor}`` from numpy arrays (imports torch, lazily)."""
   import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
   return {name: torch.from_numpy(np.array(value)) for name, value in state_dict.items()}
-
-
-__all__ = (
-    "unwrap_state_dict", "params_from_torch_state_dict", "params_to_torch_state_dict",
-    "encoder_params_from_torch_state_dict", "encoder_params_from_timm_state_dict",
-    "encoder_to_timm_state_dict", "torch_tensors",
-)

@@ -1,20 +1,17 @@
 """The one loader of pre-trained weights: :func:`load` builds the encoder (and the LUT/MAE
 model with its decoder, when the source has one and it is asked for) of any source
-:func:`lut_jax.weights.sources.locate` tells apart, and refuses NaN or infinite weights.
-Evaluation, fine-tuning, segmentation, export and analysis all load through it.
+:func:`lut_jax.weights.sources.locate` tells apart, refusing NaN or infinite weights.
 
-The architecture (:class:`lut_jax.models.variants.EncoderConfig`) comes from a run's config,
-an export's ``encoder_config.json``, or the tensor shapes of converted weights
-(:mod:`lut_jax.weights.convert`) with what they do not show (the heads: a timm
-``config.json``'s, else the standard ViT size's of that width); an architecture our encoder
-cannot compute exactly (a learned position embedding, register tokens, layer scale, another
-activation...) is refused. From a run only the chosen tree is read
-(:func:`lut_jax.runtime.checkpointing.restore_subtrees`): not the optimizer state.
+The architecture comes from a run's config, an export's ``encoder_config.json``, or the
+tensor shapes of converted weights with what they do not show (the heads: a timm
+``config.json``'s, else the standard ViT size's of that width); one our encoder cannot
+compute exactly (a learned position embedding, register tokens, layer scale, another
+activation...) is refused. From a run only the chosen tree is read, not the optimizer state.
 
 Probes for Grad-CAM (:func:`load_probe`) are linear-probe work directories or ``.npz``
 files: ``kernel (D, classes)``, ``bias (classes,)``, optionally ``bn_mean``/``bn_var`` (the
-MAE linear-probe recipe's affine-free BatchNorm, eps 1e-6) and ``pool`` (``"mean"`` of the
-patch tokens, the default, or ``"cls"``). Fine-tuned classifiers: :func:`load_finetuned`.
+MAE probe's affine-free BatchNorm, eps 1e-6) and ``pool`` (``"mean"``, the default, or
+``"cls"``). Fine-tuned classifiers: :func:`load_finetuned`.
 """
 
 from __future__ import annotations
@@ -42,34 +39,19 @@ from lut_jax.weights import convert, sources
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-  """Pre-trained weights, loaded: the encoder, and the whole model when there is one.
+  """Pre-trained weights, loaded: the encoder, and the whole model when there is one."""
 
-  Attributes:
-    encoder: a :class:`~lut_jax.models.vit.Encoder` (float32, no remat).
-    params: its parameters (``patch_embed``, ``cls_token``, ``blocks_i``, ``norm``).
-    channels: input channels of the patch embedding.
-    source: where it was loaded from, in words, for logs.
-    path: the absolute directory or file it was loaded from, or ``hf-hub:org/name`` (""
-      when built in memory).
-    kind: a :data:`lut_jax.weights.sources.KINDS` key ("" when built in memory).
-    step: the pre-training checkpoint step loaded (None for other sources).
-    label: the name analyses give it in plots and metrics.
-    model: a :class:`~lut_jax.models.vit.LUTModel` (float32) for reconstructions, or None.
-    model_params: ``model``'s parameters, or None.
-    mask_ratio, norm_pix: the pre-training settings (for reconstructions).
-  """
-
-  encoder: vit.Encoder
-  params: Any
+  encoder: vit.Encoder  # float32, no remat
+  params: Any  # the encoder's
   channels: int
-  source: str = ""
-  path: str = ""
-  kind: str = ""
-  step: Optional[int] = None
-  label: str = ""
-  model: Optional[vit.LUTModel] = None
+  source: str = ""  # where it was loaded from, in words, for logs
+  path: str = ""  # absolute directory or file, or hf-hub:org/name ("" when built in memory)
+  kind: str = ""  # a sources.KINDS key ("" when built in memory)
+  step: Optional[int] = None  # of a pre-training run's checkpoint
+  label: str = ""  # its name in the analyses' plots and metrics
+  model: Optional[vit.LUTModel] = None  # float32, for reconstructions
   model_params: Optional[Any] = None
-  mask_ratio: float = 0.75
+  mask_ratio: float = 0.75  # pre-training's (for reconstructions)
   norm_pix: bool = True
 
   @property
@@ -107,11 +89,8 @@ class Pretrained:
 
   @functools.cached_property
   def fingerprint(self) -> str:
-    """SHA-256 of the parameters' names, shapes, dtypes and values.
-
-    It identifies the weights whatever their source: an export overwritten in place, a
-    checkpoint step rewritten by a restarted run, an encoder built in memory.
-    """
+    """SHA-256 of the parameters' names, shapes, dtypes and values: it identifies the weights
+    whatever their source (an export overwritten in place, a checkpoint step rewritten)."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
       if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
@@ -141,28 +120,23 @@ def load(path: str, step: Optional[int] = None, *, which: str = "params",
          encoder_only: bool = False, label: Optional[str] = None, key: Optional[str] = None,
          num_heads: Optional[int] = None, decoder_num_heads: int = 16,
          image_size: Optional[int] = None) -> Pretrained:
-  """The pre-trained weights at ``path`` (any :func:`lut_jax.weights.sources.locate` path).
+  """The pre-trained weights at ``path``, any :func:`lut_jax.weights.sources.locate` path.
 
   Args:
-    path: a pre-training work directory (or one of its ``checkpoints/<step>``), an exported
-      encoder, a PyTorch or safetensors checkpoint file, a timm folder or ``hf-hub:org/name``.
     step: a work directory's checkpoint step (None or negative: the one ``path`` names,
       else the latest). Every other source holds one set of weights.
     which: a work directory's ``"params"`` (the online network, which evaluation starts
       from, as the reference does) or ``"target_params"`` (the EMA teacher).
-    encoder_only: the encoder alone: from a run only ``<which>/encoder`` is read (not the
-      decoder, heads, teacher or optimizer state), from a reference checkpoint not the
-      decoder.
+    encoder_only: from a run only ``<which>/encoder`` is read, from a reference checkpoint
+      not the decoder.
     label: display name (default: the directory or file name).
-    key: the entry of a checkpoint file that holds the weights (e.g. ``"model_ema"``, the
+    key: the entry of a checkpoint file that holds the weights (``"model_ema"``: the
       reference's teacher).
     num_heads, decoder_num_heads, image_size: of a checkpoint file, where its tensor shapes
       do not say (default: the standard ViT size of its width; 16; read from pos_embed).
 
-  Raises:
-    errors.UserError: (or FileNotFoundError) ``path`` is none of these, holds an
-      architecture the encoder cannot represent or non-finite weights, or ``step`` /
-      ``which`` ask for what it cannot give.
+  A UserError (or FileNotFoundError) when ``path`` holds nothing it reads, an architecture
+  the encoder cannot represent or non-finite weights, or ``step`` / ``which`` ask too much.
   """
   kind, location, path_step = sources.locate(path)
   if step is not None and step >= 0:
@@ -242,8 +216,6 @@ def _load_run(workdir: str, step: Optional[int], which: str,
 
 
 # ----------------------------------------------------------------------------- state dicts
-
-
 def _state_dict_of(path: str, checkpoint: Any, key: Optional[str]) -> dict[str, Any]:
   """The ``{name: tensor}`` mapping inside what ``torch.load`` returned, or a DataError
   saying what the file holds instead."""
@@ -284,11 +256,9 @@ def _default_heads(path: str, width: int) -> int:
 
 def _check_fixed_pos_embed(path: str, state_dict: dict[str, Any], name: str, width: int,
                            grid: int) -> None:
-  """A DataError unless ``state_dict[name]`` (when present) is our fixed sin-cos table.
-
-  Our encoder has no position-embedding parameter, so a learned one (a standard timm or a
-  fine-tuned ViT) would be dropped and the analyses would describe a different model.
-  """
+  """A DataError unless ``state_dict[name]`` (when present) is our fixed sin-cos table. Our
+  encoder has no position-embedding parameter, so a learned one (a standard timm or a
+  fine-tuned ViT) would be dropped and the analyses would describe a different model."""
   if name not in state_dict:
     return
   value = convert._to_numpy(state_dict[name])  # pylint: disable=protected-access
@@ -321,15 +291,10 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, key: Optional[str
                      norm_pix: bool = True, mask_ratio: float = 0.75,
                      gelu_approximate: bool = False) -> dict[str, Any]:
   """:class:`Pretrained` fields of a reference/timm-named ``state_dict`` read from ``path``
-  (the name its errors give): encoder + decoder when it has ``decoder_*`` tensors (a
-  reference pre-training checkpoint) and not ``encoder_only``, else the encoder alone. The
-  architecture is read from the tensor shapes, the activation (which they do not show) from
-  ``gelu_approximate`` (encoder only).
-
-  Raises:
-    DataError: naming ``path``, when it does not hold a ViT state_dict, or holds a ViT that
-      our encoder cannot represent (a learned position embedding, tensors of the wrong shape
-      or that our encoder has no place for).
+  (the name its errors give): encoder + decoder when it has ``decoder_*`` tensors and not
+  ``encoder_only``, else the encoder alone. The architecture comes from the tensor shapes,
+  the activation from ``gelu_approximate``. A DataError naming ``path`` when it holds no ViT
+  or one our encoder cannot represent.
   """
   for name, ndim in (("patch_embed.proj.weight", 4), ("blocks.0.mlp.fc1.weight", 2)):
     if name not in state_dict or len(_shape(state_dict, name)) != ndim:
@@ -394,14 +359,11 @@ def _from_state_dict(path: str, state_dict: dict[str, Any], *, key: Optional[str
 
 
 # ----------------------------------------------------------------------------- probes
-
-
 def load_probe(path: str, pool: Optional[str] = None) -> dict[str, Any]:
   """A linear classifier on the encoder's features: an ``.npz`` file (see the module
-  docstring) or a linear-probe work directory of :mod:`lut_jax.evaluation.linear_probe`
-  (latest ``checkpoints/<step>``: ``params["head"]`` and the ``batch_stats["bn"]`` of its
-  affine-free BatchNorm; the pooling from ``config.json``'s ``linear_probe.pool``, else
-  ``"cls"``, that recipe's default). ``pool`` overrides the stored pooling.
+  docstring) or a linear-probe work directory (latest step: ``params["head"]``, the
+  ``batch_stats["bn"]`` of its affine-free BatchNorm, the pooling of its resume record, else
+  ``"cls"``). ``pool`` overrides the stored pooling.
   """
   if os.path.isdir(path):
     state, _ = checkpointing.restore_subtrees(
@@ -466,8 +428,6 @@ def probe_logits_fn(encoder: vit.Encoder,
 
 
 # ----------------------------------------------------------------------------- fine-tuned
-
-
 class Finetuned(NamedTuple):
   """A checkpoint of a fine-tuning run, read back (see :func:`load_finetuned`)."""
 
@@ -479,12 +439,9 @@ class Finetuned(NamedTuple):
 
 def load_finetuned(workdir: str, checkpoint: str = "best", *,
                    sharding: Optional[jax.sharding.Sharding] = None) -> Finetuned:
-  """The parameters of a fine-tuning work directory (``configs/finetune.py``'s
-  ``--workdir``) at ``checkpoint``: ``"best"`` (the kept step with the highest eval top-1),
-  ``"latest"`` or a step number; ``sharding``: of the parameters (default replicated).
-
-  Raises:
-    errors.WorkdirError: not a fine-tuning work directory, or no such checkpoint.
+  """The parameters of a fine-tuning work directory at ``checkpoint``: ``"best"`` (the kept
+  step with the highest eval top-1), ``"latest"`` or a step number; ``sharding``: of the
+  parameters (default replicated). A WorkdirError for another directory or step.
   """
   checkpoint_dir = checkpointing.absolute(workdir) / checkpointing.CHECKPOINT_DIR
   record_path = checkpoint_dir / sources.RESUME_KEY_FILE

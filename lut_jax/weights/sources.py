@@ -48,20 +48,13 @@ class Source(NamedTuple):
 
 
 def locate(path: str) -> Source:
-  """What ``path``, given as pre-trained weights, holds:
-
-  * ``workdir``: a pre-training work directory (step None: the latest) or one of its
-    ``checkpoints/<step>``;
-  * ``encoder``: a :func:`write_export` directory;
-  * ``timm``: a timm / Hugging Face folder, ``model.safetensors`` (beside the
-    ``config.json`` that names its architecture, as ``lut-export`` writes);
-  * ``torch``: a PyTorch checkpoint file (reference LUT/MAE, timm);
-  * ``safetensors``: a ``.safetensors`` state dict without its folder;
-  * ``hf-hub``: a Hugging Face Hub repository ``org/name[@revision]``, named
-    ``hf-hub:org/name`` as timm names it; nothing is downloaded here.
-
-  Anything else is a user error (``FileNotFoundError`` or ``errors.UserError``) saying
-  what was expected.
+  """What ``path``, given as pre-trained weights, holds: ``workdir`` (a pre-training work
+  directory, step None: the latest, or one of its ``checkpoints/<step>``), ``encoder`` (a
+  :func:`write_export` directory), ``timm`` (a folder with ``model.safetensors`` and the
+  ``config.json`` naming its architecture), ``torch`` (a PyTorch checkpoint file),
+  ``safetensors`` (a state dict alone) or ``hf-hub`` (``hf-hub:org/name[@revision]``, as
+  timm names it; nothing is downloaded here). Anything else is a ``FileNotFoundError`` or
+  ``errors.UserError`` saying what was expected.
   """
   if path.startswith(HF_HUB_PREFIX):
     repo = path[len(HF_HUB_PREFIX):]
@@ -96,8 +89,6 @@ def locate(path: str) -> Source:
 
 
 # ----------------------------------------------------------------------------- lut_jax
-
-
 def load_run_config(workdir: str, step: Optional[int] = None) -> Any:
   """The config of a pre-training run: ``WORKDIR/config.json``, else the copy inside the
   checkpoint ``step`` (the newest when None), for a work directory that kept its
@@ -137,15 +128,10 @@ def read_export(directory: str) -> tuple[variants.EncoderConfig, Any]:
 
 
 # ----------------------------------------------------------------------------- PyTorch
-
-
 def read_torch_checkpoint(path: str) -> Any:
-  """``torch.load`` on the CPU, weights only. Reference training checkpoints also pickle
-  their ``argparse.Namespace``; that one class is allowed, nothing else.
-
-  Raises:
-    DataError: naming ``path``, when it is not a PyTorch checkpoint (truncated, corrupt or
-      another kind of file) or holds Python objects the weights-only reader refuses.
+  """``torch.load`` on the CPU, weights only: of classes only ``argparse.Namespace``, which
+  reference training checkpoints pickle. A DataError naming ``path`` for anything else or
+  a file that is no PyTorch checkpoint (truncated, corrupt, another kind).
   """
   import argparse
   import io
@@ -193,12 +179,8 @@ def read_torch_checkpoint(path: str) -> Any:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """A ``.safetensors`` file as ``{name: numpy array}`` (``safetensors.numpy``: no torch).
-
-  Raises:
-    DataError: naming ``path``, when it is not a safetensors file (truncated, corrupt) or
-      holds a dtype numpy lacks (bfloat16).
-  """
+  """A ``.safetensors`` file as ``{name: numpy array}`` (``safetensors.numpy``: no torch); a
+  DataError naming ``path`` when it is not one or holds a dtype numpy lacks (bfloat16)."""
   try:
     from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -262,7 +244,6 @@ def _not_a_checkpoint(path: str, reason: str) -> errors.DataError:
 
 
 # ----------------------------------------------------------------------------- timm, Hub
-
 # timm act_layer values our encoder computes, and the gelu_approximate that computes each.
 _TIMM_GELU_APPROXIMATE = {None: False, "gelu": False, "gelu_tanh": True}
 # timm VisionTransformer kwargs (a config.json's model_args) that do not change what the
@@ -284,14 +265,11 @@ _NEUTRAL_TIMM_ARGS: dict[str, Optional[tuple[Any, ...]]] = {
 
 
 def timm_encoder_args(directory: str, name: str) -> dict[str, Any]:
-  """``{"num_heads", "image_size", "gelu_approximate"}`` of the ``config.json`` of the timm
-  folder ``directory`` (``name`` in messages): None where it does not say;
-  ``act_layer="gelu_tanh"``, as ``lut-export`` writes for a tanh-GELU encoder, is
-  ``gelu_approximate``. A user error when it is not a ViT that our encoder computes exactly.
-
-  Both layouts timm reads are accepted: ``{"architecture", "model_args", "pretrained_cfg"}``
-  and the older single dict. Without ``model_args`` (most Hub repositories) the geometry is
-  the tensors' and the heads the standard ViT size's.
+  """``{"num_heads", "image_size", "gelu_approximate"}`` of the timm folder ``directory``'s
+  ``config.json`` (``name`` in messages), None where it does not say; a user error when it
+  is not a ViT our encoder computes exactly. Both of timm's layouts are read (``{"architecture",
+  "model_args", "pretrained_cfg"}`` and the older single dict); without ``model_args`` (most
+  Hub repositories) the geometry is the tensors' and the heads the standard ViT size's.
   """
   config_file = epath.Path(directory) / TIMM_CONFIG_FILE
   path = f"{name}/{TIMM_CONFIG_FILE}"
