@@ -35,12 +35,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with cluster auto-detection.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# The protocols whose input is tf.data's whatever the data set. kNN and the linear probe
-# read in-memory data sets without TensorFlow (configs' input.backend; on the tf.data path
-# lut_jax.evaluation.features says what is missing).
-NEEDS_TENSORFLOW = {"finetune": "RandAugment tf.data pipeline",
-                    "robustness": "tf.data test sets", "segmentation": "tf.data pipeline"}
-
 
 def evaluate(config, workdir: str) -> dict[str, float]:
   """Runs ``config.mode``'s protocol (``protocols.PROTOCOLS``); returns its result metrics."""
@@ -58,9 +52,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   mode = _CONFIG.value.mode
-  if mode in NEEDS_TENSORFLOW:
-    errors.require("tensorflow", purpose=f"lut-eval {mode} ({NEEDS_TENSORFLOW[mode]})",
-                   extra="data")
+  if protocols.get(mode).NEEDS_TENSORFLOW:
+    errors.require("tensorflow", extra="data",
+                   purpose=f"lut-eval {mode} ({protocols.get(mode).NEEDS_TENSORFLOW})")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__,

@@ -121,20 +121,20 @@ def base_config(mode: str, dataset: str = "fashion_mnist") -> ml_collections.Con
   c.input.eval_batch_size = 256  # feature extraction / evaluation batch (global)
   c.input.num_parallel_calls = -1
   c.input.prefetch = 2
-  if reads_encoder:
-    c.input.shuffle_buffer = 10_000
+  c.input.shuffle_buffer = 10_000
   return c
 
 
 def input_config(config: ml_collections.ConfigDict, pretrained: Any = None, *,
                  image_size: Optional[int] = None, channels: Optional[int] = None,
-                 dataset: Optional[str] = None) -> ml_collections.ConfigDict:
+                 dataset: Optional[str] = None,
+                 split: Optional[str] = None) -> ml_collections.ConfigDict:
   """The ``config.input`` block the input pipeline reads, with ``-1`` fields resolved.
 
   Image size and channels come from the arguments when given (a fine-tuned classifier's),
   else from ``config.input``, else from the pre-trained encoder
-  (``loading.Pretrained``); ``dataset`` replaces ``config.input.dataset`` (the
-  robustness sets, read one after the other).
+  (``loading.Pretrained``); ``dataset`` and ``split`` replace ``config.input.dataset`` and
+  ``.train_split`` (the robustness sets, read one after the other, train on nothing).
   """
   size = image_size or config.input.image_size
   if size is None or size <= 0:
@@ -144,13 +144,13 @@ def input_config(config: ml_collections.ConfigDict, pretrained: Any = None, *,
   c = ml_collections.ConfigDict()
   c.dataset = dataset or config.input.dataset
   c.data_dir = config.input.data_dir
-  c.split = config.input.get("train_split", "")
+  c.split = config.input.train_split if split is None else split
   c.image_size = int(size)
   c.channels = int(channels)
   c.batch_size = config.input.eval_batch_size
   c.num_parallel_calls = config.input.num_parallel_calls
   c.prefetch = config.input.prefetch
-  c.shuffle_buffer = config.input.get("shuffle_buffer", 0)
+  c.shuffle_buffer = config.input.shuffle_buffer
   return c
 
 

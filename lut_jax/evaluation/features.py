@@ -135,7 +135,7 @@ def features_key(pretrained: loading.Pretrained, input_config: ml_collections.Co
   Returns:
     A JSON-able dict.
   """
-  data_dir = input_config.get("data_dir")
+  data_dir = input_config.data_dir
   if data_dir and "://" not in data_dir:  # a local path names the same data from any cwd
     data_dir = os.path.abspath(data_dir)
   return {"pretrained": pretrained.path, "step": pretrained.step,

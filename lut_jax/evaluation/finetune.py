@@ -44,6 +44,8 @@ from lut_jax.pretrain import train_state
 from lut_jax.runtime import loop, optim
 from lut_jax.weights import loading
 
+NEEDS_TENSORFLOW = "RandAugment tf.data pipeline"  # see protocols
+
 # ------------------------------------------------------------------ mixup / cutmix
 
 

@@ -21,6 +21,8 @@ from lut_jax.evaluation import eval_config, features
 from lut_jax.runtime import writers
 from lut_jax.weights import loading
 
+NEEDS_TENSORFLOW = ""  # see protocols
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """The kNN fields (``configs/knn.py``)."""

@@ -46,6 +46,8 @@ from lut_jax.pretrain import train_state
 from lut_jax.runtime import checkpointing, loop, optim, writers
 from lut_jax.weights import loading
 
+NEEDS_TENSORFLOW = ""  # see protocols
+
 
 class LinearProbe(nn.Module):
   """``BatchNorm(affine=False) -> Dense(num_classes)`` on a feature vector."""

@@ -1,8 +1,9 @@
 """The evaluation protocols by name (``config.mode``), which ``lut-eval`` dispatches through.
 
 A protocol is a module with ``validate(config)`` (its own fields; raises
-``eval_config.EvalConfigError``) and ``run(config, workdir)`` (writes and returns its
-results); adding one: docs/architecture.md.
+``eval_config.EvalConfigError``), ``run(config, workdir)`` (writes and returns its results)
+and ``NEEDS_TENSORFLOW``: what of it needs TensorFlow, in words, or ``""`` (``lut-eval``
+checks it first); adding one: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -59,6 +59,8 @@ ALEXNET_ERRORS = {
     "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }
 
+NEEDS_TENSORFLOW = "tf.data test sets"  # see protocols
+
 # The WordNet IDs of ImageNet-A's and ImageNet-R's 200 classes, sorted: the classes that
 # thousand_k_to_200 maps in github.com/hendrycks/natural-adv-examples' eval.py, and
 # imagenet_r_wnids of github.com/hendrycks/imagenet-r's eval.py.
@@ -448,7 +450,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   for (part, _), labels_to_imagenet in zip(present, label_maps):
     step = eval_step_for(part.set_name, labels_to_imagenet)
     input_cfg = eval_config.input_config(config, image_size=image_size,
-                                         channels=classifier.channels, dataset=part.dataset)
+                                         channels=classifier.channels, dataset=part.dataset,
+                                         split="")
     batches = input_pipeline.create_eval_dataset(
         input_cfg, part.split, batch_size=config.input.eval_batch_size,
         crop_pct=part.crop_pct, sharding=batch_sharding)

@@ -50,6 +50,8 @@ from lut_jax.pretrain import train_state
 from lut_jax.runtime import loop, optim
 from lut_jax.weights import loading
 
+NEEDS_TENSORFLOW = "tf.data pipeline"  # see protocols
+
 DATASETS = ("fashion_seg", "folder", "scene_parse150")  # segmentation_data's sources
 SCHEDULES = ("poly", "cosine")
 
@@ -269,9 +271,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   input_config = eval_config.input_config(config, pretrained, image_size=crop)
   channels = input_config.channels
   train_source = segmentation_data.get_source(config.input, config.input.train_split,
-                                              config.get("synthetic"))
+                                              config.synthetic)
   eval_source = segmentation_data.get_source(config.input, config.input.eval_split,
-                                             config.get("synthetic"))
+                                             config.synthetic)
   _check_whole_mode(config, eval_source, crop)
   num_classes = config.num_classes if config.num_classes > 0 else train_source.num_classes
   if not num_classes:
