@@ -15,11 +15,11 @@ machine ran (the printout lists them beside).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
 
-from absl import app, flags
 import matplotlib
 
 matplotlib.use("Agg")
@@ -30,10 +30,6 @@ sys.path[:0] = [os.path.dirname(_HERE), _HERE]  # the repository (configs/) and 
 from configs import fashion_mnist  # noqa: E402  pylint: disable=g-import-not-at-top
 import flops  # noqa: E402  pylint: disable=g-import-not-at-top
 
-_RESULTS = flags.DEFINE_string("results", "docs/results.md", "Markdown file to read.")
-_TAGS = flags.DEFINE_list("tags", ["600steps", "2400steps", "4800steps", "9600steps"],
-                          "Sections (compare_lut_mae --tag) to plot.")
-_OUT = flags.DEFINE_string("out", "docs/images/compute_matched.png", "PNG to write.")
 COLUMNS = ("kNN cls", "kNN mean", "linear cls", "linear mean")
 _ROW = re.compile(r"^\| (LUT|MAE) \((\d+) seeds\) \|(.*)\| (\d+) \|$")
 _BUDGET = re.compile(r"batch (\d+), (\d+) steps")
@@ -43,7 +39,7 @@ def read_points(text: str, tag: str) -> list[dict]:
   """``[{method, seeds, seconds, "kNN cls": (mean, std), ...}]`` of one tagged section."""
   begin = f"<!-- compare_lut_mae {tag}: begin -->"
   if begin not in text:
-    raise SystemExit(f"plot_compute_matched.py: no section {tag!r} in {_RESULTS.value}")
+    raise SystemExit(f"plot_compute_matched.py: no section {tag!r} (compare_lut_mae --tag)")
   section = text.split(begin, 1)[1].split(f"<!-- compare_lut_mae {tag}: end -->", 1)[0]
   budget = _BUDGET.search(section)
   if not budget:
@@ -66,10 +62,18 @@ def read_points(text: str, tag: str) -> list[dict]:
   return points
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  text = open(_RESULTS.value).read()
-  points = [p for tag in _TAGS.value for p in read_points(text, tag)]
+def main() -> None:
+  # argparse, not absl flags: tests import this module beside lut_jax's command lines,
+  # whose absl flags (--out) would clash in one process.
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--results", default="docs/results.md", help="Markdown file to read.")
+  parser.add_argument("--tags", default="600steps,2400steps,4800steps,9600steps",
+                      help="comma-separated sections (compare_lut_mae --tag) to plot")
+  parser.add_argument("--out", default="docs/images/compute_matched.png", help="PNG to write.")
+  args = parser.parse_args()
+  with open(args.results) as f:
+    text = f.read()
+  points = [p for tag in args.tags.split(",") for p in read_points(text, tag)]
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   for ax, column in zip(axes, ("kNN cls", "linear cls")):
     for method, color in (("LUT", "tab:red"), ("MAE", "tab:blue")):
@@ -85,11 +89,11 @@ def main(argv: list[str]) -> None:
     ax.grid(alpha=0.3)
   axes[0].legend()
   fig.tight_layout()
-  fig.savefig(_OUT.value, dpi=110)
+  fig.savefig(args.out, dpi=110)
   for p in points:
     print(p["tag"], p["method"], f"{p['tflops']:.0f} TFLOPs", f"{p['seconds']} s",
           *(p[c][0] for c in COLUMNS))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

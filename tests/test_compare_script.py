@@ -91,3 +91,35 @@ def test_a_preempted_run_stops_the_comparison_and_the_rerun_finishes_it_and_no_o
   # ... and another budget is still refused with --reprobe.
   other = compare("0", "--total_steps=4", "--reprobe")
   assert other.returncode == 1 and "total_steps: 3 -> 4" in other.stderr, other.stderr[-3000:]
+
+
+def test_compute_matched_plot_reads_the_sections_and_counts_flops(tmp_path, monkeypatch):
+  """scripts/plot_compute_matched.py: the summary rows of a tagged section, and each run's
+  model FLOPs = batch x steps x scripts/flops.py's per-image count of its method."""
+  monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+  import flops  # pylint: disable=g-import-not-at-top (scripts/)
+  import plot_compute_matched as plot  # pylint: disable=g-import-not-at-top
+  from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  results = tmp_path / "results.md"
+  results.write_text(textwrap.dedent("""\
+      <!-- compare_lut_mae t600: begin -->
+      * Pre-training: `configs/fashion_mnist.py`, ViT `nano/4`, batch 128, 600 steps, warmup 60
+      | encoder | kNN cls | kNN mean | linear cls | linear mean | pre-train s/run |
+      |---|---:|---:|---:|---:|---:|
+      | LUT (3 seeds) | 77.36 ± 0.57 | 77.81 ± 0.26 | 79.42 ± 0.47 | 79.58 ± 0.39 | 834 |
+      | MAE (1 seeds) | 77.53 | 78.91 | 79.64 | 79.94 | 489 |
+      | untrained encoder | 68.33 | 64.86 | 74.00 | 73.53 | 0 |
+      <!-- compare_lut_mae t600: end -->
+      """))
+  points = plot.read_points(results.read_text(), "t600")
+  assert [p["method"] for p in points] == ["LUT", "MAE"]
+  lut, mae = points
+  assert lut["seeds"] == 3 and lut["seconds"] == 834
+  assert lut["kNN cls"] == (77.36, 0.57) and lut["linear mean"] == (79.58, 0.39)
+  assert mae["kNN mean"] == (78.91, 0.0)
+  shape = flops.shape_from_config(fashion_mnist.get_config().to_dict())
+  for p in points:
+    per_image = flops.step_flops(shape, p["method"].lower())["model_total"]
+    assert p["tflops"] == pytest.approx(128 * 600 * per_image / 1e12)
+  with pytest.raises(SystemExit, match="no section 'other'"):
+    plot.read_points(results.read_text(), "other")
