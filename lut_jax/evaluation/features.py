@@ -312,3 +312,20 @@ def dataset_features(pretrained: loading.Pretrained, input_config: ml_collection
   key = features_key(pretrained, input_config, split, pools=pools, crop_pct=crop_pct,
                      backend=backend)
   return cached_features(path, key, compute)
+
+
+def train_and_eval_features(config: ml_collections.ConfigDict, workdir: str,
+                            pretrained: loading.Pretrained,
+                            input_config: ml_collections.ConfigDict, pools: Sequence[str]):
+  """kNN's and the linear probe's :func:`dataset_features` of ``config.input``'s train and
+  eval splits (cached in ``workdir/features`` if ``config.cache_features``), and what their
+  results file records of them (:func:`describe_source`)."""
+  backend, crop_pct = eval_backend(config), config.input.crop_pct
+  cache = os.path.join(workdir, "features") if config.cache_features else None
+  split_names = (config.input.train_split, config.input.eval_split)
+  train, test = (dataset_features(pretrained, input_config, split, backend=backend,
+                                  batch_size=config.input.eval_batch_size, pools=pools,
+                                  cache_dir=cache, crop_pct=crop_pct) for split in split_names)
+  keys = [features_key(pretrained, input_config, split, pools=pools, crop_pct=crop_pct,
+                       backend=backend) for split in split_names]
+  return train, test, describe_source(pretrained, keys)

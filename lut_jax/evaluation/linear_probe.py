@@ -237,22 +237,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
                                          encoder_only=True)
   input_config = eval_config.input_config(config, pretrained)
-  backend = features.eval_backend(config)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   # The probe's state depends on the training features of its pool only.
   features.check_resume_key(checkpoint_dir, "linear_probe", {
       **features.features_key(pretrained, input_config, config.input.train_split,
                               pools=(lp.pool,), crop_pct=config.input.crop_pct,
-                              backend=backend),
+                              backend=features.eval_backend(config)),
       **features.training_key(config, "linear_probe")})
-  cache = os.path.join(workdir, "features") if config.cache_features else None
-  split_names = (config.input.train_split, config.input.eval_split)
-  pools = ("cls", "mean")
-  train, test = (features.dataset_features(pretrained, input_config, split,
-                                           batch_size=config.input.eval_batch_size,
-                                           backend=backend, pools=pools, cache_dir=cache,
-                                           crop_pct=config.input.crop_pct)
-                 for split in split_names)
+  train, test, source = features.train_and_eval_features(config, workdir, pretrained,
+                                                         input_config, ("cls", "mean"))
   num_classes = eval_config.num_classes(config, train["label"])
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   _, results = train_linear_probe(
@@ -264,9 +257,5 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   writer.flush()
   results = {f"{lp.pool}/{k}": v for k, v in results.items()}
   logging.info("linear probe (%s) of %s: %s", lp.pool, pretrained.source, results)
-  keys = [features.features_key(pretrained, input_config, split, pools=pools,
-                                 crop_pct=config.input.crop_pct, backend=backend)
-          for split in split_names]
-  eval_config.write_results(workdir, "linear_probe", results,
-                            source=features.describe_source(pretrained, keys))
+  eval_config.write_results(workdir, "linear_probe", results, source=source)
   return results
