@@ -135,10 +135,9 @@ def folder_files(name: str, split: str) -> tuple[list[str], np.ndarray, str]:
 
 
 def _folder(name: str, split: str, image_size: int) -> Split:
-  """:func:`folder_files`, decoded with pillow, each image resized at load time (shorter
-  side to ``image_size``, bicubic, centre crop). Files are decoded by
-  :mod:`lut_jax.data.image_decode`, as on the tf.data path; those that do not decode are
-  skipped with one warning."""
+  """:func:`folder_files` decoded by :mod:`lut_jax.data.image_decode` (as on the tf.data
+  path; files that do not decode are skipped with one warning), each image resized at load
+  time (shorter side to ``image_size``, bicubic, centre crop)."""
   files, all_labels, description = folder_files(name, split)
   images, labels, skipped, grey = [], [], [], True
   for path, label in zip(files, all_labels):
@@ -191,15 +190,11 @@ def _tfds(name: str, split: str, data_dir: str | None) -> Split:
 
 
 def stored_images(dataset: str, split: str, data_dir: str | None) -> Split:
-  """Fashion-MNIST's idx files or a tfds split (images of one size), NHWC at their stored
-  size."""
+  """Fashion-MNIST's idx files or a tfds split (images of one size; tfds images are HWC), NHWC
+  at their stored size."""
   if dataset == "fashion_mnist":
-    data = _fashion_mnist(split, data_dir)
-  else:
-    data = _tfds(dataset, split, data_dir)
-  if data.images.ndim == 3:
-    data = dataclasses.replace(data, images=data.images[..., None])
-  return data
+    return _fashion_mnist(split, data_dir)
+  return _tfds(dataset, split, data_dir)
 
 
 def load_split(input_config: Any, split: str | None = None) -> Split:
@@ -227,15 +222,10 @@ def _load_split(dataset: str, split: str, data_dir: str | None, image_size: int,
 @functools.lru_cache(maxsize=4)
 def _read_split(dataset: str, split: str, data_dir: str | None, image_size: int,
                 channels: int) -> Split:
-  """``input_config``'s data set (``split`` or ``input_config.split``) as uint8 arrays at
-  ``image_size``, with the stored channels (1 for grey sources; views add the rest).
-
-  Raises:
-    errors.DataError: an unknown split, a source the device path cannot read (folders on
-      object stores, tfds data sets without random access or with images of several
-      sizes).
-    errors.DataNotFoundError: the data set is not on this machine.
-  """
+  """``split`` of ``dataset`` as uint8 arrays at ``image_size``, with the stored channels (1
+  for grey sources; views add the rest). ``DataError`` for an unknown split or a source the
+  device path cannot read (folders on object stores, tfds sets without random access or of
+  several image sizes), ``DataNotFoundError`` for a data set not on this machine."""
   if dataset.startswith(folders.FOLDER_PREFIX):
     data = _folder(dataset, split, image_size)
   else:
