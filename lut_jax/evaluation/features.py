@@ -190,9 +190,6 @@ def cached_features(path: Optional[str], key: Mapping[str, Any],
   return features
 
 
-# Fields of a probe / fine-tuning / segmentation block that say how often to evaluate, or
-# what to recompute in the backward pass, never what is trained: a resumed run may change
-# them. Every other field, with the seed and compute dtype, is part of the resume key.
 def training_key(config: ml_collections.ConfigDict, *blocks: str) -> dict[str, Any]:
   """The settings of ``config``'s ``blocks`` that decide the trained state
   (:func:`lut_jax.runtime.run_identity.training_settings`), with the seed and compute dtype:
@@ -202,16 +199,10 @@ def training_key(config: ml_collections.ConfigDict, *blocks: str) -> dict[str, A
 
 
 def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
-  """Lets a probe or fine-tuning run resume from ``directory`` only with the same key.
-
-  The first run records ``mode`` and ``key`` beside its checkpoints; a later run that
-  finds checkpoints under another record, or under none, stops rather than resuming them
-  (which would report a state trained on other features) or starting over in their place
-  (which would lose them).
-
-  Raises:
-    errors.WorkdirError: ``directory`` holds checkpoints of another mode, encoder or input.
-  """
+  """Lets a probe or fine-tuning run resume from ``directory`` only with the same key: the
+  first run records ``mode`` and ``key`` beside its checkpoints; a later run finding them
+  under another record, or none, raises ``WorkdirError`` rather than resuming them (a state
+  trained on other features) or starting over in their place (losing them)."""
   record = {"mode": mode, "key": key}
   root = epath.Path(directory)
   path = root / sources.RESUME_KEY_FILE
