@@ -8,11 +8,10 @@ robustness, segmentation (:mod:`lut_jax.evaluation.protocols`).
   python -m lut_jax.cli.evaluate --config=configs/finetune.py:dataset=imagenet --workdir=DIR \
       --config.pretrained=DIR_OF_PRETRAINING --config.finetune.batch_size=512
 
-The mode is the config file's (``config.mode``). ``--config.pretrained`` is a pre-training
-work directory (the *online* encoder of its latest checkpoint, or ``pretrained_step``) or
-an exported encoder. Rerunning the same command resumes: features are cached, the linear
-probe and fine-tuning restore their latest Orbax checkpoint. Results go to TensorBoard
-event files, the log and ``workdir/<mode>_results.json``. kNN and the linear probe run
+The mode is the config file's. ``--config.pretrained``: a pre-training work directory (the
+*online* encoder of its latest checkpoint, or ``pretrained_step``) or an exported encoder.
+Rerunning a command resumes (cached features, the latest Orbax checkpoint). Results go to
+TensorBoard, the log and ``workdir/<mode>_results.json``. kNN and the linear probe run
 without TensorFlow on the data sets that fit in memory (``input.backend``).
 """
 

@@ -1,34 +1,22 @@
 """The on-device input path (``input.backend = "device"``): the split lives in accelerator
 memory and a jitted function of ``(seed, step)`` makes each batch's two views there.
 
-For data sets that fit in device memory (Fashion-MNIST, MNIST-like idx files, CIFAR-sized
-tfds splits, small local image folders): the images are decoded once to uint8, placed on every device of the mesh, and
-each step gathers its examples and builds both views without the host: no tf.data, no
-TensorFlow, no per-step host work beyond dispatching one call.
+For data sets that fit in device memory (Fashion-MNIST, CIFAR-sized tfds splits, small
+local image folders): the images are decoded once to uint8 and replicated on every device;
+each step gathers its examples and builds both views without the host (no tf.data, no
+TensorFlow). The recipe is the tf.data path's (lut_jax/data/augment.py, after the
+reference): view 1 takes 4 px reflect padding, a random ``S x S`` crop and a horizontal flip
+with p 0.5; view 2 the same geometry drawn independently, then the colour ops of
+:mod:`lut_jax.data.device_augment`; both ImageNet normalisation. Images not at
+``input.image_size`` are resized once, when loaded (shorter side bicubic, centre crop).
 
-The recipe is the tf.data path's (lut_jax/data/augment.py, after the reference):
-
-* view 1 (weak): 4 px reflect padding, a random ``S x S`` crop (every offset equally
-  likely), a horizontal flip with p 0.5, ImageNet normalisation;
-* view 2 (strong): the same geometry drawn independently, then the colour ops of
-  :mod:`lut_jax.data.device_augment` (jitter with p 0.8, one of grayscale / solarize / blur).
-
-Images whose size is not ``input.image_size`` are resized once, when loaded (shorter side
-bicubic, then centre crop), instead of at every step as the tf.data path does; for square
-sources this is the same resize.
-
-Order and randomness: epoch ``e`` visits the split in the order of a permutation keyed by
-``(seed, e)``; the batch at step ``k`` is positions ``[j*B, (j+1)*B)`` of epoch
-``k // steps_per_epoch`` (``j`` its remainder), and every example's draws are keyed by
-``(seed, epoch, example index)``. So a batch is a function of ``(seed, step)`` alone: a
-resumed run sees exactly the batches of an uninterrupted one, on any mesh and any number of
-processes. The whole split is replicated on every device: gathering a batch then needs no
-communication whatever the permutation picks (a split sharded over devices would need an
-all-to-all per step), at the cost of device memory, which the loader reports.
-The tf.data path draws its augmentations from TensorFlow's generators, so the two paths
-give different (equally distributed) batches for the same seed.
-
-No TensorFlow here: this module is part of the accelerator-side core.
+Order: epoch ``e`` visits the split in a permutation keyed by ``(seed, e)``; step ``k`` takes
+positions ``[j*B, (j+1)*B)`` of epoch ``k // steps_per_epoch`` (``j`` its remainder), each
+example's draws keyed by ``(seed, epoch, example index)``. So a batch is a function of
+``(seed, step)``: a resumed run sees an uninterrupted one's batches on any mesh. The split
+is replicated, not sharded, so gathering a batch needs no communication (sharding would
+need an all-to-all per step). The tf.data path draws from TensorFlow's generators: the two
+paths give different (equally distributed) batches for the same seed.
 """
 
 from __future__ import annotations
@@ -147,10 +135,9 @@ def folder_files(name: str, split: str) -> tuple[list[str], np.ndarray, str]:
 
 
 def _folder(name: str, split: str, image_size: int) -> Split:
-  """:func:`folder_files`, decoded with pillow, each image resized at load time (shorter
-  side to ``image_size``, bicubic, centre crop). Files are decoded by
-  :mod:`lut_jax.data.image_decode`, as on the tf.data path; those that do not decode are
-  skipped with one warning."""
+  """:func:`folder_files` decoded by :mod:`lut_jax.data.image_decode` (as on the tf.data
+  path; files that do not decode are skipped with one warning), each image resized at load
+  time (shorter side to ``image_size``, bicubic, centre crop)."""
   files, all_labels, description = folder_files(name, split)
   images, labels, skipped, grey = [], [], [], True
   for path, label in zip(files, all_labels):
@@ -203,15 +190,11 @@ def _tfds(name: str, split: str, data_dir: str | None) -> Split:
 
 
 def stored_images(dataset: str, split: str, data_dir: str | None) -> Split:
-  """Fashion-MNIST's idx files or a tfds split (images of one size), NHWC at their stored
-  size."""
+  """Fashion-MNIST's idx files or a tfds split (images of one size; tfds images are HWC), NHWC
+  at their stored size."""
   if dataset == "fashion_mnist":
-    data = _fashion_mnist(split, data_dir)
-  else:
-    data = _tfds(dataset, split, data_dir)
-  if data.images.ndim == 3:
-    data = dataclasses.replace(data, images=data.images[..., None])
-  return data
+    return _fashion_mnist(split, data_dir)
+  return _tfds(dataset, split, data_dir)
 
 
 def load_split(input_config: Any, split: str | None = None) -> Split:
@@ -239,15 +222,10 @@ def _load_split(dataset: str, split: str, data_dir: str | None, image_size: int,
 @functools.lru_cache(maxsize=4)
 def _read_split(dataset: str, split: str, data_dir: str | None, image_size: int,
                 channels: int) -> Split:
-  """``input_config``'s data set (``split`` or ``input_config.split``) as uint8 arrays at
-  ``image_size``, with the stored channels (1 for grey sources; views add the rest).
-
-  Raises:
-    errors.DataError: an unknown split, a source the device path cannot read (folders on
-      object stores, tfds data sets without random access or with images of several
-      sizes).
-    errors.DataNotFoundError: the data set is not on this machine.
-  """
+  """``split`` of ``dataset`` as uint8 arrays at ``image_size``, with the stored channels (1
+  for grey sources; views add the rest). ``DataError`` for an unknown split or a source the
+  device path cannot read (folders on object stores, tfds sets without random access or of
+  several image sizes), ``DataNotFoundError`` for a data set not on this machine."""
   if dataset.startswith(folders.FOLDER_PREFIX):
     data = _folder(dataset, split, image_size)
   else:

@@ -1,15 +1,12 @@
 """Evaluation images without TensorFlow: the eval view in numpy, batches of the data sets
 :mod:`lut_jax.data.device_input` reads, and the rule that picks them over tf.data.
 
-The view is the tf.data path's (``augment.decode`` then ``augment.eval_view``), step for
-step: pixels to float in [0, 1] (grey repeated for three channels, ITU-R 601 luma for one),
-the shorter side resized to ``S' = int(S / crop_pct)`` and the longer to
-``S' * long // short`` (bicubic, antialiased when shrinking, clipped to [0, 1], not
-re-quantised), the centre ``S x S`` crop (offsets rounded half to even), ImageNet
-normalisation. The two paths agree to about 1e-6, not bit for bit, so feature caches
+The view is ``augment.decode`` then ``augment.eval_view``, step for step: pixels to [0, 1]
+(grey repeated for RGB, ITU-R 601 luma for grey), the shorter side to ``S' = int(S /
+crop_pct)``, the longer to ``S' * long // short`` (bicubic, antialiased when shrinking,
+clipped, not re-quantised), the centre ``S x S`` crop (offsets rounded half to even),
+ImageNet normalisation. The paths agree to about 1e-6, not bit for bit, so feature caches
 record which one computed them.
-
-No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -31,14 +28,10 @@ BACKENDS = ("auto", *device_input.BACKENDS)
 
 
 def backend(dataset: str, requested: str, data_dir: Optional[str] = None) -> str:
-  """The path that computes ``dataset``'s evaluation images: ``"device"`` (here, in host
-  memory, no TensorFlow) or ``"tfdata"`` (``input_pipeline.create_eval_dataset``).
-
-  ``requested`` (``input.backend``) other than ``"auto"`` decides. ``"auto"``: Fashion-MNIST's
-  idx files here; any other data set through tf.data when TensorFlow is installed (tfds
-  data sets such as ImageNet are read in parallel there), else here (local folders,
-  tfds splits of one image size prepared as array_record).
-  """
+  """The path that computes ``dataset``'s evaluation images: ``"device"`` (here, no
+  TensorFlow) or ``"tfdata"``. ``requested`` (``input.backend``) decides unless ``"auto"``:
+  then Fashion-MNIST's idx files here, any other data set through tf.data when TensorFlow is
+  installed (it reads tfds sets such as ImageNet in parallel), else here."""
   if requested not in BACKENDS:
     raise errors.ConfigError(f"unknown input.backend {requested!r}; expected one of {BACKENDS}")
   if requested != "auto":
@@ -51,9 +44,8 @@ def backend(dataset: str, requested: str, data_dir: Optional[str] = None) -> str
 @functools.lru_cache(maxsize=128)  # a folder's common sizes
 def _resize_matrix(size: int, new_size: int) -> np.ndarray:
   """``(new_size, size)`` float32: bicubic resizing of one axis, antialiased when shrinking
-  (Keys' kernel with a = -0.5, stretched by the shrink factor, weights summing to 1: TF's
-  and JAX's scale-and-translate). Resizing is separable, so an image resizes with two
-  matrix products, whatever its size."""
+  (Keys' kernel, a = -0.5, stretched by the shrink factor, rows summing to 1: TF's and JAX's
+  scale-and-translate). Separable: an image resizes with two matrix products."""
   if size == new_size:
     return np.eye(size, dtype=np.float32)
   scale = new_size / size
@@ -66,8 +58,7 @@ def _resize_matrix(size: int, new_size: int) -> np.ndarray:
 
 def eval_view(images: np.ndarray, size: int, crop_pct: float, channels: int) -> np.ndarray:
   """uint8 ``(B, H, W, C)`` images of one size -> the normalised float32 eval views
-  ``(B, size, size, channels)``; ``crop_pct`` as resolved by
-  ``image_utils.eval_crop_pct``."""
+  ``(B, size, size, channels)``; ``crop_pct`` as ``image_utils.eval_crop_pct`` resolves it."""
   x = np.asarray(images, np.float32) / 255.0
   if x.shape[-1] == 1 and channels == 3:
     x = np.repeat(x, 3, axis=-1)
@@ -99,20 +90,14 @@ def eval_batches(input_config: Any, split: str, *, batch_size: int,
                  crop_pct: Optional[float] = None,
                  sharding: Optional[jax.sharding.Sharding] = None
                  ) -> Iterator[dict[str, Any]]:
-  """``input_pipeline.create_eval_dataset``'s batches without tf.data: ``image`` (eval
-  views), ``label`` int32 and ``mask`` (False on padding and undecodable files), every
-  example once in file order, the last batch padded. Every process reads the whole split
-  and builds global batches (``sharding``; None: numpy). ``split`` may carry the device
-  path's example selectors (``train{per_class=:400}``).
-
-  Images come in memory (Fashion-MNIST's idx files, tfds splits of one image size) or are
-  decoded batch by batch (local folders), so a folder of any size streams.
-  """
+  """``input_pipeline.create_eval_dataset``'s batches without tf.data: ``image``, ``label``
+  int32 and ``mask`` (False on padding and undecodable files), every example once in file
+  order, the last batch padded; global batches (``sharding``; None: numpy), every process
+  reading the whole split. ``split`` may carry example selectors (``train{per_class=:400}``).
+  Idx files and tfds splits are read into memory; folders stream, decoded batch by batch."""
   size, channels, dataset = input_config.image_size, input_config.channels, input_config.dataset
   image_utils.check_image_size(size)
   crop_pct = image_utils.eval_crop_pct(size, crop_pct)
-  if crop_pct > 1.0:
-    raise errors.ConfigError(f"input.crop_pct must be in (0, 1] or -1, got {crop_pct}")
   base, _ = splits.select_examples(split, None)
   if dataset.startswith(folders.FOLDER_PREFIX):
     files, labels, description = device_input.folder_files(dataset, base)

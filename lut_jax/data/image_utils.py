@@ -23,7 +23,9 @@ def check_image_size(image_size: int) -> None:
 def eval_crop_pct(image_size: int, crop_pct: float | None = None) -> float:
   """The eval view's centre crop: ``crop_pct`` when it is given (> 0), else the reference's
   rule by size: 224/256 up to 224 px (shorter side to 256, centre 224), the whole image
-  above (e.g. 384 px fine-tuning)."""
+  above (e.g. 384 px fine-tuning). ``ConfigError`` above 1."""
+  if crop_pct is not None and crop_pct > 1.0:
+    raise errors.ConfigError(f"input.crop_pct must be in (0, 1] or -1, got {crop_pct}")
   if crop_pct is not None and crop_pct > 0:
     return float(crop_pct)
   return 224 / 256 if image_size <= 224 else 1.0

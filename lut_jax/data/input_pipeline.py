@@ -367,8 +367,6 @@ def create_eval_dataset(input_config, split: str, *, batch_size: int,
   local_batch = _local_batch_size(batch_size, count)
   size, channels = input_config.image_size, input_config.channels
   crop_pct = image_utils.eval_crop_pct(size, crop_pct)
-  if not 0.0 < crop_pct <= 1.0:
-    raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
   source = datasets.get_source(input_config.dataset, split, input_config.data_dir)
   share = source.share(index, count)
   largest_share = -(-source.num_examples // count)

@@ -106,11 +106,8 @@ def base_config(mode: str, dataset: str = "fashion_mnist") -> ml_collections.Con
     c.input.dataset = preset.source
     c.input.train_split = preset.train_split
     c.input.eval_split = preset.eval_split
-    # Where kNN / linear-probe images are made: "device" (in memory, no TensorFlow:
-    # Fashion-MNIST's idx files, local folders, tfds splits of one image size as
-    # array_record), "tfdata", or "auto": Fashion-MNIST's idx files in memory, any other
-    # data set through tf.data when TensorFlow is installed, else in memory
-    # (lut_jax.data.eval_input.backend). The two agree to float tolerance.
+    # Where kNN / linear-probe images are made: "device" (in memory, no TensorFlow),
+    # "tfdata", or "auto" (lut_jax.data.eval_input.backend's rule); equal to float tolerance.
     c.input.backend = "auto"
   c.input.data_dir = ml_collections.config_dict.placeholder(str)
   c.input.image_size = -1  # -1: the pre-trained encoder's image size

@@ -2,22 +2,16 @@
 
 Every downstream evaluation starts from the *online* (student) encoder, ``params["encoder"]``
 of the pre-training ``TrainState`` — not the EMA teacher — as the reference does, loaded by
-:func:`lut_jax.weights.loading.load` from any source it reads (a pre-training work
-directory, an export, a PyTorch or safetensors checkpoint, a timm folder, ``hf-hub:``).
+:func:`lut_jax.weights.loading.load` from any source it reads.
 
-Features are float32 vectors per image: ``"cls"`` is the cls token after the encoder's final
-LayerNorm (MAE's linear-probe feature), ``"mean"`` the mean of the normalised patch tokens
-(cls excluded; the vector LUT's BC loss trains). Both come from one forward pass.
+Features are float32 vectors per image from one forward pass: ``"cls"``, the cls token after
+the final LayerNorm (MAE's linear-probe feature), and ``"mean"``, the mean of the normalised
+patch tokens (the vector LUT's BC loss trains). The centre crops come from
+:func:`eval_batches`: in memory without TensorFlow or through tf.data
+(:func:`lut_jax.data.eval_input.backend` picks), equal to float tolerance.
 
-The centre crops come from one of two paths (:func:`eval_batches`, chosen by
-``input.backend``'s rule in :func:`lut_jax.data.eval_input.backend`): in memory without
-TensorFlow (Fashion-MNIST, local folders, tfds splits of one image size) or tf.data
-(ImageNet and any tfds data set); they agree to float tolerance.
-
-Cached features and resumable evaluation checkpoints are keyed by :func:`features_key`
-(the encoder's source, step and weights, and every input field that changes the features,
-the path included), so a work directory reused for another encoder or input never reports
-stale numbers.
+Cached features and resumable evaluation checkpoints are keyed by :func:`features_key`, so a
+work directory reused for another encoder or input never reports stale numbers.
 """
 
 from __future__ import annotations
@@ -71,19 +65,10 @@ def make_feature_fn(encoder: vit.Encoder, pools: Sequence[str] = POOLS):
 def extract_features(encoder: vit.Encoder, params: Any,
                      batches: Iterable[Mapping[str, Any]], *,
                      pools: Sequence[str] = POOLS) -> dict[str, np.ndarray]:
-  """Frozen features of every (unpadded) example of ``batches``.
-
-  Args:
-    encoder: the encoder module.
-    params: its parameters.
-    batches: dicts with ``image`` (``(B, S, S, C)`` normalised), ``label`` and optionally
-      ``mask`` (False on padding), numpy or (global) jax arrays, e.g. an
-      ``input_pipeline.EvalDataset``.
-    pools: which features to compute (``"cls"``, ``"mean"``).
-
-  Returns:
-    ``{pool: float32 (N, width), "label": int32 (N,)}`` on the host, padding removed, in
-    the order of ``batches`` (on several processes: process 0's examples first).
+  """Frozen features of every (unpadded) example of ``batches`` (dicts with ``image``
+  ``(B, S, S, C)`` normalised, ``label`` and optionally ``mask``, False on padding; numpy or
+  global jax arrays): ``{pool: float32 (N, width), "label": int32 (N,)}`` on the host, in
+  the order of ``batches`` (on several processes: process 0's examples first).
   """
   feature_fn = make_feature_fn(encoder, pools)
   out: dict[str, list[np.ndarray]] = {name: [] for name in (*pools, "label", "mask")}
@@ -116,24 +101,13 @@ def _append(out: dict[str, list[np.ndarray]], batch: Mapping[str, Any]) -> None:
 def features_key(pretrained: loading.Pretrained, input_config: ml_collections.ConfigDict,
                  split: str, *, pools: Sequence[str] = (), crop_pct: Optional[float] = None,
                  backend: Optional[str] = None) -> dict[str, Any]:
-  """Everything that determines what ``pretrained`` computes on ``split``.
+  """Everything that determines what ``pretrained`` computes on ``split`` (JSON-able): the
+  key of the cached features and of the checkpoints trained on them (:func:`check_resume_key`).
 
-  The key of the cached features of ``split`` and of the checkpoints trained on them (see
-  :func:`check_resume_key`): any difference means other features.
-
-  Args:
-    pretrained: the encoder (its source, step, weights and config).
-    input_config: the resolved eval input (``eval_config.input_config``): dataset,
-      data_dir, image_size, channels.
-    split: the split read.
-    pools: the features computed from the tokens.
-    crop_pct: the centre crop of the eval view (None: the pipeline's default for the size).
-    backend: the path that computed the images (:func:`eval_backend`; the two agree to
-      float tolerance, not bit for bit), for features of :func:`dataset_features`; None
-      (not in the key) for the other protocols' keys, whose images are always tf.data's.
-
-  Returns:
-    A JSON-able dict.
+  ``input_config`` is the resolved eval input (``eval_config.input_config``); ``crop_pct``
+  None is the pipeline's default for the size. ``backend``, the path that computed the
+  images (:func:`eval_backend`; the two agree to float tolerance, not bit for bit), is left
+  out when None: the other protocols' images are always tf.data's.
   """
   data_dir = input_config.data_dir
   if data_dir and "://" not in data_dir:  # a local path names the same data from any cwd
@@ -216,9 +190,6 @@ def cached_features(path: Optional[str], key: Mapping[str, Any],
   return features
 
 
-# Fields of a probe / fine-tuning / segmentation block that say how often to evaluate, or
-# what to recompute in the backward pass, never what is trained: a resumed run may change
-# them. Every other field, with the seed and compute dtype, is part of the resume key.
 def training_key(config: ml_collections.ConfigDict, *blocks: str) -> dict[str, Any]:
   """The settings of ``config``'s ``blocks`` that decide the trained state
   (:func:`lut_jax.runtime.run_identity.training_settings`), with the seed and compute dtype:
@@ -228,16 +199,10 @@ def training_key(config: ml_collections.ConfigDict, *blocks: str) -> dict[str, A
 
 
 def check_resume_key(directory: str, mode: str, key: Mapping[str, Any]) -> None:
-  """Lets a probe or fine-tuning run resume from ``directory`` only with the same key.
-
-  The first run records ``mode`` and ``key`` beside its checkpoints; a later run that
-  finds checkpoints under another record, or under none, stops rather than resuming them
-  (which would report a state trained on other features) or starting over in their place
-  (which would lose them).
-
-  Raises:
-    errors.WorkdirError: ``directory`` holds checkpoints of another mode, encoder or input.
-  """
+  """Lets a probe or fine-tuning run resume from ``directory`` only with the same key: the
+  first run records ``mode`` and ``key`` beside its checkpoints; a later run finding them
+  under another record, or none, raises ``WorkdirError`` rather than resuming them (a state
+  trained on other features) or starting over in their place (losing them)."""
   record = {"mode": mode, "key": key}
   root = epath.Path(directory)
   path = root / sources.RESUME_KEY_FILE
@@ -312,3 +277,20 @@ def dataset_features(pretrained: loading.Pretrained, input_config: ml_collection
   key = features_key(pretrained, input_config, split, pools=pools, crop_pct=crop_pct,
                      backend=backend)
   return cached_features(path, key, compute)
+
+
+def train_and_eval_features(config: ml_collections.ConfigDict, workdir: str,
+                            pretrained: loading.Pretrained,
+                            input_config: ml_collections.ConfigDict, pools: Sequence[str]):
+  """kNN's and the linear probe's :func:`dataset_features` of ``config.input``'s train and
+  eval splits (cached in ``workdir/features`` if ``config.cache_features``), and what their
+  results file records of them (:func:`describe_source`)."""
+  backend, crop_pct = eval_backend(config), config.input.crop_pct
+  cache = os.path.join(workdir, "features") if config.cache_features else None
+  split_names = (config.input.train_split, config.input.eval_split)
+  train, test = (dataset_features(pretrained, input_config, split, backend=backend,
+                                  batch_size=config.input.eval_batch_size, pools=pools,
+                                  cache_dir=cache, crop_pct=crop_pct) for split in split_names)
+  keys = [features_key(pretrained, input_config, split, pools=pools, crop_pct=crop_pct,
+                       backend=backend) for split in split_names]
+  return train, test, describe_source(pretrained, keys)

@@ -9,7 +9,6 @@ pre-training monitor uses too.
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import logging
@@ -45,15 +44,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                          encoder_only=True)
   input_config = eval_config.input_config(config, pretrained)
   pools = eval_config.pools(config.knn.pools)
-  backend = features.eval_backend(config)
-  cache = os.path.join(workdir, "features") if config.cache_features else None
-  splits = (config.input.train_split, config.input.eval_split)
   t0 = time.time()
-  train, test = (features.dataset_features(pretrained, input_config, split,
-                                           batch_size=config.input.eval_batch_size,
-                                           backend=backend, pools=pools, cache_dir=cache,
-                                           crop_pct=config.input.crop_pct)
-                 for split in splits)
+  train, test, source = features.train_and_eval_features(config, workdir, pretrained,
+                                                         input_config, pools)
   extract_s = time.time() - t0
   num_classes = eval_config.num_classes(config, train["label"])
   results = {}
@@ -68,9 +61,5 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   writer.write_scalars(0, {f"knn/{k}": v for k, v in results.items()}
                        | {"knn/feature_seconds": extract_s})
   writer.flush()
-  keys = [features.features_key(pretrained, input_config, split, pools=pools,
-                                 crop_pct=config.input.crop_pct, backend=backend)
-          for split in splits]
-  eval_config.write_results(workdir, "knn", results,
-                            source=features.describe_source(pretrained, keys))
+  eval_config.write_results(workdir, "knn", results, source=source)
   return results

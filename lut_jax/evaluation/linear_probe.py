@@ -7,11 +7,9 @@ and from the trust ratio as in MAE's ``LARS``: :func:`lut_jax.runtime.optim.crea
 peak lr ``base_lr * batch / 256`` with ``base_lr = 0.1``, linear warmup then cosine to 0, per
 step.
 
-The loop is the supervised protocols' (:func:`lut_jax.runtime.loop.train_evaluate_save`):
-a NaN or an infinity stops it before it reaches a checkpoint; with a checkpoint directory
-the state is saved with every evaluation (the latest and the best top-1 kept, with
-checksums), SIGTERM (or a multi-host preemption notice) evaluates, saves and stops, and a
-rerun resumes the newest intact step.
+The loop is the supervised protocols' (:func:`lut_jax.runtime.loop.train_evaluate_save`:
+a NaN stops it before a checkpoint, SIGTERM evaluates, saves and stops, a rerun resumes);
+the state is saved with every evaluation (the latest and the best top-1 kept).
 
 One deliberate difference from MAE: the head trains on features extracted *once* from
 centre crops (cached in ``workdir/features``) instead of re-encoding RandomResizedCrop +
@@ -141,24 +139,14 @@ def train_linear_probe(
     checkpoint_dir: Optional[str] = None,
     log_fn: Optional[Callable[[int, dict[str, float]], None]] = None,
 ) -> tuple[train_state.ClassifierState, dict[str, float]]:
-  """Trains the probe on cached features and evaluates it; resumable.
-
-  Args:
-    train_features, train_labels: ``(N, D)`` features and ``(N,)`` labels.
-    eval_features, eval_labels: the evaluation split's.
-    num_classes: number of classes.
-    epochs, batch_size, base_lr, warmup_epochs, weight_decay, optimizer, momentum: the
-      recipe (peak lr ``base_lr * batch_size / 256``); the batch is capped at N.
-    seed: permutation and initialisation seed (:func:`batches`: a resumed run is identical
-      to an uninterrupted one).
-    eval_every_epochs: evaluation interval (the last epoch is always evaluated).
-    checkpoint_dir: where to save the state with every evaluation and resume from; None:
-      nothing is saved (and SIGTERM ends the process as usual).
-    log_fn: ``log_fn(step, scalars)`` for training (every epoch) and evaluation metrics.
-
-  Returns:
-    ``(state, {"top1", "top5"})`` of the last evaluation: the final epoch's, or the
-    preempted step's.
+  """Trains the probe on ``(N, D)`` features and ``(N,)`` labels and evaluates it on the
+  eval split's; returns ``(state, {"top1", "top5"})`` of the last evaluation (the final
+  epoch's, or the preempted step's). Peak lr ``base_lr * batch_size / 256``, the batch
+  capped at N; ``seed`` fixes the permutations and the initialisation (:func:`batches`: a
+  resumed run is an uninterrupted one); the last epoch is always evaluated.
+  ``checkpoint_dir``: the state is saved there with every evaluation and resumed from;
+  None: nothing is saved (SIGTERM ends the process as usual). ``log_fn(step, scalars)``
+  gets the training (every epoch) and evaluation metrics.
   """
   train_features = jnp.asarray(train_features, jnp.float32)
   train_labels = jnp.asarray(train_labels, jnp.int32)
@@ -237,22 +225,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   pretrained = pretrained or loading.load(config.pretrained, config.pretrained_step,
                                          encoder_only=True)
   input_config = eval_config.input_config(config, pretrained)
-  backend = features.eval_backend(config)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   # The probe's state depends on the training features of its pool only.
   features.check_resume_key(checkpoint_dir, "linear_probe", {
       **features.features_key(pretrained, input_config, config.input.train_split,
                               pools=(lp.pool,), crop_pct=config.input.crop_pct,
-                              backend=backend),
+                              backend=features.eval_backend(config)),
       **features.training_key(config, "linear_probe")})
-  cache = os.path.join(workdir, "features") if config.cache_features else None
-  split_names = (config.input.train_split, config.input.eval_split)
-  pools = ("cls", "mean")
-  train, test = (features.dataset_features(pretrained, input_config, split,
-                                           batch_size=config.input.eval_batch_size,
-                                           backend=backend, pools=pools, cache_dir=cache,
-                                           crop_pct=config.input.crop_pct)
-                 for split in split_names)
+  train, test, source = features.train_and_eval_features(config, workdir, pretrained,
+                                                         input_config, ("cls", "mean"))
   num_classes = eval_config.num_classes(config, train["label"])
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   _, results = train_linear_probe(
@@ -264,9 +245,5 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   writer.flush()
   results = {f"{lp.pool}/{k}": v for k, v in results.items()}
   logging.info("linear probe (%s) of %s: %s", lp.pool, pretrained.source, results)
-  keys = [features.features_key(pretrained, input_config, split, pools=pools,
-                                 crop_pct=config.input.crop_pct, backend=backend)
-          for split in split_names]
-  eval_config.write_results(workdir, "linear_probe", results,
-                            source=features.describe_source(pretrained, keys))
+  eval_config.write_results(workdir, "linear_probe", results, source=source)
   return results

@@ -298,8 +298,7 @@ def _log_summary(workdir: str, checkpoint_dir: str, *, start_step: int, total_st
                  t_start: float, t_first_step: Optional[float], batch_size: int,
                  dataset: str) -> None:
   """The last lines of a finished run: what ran, how fast, where it is, what to run next
-  (commands that run in this install: kNN and the linear probe read the run's data set
-  without TensorFlow; an install line for what needs more)."""
+  (commands that run in this install, and an install line for what needs more)."""
   now = time.time()
   rate = ""
   if t_first_step is not None and total_steps - start_step > 1:

@@ -1,22 +1,17 @@
 """An exclusive lock on a work directory: two runs never write into the same one.
 
-Taking the lock also creates the directory, with one-line errors for a path that is a file,
-read-only or on a full disk.
+Taking it creates the directory (one-line errors for a file, read-only or full disk). The
+lock, ``WORKDIR/lut_jax.lock``, is created atomically (``O_EXCL``) with the owner's host,
+pid, command and start time. A lock left by a dead run (kill -9, a crash) is recognised by
+its pid on the same host and taken over with one warning; one held by a live process or
+another host is a :class:`lut_jax.errors.WorkdirError` naming the holder. Only process 0 of
+a multi-process run takes it. On an object store (``gs://``), with no exclusive create, the
+lock is written if absent and read back: a run started while another holds the directory
+is refused, two started at the same moment are not (one log line says so).
 
-The lock is a file, ``WORKDIR/lut_jax.lock``, created atomically (``O_EXCL``) and holding
-the owner's host, pid, command and start time. A lock left by a run that died without
-releasing it (kill -9, a crash of the machine) is detected by its pid on the same host and
-taken over with one warning line; a lock held by a live process, or by another host, is a
-:class:`lut_jax.errors.WorkdirError` that says who holds it. Only process 0 of a
-multi-process run takes the lock: the others write into the same run.
-
-On an object store (``gs://...``) there is no exclusive create: the lock is written if
-absent and read back, which detects a run started while another holds the directory, but
-not two runs started within the same moment; taking it says so in one log line.
-
-A lock taken for a ``kind`` of run (pre-training, evaluation) also refuses a directory that
-holds a run of the other kind, before writing anything: an evaluation saving its
-``config.json`` over a pre-training run's would make that run unresumable and unreadable.
+A lock for a ``kind`` of run also refuses a directory holding the other kind, before
+writing anything: an evaluation's ``config.json`` over a pre-training run's would make that
+run unresumable and unreadable.
 """
 
 from __future__ import annotations
