@@ -51,9 +51,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   mode = _CONFIG.value.mode
-  if protocols.get(mode).NEEDS_TENSORFLOW:
-    errors.require("tensorflow", extra="data",
-                   purpose=f"lut-eval {mode} ({protocols.get(mode).NEEDS_TENSORFLOW})")
+  needs = protocols.get(mode).NEEDS_TENSORFLOW
+  if needs:
+    errors.require("tensorflow", extra="data", purpose=f"lut-eval {mode} ({needs})")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__,

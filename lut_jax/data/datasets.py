@@ -38,6 +38,7 @@ import tensorflow_datasets as tfds
 
 from lut_jax import errors
 from lut_jax.data import folders, idx, image_decode, splits, tfds_open
+from lut_jax.runtime import checkpointing
 
 FOLDER_PREFIX = folders.FOLDER_PREFIX
 _HASH_BUCKETS = 2**62  # ids from tfds record names: collisions are vanishingly unlikely
@@ -251,11 +252,12 @@ def _folder_source(name: str, path: str, split: str) -> DataSource:
         "<folder>/<split>/<class>/<image>)")
   base = split.split("[")[0]
   root, train_root = folders.split_folder(name, path, split, isdir=tf.io.gfile.isdir)
-  listing = folders.list_local_folder(root) if _is_local(root) else _list_folder(root)
+  listing = _list_folder(root) if checkpointing.is_url(root) else folders.list_local_folder(root)
   listing.warn(name)
   if train_root is not None:
-    folders.follow_classes(listing, folders.local_class_names(train_root)
-                           if _is_local(train_root) else _class_names(train_root), name, split)
+    names = (_class_names(train_root) if checkpointing.is_url(train_root)
+             else folders.local_class_names(train_root))
+    folders.follow_classes(listing, names, name, split)
   files, labels = listing.files, listing.labels
   if not files:
     raise errors.DataNotFoundError(
@@ -312,10 +314,6 @@ def _decode_file(encoded: tf.Tensor) -> tf.Tensor:
 def _decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
   # numpy_function passes a string as bytes inside tf.data, as a 0-d array when eager.
   return image_decode.decode_rgb(data if isinstance(data, bytes) else data.item())
-
-
-def _is_local(path: str) -> bool:
-  return "://" not in path
 
 
 def _class_names(root: str) -> list[str]:

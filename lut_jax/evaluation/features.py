@@ -32,7 +32,7 @@ import numpy as np
 from lut_jax import errors, metrics
 from lut_jax.data import eval_input
 from lut_jax.models import vit
-from lut_jax.runtime import run_identity
+from lut_jax.runtime import checkpointing, run_identity
 from lut_jax.weights import loading, sources
 
 POOLS = ("cls", "mean")
@@ -110,7 +110,7 @@ def features_key(pretrained: loading.Pretrained, input_config: ml_collections.Co
   out when None: the other protocols' images are always tf.data's.
   """
   data_dir = input_config.data_dir
-  if data_dir and "://" not in data_dir:  # a local path names the same data from any cwd
+  if data_dir and not checkpointing.is_url(data_dir):  # local: the same data from any cwd
     data_dir = os.path.abspath(data_dir)
   return {"pretrained": pretrained.path, "step": pretrained.step,
           "params_sha256": pretrained.fingerprint, "encoder": dict(pretrained.config),

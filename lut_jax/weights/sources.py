@@ -139,7 +139,7 @@ def read_torch_checkpoint(path: str) -> Any:
   import torch  # local: an optional dependency, only for .pth inputs
 
   # torch reads local files itself; other file systems (gs://...) through epath.
-  data = epath.Path(path).read_bytes() if "://" in path else None
+  data = epath.Path(path).read_bytes() if checkpointing.is_url(path) else None
   source = lambda: path if data is None else io.BytesIO(data)  # noqa: E731
   try:
     try:
