@@ -145,6 +145,9 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   # View 2's colour ops and the normalisation on the accelerator (lut_jax/data/device_augment.py);
   # the host then yields uint8 crops. Same recipe, same draws; less host CPU per image.
   c.input.device_augment = False
+  # View 2's strong op, one per image drawn uniformly from these (image_utils.STRONG_OPS;
+  # "none" = the jittered view as is). The method's three; others are for ablations.
+  c.input.view2_ops = "grayscale,solarize,blur"
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"

@@ -44,15 +44,14 @@ HBM_TB_S = 3.35  # H100 SXM HBM3 bandwidth, for the memory-bound estimate of fin
 
 def run_pipeline_row(mode: str, folder: str, batch: int, seconds: float) -> dict:
   """One pipeline row in this (child) process."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
   from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  # config.input's fields (lut_jax/config_lib.py) plus the device_augment switch.
-  config = ml_collections.ConfigDict(dict(
-      dataset=f"folder:{folder}", split="train",
-      data_dir=ml_collections.config_dict.placeholder(str), image_size=224, channels=3,
-      batch_size=batch, shuffle_buffer=10_000, prefetch=2, num_parallel_calls=-1,
-      device_augment=mode == "device"))
+  # config.input's defaults (lut_jax/config_lib.py) with this row's data and mode.
+  config = config_lib.base_config().input
+  config.update(dict(
+      dataset=f"folder:{folder}", split="train", image_size=224, channels=3,
+      batch_size=batch, device_augment=mode == "device"))
   iterator = input_pipeline.create_pretrain_iterator(config, seed=0)
   first = next(iterator)
   out = {"row": mode, "batch": batch,

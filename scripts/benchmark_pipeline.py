@@ -98,15 +98,14 @@ def run_row(row: str, folder: str, batch: int, seconds: float) -> dict:
   sys.path.insert(0, str(ROOT))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from lut_jax.data import augment  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from lut_jax import config_lib  # pylint: disable=g-import-not-at-top
   from lut_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from lut_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  # The fields of config.input (lut_jax/config_lib.py) that the pipeline reads.
-  config = ml_collections.ConfigDict(dict(
-      dataset="", split="train", data_dir=ml_collections.config_dict.placeholder(str),
-      image_size=224, channels=3, batch_size=batch, shuffle_buffer=10_000, prefetch=2,
-      num_parallel_calls=-1, device_augment=False))
+  # config.input's defaults (lut_jax/config_lib.py) with this row's data.
+  config = config_lib.base_config().input
+  config.update(dict(
+      dataset="", split="train", image_size=224, channels=3, batch_size=batch))
   out = {"row": row, "batch": batch}
   if row.startswith("jpeg224"):
     config.dataset, config.split, config.image_size = f"folder:{folder}", "train", 224

@@ -56,6 +56,7 @@ def _error_line(result, prog="lut_jax"):
     (["--config.optim.b1=1.0"], "optim.b1 must be in [0, 1)"),
     (["--config.ema.momentum=1.5"], "ema.momentum must be in [0, 1]"),
     (["--config.input.image_size=8"], "image_size"),
+    (["--config.input.view2_ops=blur,sharpen"], "input.view2_ops"),
     (["--config.loss.mask_ratio=0.3"], "mask_ratio"),
     (["--config.model.head_bn_group_size=5"], "head_bn_group_size must be 0 or divide"),
     (["--config.optim.warmup_steps=10"], "optim.warmup_steps"),

@@ -17,7 +17,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from lut_jax import errors
+from lut_jax import config_lib, errors
 from lut_jax.data import datasets, folders, idx, input_pipeline
 
 # Class codes (the red channel); a class's label is its rank among the sorted folder names.
@@ -25,10 +25,10 @@ CODES = {"birds": 10, "cats": 20, "dogs": 30, "fish": 40}
 
 
 def _input_config(root, **overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(dict(
-      dataset=f"folder:{root}", split="train",
-      data_dir=ml_collections.config_dict.placeholder(str), image_size=16, channels=3,
-      batch_size=4, shuffle_buffer=16, prefetch=2, num_parallel_calls=-1, device_augment=False))
+  config = config_lib.base_config().input
+  config.update(dict(
+      dataset=f"folder:{root}", split="train", image_size=16, channels=3, batch_size=4,
+      shuffle_buffer=16))
   config.update(overrides)
   return config.lock()
 

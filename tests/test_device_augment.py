@@ -21,6 +21,7 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
+from lut_jax import config_lib
 from lut_jax.data import augment, device_augment, image_utils, input_pipeline
 
 ATOL = 1e-5  # float32 reduction-order differences; see the module docstring
@@ -302,10 +303,10 @@ def jpeg_folder(tmp_path_factory):
 
 
 def _folder_config(folder, **overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(dict(
-      dataset=f"folder:{folder}", split="train",
-      data_dir=ml_collections.config_dict.placeholder(str), image_size=32, channels=3,
-      batch_size=8, shuffle_buffer=8, prefetch=2, num_parallel_calls=-1, device_augment=False))
+  config = config_lib.base_config().input
+  config.update(dict(
+      dataset=f"folder:{folder}", split="train", image_size=32, channels=3, batch_size=8,
+      shuffle_buffer=8))
   config.update(overrides)
   return config.lock()
 

@@ -8,13 +8,12 @@ import sys
 
 import chex
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from lut_jax import errors
+from lut_jax import config_lib, errors
 from lut_jax.data import augment, device_input, idx, image_utils, input_pipeline, splits
 from lut_jax.pretrain import train
 from lut_jax.runtime import sharding
@@ -26,10 +25,10 @@ needs_fashion_mnist = pytest.mark.skipif(idx.find_fashion_mnist() is None,
 
 
 def _input(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      backend="device", dataset="fashion_mnist", split="train", data_dir=None, image_size=28,
-      channels=3, batch_size=32, device_augment=False, shuffle_buffer=1000, prefetch=1,
-      num_parallel_calls=-1))
+  config = config_lib.base_config().input
+  config.update(dict(
+      backend="device", dataset="fashion_mnist", split="train", data_dir=None,
+      image_size=28, channels=3, batch_size=32, shuffle_buffer=1000, prefetch=1))
   config.update(overrides)
   return config
 

@@ -17,6 +17,7 @@ import skimage.transform
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from lut_jax import config_lib
 from lut_jax.data import augment, datasets, idx, image_utils, input_pipeline
 
 FMNIST_DIR = idx.FASHION_MNIST_DIR
@@ -29,10 +30,10 @@ MEAN, STD = image_utils.IMAGENET_MEAN, image_utils.IMAGENET_STD
 
 def _input_config(**overrides) -> ml_collections.ConfigDict:
   """A ``config.input`` with the fields of lut_jax.config_lib's, small and locked."""
-  config = ml_collections.ConfigDict(dict(
-      dataset="fashion_mnist", split="train[:64]",
-      data_dir=ml_collections.config_dict.placeholder(str), image_size=28, channels=3,
-      batch_size=8, shuffle_buffer=64, prefetch=2, num_parallel_calls=-1, device_augment=False))
+  config = config_lib.base_config().input
+  config.update(dict(
+      dataset="fashion_mnist", split="train[:64]", image_size=28, channels=3,
+      batch_size=8, shuffle_buffer=64))
   config.update(overrides)
   return config.lock()
 

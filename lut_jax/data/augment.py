@@ -38,8 +38,10 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
 JITTER_PROB = 0.8
 # Order of the ops inside ColorJitter as torchvision indexes them (fn_idx = randperm(4)).
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
-# The three mutually exclusive ops of view 2 (reference: RandomChoice([...])), in order.
-STRONG_OPS = ("grayscale", "solarize", "blur")
+# The mutually exclusive ops of view 2 (reference: RandomChoice of the first three), in
+# order; input.view2_ops picks those drawn from (image_utils.view2_op_choices).
+STRONG_OPS = image_utils.STRONG_OPS
+METHOD_OP_CHOICES = image_utils.view2_op_choices(image_utils.METHOD_VIEW2_OPS)
 BLUR_SIGMA = (0.1, 2.0)  # PIL ImageFilter.GaussianBlur(radius=sigma), sigma ~ U(0.1, 2)
 # Fixed kernel radius (taps on each side): 4 sigma at the largest sigma, as scipy's default
 # truncation; a fixed size keeps the op shape-static, and small sigmas just get ~0 taps.
@@ -256,27 +258,30 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
 
 class StrongOp(NamedTuple):
   """Parameters of the ``RandomChoice([grayscale, solarize, blur])`` draw."""
-  op: tf.Tensor  # int32 in {0, 1, 2}, indexing STRONG_OPS, uniform
+  op: tf.Tensor  # int32 indexing STRONG_OPS, uniform over the op choices
   sigma: tf.Tensor  # blur sigma ~ U(0.1, 2.0) (drawn always, used only for blur)
 
 
-def sample_strong_op(seed: tf.Tensor, sigma_range: tuple[float, float] = BLUR_SIGMA
-                     ) -> StrongOp:
-  """Samples which of {grayscale, solarize, blur} view 2 gets, and the blur's sigma."""
+def sample_strong_op(seed: tf.Tensor, sigma_range: tuple[float, float] = BLUR_SIGMA,
+                     op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> StrongOp:
+  """Samples which of ``op_choices`` (``STRONG_OPS`` indices; the method's: grayscale,
+  solarize, blur) view 2 gets, and the blur's sigma."""
   seeds = tf.random.experimental.stateless_split(seed, 2)
-  op = tf.random.stateless_uniform([], seeds[0], minval=0, maxval=len(STRONG_OPS),
-                                   dtype=tf.int32)
+  draw = tf.random.stateless_uniform([], seeds[0], minval=0, maxval=len(op_choices),
+                                     dtype=tf.int32)
+  op = tf.gather(tf.constant(op_choices, tf.int32), draw)
   sigma = tf.random.stateless_uniform([], seeds[1], minval=sigma_range[0],
                                       maxval=sigma_range[1])
   return StrongOp(op, sigma)
 
 
 def apply_strong_op(image: tf.Tensor, params: StrongOp) -> tf.Tensor:
-  """Applies exactly one of grayscale / solarize / blur, as ``params.op`` says."""
+  """Applies exactly one of grayscale / solarize / blur / none, as ``params.op`` says."""
   return tf.switch_case(params.op, [
       lambda: grayscale(image),
       lambda: solarize(image),
       lambda: gaussian_blur(image, params.sigma),
+      lambda: tf.identity(image),
   ])
 
 
@@ -294,19 +299,21 @@ def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   return crop_flip(image, sample_crop_flip(seed, shape[0], shape[1], size), size)
 
 
-def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int,
+                op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> tf.Tensor:
   """View 2 without normalisation: the weak geometry (own draw), colour jitter with p 0.8,
-  then one of grayscale / solarize / blur. ``image`` is resized RGB or grey (1 channel);
-  grey images are processed as RGB (colour ops keep the channels equal) and returned grey.
+  then one of ``op_choices`` (the method's: grayscale / solarize / blur). ``image`` is
+  resized RGB or grey (1 channel); grey images are processed as RGB (colour ops keep the
+  channels equal) and returned grey.
   """
-  geometry_seed, jitter, strong = strong_view_draws(seed)
+  geometry_seed, jitter, strong = strong_view_draws(seed, op_choices)
   view = to_rgb(weak_view(image, geometry_seed, size))
   view = apply_strong_op(color_jitter(view, jitter), strong)
   return view if image.shape[-1] == 3 else view[..., :1]
 
 
-def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *,
-              normalized: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *, normalized: bool = True,
+              op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> tuple[tf.Tensor, tf.Tensor]:
   """LUT's (weak, strong) float32 ``(size, size, C)`` views of one decoded image (``decode``'s
   output), a pure function of the int64 ``[2]`` ``seed``; ImageNet-normalised, or in [0, 1]
   without ``normalized``. Both share the (deterministic) resize.
@@ -314,7 +321,7 @@ def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *,
   seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   resized = resize_shorter_side(image, size)
   view1 = weak_view(resized, seed1, size)
-  view2 = strong_view(resized, seed2, size)
+  view2 = strong_view(resized, seed2, size, op_choices)
   if normalized:
     view1, view2 = normalize(view1), normalize(view2)
   return view1, view2
@@ -329,13 +336,16 @@ def first_view(image: tf.Tensor, seed: tf.Tensor, size: int, *,
   return normalize(view1) if normalized else view1
 
 
-def strong_view_draws(seed: tf.Tensor) -> tuple[tf.Tensor, ColorJitter, StrongOp]:
+def strong_view_draws(seed: tf.Tensor, op_choices: tuple[int, ...] = METHOD_OP_CHOICES
+                      ) -> tuple[tf.Tensor, ColorJitter, StrongOp]:
   """``strong_view``'s three draws, not applied: (crop/flip seed, jitter, strong op)."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  return seeds[0], sample_color_jitter(seeds[1]), sample_strong_op(seeds[2])
+  return (seeds[0], sample_color_jitter(seeds[1]),
+          sample_strong_op(seeds[2], op_choices=op_choices))
 
 
-def two_views_geometric(image: tf.Tensor, seed: tf.Tensor, size: int
+def two_views_geometric(image: tf.Tensor, seed: tf.Tensor, size: int,
+                        op_choices: tuple[int, ...] = METHOD_OP_CHOICES
                         ) -> tuple[tf.Tensor, tf.Tensor, ColorJitter, StrongOp]:
   """``two_views`` split for ``input.device_augment``: the two crop/flip views (in [0, 1])
   and view 2's colour parameters, which ``color_jitter`` then ``apply_strong_op`` turn into
@@ -345,7 +355,7 @@ def two_views_geometric(image: tf.Tensor, seed: tf.Tensor, size: int
   seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   resized = resize_shorter_side(image, size)
   view1 = weak_view(resized, seed1, size)
-  geometry_seed, jitter, strong = strong_view_draws(seed2)
+  geometry_seed, jitter, strong = strong_view_draws(seed2, op_choices)
   return view1, weak_view(resized, geometry_seed, size), jitter, strong
 
 

@@ -29,7 +29,8 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
 JITTER_PROB = 0.8
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # indexed by ``order``
-STRONG_OPS = ("grayscale", "solarize", "blur")  # indexed by ``op``
+STRONG_OPS = image_utils.STRONG_OPS  # indexed by ``op``
+METHOD_OP_CHOICES = image_utils.view2_op_choices(image_utils.METHOD_VIEW2_OPS)
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_RADIUS = 8  # widest kernel radius (augment.BLUR_RADIUS); smaller sigmas zero the rest
 
@@ -49,7 +50,7 @@ class ColourParams(NamedTuple):
   contrast: jax.Array  # float32, U[0.6, 1.4]
   saturation: jax.Array  # float32, U[0.8, 1.2]
   hue: jax.Array  # float32, U[-0.1, 0.1] (turns)
-  op: jax.Array  # int32 in {0, 1, 2} indexing STRONG_OPS
+  op: jax.Array  # int32 indexing STRONG_OPS
   sigma: jax.Array  # float32 blur sigma, U(0.1, 2.0) (used only when op == 2)
 
 
@@ -76,8 +77,10 @@ def unpack_params(packed: jax.Array) -> ColourParams:
                       sigma=col(10))
 
 
-def sample_params_one(key: jax.Array) -> ColourParams:
-  """One example's parameters from its own key."""
+def sample_params_one(key: jax.Array,
+                      op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> ColourParams:
+  """One example's parameters from its own key; the strong op uniform over ``op_choices``
+  (``image_utils.view2_op_choices``)."""
   keys = jax.random.split(key, 8)
   u = lambda k, lo, hi: jax.random.uniform(k, (), jnp.float32, lo, hi)  # noqa: E731
   return ColourParams(
@@ -87,13 +90,15 @@ def sample_params_one(key: jax.Array) -> ColourParams:
       contrast=u(keys[3], 1.0 - CONTRAST, 1.0 + CONTRAST),
       saturation=u(keys[4], 1.0 - SATURATION, 1.0 + SATURATION),
       hue=u(keys[5], -HUE, HUE),
-      op=jax.random.randint(keys[6], (), 0, len(STRONG_OPS), jnp.int32),
+      op=jnp.asarray(op_choices, jnp.int32)[
+          jax.random.randint(keys[6], (), 0, len(op_choices), jnp.int32)],
       sigma=u(keys[7], *BLUR_SIGMA))
 
 
-def sample_params(key: jax.Array, num: int) -> ColourParams:
+def sample_params(key: jax.Array, num: int,
+                  op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> ColourParams:
   """Draws ``num`` examples' parameters, each from its own key (``split(key, num)``)."""
-  return jax.vmap(sample_params_one)(jax.random.split(key, num))
+  return jax.vmap(lambda k: sample_params_one(k, op_choices))(jax.random.split(key, num))
 
 
 # ----------------------------------------------------------------------------- per-image ops
@@ -223,8 +228,9 @@ def color_jitter(image: jax.Array, params: ColourParams) -> jax.Array:
 
 
 def apply_strong_op(image: jax.Array, op: jax.Array, sigma: jax.Array) -> jax.Array:
-  """One example's grayscale / solarize / blur, as ``op`` says."""
-  return lax.switch(op, (grayscale, solarize, lambda x: gaussian_blur(x, sigma)), image)
+  """One example's grayscale / solarize / blur / none, as ``op`` says."""
+  return lax.switch(op, (grayscale, solarize, lambda x: gaussian_blur(x, sigma),
+                         lambda x: x), image)
 
 
 def _colour_one(image: jax.Array, params: ColourParams) -> jax.Array:

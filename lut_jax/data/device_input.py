@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lut_jax import errors
-from lut_jax.data import device_augment, folders, idx, image_decode, splits
+from lut_jax.data import device_augment, folders, idx, image_decode, image_utils, splits
 from lut_jax.runtime import sharding
 
 BACKENDS = ("tfdata", "device")
@@ -266,18 +266,20 @@ def _with_channels(images: jax.Array, channels: int) -> jax.Array:
   return jnp.broadcast_to(images, images.shape[:-1] + (channels,))
 
 
-def make_views(images: jax.Array, keys: jax.Array, *, channels: int,
-               two_views: bool) -> dict[str, jax.Array]:
+def make_views(images: jax.Array, keys: jax.Array, *, channels: int, two_views: bool,
+               op_choices: tuple[int, ...] = device_augment.METHOD_OP_CHOICES
+               ) -> dict[str, jax.Array]:
   """uint8 ``(B, S, S, C0)`` images and one key per example -> ``{"view1"[, "view2"]}``,
   normalised float32 ``(B, S, S, channels)``: the weak view, and the strong view with its
-  own geometry and colour draws."""
+  own geometry and colour draws (its strong op one of ``op_choices``)."""
   images = _with_channels(images, channels)
   view_keys = jax.vmap(lambda k: jax.random.split(k, 3))(keys)  # geometry 1, 2, colour 2
   out = {"view1": device_augment.normalize(
       jax.vmap(_random_crop_flip)(images, view_keys[:, 0]))}
   if two_views:
     crops = jax.vmap(_random_crop_flip)(images, view_keys[:, 1])
-    colour = jax.vmap(device_augment.sample_params_one)(view_keys[:, 2])
+    colour = jax.vmap(lambda k: device_augment.sample_params_one(k, op_choices))(
+        view_keys[:, 2])
     out["view2"] = device_augment.normalize(device_augment.colour_augment(crops, colour))
   return out
 
@@ -322,7 +324,7 @@ class DeviceData:
     make = lambda images, step: batch_at(  # noqa: E731
         images, step, key, batch_size=self.batch_size,
         steps_per_epoch=self.steps_per_epoch, channels=input_config.channels,
-        two_views=two_views)
+        two_views=two_views, op_choices=image_utils.view2_op_choices(input_config.view2_ops))
     self._make = jax.jit(make, out_shardings=sharding.batch_sharding(mesh))
 
   def batch(self, step: int) -> dict[str, jax.Array]:
@@ -338,7 +340,9 @@ class DeviceData:
 
 
 def batch_at(images: jax.Array, step: jax.Array, key: jax.Array, *, batch_size: int,
-             steps_per_epoch: int, channels: int, two_views: bool) -> dict[str, jax.Array]:
+             steps_per_epoch: int, channels: int, two_views: bool,
+             op_choices: tuple[int, ...] = device_augment.METHOD_OP_CHOICES
+             ) -> dict[str, jax.Array]:
   """The views of step ``step``: positions ``[j*B, (j+1)*B)`` of epoch ``step //
   steps_per_epoch``'s permutation, each example keyed by (epoch, example index)."""
   epoch, position = jnp.divmod(step, steps_per_epoch)
@@ -346,7 +350,8 @@ def batch_at(images: jax.Array, step: jax.Array, key: jax.Array, *, batch_size: 
   order = jax.random.permutation(epoch_key, images.shape[0])
   ids = lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
   keys = jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(ids)
-  return make_views(images[ids], keys, channels=channels, two_views=two_views)
+  return make_views(images[ids], keys, channels=channels, two_views=two_views,
+                    op_choices=op_choices)
 
 
 def check_backend(input_config: Any) -> None:

@@ -20,6 +20,25 @@ def check_image_size(image_size: int) -> None:
                              f"and the blur kernel need it), got {image_size}")
 
 
+# View 2's strong ops: one per image, drawn uniformly from those ``input.view2_ops`` names
+# (comma-separated). The method uses the first three; "none" keeps the jittered view as it
+# is, for ablations. Indices are what both input paths store and switch on.
+STRONG_OPS = ("grayscale", "solarize", "blur", "none")
+METHOD_VIEW2_OPS = "grayscale,solarize,blur"
+
+
+def view2_op_choices(spec: str) -> tuple[int, ...]:
+  """``input.view2_ops`` (e.g. ``"grayscale,solarize,blur"``, ``"blur"``, ``"none"``) -> the
+  ``STRONG_OPS`` indices view 2 draws from; ``ConfigError`` for an empty list, an unknown
+  name or a repeat (which would silently weight one op twice)."""
+  names = [name.strip() for name in str(spec).split(",")]
+  if not all(names) or len(set(names)) != len(names) or not set(names) <= set(STRONG_OPS):
+    raise errors.ConfigError(
+        f"input.view2_ops must list distinct names from {', '.join(STRONG_OPS)} separated "
+        f"by commas, got {spec!r}", hint=f"the method's: {METHOD_VIEW2_OPS}")
+  return tuple(STRONG_OPS.index(name) for name in names)
+
+
 def eval_crop_pct(image_size: int, crop_pct: float | None = None) -> float:
   """The eval view's centre crop: ``crop_pct`` when it is given (> 0), else the reference's
   rule by size: 224/256 up to 224 px (shorter side to 256, centre 224), the whole image
