@@ -123,3 +123,37 @@ def test_compute_matched_plot_reads_the_sections_and_counts_flops(tmp_path, monk
     assert p["tflops"] == pytest.approx(128 * 600 * per_image / 1e12)
   with pytest.raises(SystemExit, match="no section 'other'"):
     plot.read_points(results.read_text(), "other")
+
+
+def test_view_invariance_measures_each_op_against_the_clean_bank(monkeypatch):
+  """scripts/view_invariance.py: clean queries that are the bank find themselves (100% on
+  pixels); on grey images "grayscale" is the same view as "none" (so the same accuracy,
+  for pixels and encoders); solarize leaves no pixel above mid-grey."""
+  monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import view_invariance  # pylint: disable=g-import-not-at-top
+  from lut_jax.data import device_input, image_utils  # pylint: disable=g-import-not-at-top
+  from lut_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from lut_jax.weights import loading  # pylint: disable=g-import-not-at-top
+
+  images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 1), dtype=np.uint8)
+  split = device_input.Split(images, np.arange(40, dtype=np.int32) % 4, "random")
+  views = {c: view_invariance.query_images(images, 3, c, seed=1)
+           for c in ("grayscale", "none", "solarize", "view2")}
+  np.testing.assert_allclose(views["grayscale"], views["none"], atol=1e-6)
+  assert image_utils.denormalize(views["solarize"], 3).max() <= 0.5 + 1e-5
+  assert image_utils.denormalize(views["view2"], 3).max() > 0.6
+  encoder = vit.Encoder(image_size=16, patch_size=4, width=32, depth=1, num_heads=2)
+  params = encoder.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  table = view_invariance.measure(
+      split, split, {"E": loading.Pretrained(encoder=encoder, params=params, channels=3)},
+      channels=3, seed=1)
+  assert set(table) == {"pixels", "E cls", "E mean"}
+  assert table["pixels"]["clean"] == 100.0
+  for row in table.values():
+    assert set(row) == set(view_invariance.CONDITIONS)
+    assert row["grayscale"] == pytest.approx(row["none"])
+    assert all(0.0 <= v <= 100.0 for v in row.values())
+  assert "| pixels | 100.0 |" in view_invariance.markdown(table)
