@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from lut_jax import errors
+from lut_jax.runtime import checkpointing
 from tests import util
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,6 +71,17 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, args, expected):
   line = _error_line(_pretrain(workdir, *args))
   assert expected in line
   assert not workdir.exists()  # refused before anything was written
+
+
+def test_a_store_orbax_cannot_write_is_one_line_and_writes_nothing():
+  """Only local paths and gs:// hold runs: an s3:// workdir is refused before the lock, not
+  a file-system traceback or checkpoints in a local folder named "s3:"."""
+  line = _error_line(_pretrain("s3://bucket/run"))
+  assert "s3://bucket/run" in line and "gs://" in line
+  assert not (ROOT / "s3:").exists()
+  with pytest.raises(errors.WorkdirError, match="not this scheme"):
+    checkpointing.Checkpointer("https://host/run/checkpoints")
+  checkpointing.check_store("gs://bucket/run")  # the supported store passes
 
 
 def test_bad_config_file_argument_is_one_line(tmp_path):

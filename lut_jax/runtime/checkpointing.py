@@ -49,6 +49,7 @@ class Checkpointer:
                checksums: bool = True, best_metric: Optional[str] = None,
                keep_every_steps: int = 0, run_config: Optional[str] = None):
     # Local paths made absolute (Orbax needs that); URLs (gs://...) kept as they are.
+    check_store(directory)
     self.directory = directory if is_url(directory) else os.path.abspath(directory)
     self.checksums = checksums
     self.run_config = run_config
@@ -307,16 +308,34 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 CHECKPOINT_DIR = "checkpoints"  # a work directory's Checkpointer directory
 
 
+# The object stores a work directory can be on: those both epath and Orbax's TensorStore
+# reach. Other schemes fail deep inside a file-system layer (s3:// has no epath backend
+# here) or, where one exists, Orbax would write the arrays to a local folder named "s3:".
+OBJECT_STORES = ("gs://",)
+
+
 def is_url(path: Any) -> bool:
   """Whether ``path`` is a URL (``gs://...``): an object store, which only ``epath`` (and
   Orbax) reach; ``os`` functions would take it for a local folder named ``gs:``."""
   return "://" in os.fspath(path)
 
 
+def check_store(path: Any) -> None:
+  """Raises ``WorkdirError`` for a URL outside ``OBJECT_STORES`` (``s3://``, ``https://``):
+  one line before anything is written, instead of a file-system traceback or files in the
+  wrong place."""
+  if is_url(path) and not os.fspath(path).startswith(OBJECT_STORES):
+    raise errors.WorkdirError(
+        f"{os.fspath(path)}: work directories and checkpoints can be local paths or "
+        f"{', '.join(OBJECT_STORES)} URLs, not this scheme",
+        hint="use a gs:// bucket, or a local path (a mounted bucket works as one)")
+
+
 def absolute(path: str) -> epath.Path:
   """``path`` as an ``epath.Path``, made absolute when local (a URL such as ``gs://...`` is
   absolute already; Orbax needs absolute paths). Every file of a work directory is reached
   through it or ``epath``, so that a work directory can be on an object store."""
+  check_store(path)
   return epath.Path(path) if is_url(path) else epath.Path(path).resolve()
 
 

@@ -87,6 +87,7 @@ class WorkdirLock:
   def acquire(self) -> None:
     """Creates the work directory if needed and takes its lock."""
     workdir = self.path.parent
+    checkpointing.check_store(workdir)
     if workdir.exists() and not workdir.is_dir():
       raise errors.WorkdirError(f"--workdir {workdir} is a file, not a directory")
     found = run_kind(workdir) if self.kind else None
