@@ -41,7 +41,7 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 # The mutually exclusive ops of view 2 (reference: RandomChoice of the first three), in
 # order; input.view2_ops picks those drawn from (image_utils.view2_op_choices).
 STRONG_OPS = image_utils.STRONG_OPS
-METHOD_OP_CHOICES = image_utils.view2_op_choices(image_utils.METHOD_VIEW2_OPS)
+METHOD_OP_CHOICES = image_utils.METHOD_OP_CHOICES
 BLUR_SIGMA = (0.1, 2.0)  # PIL ImageFilter.GaussianBlur(radius=sigma), sigma ~ U(0.1, 2)
 # Fixed kernel radius (taps on each side): 4 sigma at the largest sigma, as scipy's default
 # truncation; a fixed size keeps the op shape-static, and small sigmas just get ~0 taps.

@@ -30,7 +30,7 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
 JITTER_PROB = 0.8
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # indexed by ``order``
 STRONG_OPS = image_utils.STRONG_OPS  # indexed by ``op``
-METHOD_OP_CHOICES = image_utils.view2_op_choices(image_utils.METHOD_VIEW2_OPS)
+METHOD_OP_CHOICES = image_utils.METHOD_OP_CHOICES
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_RADIUS = 8  # widest kernel radius (augment.BLUR_RADIUS); smaller sigmas zero the rest
 

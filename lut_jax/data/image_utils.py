@@ -39,6 +39,9 @@ def view2_op_choices(spec: str) -> tuple[int, ...]:
   return tuple(STRONG_OPS.index(name) for name in names)
 
 
+METHOD_OP_CHOICES = view2_op_choices(METHOD_VIEW2_OPS)
+
+
 def eval_crop_pct(image_size: int, crop_pct: float | None = None) -> float:
   """The eval view's centre crop: ``crop_pct`` when it is given (> 0), else the reference's
   rule by size: 224/256 up to 224 px (shorter side to 256, centre 224), the whole image
