@@ -148,6 +148,9 @@ def base_config(method: str = "lut") -> ml_collections.ConfigDict:
   # View 2's strong op, one per image drawn uniformly from these (image_utils.STRONG_OPS;
   # "none" = the jittered view as is). The method's three; others are for ablations.
   c.input.view2_ops = "grayscale,solarize,blur"
+  # Random horizontal flips of both views (the method's). Off for data whose classes a
+  # mirror image changes (digits, text): LUT's second loss would teach flip invariance.
+  c.input.random_flip = True
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"

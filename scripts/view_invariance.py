@@ -1,4 +1,4 @@
-r"""How much class signal survives each of view 2's ops, in pixels and in trained encoders.
+r"""How much class signal survives each change the views make, in pixels and in encoders.
 
   python scripts/view_invariance.py \
       --checkpoint=runs/small4k/lut_s0 --checkpoint=runs/small4k/mae_s0 --labels=LUT,MAE \
@@ -6,15 +6,16 @@ r"""How much class signal survives each of view 2's ops, in pixels and in traine
       --json=runs/view_invariance.json
 
 LUT's second loss asks the visible tokens of view 1 to predict the teacher's embedding of
-view 2, so the encoder learns to ignore what view 2's ops change. Where an op destroys the
-class signal (solarize on a 28 px grey image inverts all above mid-grey; a blur of up to
-2 px erases its detail), that invariance costs accuracy. This script measures both sides on
-a data set of the on-device path (``configs/fashion_mnist.py``'s input, ``--dataset`` to
-change it): the DINO kNN (k 20, T 0.07) of query images against the clean bank, with the
-queries clean, as view 1 (crop and flip), as view 2 (the method's mix), or as view 2 with
-one op forced (``input.view2_ops``: grayscale, solarize, blur, none; jitter included), on
-raw pixels and on each encoder's cls and mean-token features. Pixels say how much class
-signal an op leaves; an encoder whose accuracy falls less under it than another's has
+view 2, so the encoder learns to ignore what tells the two views apart: each view's own crop
+and flip, and view 2's colour ops. Where that change destroys the class signal (a mirrored
+digit is often another digit; solarize on a 28 px grey image inverts all above mid-grey),
+that invariance costs accuracy. This script measures both sides on a data set of the
+on-device path (``configs/fashion_mnist.py``'s input, ``--dataset`` to change it): the DINO
+kNN (k 20, T 0.07) of query images against the clean bank, with the queries clean,
+mirrored (``hflip``), as view 1 (crop and flip), as view 2 (the method's mix), or as view 2
+with one op forced (``input.view2_ops``: grayscale, solarize, blur, none; jitter included),
+on raw pixels and on each encoder's cls and mean-token features. Pixels say how much class
+signal a change leaves; an encoder whose accuracy falls less under it than another's has
 become more invariant to it. Views are made as pre-training makes them (no eval resize).
 """
 
@@ -36,17 +37,20 @@ from lut_jax.data import device_input, image_utils  # noqa: E402
 from lut_jax.evaluation import features  # noqa: E402
 from lut_jax.weights import loading  # noqa: E402
 
-# "view2": the method's mix; an op's name: view 2 with that op forced.
-CONDITIONS = ("clean", "view1", "view2", *image_utils.STRONG_OPS)
+# "hflip": the clean image mirrored; "view2": the method's mix; an op's name: view 2 with
+# that op forced.
+CONDITIONS = ("clean", "hflip", "view1", "view2", *image_utils.STRONG_OPS)
 
 
 def query_images(images: np.ndarray, channels: int, condition: str, seed: int) -> np.ndarray:
   """uint8 images -> normalised float32 queries under ``condition`` (one draw each)."""
-  if condition == "clean":
+  if condition in ("clean", "hflip"):
+    images = images[:, :, ::-1] if condition == "hflip" else images
     return np.asarray(device_input.eval_images(images, channels))
   ops = image_utils.METHOD_VIEW2_OPS if condition in ("view1", "view2") else condition
+  recipe = image_utils.ViewRecipe(op_choices=image_utils.view2_op_choices(ops))
   make = jax.jit(functools.partial(device_input.make_views, channels=channels, two_views=True,
-                                   op_choices=image_utils.view2_op_choices(ops)))
+                                   recipe=recipe))
   views = make(images, jax.random.split(jax.random.key(seed), len(images)))
   return np.asarray(views["view1" if condition == "view1" else "view2"])
 

@@ -42,6 +42,7 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 # order; input.view2_ops picks those drawn from (image_utils.view2_op_choices).
 STRONG_OPS = image_utils.STRONG_OPS
 METHOD_OP_CHOICES = image_utils.METHOD_OP_CHOICES
+METHOD = image_utils.ViewRecipe()  # the method's views
 BLUR_SIGMA = (0.1, 2.0)  # PIL ImageFilter.GaussianBlur(radius=sigma), sigma ~ U(0.1, 2)
 # Fixed kernel radius (taps on each side): 4 sigma at the largest sigma, as scipy's default
 # truncation; a fixed size keeps the op shape-static, and small sigmas just get ~0 taps.
@@ -114,9 +115,10 @@ class CropFlip(NamedTuple):
 
 
 def sample_crop_flip(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, size: int,
-                     padding: int = PADDING) -> CropFlip:
+                     padding: int = PADDING, flip: bool = True) -> CropFlip:
   """Samples ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()`` parameters: offsets
-  uniform over every position in the padded image (torchvision's ``randint(0, h - th + 1)``).
+  uniform over every position in the padded image (torchvision's ``randint(0, h - th + 1)``);
+  never a flip without ``flip`` (the same draws otherwise).
   """
   seeds = tf.random.experimental.stateless_split(seed, 3)
   max_y = tf.cast(height, tf.int32) + 2 * padding - size
@@ -125,8 +127,8 @@ def sample_crop_flip(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, size:
                                          dtype=tf.int32)
   offset_x = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=max_x + 1,
                                          dtype=tf.int32)
-  flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
-  return CropFlip(offset_y, offset_x, flip)
+  flipped = tf.logical_and(tf.random.stateless_uniform([], seeds[2]) < 0.5, flip)
+  return CropFlip(offset_y, offset_x, flipped)
 
 
 def crop_flip(image: tf.Tensor, params: CropFlip, size: int,
@@ -292,47 +294,47 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   return (image - tf.constant(mean, image.dtype)) / tf.constant(std, image.dtype)
 
 
-def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int, flip: bool = True) -> tf.Tensor:
   """View 1 without normalisation: crop after reflect padding, flip. ``image`` is already
   resized (shorter side == ``size``)."""
   shape = tf.shape(image)
-  return crop_flip(image, sample_crop_flip(seed, shape[0], shape[1], size), size)
+  return crop_flip(image, sample_crop_flip(seed, shape[0], shape[1], size, flip=flip), size)
 
 
 def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int,
-                op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> tf.Tensor:
+                recipe: image_utils.ViewRecipe = METHOD) -> tf.Tensor:
   """View 2 without normalisation: the weak geometry (own draw), colour jitter with p 0.8,
-  then one of ``op_choices`` (the method's: grayscale / solarize / blur). ``image`` is
-  resized RGB or grey (1 channel); grey images are processed as RGB (colour ops keep the
+  then one of ``recipe.op_choices`` (the method's: grayscale / solarize / blur). ``image``
+  is resized RGB or grey (1 channel); grey images are processed as RGB (colour ops keep the
   channels equal) and returned grey.
   """
-  geometry_seed, jitter, strong = strong_view_draws(seed, op_choices)
-  view = to_rgb(weak_view(image, geometry_seed, size))
+  geometry_seed, jitter, strong = strong_view_draws(seed, recipe.op_choices)
+  view = to_rgb(weak_view(image, geometry_seed, size, recipe.flip))
   view = apply_strong_op(color_jitter(view, jitter), strong)
   return view if image.shape[-1] == 3 else view[..., :1]
 
 
 def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *, normalized: bool = True,
-              op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> tuple[tf.Tensor, tf.Tensor]:
+              recipe: image_utils.ViewRecipe = METHOD) -> tuple[tf.Tensor, tf.Tensor]:
   """LUT's (weak, strong) float32 ``(size, size, C)`` views of one decoded image (``decode``'s
   output), a pure function of the int64 ``[2]`` ``seed``; ImageNet-normalised, or in [0, 1]
   without ``normalized``. Both share the (deterministic) resize.
   """
   seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   resized = resize_shorter_side(image, size)
-  view1 = weak_view(resized, seed1, size)
-  view2 = strong_view(resized, seed2, size, op_choices)
+  view1 = weak_view(resized, seed1, size, recipe.flip)
+  view2 = strong_view(resized, seed2, size, recipe)
   if normalized:
     view1, view2 = normalize(view1), normalize(view2)
   return view1, view2
 
 
-def first_view(image: tf.Tensor, seed: tf.Tensor, size: int, *,
-               normalized: bool = True) -> tf.Tensor:
+def first_view(image: tf.Tensor, seed: tf.Tensor, size: int, *, normalized: bool = True,
+               recipe: image_utils.ViewRecipe = METHOD) -> tf.Tensor:
   """View 1 of :func:`two_views` alone (the MAE baseline needs no view 2): the same crop
   and flip for the same ``seed``."""
   seed1, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  view1 = weak_view(resize_shorter_side(image, size), seed1, size)
+  view1 = weak_view(resize_shorter_side(image, size), seed1, size, recipe.flip)
   return normalize(view1) if normalized else view1
 
 
@@ -345,7 +347,7 @@ def strong_view_draws(seed: tf.Tensor, op_choices: tuple[int, ...] = METHOD_OP_C
 
 
 def two_views_geometric(image: tf.Tensor, seed: tf.Tensor, size: int,
-                        op_choices: tuple[int, ...] = METHOD_OP_CHOICES
+                        recipe: image_utils.ViewRecipe = METHOD
                         ) -> tuple[tf.Tensor, tf.Tensor, ColorJitter, StrongOp]:
   """``two_views`` split for ``input.device_augment``: the two crop/flip views (in [0, 1])
   and view 2's colour parameters, which ``color_jitter`` then ``apply_strong_op`` turn into
@@ -354,9 +356,9 @@ def two_views_geometric(image: tf.Tensor, seed: tf.Tensor, size: int,
   """
   seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   resized = resize_shorter_side(image, size)
-  view1 = weak_view(resized, seed1, size)
-  geometry_seed, jitter, strong = strong_view_draws(seed2, op_choices)
-  return view1, weak_view(resized, geometry_seed, size), jitter, strong
+  view1 = weak_view(resized, seed1, size, recipe.flip)
+  geometry_seed, jitter, strong = strong_view_draws(seed2, recipe.op_choices)
+  return view1, weak_view(resized, geometry_seed, size, recipe.flip), jitter, strong
 
 
 def eval_view(image: tf.Tensor, size: int, crop_pct: float, *,

@@ -252,10 +252,10 @@ def crop_flip(image: jax.Array, offset_y: jax.Array, offset_x: jax.Array,
   return jnp.where(flip, crop[:, ::-1], crop)
 
 
-def _random_crop_flip(image: jax.Array, key: jax.Array) -> jax.Array:
+def _random_crop_flip(image: jax.Array, key: jax.Array, flip: bool) -> jax.Array:
   ky, kx, kf = jax.random.split(key, 3)
   offset = lambda k: jax.random.randint(k, (), 0, 2 * PADDING + 1)  # noqa: E731
-  return crop_flip(image, offset(ky), offset(kx), jax.random.uniform(kf) < 0.5)
+  return crop_flip(image, offset(ky), offset(kx), (jax.random.uniform(kf) < 0.5) & flip)
 
 
 def _with_channels(images: jax.Array, channels: int) -> jax.Array:
@@ -267,18 +267,18 @@ def _with_channels(images: jax.Array, channels: int) -> jax.Array:
 
 
 def make_views(images: jax.Array, keys: jax.Array, *, channels: int, two_views: bool,
-               op_choices: tuple[int, ...] = device_augment.METHOD_OP_CHOICES
+               recipe: image_utils.ViewRecipe = image_utils.ViewRecipe()
                ) -> dict[str, jax.Array]:
   """uint8 ``(B, S, S, C0)`` images and one key per example -> ``{"view1"[, "view2"]}``,
   normalised float32 ``(B, S, S, channels)``: the weak view, and the strong view with its
-  own geometry and colour draws (its strong op one of ``op_choices``)."""
+  own geometry and colour draws, as ``recipe`` says."""
   images = _with_channels(images, channels)
   view_keys = jax.vmap(lambda k: jax.random.split(k, 3))(keys)  # geometry 1, 2, colour 2
-  out = {"view1": device_augment.normalize(
-      jax.vmap(_random_crop_flip)(images, view_keys[:, 0]))}
+  crop_flip_all = jax.vmap(lambda image, k: _random_crop_flip(image, k, recipe.flip))
+  out = {"view1": device_augment.normalize(crop_flip_all(images, view_keys[:, 0]))}
   if two_views:
-    crops = jax.vmap(_random_crop_flip)(images, view_keys[:, 1])
-    colour = jax.vmap(lambda k: device_augment.sample_params_one(k, op_choices))(
+    crops = crop_flip_all(images, view_keys[:, 1])
+    colour = jax.vmap(lambda k: device_augment.sample_params_one(k, recipe.op_choices))(
         view_keys[:, 2])
     out["view2"] = device_augment.normalize(device_augment.colour_augment(crops, colour))
   return out
@@ -324,7 +324,7 @@ class DeviceData:
     make = lambda images, step: batch_at(  # noqa: E731
         images, step, key, batch_size=self.batch_size,
         steps_per_epoch=self.steps_per_epoch, channels=input_config.channels,
-        two_views=two_views, op_choices=image_utils.view2_op_choices(input_config.view2_ops))
+        two_views=two_views, recipe=image_utils.view_recipe(input_config))
     self._make = jax.jit(make, out_shardings=sharding.batch_sharding(mesh))
 
   def batch(self, step: int) -> dict[str, jax.Array]:
@@ -341,7 +341,7 @@ class DeviceData:
 
 def batch_at(images: jax.Array, step: jax.Array, key: jax.Array, *, batch_size: int,
              steps_per_epoch: int, channels: int, two_views: bool,
-             op_choices: tuple[int, ...] = device_augment.METHOD_OP_CHOICES
+             recipe: image_utils.ViewRecipe = image_utils.ViewRecipe()
              ) -> dict[str, jax.Array]:
   """The views of step ``step``: positions ``[j*B, (j+1)*B)`` of epoch ``step //
   steps_per_epoch``'s permutation, each example keyed by (epoch, example index)."""
@@ -351,7 +351,7 @@ def batch_at(images: jax.Array, step: jax.Array, key: jax.Array, *, batch_size: 
   ids = lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
   keys = jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(ids)
   return make_views(images[ids], keys, channels=channels, two_views=two_views,
-                    op_choices=op_choices)
+                    recipe=recipe)
 
 
 def check_backend(input_config: Any) -> None:

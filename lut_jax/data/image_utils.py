@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from lut_jax import errors
@@ -40,6 +42,19 @@ def view2_op_choices(spec: str) -> tuple[int, ...]:
 
 
 METHOD_OP_CHOICES = view2_op_choices(METHOD_VIEW2_OPS)
+
+
+class ViewRecipe(NamedTuple):
+  """What the pre-training views do where ``config.input`` may change it; the defaults are
+  the method's. Both input paths take one, so they cannot drift apart."""
+  op_choices: tuple[int, ...] = METHOD_OP_CHOICES  # view 2's strong op is one of these
+  flip: bool = True  # each view flipped horizontally with p 0.5, its own draw
+
+
+def view_recipe(input_config: Any) -> ViewRecipe:
+  """``input.view2_ops`` and ``input.random_flip`` (a bool: the config types it) as a
+  ``ViewRecipe``; ``ConfigError`` for a bad op list."""
+  return ViewRecipe(view2_op_choices(input_config.view2_ops), bool(input_config.random_flip))
 
 
 def eval_crop_pct(image_size: int, crop_pct: float | None = None) -> float:

@@ -271,22 +271,22 @@ def create_pretrain_iterator(input_config, *, seed: int, start_step: int = 0,
   share = source.share(index, count)
   steps = epoch_steps(source, count, local_batch)
   on_device = input_config.device_augment
-  op_choices = image_utils.view2_op_choices(input_config.view2_ops)
+  recipe = image_utils.view_recipe(input_config)
 
   def make_views(epoch: tf.Tensor, element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = augment.decode(element["image"], channels)
     key = example_key(seed, epoch, element["id"])
     if not two_views:
-      view1 = augment.first_view(image, key, size, normalized=not on_device)
+      view1 = augment.first_view(image, key, size, normalized=not on_device, recipe=recipe)
       out = {device_augment_lib.VIEW1_CROP: _to_uint8(view1)} if on_device else {"view1": view1}
     elif on_device:
       view1, view2, jitter, strong = augment.two_views_geometric(image, key, size,
-                                                                      op_choices)
+                                                                      recipe)
       out = {device_augment_lib.VIEW1_CROP: _to_uint8(view1),
              device_augment_lib.VIEW2_CROP: _to_uint8(view2),
              device_augment_lib.VIEW2_PARAMS: _pack_colour_params(jitter, strong)}
     else:
-      view1, view2 = augment.two_views(image, key, size, op_choices=op_choices)
+      view1, view2 = augment.two_views(image, key, size, recipe=recipe)
       out = {"view1": view1, "view2": view2}
     if with_ids:
       out["id"] = element["id"]

@@ -90,7 +90,7 @@ def _num_examples(config: ml_collections.ConfigDict, *, real_data: bool) -> Opti
   an unknown data set or split is reported before anything is written to the workdir."""
   if real_data:
     image_utils.check_image_size(config.input.image_size)
-    image_utils.view2_op_choices(config.input.view2_ops)
+    image_utils.view_recipe(config.input)
   elif config.total_epochs is None and config.optim.warmup_epochs is None:
     return None
   if config.input.backend == "device":

@@ -1,9 +1,11 @@
-"""``input.view2_ops``: which strong op view 2 draws, on both input paths.
+"""The view recipe options: ``input.view2_ops`` (which strong op view 2 draws) and
+``input.random_flip``, on both input paths.
 
 The method's three ops keep the draws made before the option existed (written out by hand
 here), a chosen subset is all that is drawn and uniformly so, ``none`` leaves the jittered
-view as it is, and the option reaches the views through both pipelines: with solarize alone
-(``min(x, 1 - x)``) no pixel of view 2 is above 0.5, which the method's mix breaks.
+view as it is, and both options reach the views through both pipelines: with solarize alone
+(``min(x, 1 - x)``) no pixel of view 2 is above 0.5, which the method's mix breaks; without
+flips an image dark on the left stays dark on the left in every view, crop or not.
 """
 
 import math
@@ -89,31 +91,59 @@ def _max_view2_pixel(view2: np.ndarray) -> float:
   return float(image_utils.denormalize(np.asarray(view2), view2.shape[-1]).max())
 
 
-def test_the_option_reaches_the_device_path():
+def _left_darker(views) -> np.ndarray:
+  """Per view: is its left half darker than its right half (grey levels of channel 0)?"""
+  v = np.asarray(views)[..., 0]
+  half = v.shape[2] // 2
+  return v[:, :, :half].mean(axis=(1, 2)) < v[:, :, half:].mean(axis=(1, 2))
+
+
+def _half_dark_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+  """Noise, 0-99 on the left half and 156-255 on the right: any crop of the 4 px
+  reflect-padded image keeps its left half darker unless it is mirrored."""
+  images = rng.integers(0, 100, (n, size, size, 1), dtype=np.uint8)
+  images[:, :, size // 2:] += 156
+  return images
+
+
+def test_the_options_reach_the_device_path():
   images = np.random.default_rng(1).integers(0, 256, (32, 16, 16, 1), dtype=np.uint8)
   split = device_input.Split(images, np.arange(32, dtype=np.int32) % 4, "random")
   config = config_lib.base_config().input
   config.update(dict(backend="device", dataset="random", image_size=16, channels=3,
-                     batch_size=16))
+                     batch_size=32))
   mesh = sharding.create_mesh(1)
-  method = device_input.DeviceData(config, seed=0, mesh=mesh, split=split).batch(0)
+  batch = lambda: device_input.DeviceData(config, seed=0, mesh=mesh,  # noqa: E731
+                                          split=split).batch(0)
+  method = batch()
   config.view2_ops = "solarize"
-  solarized = device_input.DeviceData(config, seed=0, mesh=mesh, split=split).batch(0)
+  solarized = batch()
   np.testing.assert_array_equal(np.asarray(solarized["view1"]), np.asarray(method["view1"]))
   assert _max_view2_pixel(method["view2"]) > 0.6
   assert _max_view2_pixel(solarized["view2"]) <= 0.5 + 1e-5
 
+  split = device_input.Split(_half_dark_images(32, 16, np.random.default_rng(2)),
+                             split.labels, "half dark")
+  config.view2_ops = "none"  # colour jitter can brighten a half, not swap them
+  for flip, low, high in ((True, 0.2, 0.8), (False, 1.0, 1.0)):
+    config.random_flip = flip
+    views = batch()
+    for view in ("view1", "view2"):
+      assert low <= _left_darker(views[view]).mean() <= high, (flip, view)
+
 
 @pytest.mark.parametrize("device_augment_on", [False, True])
-def test_the_option_reaches_the_tfdata_path(tmp_path, device_augment_on):
+def test_the_options_reach_the_tfdata_path(tmp_path, device_augment_on):
   rng = np.random.default_rng(2)
-  for i in range(16):
-    folder = tmp_path / f"class_{i % 2}"
-    folder.mkdir(exist_ok=True)
-    image = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-    tf.io.write_file(str(folder / f"{i:02d}.png"), tf.io.encode_png(image))
+  noise, half_dark = tmp_path / "noise", tmp_path / "half_dark"
+  for root, images in ((noise, rng.integers(0, 256, (16, 20, 20, 1), dtype=np.uint8)),
+                       (half_dark, _half_dark_images(16, 20, rng))):
+    for i, image in enumerate(images):
+      folder = root / f"class_{i % 2}"
+      folder.mkdir(parents=True, exist_ok=True)
+      tf.io.write_file(str(folder / f"{i:02d}.png"), tf.io.encode_png(image))
   config = config_lib.base_config().input
-  config.update(dict(dataset=f"folder:{tmp_path}", image_size=16, batch_size=16,
+  config.update(dict(dataset=f"folder:{noise}", image_size=16, batch_size=16,
                      shuffle_buffer=16, device_augment=device_augment_on))
   finish = jax.jit(device_augment.finish_batch) if device_augment_on else (lambda b: b)
   batch = lambda: finish(next(  # noqa: E731
@@ -124,3 +154,18 @@ def test_the_option_reaches_the_tfdata_path(tmp_path, device_augment_on):
   np.testing.assert_allclose(np.asarray(solarized["view1"]), np.asarray(method["view1"]))
   assert _max_view2_pixel(method["view2"]) > 0.6
   assert _max_view2_pixel(solarized["view2"]) <= 0.5 + 1e-5
+
+  config.update(dict(dataset=f"folder:{half_dark}", view2_ops="none", batch_size=16))
+  for flip, low, high in ((True, 0.15, 0.85), (False, 1.0, 1.0)):
+    config.random_flip = flip
+    views = [batch() for _ in range(2)]
+    for view in ("view1", "view2"):
+      shares = [_left_darker(v[view]).mean() for v in views]
+      assert low <= np.mean(shares) <= high, (flip, view, shares)
+
+
+def test_the_config_gives_the_recipe():
+  config = config_lib.base_config().input
+  assert image_utils.view_recipe(config) == image_utils.ViewRecipe()  # the method's
+  config.update(dict(random_flip=False, view2_ops="blur"))
+  assert image_utils.view_recipe(config) == image_utils.ViewRecipe(op_choices=(2,), flip=False)
