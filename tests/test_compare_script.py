@@ -157,3 +157,33 @@ def test_view_invariance_measures_each_op_against_the_clean_bank(monkeypatch):
     assert row["grayscale"] == pytest.approx(row["none"])
     assert all(0.0 <= v <= 100.0 for v in row.values())
   assert "| pixels | 100.0 |" in view_invariance.markdown(table)
+
+
+def test_digits_folder_writes_a_class_folder_data_set_from_the_wheel(tmp_path, monkeypatch):
+  """scripts/digits_folder.py: the digits CSV read from a scikit-learn wheel, per class the
+  first N in file order to train/, the rest to test/, 8x8 levels 0..16 -> 0..255 at 28 px."""
+  monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+  import gzip  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import digits_folder  # pylint: disable=g-import-not-at-top
+
+  rows = [[16.0 * (i % 2)] * 64 + [i % 10] for i in range(30)]  # 3 per class
+  csv = "\n".join(",".join(f"{v:g}" for v in row) for row in rows).encode()
+  wheel = tmp_path / "scikit_learn-0-py3-none-any.whl"
+  with zipfile.ZipFile(wheel, "w") as z:
+    z.writestr("sklearn/datasets/data/digits.csv.gz", gzip.compress(csv))
+  out = tmp_path / "digits"
+  digits_folder.main([f"--out={out}", f"--sklearn_wheel={tmp_path}/scikit_learn-*.whl",
+                      "--train_per_class=2"])
+  for split, per_class in (("train", 2), ("test", 1)):
+    assert sorted(os.listdir(out / split)) == [str(d) for d in range(10)]
+    for digit in range(10):
+      assert len(os.listdir(out / split / str(digit))) == per_class
+  # Row 1 (digit 1, all 16s) is the first 1 in file order: train, white; row 0 is black.
+  white = np.asarray(Image.open(out / "train" / "1" / "0001.png"))
+  black = np.asarray(Image.open(out / "train" / "0" / "0000.png"))
+  assert white.shape == (28, 28) and white.min() == 255 and black.max() == 0
+  with pytest.raises(SystemExit, match="not empty"):
+    digits_folder.main([f"--out={out}", f"--sklearn_wheel={wheel}"])
