@@ -71,20 +71,19 @@ def measure(bank: device_input.Split, queries: device_input.Split,
   clean_bank = query_images(bank.images, channels, "clean", seed)
   table = {"pixels": {c: knn_top1(clean_bank, bank.labels, v, queries.labels)
                       for c, v in views.items()}}
+  # One pass per encoder over the bank and every condition's queries, split afterwards.
+  images = np.concatenate([clean_bank, *views.values()])
+  batches = [{"image": images[i:i + batch_size],
+              "label": np.zeros(len(images[i:i + batch_size]), np.int32)}
+             for i in range(0, len(images), batch_size)]  # a list: read once per encoder
+  ends = np.cumsum([len(clean_bank)] + [len(v) for v in views.values()])[:-1]
   for label, pretrained in encoders.items():
-    feature_fn = features.make_feature_fn(pretrained.encoder)
-
-    def embed(x, feature_fn=feature_fn, params=pretrained.params):
-      parts = [feature_fn(params, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-      return {pool: np.concatenate([np.asarray(p[pool]) for p in parts])
-              for pool in features.POOLS}
-
-    bank_features = embed(clean_bank)
-    query_features = {c: embed(v) for c, v in views.items()}
+    extracted = features.extract_features(pretrained.encoder, pretrained.params, batches)
     for pool in features.POOLS:
+      bank_features, *query_features = np.split(extracted[pool], ends)
       table[f"{label} {pool}"] = {
-          c: knn_top1(bank_features[pool], bank.labels, q[pool], queries.labels)
-          for c, q in query_features.items()}
+          c: knn_top1(bank_features, bank.labels, q, queries.labels)
+          for c, q in zip(views, query_features)}
   return table
 
 

@@ -38,11 +38,8 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
 JITTER_PROB = 0.8
 # Order of the ops inside ColorJitter as torchvision indexes them (fn_idx = randperm(4)).
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
-# The mutually exclusive ops of view 2 (reference: RandomChoice of the first three), in
-# order; input.view2_ops picks those drawn from (image_utils.view2_op_choices).
-STRONG_OPS = image_utils.STRONG_OPS
-METHOD_OP_CHOICES = image_utils.METHOD_OP_CHOICES
-METHOD = image_utils.ViewRecipe()  # the method's views
+# View 2's mutually exclusive ops (reference: RandomChoice of grayscale, solarize, blur) are
+# image_utils.STRONG_OPS; input.view2_ops picks those drawn from (image_utils.ViewRecipe).
 BLUR_SIGMA = (0.1, 2.0)  # PIL ImageFilter.GaussianBlur(radius=sigma), sigma ~ U(0.1, 2)
 # Fixed kernel radius (taps on each side): 4 sigma at the largest sigma, as scipy's default
 # truncation; a fixed size keeps the op shape-static, and small sigmas just get ~0 taps.
@@ -260,14 +257,15 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
 
 class StrongOp(NamedTuple):
   """Parameters of the ``RandomChoice([grayscale, solarize, blur])`` draw."""
-  op: tf.Tensor  # int32 indexing STRONG_OPS, uniform over the op choices
+  op: tf.Tensor  # int32 indexing image_utils.STRONG_OPS, uniform over the op choices
   sigma: tf.Tensor  # blur sigma ~ U(0.1, 2.0) (drawn always, used only for blur)
 
 
 def sample_strong_op(seed: tf.Tensor, sigma_range: tuple[float, float] = BLUR_SIGMA,
-                     op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> StrongOp:
-  """Samples which of ``op_choices`` (``STRONG_OPS`` indices; the method's: grayscale,
-  solarize, blur) view 2 gets, and the blur's sigma."""
+                     op_choices: tuple[int, ...] = image_utils.METHOD_OP_CHOICES
+                     ) -> StrongOp:
+  """Samples which of ``op_choices`` (``image_utils.STRONG_OPS`` indices; the method's:
+  grayscale, solarize, blur) view 2 gets, and the blur's sigma."""
   seeds = tf.random.experimental.stateless_split(seed, 2)
   draw = tf.random.stateless_uniform([], seeds[0], minval=0, maxval=len(op_choices),
                                      dtype=tf.int32)
@@ -302,7 +300,7 @@ def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int, flip: bool = True) -
 
 
 def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int,
-                recipe: image_utils.ViewRecipe = METHOD) -> tf.Tensor:
+                recipe: image_utils.ViewRecipe = image_utils.ViewRecipe()) -> tf.Tensor:
   """View 2 without normalisation: the weak geometry (own draw), colour jitter with p 0.8,
   then one of ``recipe.op_choices`` (the method's: grayscale / solarize / blur). ``image``
   is resized RGB or grey (1 channel); grey images are processed as RGB (colour ops keep the
@@ -315,7 +313,8 @@ def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int,
 
 
 def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *, normalized: bool = True,
-              recipe: image_utils.ViewRecipe = METHOD) -> tuple[tf.Tensor, tf.Tensor]:
+              recipe: image_utils.ViewRecipe = image_utils.ViewRecipe()
+              ) -> tuple[tf.Tensor, tf.Tensor]:
   """LUT's (weak, strong) float32 ``(size, size, C)`` views of one decoded image (``decode``'s
   output), a pure function of the int64 ``[2]`` ``seed``; ImageNet-normalised, or in [0, 1]
   without ``normalized``. Both share the (deterministic) resize.
@@ -330,7 +329,7 @@ def two_views(image: tf.Tensor, seed: tf.Tensor, size: int, *, normalized: bool 
 
 
 def first_view(image: tf.Tensor, seed: tf.Tensor, size: int, *, normalized: bool = True,
-               recipe: image_utils.ViewRecipe = METHOD) -> tf.Tensor:
+               recipe: image_utils.ViewRecipe = image_utils.ViewRecipe()) -> tf.Tensor:
   """View 1 of :func:`two_views` alone (the MAE baseline needs no view 2): the same crop
   and flip for the same ``seed``."""
   seed1, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -338,7 +337,8 @@ def first_view(image: tf.Tensor, seed: tf.Tensor, size: int, *, normalized: bool
   return normalize(view1) if normalized else view1
 
 
-def strong_view_draws(seed: tf.Tensor, op_choices: tuple[int, ...] = METHOD_OP_CHOICES
+def strong_view_draws(seed: tf.Tensor,
+                      op_choices: tuple[int, ...] = image_utils.METHOD_OP_CHOICES
                       ) -> tuple[tf.Tensor, ColorJitter, StrongOp]:
   """``strong_view``'s three draws, not applied: (crop/flip seed, jitter, strong op)."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
@@ -347,7 +347,7 @@ def strong_view_draws(seed: tf.Tensor, op_choices: tuple[int, ...] = METHOD_OP_C
 
 
 def two_views_geometric(image: tf.Tensor, seed: tf.Tensor, size: int,
-                        recipe: image_utils.ViewRecipe = METHOD
+                        recipe: image_utils.ViewRecipe = image_utils.ViewRecipe()
                         ) -> tuple[tf.Tensor, tf.Tensor, ColorJitter, StrongOp]:
   """``two_views`` split for ``input.device_augment``: the two crop/flip views (in [0, 1])
   and view 2's colour parameters, which ``color_jitter`` then ``apply_strong_op`` turn into

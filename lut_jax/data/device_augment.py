@@ -29,8 +29,6 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
 JITTER_PROB = 0.8
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # indexed by ``order``
-STRONG_OPS = image_utils.STRONG_OPS  # indexed by ``op``
-METHOD_OP_CHOICES = image_utils.METHOD_OP_CHOICES
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_RADIUS = 8  # widest kernel radius (augment.BLUR_RADIUS); smaller sigmas zero the rest
 
@@ -50,7 +48,7 @@ class ColourParams(NamedTuple):
   contrast: jax.Array  # float32, U[0.6, 1.4]
   saturation: jax.Array  # float32, U[0.8, 1.2]
   hue: jax.Array  # float32, U[-0.1, 0.1] (turns)
-  op: jax.Array  # int32 indexing STRONG_OPS
+  op: jax.Array  # int32 indexing image_utils.STRONG_OPS
   sigma: jax.Array  # float32 blur sigma, U(0.1, 2.0) (used only when op == 2)
 
 
@@ -78,7 +76,8 @@ def unpack_params(packed: jax.Array) -> ColourParams:
 
 
 def sample_params_one(key: jax.Array,
-                      op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> ColourParams:
+                      op_choices: tuple[int, ...] = image_utils.METHOD_OP_CHOICES
+                      ) -> ColourParams:
   """One example's parameters from its own key; the strong op uniform over ``op_choices``
   (``image_utils.view2_op_choices``)."""
   keys = jax.random.split(key, 8)
@@ -96,7 +95,8 @@ def sample_params_one(key: jax.Array,
 
 
 def sample_params(key: jax.Array, num: int,
-                  op_choices: tuple[int, ...] = METHOD_OP_CHOICES) -> ColourParams:
+                  op_choices: tuple[int, ...] = image_utils.METHOD_OP_CHOICES
+                  ) -> ColourParams:
   """Draws ``num`` examples' parameters, each from its own key (``split(key, num)``)."""
   return jax.vmap(lambda k: sample_params_one(k, op_choices))(jax.random.split(key, num))
 
